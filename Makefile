@@ -1,0 +1,29 @@
+# Two commands do all set-up on a fresh machine: `make pretrain` and `make test`.
+# TORCH_SPEC pins torch before anything else is installed. On a CUDA machine pass the CUDA build of
+# the same version, e.g.  make pretrain TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.dsllm-installed
+
+.PHONY: install pretrain test clean-venv
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# Until the training stage lands, the main job builds the embedded default dataset.
+pretrain: $(STAMP)
+	$(PY) data_pipeline/default_corpus.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,147 @@
+"""Document cleaning: each step on by default and switchable. Runs in the tokenizer workers.
+
+Order: strip HTML -> unicode (NFC, control characters) -> whitespace -> length; exact-duplicate
+removal uses the hash of the cleaned text and happens in the process that writes (it needs the
+global set of hashes). Whitespace normalisation keeps indentation, so code survives it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import html
+import re
+import unicodedata
+
+# Tags that end a line of text: replaced by a newline so words on either side do not merge.
+_BLOCK_TAGS = ("address|article|aside|blockquote|br|dd|div|dl|dt|fieldset|figcaption|figure|footer|form|h[1-6]|"
+               "header|hr|li|main|nav|ol|p|pre|section|table|tbody|td|tfoot|th|thead|tr|ul")
+_SCRIPT_STYLE = re.compile(r"<(script|style|noscript)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_COMMENT = re.compile(r"<!--.*?-->|<!DOCTYPE[^>]*>", re.IGNORECASE | re.DOTALL)
+_BLOCK_TAG = re.compile(rf"</?(?:{_BLOCK_TAGS})\b[^<>]*>", re.IGNORECASE)
+_ANY_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>")
+# Control characters (Unicode category Cc: U+0000-001F, U+007F-009F) are removed, except tab, newline
+# and carriage return (whitespace handles it); vertical tab, form feed and NEL separate lines: newline.
+_CONTROL: dict[int, str | None] = {c: None for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) not in "\t\n\r"}
+_CONTROL.update({0x0B: "\n", 0x0C: "\n", 0x85: "\n"})
+_LINE_BREAKS = re.compile(r"\r\n?|[\u2028\u2029\x85\x0b\x0c]")
+_ODD_SPACES = re.compile(r"[\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000]")
+_TRAILING_SPACE = re.compile(r"[ \t]+\n")
+_BLANK_RUN = re.compile(r"\n{3,}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CleaningConfig:
+    strip_html: bool = True
+    normalize_unicode: bool = True
+    normalize_whitespace: bool = True
+    dedup: bool = True
+    min_chars: int = 32
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def strip_html(text: str) -> str:
+    """Drop scripts, styles, comments and tags (block tags become newlines), then decode entities."""
+    if "<" in text:
+        text = _SCRIPT_STYLE.sub(" ", text)
+        text = _COMMENT.sub("", text)
+        text = _BLOCK_TAG.sub("\n", text)
+        text = _ANY_TAG.sub("", text)
+    if "&" in text:
+        text = html.unescape(text)
+    return text
+
+
+def normalize_unicode(text: str) -> str:
+    """NFC normal form; control characters removed (line-separating ones become newlines)."""
+    return unicodedata.normalize("NFC", text).translate(_CONTROL)
+
+
+def normalize_whitespace(text: str) -> str:
+    """Unify line breaks and odd spaces, drop trailing spaces, at most one blank line in a row, trim
+    the ends. Indentation is kept."""
+    text = _LINE_BREAKS.sub("\n", text)
+    text = _ODD_SPACES.sub(" ", text)
+    text = _TRAILING_SPACE.sub("\n", text)
+    text = _BLANK_RUN.sub("\n\n", text)
+    return text.strip()
+
+
+def clean(text: str, config: CleaningConfig) -> str:
+    if config.strip_html:
+        text = strip_html(text)
+    if config.normalize_unicode:
+        text = normalize_unicode(text)
+    if config.normalize_whitespace:
+        text = normalize_whitespace(text)
+    return text
+
+
+def document_hash(text: str) -> bytes:
+    """Exact-duplicate key of a cleaned document (8 bytes: collisions negligible below ~10^8 documents)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+
+
+DROP_REASONS = ("empty", "too_short", "duplicate")
+
+
+def drop_reason(cleaned: str, config: CleaningConfig) -> str | None:
+    """Why a cleaned document is dropped before tokenization (duplicates are decided later), or None."""
+    if not cleaned:
+        return "empty"
+    if len(cleaned) < config.min_chars:
+        return "too_short"
+    return None
+
+
+@dataclasses.dataclass
+class CleaningReport:
+    read: int = 0
+    kept: int = 0
+    dropped: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+
+    def as_dict(self) -> dict:
+        return {"documents_read": self.read, "dropped": dict(self.dropped), "documents_kept": self.kept}
+
+    def dropped_summary(self) -> str:
+        return ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in self.dropped.items() if n) or "none"
+
+
+class Deduplicator:
+    """Remembers the hashes of kept documents (about 60 bytes of memory per unique document)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._seen: set[bytes] = set()
+
+    def is_duplicate(self, digest: bytes) -> bool:
+        if not self.enabled:
+            return False
+        if digest in self._seen:
+            return True
+        self._seen.add(digest)
+        return False
+
+
+def add_cleaning_arguments(parser) -> None:
+    """The cleaning switches, shared by the tokenizer trainer and `prepare`."""
+    group = parser.add_argument_group("cleaning (every step is on by default)")
+    group.add_argument("--no-strip-html", dest="strip_html", action="store_false",
+                       help="keep HTML tags and entities (turn off for code corpora)")
+    group.add_argument("--no-normalize-unicode", dest="normalize_unicode", action="store_false",
+                       help="skip NFC normalisation and control-character removal")
+    group.add_argument("--no-normalize-whitespace", dest="normalize_whitespace", action="store_false",
+                       help="keep line breaks, trailing spaces and blank-line runs as they are")
+    group.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep exact duplicate documents")
+    group.add_argument("--min-chars", type=int, default=CleaningConfig.min_chars, metavar="N",
+                       help="drop documents shorter than N characters after cleaning (default %(default)s; 0 keeps all non-empty)")
+
+
+def cleaning_config_from_args(args) -> CleaningConfig:
+    if args.min_chars < 0:
+        from dsllm.errors import UserError
+
+        raise UserError(f"--min-chars is {args.min_chars}; give 0 or more")
+    return CleaningConfig(strip_html=args.strip_html, normalize_unicode=args.normalize_unicode,
+                          normalize_whitespace=args.normalize_whitespace, dedup=args.dedup, min_chars=args.min_chars)

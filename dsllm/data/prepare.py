@@ -1,0 +1,347 @@
+"""The data stage: read -> clean -> deduplicate -> tokenize in parallel -> write train/val token files.
+
+The main process reads, deduplicates, splits and writes; worker processes clean and tokenize batches.
+At most `2 x workers` batches are in flight, so memory stays bounded whatever the corpus size (the
+dedup set grows by ~60 bytes per unique document). Output is staged in `OUT/.partial-<pid>/` and
+moved into place only when complete, `meta.json` last: an interrupted run leaves no valid dataset.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from dsllm import __version__
+from dsllm.data.cleaning import CleaningConfig, CleaningReport, Deduplicator, clean, document_hash, drop_reason
+from dsllm.data.format import FORMAT_VERSION, IndexHeader, TokenFileWriter, paths_for
+from dsllm.data.sources import CorpusReader
+from dsllm.errors import UserError
+from dsllm.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer, resolve_tokenizer_file, tokenizer_hash
+
+SPLITS = ("train", "val")
+META_FILE = "meta.json"
+DATASET_FILES = (META_FILE, "train.bin", "train.idx", "val.bin", "val.idx")
+BATCH_DOCUMENTS = 512
+BATCH_CHARACTERS = 1 << 20
+
+
+@dataclasses.dataclass
+class PrepareConfig:
+    inputs: list[str]
+    tokenizer: str
+    output: str
+    val_fraction: float = 0.01
+    seed: int = 1234
+    workers: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    text_key: str = "text"
+    split_lines: bool = False
+    cleaning: CleaningConfig = dataclasses.field(default_factory=CleaningConfig)
+    overwrite: bool = False
+    progress: bool | None = None  # None: a progress bar only on a terminal
+
+    def check(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise UserError(f"--val-fraction {self.val_fraction} is outside [0, 1); use e.g. 0.01 (0 for no val split)")
+        if self.workers < 1:
+            raise UserError(f"--workers {self.workers}: give 1 or more")
+
+
+# -- worker side: clean and tokenize one batch --------------------------------------------------------
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_json: str, cleaning: CleaningConfig, threads: int = 1) -> None:
+    # Each worker process tokenizes on one thread; parallelism comes from the processes.
+    os.environ["RAYON_NUM_THREADS"] = str(threads)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false" if threads == 1 else "true"
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer.encode_special_tokens = True  # "<|endoftext|>" written in a document is text, not a separator
+    _worker.update(tokenizer=tokenizer, eot=eot_id(tokenizer), cleaning=cleaning)
+
+
+@dataclasses.dataclass
+class _BatchResult:
+    reasons: list[str | None]  # per input document: why it was dropped, or None when kept
+    hashes: list[bytes]  # per kept document
+    lengths: np.ndarray  # per kept document, tokens including the final end-of-text
+    tokens: np.ndarray  # kept documents' tokens, concatenated
+
+
+def _clean_and_tokenize(texts: list[str]) -> _BatchResult:
+    cleaning, tokenizer, eot = _worker["cleaning"], _worker["tokenizer"], _worker["eot"]
+    reasons, kept = [], []
+    for text in texts:
+        cleaned = clean(text, cleaning)
+        reason = drop_reason(cleaned, cleaning)
+        reasons.append(reason)
+        if reason is None:
+            kept.append(cleaned)
+    ids = [encoding.ids for encoding in tokenizer.encode_batch_fast(kept, add_special_tokens=False)]
+    lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
+    tokens = np.empty(int(lengths.sum()), dtype=np.uint32)
+    ends = np.cumsum(lengths)
+    tokens[ends - 1] = eot
+    for doc, end in zip(ids, ends):
+        tokens[end - 1 - len(doc):end - 1] = doc
+    return _BatchResult(reasons, [document_hash(t) for t in kept], lengths, tokens)
+
+
+def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
+    batch, chars = [], 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) >= BATCH_DOCUMENTS or chars >= BATCH_CHARACTERS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _process(batches: Iterator[list[str]], workers: int, tokenizer_json: str,
+             cleaning: CleaningConfig) -> Iterator[tuple[int, _BatchResult]]:
+    """Results in input order, with at most 2 x workers batches in flight (bounded memory)."""
+    if workers == 1:
+        _init_worker(tokenizer_json, cleaning)
+        for batch in batches:
+            yield len(batch), _clean_and_tokenize(batch)
+        return
+    context = multiprocessing.get_context("spawn")  # no forked copies of the reader's state or threads
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(tokenizer_json, cleaning)) as pool:
+        pending: collections.deque = collections.deque()
+        for batch in batches:
+            pending.append((len(batch), pool.submit(_clean_and_tokenize, batch)))
+            if len(pending) >= 2 * workers:
+                size, future = pending.popleft()
+                yield size, future.result()
+        while pending:
+            size, future = pending.popleft()
+            yield size, future.result()
+
+
+# -- main side: dedup, split, write ------------------------------------------------------------------
+class _SplitWriter:
+    """Sends each kept document to train or val by a hash of (seed, document): deterministic, independent
+    of order and worker count, and exact duplicates always land in the same split. The latest document
+    is held back so that, at the end, a split that would be empty gets it."""
+
+    def __init__(self, stage: Path, vocab_size: int, tok_hash: bytes, val_fraction: float, seed: int):
+        self.val_fraction = val_fraction
+        self.seed = seed.to_bytes(8, "little", signed=True)
+        names = SPLITS if val_fraction > 0 else SPLITS[:1]
+        self.writers = {name: TokenFileWriter(stage / name, vocab_size, tok_hash) for name in names}
+        self.held: tuple[str, np.ndarray] | None = None
+
+    def _split(self, digest: bytes) -> str:
+        if self.val_fraction == 0:
+            return "train"
+        draw = int.from_bytes(hashlib.blake2b(self.seed + digest, digest_size=8).digest(), "little") / 2**64
+        return "val" if draw < self.val_fraction else "train"
+
+    def add(self, digests: list[bytes], lengths: np.ndarray, tokens: np.ndarray) -> None:
+        if not digests:
+            return
+        split_of = np.array([self._split(d) for d in digests])
+        if self.held is not None:
+            self._write(*self.held)
+        last = len(digests) - 1
+        self.held = (str(split_of[-1]), tokens[tokens.size - lengths[last]:].copy())
+        doc_of_token = np.repeat(np.arange(len(digests)), lengths)
+        for name, writer in self.writers.items():
+            chosen = split_of == name
+            chosen[last] = False
+            if chosen.any():
+                writer.add_documents(tokens[chosen[doc_of_token]], lengths[chosen])
+
+    def _write(self, name: str, doc_tokens: np.ndarray) -> None:
+        self.writers[name].add_documents(doc_tokens, np.array([doc_tokens.size]))
+
+    def close(self) -> dict[str, IndexHeader]:
+        if self.held is not None:
+            name = self.held[0]
+            counts = {n: w.document_count for n, w in self.writers.items()}
+            if "val" in counts and counts["val"] == 0 and counts["train"] > 0:
+                name = "val"
+            elif counts["train"] == 0:
+                name = "train"
+            self._write(name, self.held[1])
+        return {name: writer.close() for name, writer in self.writers.items()}
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+
+
+def _existing_dataset(output: Path) -> list[str]:
+    return [name for name in DATASET_FILES if (output / name).exists()]
+
+
+def _commit(stage: Path, output: Path, files: list[str]) -> None:
+    """Move finished files into place; the old meta.json goes first and the new one comes last, so
+    there is no moment at which a mix of old and new files looks like a complete dataset."""
+    (output / META_FILE).unlink(missing_ok=True)
+    for name in DATASET_FILES:
+        if name != META_FILE and name not in files:
+            (output / name).unlink(missing_ok=True)  # e.g. the old val split when the new run has none
+    for name in files + [META_FILE]:
+        os.replace(stage / name, output / name)
+
+
+def prepare(config: PrepareConfig) -> dict:
+    """Run the data stage; returns the metadata written to `meta.json`."""
+    config.check()
+    started = time.perf_counter()
+    output = Path(config.output)
+    existing = _existing_dataset(output) if output.is_dir() else []
+    if existing and not config.overwrite:
+        raise UserError(f"{output}: already holds a dataset ({', '.join(existing)}); pass --overwrite to replace it "
+                        "or choose another --output")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"{output}: exists and is not a folder; choose another --output")
+    reader = CorpusReader(config.inputs, text_key=config.text_key, split_lines=config.split_lines)
+    tokenizer_file = resolve_tokenizer_file(config.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_file)
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    tok_hash = tokenizer_hash(tokenizer)
+
+    created_output = not output.exists()
+    stage = output / f".partial-{os.getpid()}"
+    stage.mkdir(parents=True, exist_ok=False)
+    splits = None
+    try:
+        splits = _SplitWriter(stage, vocab_size, tok_hash, config.val_fraction, config.seed)
+        report = CleaningReport()
+        dedup = Deduplicator(config.cleaning.dedup)
+        tokens_out = 0
+        with tqdm(desc="prepare", unit="doc", disable=None if config.progress is None else not config.progress) as bar:
+            for size, result in _process(_batches(reader), config.workers, tokenizer.to_str(), config.cleaning):
+                report.read += size
+                for reason in result.reasons:
+                    if reason is not None:
+                        report.dropped[reason] += 1
+                keep = [not dedup.is_duplicate(d) for d in result.hashes]
+                report.dropped["duplicate"] += keep.count(False)
+                if not all(keep):
+                    keep_tokens = np.repeat(np.array(keep, dtype=bool), result.lengths)
+                    result = _BatchResult([], [d for d, k in zip(result.hashes, keep) if k],
+                                          result.lengths[np.array(keep, dtype=bool)], result.tokens[keep_tokens])
+                report.kept += len(result.hashes)
+                tokens_out += int(result.lengths.sum())
+                splits.add(result.hashes, result.lengths, result.tokens)
+                bar.update(size)
+                bar.set_postfix_str(f"{reader.stats.bytes_in / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s",
+                                    refresh=False)
+        _check_not_empty(config, report)
+        headers = splits.close()
+        if "val" in headers and headers["val"].document_count == 0:
+            raise UserError(f"only {report.kept} document is left after cleaning, too few for a validation split; "
+                            "pass --val-fraction 0, add documents, or use --split-lines for a one-document text file")
+        shutil.copyfile(tokenizer_file, stage / TOKENIZER_FILE)
+        seconds = time.perf_counter() - started
+        meta = _metadata(config, reader, report, headers, vocab_size, tok_hash, eot_id(tokenizer), tokens_out, seconds)
+        (stage / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        files = [p.name for name in headers for p in paths_for(stage / name)] + [TOKENIZER_FILE]
+        _commit(stage, output, files)
+        return meta
+    except BaseException:
+        if splits is not None:
+            splits.abort()
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created_output and output.is_dir() and not any(output.iterdir()):
+            output.rmdir()
+
+
+def _check_not_empty(config: PrepareConfig, report: CleaningReport) -> None:
+    inputs = ", ".join(map(str, config.inputs))
+    if report.read == 0:
+        raise UserError(f"{inputs}: the corpus is empty (no documents read); check the input files")
+    if report.kept == 0:
+        raise UserError(f"{inputs}: all {report.read} documents were dropped by cleaning ({report.dropped_summary()}); "
+                        "lower --min-chars or turn off the step that drops them")
+
+
+def _metadata(config, reader, report, headers, vocab_size, tok_hash, eot, tokens_out, seconds) -> dict:
+    stats = reader.stats
+    return {
+        "format_version": FORMAT_VERSION,
+        "dsllm_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "inputs": [str(Path(p).resolve()) for p in config.inputs],
+        "files_read": stats.files,
+        "files_skipped": stats.skipped_files,
+        "text_key": config.text_key,
+        "split_lines": config.split_lines,
+        "val_fraction": config.val_fraction,
+        "seed": config.seed,
+        "workers": config.workers,
+        "cleaning": config.cleaning.describe(),
+        "tokenizer": {"file": TOKENIZER_FILE, "hash": tok_hash.hex(), "vocab_size": vocab_size, "eot_id": eot},
+        "splits": {name: {"documents": h.document_count, "tokens": h.token_count, "dtype": h.dtype.name,
+                          "fingerprint": h.fingerprint} for name, h in headers.items()},
+        "report": {**report.as_dict(), "bytes_in": stats.bytes_in, "replaced_bytes": stats.replaced_bytes,
+                   "documents_with_replacements": stats.documents_with_replacements, "tokens_out": tokens_out,
+                   "seconds": round(seconds, 3), "mb_per_second": round(stats.bytes_in / 1e6 / seconds, 3),
+                   "tokens_per_second": round(tokens_out / seconds, 1)},
+    }
+
+
+def format_report(meta: dict) -> str:
+    """The end-of-run report a person reads."""
+    r = meta["report"]
+    dropped = ", ".join(f"{reason.replace('_', ' ')} {n:,}" for reason, n in r["dropped"].items())
+    lines = [
+        f"documents  read {r['documents_read']:,} | dropped: {dropped} | kept {r['documents_kept']:,}",
+        f"bytes in   {r['bytes_in']:,} ({r['replaced_bytes']:,} invalid UTF-8 bytes replaced in "
+        f"{r['documents_with_replacements']:,} documents)",
+        f"tokens out {r['tokens_out']:,} (vocab {meta['tokenizer']['vocab_size']:,})",
+    ]
+    for name, split in meta["splits"].items():
+        lines.append(f"{name:<10} {split['documents']:,} documents, {split['tokens']:,} tokens ({split['dtype']})")
+    lines.append(f"speed      {r['mb_per_second']:.2f} MB/s, {r['tokens_per_second']:,.0f} tokens/s "
+                 f"in {r['seconds']:.1f} s with {meta['workers']} workers")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """`python data_pipeline/prepare.py --input PATH [PATH ...] --tokenizer DIR_OR_FILE --output DIR`."""
+    from dsllm.data.cleaning import add_cleaning_arguments, cleaning_config_from_args
+    from dsllm.errors import ArgumentParser
+
+    parser = ArgumentParser(prog="prepare.py", description="Clean and tokenize a corpus into train/val token files.")
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="files or folders: .txt .jsonl .jsonl.gz .jsonl.zst .parquet, save_to_disk folders")
+    parser.add_argument("--tokenizer", required=True, metavar="DIR_OR_FILE", help="tokenizer.json or its folder")
+    parser.add_argument("--output", required=True, metavar="DIR", help="dataset folder to write")
+    parser.add_argument("--val-fraction", type=float, default=PrepareConfig.val_fraction,
+                        help="share of documents for validation (default %(default)s; 0: none)")
+    parser.add_argument("--seed", type=int, default=PrepareConfig.seed, help="seed of the train/val split")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: cores)")
+    parser.add_argument("--text-key", default="text", help="JSONL field / Parquet column with the text (default %(default)s)")
+    parser.add_argument("--split-lines", action="store_true", help=".txt files: one document per line")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
+    add_cleaning_arguments(parser)
+    args = parser.parse_args(argv)
+    meta = prepare(PrepareConfig(inputs=args.input, tokenizer=args.tokenizer, output=args.output,
+                                 val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
+                                 text_key=args.text_key, split_lines=args.split_lines,
+                                 cleaning=cleaning_config_from_args(args), overwrite=args.overwrite))
+    print(format_report(meta))
+    print(f"wrote {args.output}: " + ", ".join(f"{name}.bin/.idx" for name in meta["splits"]) + ", tokenizer.json, meta.json")
+    return 0

@@ -1,0 +1,89 @@
+"""Sample order as a pure function of (seed, dataset fingerprint, seq_len, global sample index).
+
+Global sample i is window `permutation_e(i mod N)` of epoch e = i // N, where the permutation is a
+keyed Feistel network over [0, N) (cycle-walking): O(1) memory, no shuffle array, and the same for
+any world size or loader worker count. Rank r of W takes global samples r, r+W, r+2W, ... from the
+consumed-samples position, so every optimizer step sees the same global batch whatever W is.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Iterator
+
+from dsllm.errors import UserError
+
+_ROUNDS = 4
+_MIX = 0x9E3779B97F4A7C15
+
+
+class DataFingerprintError(UserError):
+    """A resumed run's dataset or sequence length is not the one its checkpoint was trained on."""
+
+
+def _round_keys(seed: int, fingerprint: str, seq_len: int, epoch: int) -> list[int]:
+    digest = hashlib.blake2b(f"{seed}|{fingerprint}|{seq_len}|{epoch}".encode(), digest_size=8 * _ROUNDS).digest()
+    return [int.from_bytes(digest[8 * r:8 * r + 8], "little") for r in range(_ROUNDS)]
+
+
+class WindowOrder:
+    """The global sample index -> window index mapping for one dataset and sequence length."""
+
+    def __init__(self, num_windows: int, fingerprint: str, seq_len: int, seed: int):
+        if num_windows < 1:
+            raise UserError(f"dataset {fingerprint[:12]} has no full window of {seq_len + 1} tokens; "
+                            "use a shorter --seq-len or more data")
+        self.num_windows, self.fingerprint, self.seq_len, self.seed = num_windows, fingerprint, seq_len, seed
+        self._half_bits = max(1, ((num_windows - 1).bit_length() + 1) // 2)
+        self._mask = (1 << self._half_bits) - 1
+        self._keys: tuple[int, list[int]] | None = None
+
+    def _feistel(self, x: int, keys: list[int]) -> int:
+        bits, mask = self._half_bits, self._mask
+        left, right = x >> bits, x & mask
+        for key in keys:
+            mixed = ((right ^ key) * _MIX) & 0xFFFFFFFFFFFFFFFF
+            left, right = right, left ^ ((mixed ^ (mixed >> 29)) & mask)
+        return (left << bits) | right
+
+    def window(self, global_index: int) -> int:
+        epoch, position = divmod(global_index, self.num_windows)
+        if self._keys is None or self._keys[0] != epoch:
+            self._keys = (epoch, _round_keys(self.seed, self.fingerprint, self.seq_len, epoch))
+        keys = self._keys[1]
+        position = self._feistel(position, keys)
+        while position >= self.num_windows:  # cycle-walk back into [0, N): a bijection on [0, N)
+            position = self._feistel(position, keys)
+        return position
+
+
+class WindowSampler:
+    """Endless, resumable, rank-sharded sampler of window indices (a torch `Sampler` by duck typing)."""
+
+    def __init__(self, order: WindowOrder, rank: int = 0, world_size: int = 1, consumed_samples: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.order, self.rank, self.world_size = order, rank, world_size
+        self.consumed_samples = consumed_samples
+
+    def __iter__(self) -> Iterator[int]:
+        index = self.consumed_samples + self.rank
+        while True:
+            yield self.order.window(index)
+            index += self.world_size
+
+    def state_dict(self) -> dict:
+        o = self.order
+        return {"consumed_samples": self.consumed_samples, "fingerprint": o.fingerprint, "seq_len": o.seq_len,
+                "seed": o.seed, "num_windows": o.num_windows}
+
+    def load_state_dict(self, state: dict) -> None:
+        o = self.order
+        if state["fingerprint"] != o.fingerprint:
+            raise DataFingerprintError(
+                f"the checkpoint was trained on dataset {state['fingerprint']}, but --data is {o.fingerprint}: "
+                "resuming would silently change the data; pass the original dataset or start a new run")
+        if state["seq_len"] != o.seq_len or state["seed"] != o.seed:
+            raise DataFingerprintError(
+                f"the checkpoint used seq_len {state['seq_len']} and data seed {state['seed']}, this run "
+                f"{o.seq_len} and {o.seed}: the sample order would change; use the checkpoint's values")
+        self.consumed_samples = int(state["consumed_samples"])

@@ -1,0 +1,218 @@
+"""The one reader of every input format: tokenizer training and `prepare` both read text through it.
+
+Formats: `.txt` (one document per file, or one per line with `split_lines`), `.jsonl`, `.jsonl.gz`,
+`.jsonl.zst`, `.parquet` (streamed by row group), folders saved with `datasets.save_to_disk`, and
+folders of these. Everything streams: memory does not grow with the corpus.
+"""
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import gzip
+import io
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from dsllm.errors import UserError
+
+EXTENSIONS = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet", ".txt")
+HF_DATASET_MARKERS = ("dataset_dict.json", "state.json")
+_BATCH_ROWS = 1024
+
+
+class InputError(UserError):
+    """An input file is missing, unreadable or not in a supported shape."""
+
+
+_replaced = [0]  # characters replaced while decoding, process-wide; the reader reads the delta
+
+
+def _count_and_replace(err: UnicodeDecodeError) -> tuple[str, int]:
+    _replaced[0] += err.end - err.start
+    return "\ufffd", err.end
+
+
+codecs.register_error("dsllm-count-replace", _count_and_replace)
+
+
+@dataclasses.dataclass
+class ReadStats:
+    files: int = 0
+    documents: int = 0
+    bytes_in: int = 0
+    replaced_bytes: int = 0  # invalid UTF-8 bytes replaced by U+FFFD
+    documents_with_replacements: int = 0
+    skipped_files: list[str] = dataclasses.field(default_factory=list)
+
+
+def input_kind(path: Path) -> str | None:
+    """The format of a file or folder, or None for an unsupported file."""
+    if path.is_dir():
+        return "hf" if any((path / m).is_file() for m in HF_DATASET_MARKERS) else "folder"
+    name = path.name.lower()
+    return next((ext for ext in EXTENSIONS if name.endswith(ext)), None)
+
+
+def _expand(path: Path, skipped: list[str]) -> list[tuple[Path, str]]:
+    kind = input_kind(path)
+    if kind != "folder":
+        return [(path, kind)]
+    found: list[tuple[Path, str]] = []
+    for entry in sorted(path.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir() or input_kind(entry):
+            found += _expand(entry, skipped)
+        else:
+            skipped.append(str(entry))
+    return found
+
+
+def _stream_errors() -> tuple[type[BaseException], ...]:
+    import zstandard
+
+    return (OSError, EOFError, zstandard.ZstdError)
+
+
+class CorpusReader:
+    """Iterates the documents (str) of all inputs in a fixed order; `stats` counts what was read.
+
+    The inputs are resolved when the reader is made, so a missing file or unknown extension is
+    reported before any work starts."""
+
+    def __init__(self, inputs: list[str | os.PathLike], text_key: str = "text", split_lines: bool = False):
+        if not inputs:
+            raise InputError("no input given; pass --input with files or folders")
+        self.text_key = text_key
+        self.split_lines = split_lines
+        self.stats = ReadStats()
+        self.files: list[tuple[Path, str]] = []
+        for raw in inputs:
+            path = Path(raw)
+            if not path.exists():
+                raise InputError(f"{path}: no such file or folder; check the --input path")
+            if input_kind(path) is None:
+                raise InputError(f"{path}: unknown input type; use one of {', '.join(sorted(EXTENSIONS))}, "
+                                 "a datasets.save_to_disk folder, or a folder of these")
+            expanded = _expand(path, self.stats.skipped_files)
+            if not expanded:
+                raise InputError(f"{path}: folder holds no readable input ({', '.join(sorted(EXTENSIONS))} files "
+                                 "or save_to_disk folders)")
+            self.files += expanded
+
+    def __iter__(self) -> Iterator[str]:
+        readers = {".txt": self._read_txt, ".jsonl": self._read_jsonl, ".jsonl.gz": self._read_jsonl,
+                   ".jsonl.zst": self._read_jsonl, ".parquet": self._read_parquet, "hf": self._read_hf}
+        for path, kind in self.files:
+            self.stats.files += 1
+            for text in readers[kind](path):
+                self.stats.documents += 1
+                yield text
+
+    # -- decoding -----------------------------------------------------------------------------------
+    def _decode(self, data: bytes) -> str:
+        self.stats.bytes_in += len(data)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            before = _replaced[0]
+            text = data.decode("utf-8", errors="dsllm-count-replace")
+            self.stats.replaced_bytes += _replaced[0] - before
+            self.stats.documents_with_replacements += 1
+            return text
+
+    # -- formats ------------------------------------------------------------------------------------
+    def _read_txt(self, path: Path) -> Iterator[str]:
+        with open(path, "rb") as f:
+            if not self.split_lines:
+                yield self._decode(f.read())
+                return
+            for line in f:
+                if line.strip():
+                    yield self._decode(line.rstrip(b"\r\n"))
+
+    def _open_lines(self, path: Path) -> io.BufferedIOBase:
+        if path.name.lower().endswith(".gz"):
+            return gzip.open(path, "rb")
+        if path.name.lower().endswith(".zst"):
+            import zstandard
+
+            raw = open(path, "rb")
+            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
+                                                                               closefd=True))
+        return open(path, "rb")
+
+    def _read_jsonl(self, path: Path) -> Iterator[str]:
+        key = self.text_key
+        with self._open_lines(path) as f:
+            try:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(self._decode(line))
+                    except json.JSONDecodeError as err:
+                        raise InputError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); "
+                                         "fix or remove that line") from None
+                    if not isinstance(record, dict) or key not in record:
+                        fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+                        raise InputError(f"{path}:{lineno}: no '{key}' field (found: {fields}); "
+                                         "pass --text-key with the field that holds the text")
+                    text = record[key]
+                    if text is None:
+                        text = ""
+                    if not isinstance(text, str):
+                        raise InputError(f"{path}:{lineno}: field '{key}' is {type(text).__name__}, not text; "
+                                         "pass --text-key with the field that holds the text")
+                    if b"\\ud" in line or b"\\uD" in line:  # JSON may escape lone surrogates, which no tokenizer takes
+                        text = text.encode("utf-8", "replace").decode("utf-8")
+                    yield text
+            except _stream_errors() as err:  # gzip/zstd damage shows up while reading
+                raise InputError(f"{path}: cannot be read ({err}); check the file is complete") from None
+
+    def _arrow_texts(self, path: Path, column) -> Iterator[str]:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+            for value in column.to_pylist():
+                yield "" if value is None else self._decode(value)
+            return
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise InputError(f"{path}: column '{self.text_key}' has type {column.type}, not text; "
+                             "pass --text-key with the column that holds the text")
+        self.stats.bytes_in += int(pc.sum(pc.binary_length(column)).as_py() or 0)
+        for value in column.to_pylist():
+            yield "" if value is None else value
+
+    def _check_column(self, path: Path, names: list[str]) -> None:
+        if self.text_key not in names:
+            raise InputError(f"{path}: no '{self.text_key}' column (found: {', '.join(names)}); "
+                             "pass --text-key with the column that holds the text")
+
+    def _read_parquet(self, path: Path) -> Iterator[str]:
+        import pyarrow.parquet as pq
+
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise InputError(f"{path}: not a readable Parquet file ({err})") from None
+        self._check_column(path, parquet.schema_arrow.names)
+        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[self.text_key]):
+            yield from self._arrow_texts(path, batch.column(0))
+
+    def _read_hf(self, path: Path) -> Iterator[str]:
+        import datasets
+
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except Exception as err:  # datasets raises several types for a damaged folder
+            raise InputError(f"{path}: not a readable datasets.save_to_disk folder ({err})") from None
+        splits = [loaded[name] for name in sorted(loaded)] if isinstance(loaded, datasets.DatasetDict) else [loaded]
+        for split in splits:
+            self._check_column(path, split.column_names)
+            table = split.select_columns([self.text_key]).with_format("arrow")
+            for batch in table.iter(batch_size=_BATCH_ROWS):
+                yield from self._arrow_texts(path, batch.column(0))

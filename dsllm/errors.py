@@ -1,0 +1,32 @@
+"""One exception type for user errors, and the command-line wrapper that prints it in one line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+USER_ERROR_EXIT = 2
+
+
+class UserError(Exception):
+    """A problem with the user's input: the message names the file or field and the fix."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr (exit 2), like every other user error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(USER_ERROR_EXIT)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run `main(argv)`; a UserError becomes one line on stderr and exit 2. Tracebacks are for bugs."""
+    try:
+        return int(main(argv) or 0)
+    except UserError as err:
+        sys.stderr.write(f"error: {err}\n")
+        return USER_ERROR_EXIT
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130

@@ -1,0 +1,143 @@
+"""Byte-level BPE tokenizer: training (streaming), loading, and the hash stamped into datasets."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from dsllm.errors import UserError
+
+EOT_TOKEN = "<|endoftext|>"
+MIN_VOCAB_SIZE = 257  # the 256 byte symbols and <|endoftext|>
+MAX_VOCAB_SIZE = 2**32  # what the token format's uint32 ids can hold
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def new_byte_level_bpe() -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
+                    show_progress: bool = True) -> Tokenizer:
+    """Train byte-level BPE on a stream of texts. The vocabulary includes the 256 byte symbols and
+    `<|endoftext|>` (id 0); a corpus too small to learn `vocab_size` tokens is a UserError."""
+    if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
+        raise UserError(f"--vocab-size {vocab_size} is outside {MIN_VOCAB_SIZE}..{MAX_VOCAB_SIZE:,}: byte-level BPE "
+                        f"needs 256 byte symbols plus {EOT_TOKEN}, and token files hold uint32 ids at most")
+    tokenizer = new_byte_level_bpe()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
+                                  special_tokens=[EOT_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    learned = tokenizer.get_vocab_size(with_added_tokens=True)
+    if learned < vocab_size:
+        raise UserError(f"the corpus supports only {learned:,} tokens (at min frequency {min_frequency}), fewer than "
+                        f"--vocab-size {vocab_size:,}; use --vocab-size {learned} or less, or train on more text")
+    return tokenizer
+
+
+def tokenizer_hash(tokenizer: Tokenizer) -> bytes:
+    """sha256 of the tokenizer's canonical JSON: equal for equal tokenizers, whatever the file's layout."""
+    return hashlib.sha256(tokenizer.to_str().encode("utf-8")).digest()
+
+
+def resolve_tokenizer_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise UserError(f"{file}: no tokenizer file; train one with tokenizer/train_tokenizer.py or pass its path")
+    return file
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Load `tokenizer.json` (or a folder holding it); it must know `<|endoftext|>`."""
+    file = resolve_tokenizer_file(path)
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises a bare Exception for bad JSON
+        raise UserError(f"{file}: not a tokenizers JSON file ({str(err).splitlines()[0]}); "
+                        "train one with tokenizer/train_tokenizer.py") from None
+    if tokenizer.token_to_id(EOT_TOKEN) is None:
+        raise UserError(f"{file}: the tokenizer has no {EOT_TOKEN} token, which ends every document; "
+                        "train one with tokenizer/train_tokenizer.py")
+    return tokenizer
+
+
+def eot_id(tokenizer: Tokenizer) -> int:
+    return tokenizer.token_to_id(EOT_TOKEN)
+
+
+def save_tokenizer(tokenizer: Tokenizer, output_dir: str | os.PathLike) -> Path:
+    """Write `output_dir/tokenizer.json` atomically (a temporary name, then a rename)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    target = output_dir / TOKENIZER_FILE
+    fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", suffix=".json.partial", dir=output_dir)
+    os.close(fd)
+    try:
+        tokenizer.save(tmp)
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def train_main(argv=None) -> int:
+    """`python tokenizer/train_tokenizer.py --input PATH [PATH ...] --vocab-size N --output DIR`."""
+    from tqdm import tqdm
+
+    from dsllm.data.cleaning import (CleaningReport, Deduplicator, add_cleaning_arguments, clean,
+                                     cleaning_config_from_args, document_hash, drop_reason)
+    from dsllm.data.sources import CorpusReader
+    from dsllm.errors import ArgumentParser
+
+    parser = ArgumentParser(prog="train_tokenizer.py", description="Train a byte-level BPE tokenizer (streaming).")
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="files or folders: .txt .jsonl .jsonl.gz .jsonl.zst .parquet, save_to_disk folders")
+    parser.add_argument("--vocab-size", type=int, required=True, metavar="N",
+                        help="tokens including the 256 bytes and <|endoftext|> (32000 and 50257 are common)")
+    parser.add_argument("--output", required=True, metavar="DIR", help="folder for tokenizer.json")
+    parser.add_argument("--text-key", default="text", help="JSONL field / Parquet column with the text (default %(default)s)")
+    parser.add_argument("--split-lines", action="store_true", help=".txt files: one document per line")
+    parser.add_argument("--min-frequency", type=int, default=2, help="merge pairs seen at least this often")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR/tokenizer.json")
+    add_cleaning_arguments(parser)
+    args = parser.parse_args(argv)
+
+    target = Path(args.output) / TOKENIZER_FILE
+    if target.exists() and not args.overwrite:
+        raise UserError(f"{target}: already exists; pass --overwrite to replace it or choose another --output")
+    cleaning = cleaning_config_from_args(args)
+    reader = CorpusReader(args.input, text_key=args.text_key, split_lines=args.split_lines)
+    report, dedup = CleaningReport(), Deduplicator(cleaning.dedup)
+
+    def cleaned_texts():
+        for text in tqdm(reader, desc="reading", unit="doc", disable=None):
+            report.read += 1
+            text = clean(text, cleaning)
+            reason = drop_reason(text, cleaning)
+            if reason is None and dedup.is_duplicate(document_hash(text)):
+                reason = "duplicate"
+            if reason is not None:
+                report.dropped[reason] += 1
+                continue
+            report.kept += 1
+            yield text
+
+    tokenizer = train_tokenizer(cleaned_texts(), args.vocab_size, args.min_frequency, show_progress=True)
+    if report.read == 0:
+        raise UserError(f"{', '.join(args.input)}: the corpus is empty (no documents read); check the input files")
+    if report.kept == 0:
+        raise UserError(f"{', '.join(args.input)}: all {report.read} documents were dropped by cleaning "
+                        f"({report.dropped_summary()}); lower --min-chars or turn off the step that drops them")
+    path = save_tokenizer(tokenizer, args.output)
+    print(f"read {report.read:,} documents ({reader.stats.bytes_in:,} bytes; dropped {report.dropped_summary()}); "
+          f"trained {tokenizer.get_vocab_size(with_added_tokens=True):,} tokens -> {path} "
+          f"(hash {tokenizer_hash(tokenizer).hex()[:16]})")
+    return 0

@@ -1,0 +1,30 @@
+"""dsllm: pretrain GPT-style language models from scratch on DeepSpeed.
+
+torch is a dependency but is installed first and pinned by the Makefile (`TORCH_SPEC`): the CPU
+build here, the CUDA build of the same version on GPU machines. Installing it first keeps pip from
+resolving an unpinned torch to the newest CUDA build (several GB) through another package's range.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="dsllm",
+    version="0.1.0",
+    description="Pretrain GPT-style language models from scratch on DeepSpeed",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dsllm", "dsllm.*"]),
+    install_requires=[
+        "torch>=2.3",
+        "deepspeed>=0.19.8,<0.20",
+        "tokenizers>=0.20",
+        "datasets>=3.0",
+        "numpy>=1.26",
+        "pyarrow>=15",
+        "zstandard>=0.22",
+        "tqdm>=4.66",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        "mpi": ["mpi4py>=4.0"],
+        "dev": ["pytest>=8", "psutil>=5.9"],
+    },
+)
