@@ -25,7 +25,7 @@ def new_byte_level_bpe() -> Tokenizer:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
-                    show_progress: bool = True) -> Tokenizer:
+                    show_progress: bool = True, require_full_vocab: bool = True) -> Tokenizer:
     """Train byte-level BPE on a stream of texts. The vocabulary includes the 256 byte symbols and
     `<|endoftext|>` (id 0); a corpus too small to learn `vocab_size` tokens is a UserError."""
     if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
@@ -35,11 +35,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
                                   special_tokens=[EOT_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer=trainer)
+    if require_full_vocab:
+        check_full_vocab(tokenizer, vocab_size, min_frequency)
+    return tokenizer
+
+
+def check_full_vocab(tokenizer: Tokenizer, vocab_size: int, min_frequency: int) -> None:
     learned = tokenizer.get_vocab_size(with_added_tokens=True)
     if learned < vocab_size:
         raise UserError(f"the corpus supports only {learned:,} tokens (at min frequency {min_frequency}), fewer than "
                         f"--vocab-size {vocab_size:,}; use --vocab-size {learned} or less, or train on more text")
-    return tokenizer
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> bytes:
@@ -130,12 +135,9 @@ def train_main(argv=None) -> int:
             report.kept += 1
             yield text
 
-    tokenizer = train_tokenizer(cleaned_texts(), args.vocab_size, args.min_frequency, show_progress=True)
-    if report.read == 0:
-        raise UserError(f"{', '.join(args.input)}: the corpus is empty (no documents read); check the input files")
-    if report.kept == 0:
-        raise UserError(f"{', '.join(args.input)}: all {report.read} documents were dropped by cleaning "
-                        f"({report.dropped_summary()}); lower --min-chars or turn off the step that drops them")
+    tokenizer = train_tokenizer(cleaned_texts(), args.vocab_size, args.min_frequency, require_full_vocab=False)
+    report.check_not_empty(args.input)
+    check_full_vocab(tokenizer, args.vocab_size, args.min_frequency)
     path = save_tokenizer(tokenizer, args.output)
     print(f"read {report.read:,} documents ({reader.stats.bytes_in:,} bytes; dropped {report.dropped_summary()}); "
           f"trained {tokenizer.get_vocab_size(with_added_tokens=True):,} tokens -> {path} "

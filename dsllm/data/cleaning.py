@@ -12,6 +12,8 @@ import html
 import re
 import unicodedata
 
+from dsllm.errors import UserError
+
 # Tags that end a line of text: replaced by a newline so words on either side do not merge.
 _BLOCK_TAGS = ("address|article|aside|blockquote|br|dd|div|dl|dt|fieldset|figcaption|figure|footer|form|h[1-6]|"
                "header|hr|li|main|nav|ol|p|pre|section|table|tbody|td|tfoot|th|thead|tr|ul")
@@ -107,6 +109,15 @@ class CleaningReport:
     def dropped_summary(self) -> str:
         return ", ".join(f"{n} {reason.replace('_', ' ')}" for reason, n in self.dropped.items() if n) or "none"
 
+    def check_not_empty(self, inputs) -> None:
+        """An empty corpus, or one that cleaning emptied, is a user error naming the inputs and the fix."""
+        names = ", ".join(map(str, inputs))
+        if self.read == 0:
+            raise UserError(f"{names}: the corpus is empty (no documents read); check the input files")
+        if self.kept == 0:
+            raise UserError(f"{names}: all {self.read} documents were dropped by cleaning ({self.dropped_summary()}); "
+                            "lower --min-chars or turn off the step that drops them")
+
 
 class Deduplicator:
     """Remembers the hashes of kept documents (about 60 bytes of memory per unique document)."""
@@ -140,8 +151,6 @@ def add_cleaning_arguments(parser) -> None:
 
 def cleaning_config_from_args(args) -> CleaningConfig:
     if args.min_chars < 0:
-        from dsllm.errors import UserError
-
         raise UserError(f"--min-chars is {args.min_chars}; give 0 or more")
     return CleaningConfig(strip_html=args.strip_html, normalize_unicode=args.normalize_unicode,
                           normalize_whitespace=args.normalize_whitespace, dedup=args.dedup, min_chars=args.min_chars)

@@ -187,6 +187,17 @@ class _SplitWriter:
             writer.abort()
 
 
+def _remove_stale_stages(output: Path) -> None:
+    """Staging folders of runs that were killed (their process is gone) are removed."""
+    for stage in output.glob(".partial-*"):
+        try:
+            os.kill(int(stage.name.rsplit("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(stage, ignore_errors=True)
+        except PermissionError:  # alive, owned by someone else
+            pass
+
+
 def _existing_dataset(output: Path) -> list[str]:
     return [name for name in DATASET_FILES if (output / name).exists()]
 
@@ -220,6 +231,8 @@ def prepare(config: PrepareConfig) -> dict:
     tok_hash = tokenizer_hash(tokenizer)
 
     created_output = not output.exists()
+    if not created_output:
+        _remove_stale_stages(output)
     stage = output / f".partial-{os.getpid()}"
     stage.mkdir(parents=True, exist_ok=False)
     splits = None
@@ -246,7 +259,7 @@ def prepare(config: PrepareConfig) -> dict:
                 bar.update(size)
                 bar.set_postfix_str(f"{reader.stats.bytes_in / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s",
                                     refresh=False)
-        _check_not_empty(config, report)
+        report.check_not_empty(config.inputs)
         headers = splits.close()
         if "val" in headers and headers["val"].document_count == 0:
             raise UserError(f"only {report.kept} document is left after cleaning, too few for a validation split; "
@@ -266,15 +279,6 @@ def prepare(config: PrepareConfig) -> dict:
         shutil.rmtree(stage, ignore_errors=True)
         if created_output and output.is_dir() and not any(output.iterdir()):
             output.rmdir()
-
-
-def _check_not_empty(config: PrepareConfig, report: CleaningReport) -> None:
-    inputs = ", ".join(map(str, config.inputs))
-    if report.read == 0:
-        raise UserError(f"{inputs}: the corpus is empty (no documents read); check the input files")
-    if report.kept == 0:
-        raise UserError(f"{inputs}: all {report.read} documents were dropped by cleaning ({report.dropped_summary()}); "
-                        "lower --min-chars or turn off the step that drops them")
 
 
 def _metadata(config, reader, report, headers, vocab_size, tok_hash, eot, tokens_out, seconds) -> dict:

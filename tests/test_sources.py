@@ -1,0 +1,133 @@
+"""The shared reader: every input format gives the same documents; bad input is a one-line UserError."""
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from conftest import write_jsonl
+from dsllm.data.sources import CorpusReader, InputError
+
+TEXTS = ["first document\nwith two lines", "second: ünïcödé 😀", "third <b>bold</b>"]
+
+
+def read(*paths, **kwargs):
+    reader = CorpusReader(list(paths), **kwargs)
+    return list(reader), reader.stats
+
+
+def test_txt_one_document_per_file_or_per_line(tmp_path):
+    (tmp_path / "a.txt").write_text("line one\n\nline two\r\n")
+    assert read(tmp_path / "a.txt")[0] == ["line one\n\nline two\r\n"]
+    docs, stats = read(tmp_path / "a.txt", split_lines=True)
+    assert docs == ["line one", "line two"]  # blank lines are not documents
+    assert stats.bytes_in == len("line one") + len("line two")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz", ".jsonl.zst"])
+def test_jsonl_plain_and_compressed(tmp_path, suffix):
+    raw = "".join(json.dumps({"body": t, "n": i}) + "\n" for i, t in enumerate(TEXTS)).encode()
+    path = tmp_path / f"c{suffix}"
+    if suffix.endswith(".gz"):
+        path.write_bytes(gzip.compress(raw))
+    elif suffix.endswith(".zst"):
+        half = len(raw) // 2  # two frames: a file made by concatenating zstd outputs
+        path.write_bytes(zstandard.compress(raw[:half]) + zstandard.compress(raw[half:]))
+    else:
+        path.write_bytes(raw)
+    docs, stats = read(path, text_key="body")
+    assert docs == TEXTS
+    assert stats.documents == 3 and stats.bytes_in == len(raw)
+
+
+def test_parquet_streams_every_row_group(tmp_path):
+    texts = [f"row {i}" for i in range(2500)]
+    table = pa.table({"content": texts, "other": list(range(2500))})
+    pq.write_table(table, tmp_path / "c.parquet", row_group_size=700)
+    assert pq.ParquetFile(tmp_path / "c.parquet").num_row_groups == 4
+    docs, stats = read(tmp_path / "c.parquet", text_key="content")
+    assert docs == texts
+    assert stats.bytes_in == sum(len(t) for t in texts)
+
+
+def test_datasets_save_to_disk_folder_and_dict(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(tmp_path / "single"))
+    assert read(tmp_path / "single")[0] == TEXTS
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TEXTS[:2]}),
+                               "test": datasets.Dataset.from_dict({"text": TEXTS[2:]})})
+    dd.save_to_disk(str(tmp_path / "dict"))
+    assert sorted(read(tmp_path / "dict")[0]) == sorted(TEXTS)
+
+
+def test_folder_of_mixed_inputs_in_sorted_order(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a.txt").write_text("from txt")
+    write_jsonl(tmp_path / "b" / "c.jsonl", ["from jsonl"])
+    pq.write_table(pa.table({"text": ["from parquet"]}), tmp_path / "b" / "d.parquet")
+    (tmp_path / "notes.md").write_text("not an input")
+    (tmp_path / ".hidden.txt").write_text("hidden")
+    docs, stats = read(tmp_path)
+    assert docs == ["from txt", "from jsonl", "from parquet"]
+    assert stats.files == 3 and stats.skipped_files == [str(tmp_path / "notes.md")]
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"ok \xff\xfe text \xc3")
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    docs, stats = read(tmp_path / "bad.txt", tmp_path / "bad.jsonl")
+    assert docs == ["ok \ufffd\ufffd text \ufffd", "caf\ufffd"]
+    assert stats.replaced_bytes == 4 and stats.documents_with_replacements == 2
+
+
+def test_lone_surrogate_escape_in_json_is_replaced(tmp_path):
+    (tmp_path / "s.jsonl").write_text('{"text": "a\\ud800b"}\n')
+    (doc,), _ = read(tmp_path / "s.jsonl")
+    assert doc == "a?b"
+    doc.encode("utf-8")  # the tokenizer can take it
+
+
+def test_malformed_json_names_file_and_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": broken}\n')
+    with pytest.raises(InputError, match=rf"{path}:3: malformed JSON"):
+        read(path)
+
+
+def test_missing_text_key_lists_the_fields(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", ["x"], key="content")
+    with pytest.raises(InputError, match=r"c\.jsonl:1: no 'text' field \(found: content, id\); pass --text-key"):
+        read(path)
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "c.parquet")
+    with pytest.raises(InputError, match=r"no 'text' column \(found: body\)"):
+        read(tmp_path / "c.parquet")
+
+
+def test_non_text_field_is_refused(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"text": 5}\n')
+    with pytest.raises(InputError, match="field 'text' is int, not text"):
+        read(tmp_path / "c.jsonl")
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "c.parquet")
+    with pytest.raises(InputError, match="column 'text' has type int64"):
+        read(tmp_path / "c.parquet")
+
+
+def test_missing_unknown_and_empty_inputs_fail_before_reading(tmp_path):
+    with pytest.raises(InputError, match="no such file or folder"):
+        CorpusReader([tmp_path / "nope.jsonl"])
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(InputError, match=r"data\.csv: unknown input type; use one of"):
+        CorpusReader([tmp_path / "data.csv"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="folder holds no readable input"):
+        CorpusReader([tmp_path / "empty"])
+
+
+def test_damaged_gzip_is_a_user_error(tmp_path):
+    path = tmp_path / "c.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"text": "a"}\n' * 1000)[:60])
+    with pytest.raises(InputError, match="cannot be read"):
+        read(path)

@@ -1,0 +1,74 @@
+"""tokenizer/train_tokenizer.py: byte-level BPE that round-trips any text, and one-line errors."""
+import json
+
+from tokenizers import Tokenizer
+
+from conftest import assert_user_error, run_script, write_jsonl
+from dsllm.tokenizer import EOT_TOKEN, load_tokenizer, tokenizer_hash
+
+SCRIPT = "tokenizer/train_tokenizer.py"
+
+
+def test_train_from_jsonl_and_round_trip(tmp_path, corpus_jsonl):
+    proc = run_script(SCRIPT, "--input", corpus_jsonl, "--vocab-size", 320, "--output", tmp_path / "tok", check_rc=0)
+    assert "trained 320 tokens" in proc.stdout
+    tok = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
+    assert tok.get_vocab_size() == 320 and tok.token_to_id(EOT_TOKEN) == 0
+    spec = json.loads(tok.to_str())
+    assert spec["model"]["type"] == "BPE" and spec["pre_tokenizer"]["type"] == "ByteLevel"
+    text = "the model reads\n\ttabs, ünïcödé, 😀, 漢字, and bytes \x01 never seen in training"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert tok.decode(ids) == text
+    assert len(ids) < len(text.encode())  # merges were learned
+    assert tokenizer_hash(load_tokenizer(tmp_path / "tok")) == tokenizer_hash(tok)
+
+
+def test_same_input_from_every_format_gives_the_same_tokenizer(tmp_path, corpus_texts):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_jsonl(tmp_path / "c.jsonl", corpus_texts)
+    pq.write_table(pa.table({"text": corpus_texts}), tmp_path / "c.parquet")
+    for name in ("c.jsonl", "c.parquet"):
+        run_script(SCRIPT, "--input", tmp_path / name, "--vocab-size", 300, "--output", tmp_path / name[2:], check_rc=0)
+    assert (tmp_path / "jsonl/tokenizer.json").read_text() == (tmp_path / "parquet/tokenizer.json").read_text()
+
+
+def test_vocab_larger_than_the_corpus_supports(tmp_path, corpus_jsonl):
+    proc = run_script(SCRIPT, "--input", corpus_jsonl, "--vocab-size", 50257, "--output", tmp_path / "tok")
+    assert_user_error(proc, "the corpus supports only", "fewer than --vocab-size 50,257", "use --vocab-size")
+    assert not (tmp_path / "tok").exists()
+
+
+def test_vocab_outside_the_format(tmp_path, corpus_jsonl):
+    for size in (100, 2**32 + 1):
+        proc = run_script(SCRIPT, "--input", corpus_jsonl, "--vocab-size", size, "--output", tmp_path / "tok")
+        assert_user_error(proc, f"--vocab-size {size} is outside 257..")
+
+
+def test_refuses_to_overwrite_without_flag(tmp_path, corpus_jsonl):
+    out = tmp_path / "tok"
+    run_script(SCRIPT, "--input", corpus_jsonl, "--vocab-size", 300, "--output", out, check_rc=0)
+    before = (out / "tokenizer.json").read_bytes()
+    proc = run_script(SCRIPT, "--input", corpus_jsonl, "--vocab-size", 310, "--output", out)
+    assert_user_error(proc, "already exists", "--overwrite")
+    assert (out / "tokenizer.json").read_bytes() == before
+    run_script(SCRIPT, "--input", corpus_jsonl, "--vocab-size", 310, "--output", out, "--overwrite", check_rc=0)
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).get_vocab_size() == 310
+
+
+def test_empty_and_fully_filtered_corpora(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    assert_user_error(run_script(SCRIPT, "--input", tmp_path / "empty.jsonl", "--vocab-size", 300,
+                                 "--output", tmp_path / "t"), "corpus is empty")
+    write_jsonl(tmp_path / "short.jsonl", ["tiny", "also tiny"])
+    assert_user_error(run_script(SCRIPT, "--input", tmp_path / "short.jsonl", "--vocab-size", 300,
+                                 "--output", tmp_path / "t"), "all 2 documents were dropped", "2 too short",
+                      "--min-chars")
+    assert not (tmp_path / "t").exists()
+
+
+def test_bad_arguments_are_one_line(tmp_path):
+    assert_user_error(run_script(SCRIPT, "--vocab-size", 300), "required: --input")
+    assert_user_error(run_script(SCRIPT, "--input", tmp_path / "missing.txt", "--vocab-size", 300,
+                                 "--output", tmp_path / "t"), "missing.txt: no such file")
