@@ -99,17 +99,14 @@ def train_main(argv=None) -> int:
 
     from dsllm.data.cleaning import (CleaningReport, Deduplicator, add_cleaning_arguments, clean,
                                      cleaning_config_from_args, document_hash, drop_reason)
-    from dsllm.data.sources import CorpusReader
+    from dsllm.data.sources import CorpusReader, add_input_arguments
     from dsllm.errors import ArgumentParser
 
     parser = ArgumentParser(prog="train_tokenizer.py", description="Train a byte-level BPE tokenizer (streaming).")
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help="files or folders: .txt .jsonl .jsonl.gz .jsonl.zst .parquet, save_to_disk folders")
+    add_input_arguments(parser)
     parser.add_argument("--vocab-size", type=int, required=True, metavar="N",
                         help="tokens including the 256 bytes and <|endoftext|> (32000 and 50257 are common)")
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for tokenizer.json")
-    parser.add_argument("--text-key", default="text", help="JSONL field / Parquet column with the text (default %(default)s)")
-    parser.add_argument("--split-lines", action="store_true", help=".txt files: one document per line")
     parser.add_argument("--min-frequency", type=int, default=2, help="merge pairs seen at least this often")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR/tokenizer.json")
     add_cleaning_arguments(parser)

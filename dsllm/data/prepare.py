@@ -26,7 +26,7 @@ from tqdm import tqdm
 from dsllm import __version__
 from dsllm.data.cleaning import CleaningConfig, CleaningReport, Deduplicator, clean, document_hash, drop_reason
 from dsllm.data.format import FORMAT_VERSION, IndexHeader, TokenFileWriter, paths_for
-from dsllm.data.sources import CorpusReader
+from dsllm.data.sources import CorpusReader, add_input_arguments
 from dsllm.errors import UserError
 from dsllm.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer, resolve_tokenizer_file, tokenizer_hash
 
@@ -329,16 +329,13 @@ def main(argv=None) -> int:
     from dsllm.errors import ArgumentParser
 
     parser = ArgumentParser(prog="prepare.py", description="Clean and tokenize a corpus into train/val token files.")
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help="files or folders: .txt .jsonl .jsonl.gz .jsonl.zst .parquet, save_to_disk folders")
+    add_input_arguments(parser)
     parser.add_argument("--tokenizer", required=True, metavar="DIR_OR_FILE", help="tokenizer.json or its folder")
     parser.add_argument("--output", required=True, metavar="DIR", help="dataset folder to write")
     parser.add_argument("--val-fraction", type=float, default=PrepareConfig.val_fraction,
                         help="share of documents for validation (default %(default)s; 0: none)")
     parser.add_argument("--seed", type=int, default=PrepareConfig.seed, help="seed of the train/val split")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: cores)")
-    parser.add_argument("--text-key", default="text", help="JSONL field / Parquet column with the text (default %(default)s)")
-    parser.add_argument("--split-lines", action="store_true", help=".txt files: one document per line")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     add_cleaning_arguments(parser)
     args = parser.parse_args(argv)

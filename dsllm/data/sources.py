@@ -70,6 +70,14 @@ def _expand(path: Path, skipped: list[str]) -> list[tuple[Path, str]]:
     return found
 
 
+def add_input_arguments(parser) -> None:
+    """`--input`, `--text-key`, `--split-lines`: shared by the tokenizer trainer and `prepare`."""
+    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                        help="files or folders: .txt .jsonl .jsonl.gz .jsonl.zst .parquet, save_to_disk folders")
+    parser.add_argument("--text-key", default="text", help="JSONL field / Parquet column with the text (default %(default)s)")
+    parser.add_argument("--split-lines", action="store_true", help=".txt files: one document per line")
+
+
 def _stream_errors() -> tuple[type[BaseException], ...]:
     import zstandard
 
