@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dsllm", "dsllm.*"]),
     install_requires=[
-        "torch>=2.3",
+        "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
         "deepspeed>=0.19.8,<0.20",
         "tokenizers>=0.20",
         "datasets>=3.0",
@@ -25,6 +25,6 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=4.0"],
-        "dev": ["pytest>=8", "psutil>=5.9"],
+        "dev": ["pytest>=8", "transformers>=4.45"],
     },
 )

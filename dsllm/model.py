@@ -1,0 +1,282 @@
+"""The GPT model: a decoder-only transformer, every option a field of ModelConfig.
+
+token embedding (+ learned positions) -> N x [pre-norm attention + pre-norm MLP, residuals]
+-> final norm -> LM head. Attention runs through `scaled_dot_product_attention` (flash attention on
+GPU), with grouped-query heads and rotary or learned positions. `generate` decodes with a KV cache.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsllm.model_config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back (as Llama does, so bf16 stays stable)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+
+
+def rotary_embedding(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin for `positions` [B, T], shaped [B, 1, T, head_dim], in the half-split layout
+    (dimension i pairs with i + head_dim/2, as in Hugging Face Llama). Computed in fp32 each call, so
+    a model cast to bf16 keeps exact angles."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    angles = torch.cat((angles, angles), dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Keys and values of one layer for generation, preallocated to the longest sequence."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        self.k = torch.zeros(batch, kv_heads, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        # one fused projection, output laid out as [q (n_heads) | k (kv_heads) | v (kv_heads)]
+        self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.kv_heads) * self.head_dim, bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rotary=None, mask=None, cache: KVCache | None = None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.kv_heads * self.head_dim,
+                                     self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.kv_heads != self.n_heads)
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        hidden = config.mlp_hidden_size
+        self.swiglu = config.mlp == "swiglu"
+        # SwiGLU: one fused input projection laid out as [gate | up]
+        self.fc = nn.Linear(config.d_model, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.d_model, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        if self.swiglu:
+            gate, up = self.fc(x).chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(self.fc(x))
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm1, self.attn = make_norm(config), Attention(config)
+        self.norm2, self.mlp = make_norm(config), MLP(config)
+
+    def forward(self, x, rotary=None, mask=None, cache=None):
+        x = x + self.attn(self.norm1(x), rotary, mask, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_embeddings = nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+        self.apply(self._init_weights)
+        residual_std = config.init_std / math.sqrt(2 * config.n_layers)
+        for block in self.blocks:  # outputs that add into the residual stream
+            nn.init.normal_(block.attn.proj.weight, std=residual_std)
+            nn.init.normal_(block.mlp.proj.weight, std=residual_std)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, caches: list[KVCache] | None = None, last_only: bool = False):
+        """idx [B, T] -> (logits [B, T, V] (or [B, 1, V] with last_only), mean cross-entropy or None).
+        Targets of -100 are ignored. `positions`/`mask` are for generation (padding, cache); training
+        uses positions 0..T-1 and the causal mask."""
+        B, T = idx.shape
+        if positions is None:
+            self.config.check_seq_len(T)
+            positions = torch.arange(T, device=idx.device).expand(B, T)
+        x = self.tok_embeddings(idx)
+        if self.pos_embeddings is not None:
+            x = x + self.pos_embeddings(positions)
+        x = self.dropout(x)
+        rotary = None
+        if self.config.positions == "rope":
+            rotary = rotary_embedding(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        checkpointed = self.training and caches is None and self.config.activation_checkpointing != "none"
+        for i, block in enumerate(self.blocks):
+            if checkpointed:
+                x = self._checkpoint(functools.partial(block, rotary=rotary, mask=mask), x)
+            else:
+                x = block(x, rotary, mask, None if caches is None else caches[i])
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def _checkpoint(self, fn, x):
+        if self.config.activation_checkpointing == "deepspeed":
+            import deepspeed
+
+            return deepspeed.checkpointing.checkpoint(fn, x)
+        return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
+                 seed: int | None = None, use_cache: bool = True) -> list[list[int]]:
+        """New tokens for each prompt (a batch of different lengths is left-padded). Temperature 0 is
+        greedy; a row stops after `eos_id` (which is included). Seeded sampling is reproducible."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed, use_cache)
+        finally:
+            self.train(was_training)
+
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed, use_cache):
+        device = self.lm_head.weight.device
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        B, prompt_len = len(prompts), max(len(p) for p in prompts)
+        total = prompt_len + max_new_tokens
+        self.config.check_seq_len(total)
+        idx = torch.zeros(B, total, dtype=torch.long, device=device)
+        valid = torch.zeros(B, total, dtype=torch.bool, device=device)
+        for row, p in enumerate(prompts):
+            idx[row, prompt_len - len(p):prompt_len] = torch.tensor(p, device=device)
+            valid[row, prompt_len - len(p):] = True
+        positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
+        # query i sees valid keys j <= i; a padding query sees itself, so no softmax row is empty
+        causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
+        full_mask = (causal & valid[:, None, :]) | torch.eye(total, dtype=torch.bool, device=device)
+        full_mask = full_mask[:, None]  # [B, 1, total, total]
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed if seed is not None else torch.seed())
+        caches = [KVCache(B, self.config.kv_heads, total, self.config.head_dim, self.lm_head.weight.dtype, device)
+                  for _ in self.blocks] if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        out: list[list[int]] = [[] for _ in range(B)]
+        start = 0
+        for end in range(prompt_len, total):
+            if use_cache:
+                window = slice(start, end)
+                logits, _ = self(idx[:, window], positions=positions[:, window], mask=full_mask[:, :, window, :end],
+                                 caches=caches, last_only=True)
+                start = end
+            else:
+                logits, _ = self(idx[:, :end], positions=positions[:, :end], mask=full_mask[:, :, :end, :end],
+                                 last_only=True)
+            next_token = sample(logits[:, -1].float(), temperature, top_k, top_p, generator)
+            idx[:, end] = next_token
+            for row in range(B):
+                if not done[row]:
+                    out[row].append(int(next_token[row]))
+            if eos_id is not None:
+                done |= next_token == eos_id
+                if done.all():
+                    break
+        return out
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator) -> torch.Tensor:
+    """One token per row from logits [B, V]: greedy at temperature 0, else top-k, then top-p, then sample."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def count_parameters(model: GPT) -> int:
+    """Unique parameters (a tied embedding/head counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, PaLM appendix B: 6N + 12 * L * H * Q * T.
+
+    6N: forward (2) + backward (4) multiply-adds of every weight used in a matmul — all parameters
+    except the embedding lookup tables (token embedding when untied, learned positions); the LM head
+    is counted (tied or not). 12*L*H*Q*T: attention scores and weighted values (H*Q = d_model),
+    forward and backward, over a full T x T score matrix (causal masking not discounted)."""
+    c = config
+    per_layer = (c.d_model * (c.n_heads + 2 * c.kv_heads) * c.head_dim + c.d_model * c.d_model
+                 + c.d_model * c.mlp_hidden_size * (3 if c.mlp == "swiglu" else 2))
+    matmul_params = c.n_layers * per_layer + c.d_model * c.vocab_size
+    return 6 * matmul_params + 12 * c.n_layers * c.d_model * seq_len

@@ -1,0 +1,197 @@
+"""Model configuration: one dataclass field per architecture option, presets by name, overrides.
+
+`resolve_model_config("gpt2-124m", {"norm": "rmsnorm"})`, or a JSON file path instead of a preset.
+Every combination is checked here, before any tensor is built; a bad one raises ConfigError naming
+the field and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from dsllm.errors import UserError
+
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+CHECKPOINTING = ("none", "torch", "deepspeed")
+
+
+class ConfigError(UserError):
+    """An invalid model option; the message names the field."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    vocab_size: int = 50257  # token ids the embedding and LM head cover
+    max_seq_len: int = 1024  # longest sequence (learned position table size; RoPE cache size)
+    n_layers: int = 12  # transformer blocks
+    d_model: int = 768  # hidden size
+    n_heads: int = 12  # attention (query) heads
+    n_kv_heads: int | None = None  # key/value heads: None = n_heads (MHA), 1 = MQA, in between = GQA
+    positions: str = "learned"  # "learned" (GPT-2) or "rope" (rotary)
+    rope_theta: float = 10000.0  # rotary base wavelength
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
+    norm_eps: float = 1e-5  # epsilon of the norm layers
+    mlp: str = "gelu"  # "gelu" (exact erf GELU) or "swiglu"
+    mlp_hidden: int | None = None  # MLP hidden size: None = 4*d_model (gelu) or ~8/3*d_model rounded (swiglu)
+    mlp_multiple_of: int = 256  # the rounding of the default SwiGLU hidden size
+    bias: bool = True  # biases in the attention and MLP linear layers (and LayerNorm)
+    dropout: float = 0.0  # dropout on attention weights, residual branches and embeddings
+    tie_embeddings: bool = True  # LM head shares the token embedding matrix
+    init_std: float = 0.02  # normal init std; residual output projections get init_std / sqrt(2 * n_layers)
+    activation_checkpointing: str = "none"  # recompute each block in backward: "none", "torch" or "deepspeed"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- derived ------------------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def mlp_hidden_size(self) -> int:
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        if self.mlp == "gelu":
+            return 4 * self.d_model
+        m = self.mlp_multiple_of
+        return m * math.ceil(8 * self.d_model / 3 / m)
+
+    def num_parameters(self) -> int:
+        """Parameter count without building the model (a tied embedding/head counts once)."""
+        d, hd = self.d_model, self.head_dim
+        bias = int(self.bias)
+        attention = d * (self.n_heads + 2 * self.kv_heads) * hd + d * d + bias * ((self.n_heads + 2 * self.kv_heads) * hd + d)
+        fc_out = self.mlp_hidden_size * (2 if self.mlp == "swiglu" else 1)
+        mlp = d * fc_out + self.mlp_hidden_size * d + bias * (fc_out + d)
+        norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
+        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        positions = self.max_seq_len * d if self.positions == "learned" else 0
+        return self.n_layers * (attention + mlp + 2 * norm) + norm + embeddings + positions
+
+    # -- checks -------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        for name, allowed in (("positions", POSITIONS), ("norm", NORMS), ("mlp", MLPS),
+                              ("activation_checkpointing", CHECKPOINTING)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"model.{name} = {getattr(self, name)!r}: unknown; use one of {', '.join(allowed)}")
+        for name in ("vocab_size", "max_seq_len", "n_layers", "d_model", "n_heads", "mlp_multiple_of"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} = {getattr(self, name)!r}: must be a positive integer")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model = {self.d_model} is not divisible by model.n_heads = {self.n_heads}; "
+                              "pick heads that divide the hidden size")
+        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
+            raise ConfigError(f"model.n_kv_heads = {self.n_kv_heads} does not divide model.n_heads = {self.n_heads}; "
+                              "use a divisor of n_heads (1 for MQA, n_heads for MHA)")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ConfigError(f"model.positions = 'rope' needs an even head size, got d_model/n_heads = {self.head_dim}")
+        if self.mlp_hidden is not None and self.mlp_hidden < 1:
+            raise ConfigError(f"model.mlp_hidden = {self.mlp_hidden}: must be positive (or null for the default)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout = {self.dropout}: must be in [0, 1)")
+        if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
+            raise ConfigError("model.norm_eps, model.rope_theta and model.init_std must be positive")
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """A training or generation length must fit the position table / RoPE cache."""
+        if seq_len > self.max_seq_len:
+            what = "learned positions allow" if self.positions == "learned" else "the rotary cache holds"
+            raise ConfigError(f"seq_len {seq_len} is longer than model.max_seq_len = {self.max_seq_len} ({what}); "
+                              f"use --seq-len {self.max_seq_len} or less, or raise model.max_seq_len")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "model config") -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+def _llama(d_model: int, n_layers: int, n_heads: int, n_kv_heads: int, max_seq_len: int = 2048,
+           mlp_hidden: int | None = None) -> dict:
+    return dict(vocab_size=32000, max_seq_len=max_seq_len, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
+                n_kv_heads=n_kv_heads, positions="rope", norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
+                mlp_hidden=mlp_hidden, bias=False, tie_embeddings=False)
+
+
+def _gpt2(d_model: int, n_layers: int, n_heads: int) -> dict:
+    return dict(vocab_size=50257, max_seq_len=1024, n_layers=n_layers, d_model=d_model, n_heads=n_heads)
+
+
+PRESETS: dict[str, dict] = {
+    # CPU demo: llama-style, ~5M parameters at an 8k vocabulary
+    "tiny": dict(vocab_size=8192, max_seq_len=256, n_layers=4, d_model=256, n_heads=4, n_kv_heads=2,
+                 positions="rope", norm="rmsnorm", mlp="swiglu", mlp_multiple_of=64, bias=False,
+                 tie_embeddings=True),
+    # GPT-2 (learned positions, LayerNorm, GELU, biases, tied): 124M / 355M / 774M / 1.56B parameters
+    "gpt2-124m": _gpt2(768, 12, 12),
+    "gpt2-350m": _gpt2(1024, 24, 16),
+    "gpt2-774m": _gpt2(1280, 36, 20),
+    "gpt2-1.5b": _gpt2(1600, 48, 25),
+    # Llama-style (RoPE, RMSNorm, SwiGLU, GQA, untied, 32k vocab): 125M / 336M / 1.26B / 3.0B / 7.2B
+    "llama-125m": _llama(768, 12, 12, 4),
+    "llama-350m": _llama(1024, 24, 16, 4),
+    "llama-1.3b": _llama(2048, 24, 16, 8),
+    "llama-3b": _llama(3072, 28, 24, 8),
+    "llama-7b": _llama(4096, 32, 32, 8, max_seq_len=4096, mlp_hidden=14336),  # Mistral-7B shape
+}
+
+
+def _parse_value(field: dataclasses.Field, raw: Any) -> Any:
+    """Turn a command-line string into the field's type (JSON values pass through)."""
+    if not isinstance(raw, str):
+        return raw
+    kind = str(field.type)
+    try:
+        if raw.lower() in ("none", "null") and "None" in kind:
+            return None
+        if kind.startswith("bool"):
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return raw.lower() in ("true", "1", "yes")
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"model.{field.name} = {raw!r}: expected {kind}") from None
+    return raw
+
+
+def resolve_model_config(spec: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """A preset name or a JSON file, then `overrides` ({field: value}, values may be strings)."""
+    if spec in PRESETS:
+        values = dict(PRESETS[spec])
+    elif spec.endswith(".json") or Path(spec).is_file():
+        path = Path(spec)
+        if not path.is_file():
+            raise ConfigError(f"{spec}: no such model JSON file; pass a preset ({', '.join(PRESETS)}) or a JSON path")
+        try:
+            values = json.loads(path.read_text())
+        except ValueError as err:
+            raise ConfigError(f"{spec}: not valid JSON ({err})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{spec}: must hold a JSON object of model fields")
+        values = values.get("model", values)
+    else:
+        raise ConfigError(f"--model {spec!r}: unknown preset; use one of {', '.join(PRESETS)} or a JSON file")
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    for name, raw in (overrides or {}).items():
+        if name not in fields:
+            raise ConfigError(f"--model.{name}: unknown model field; known fields: {', '.join(sorted(fields))}")
+        values[name] = _parse_value(fields[name], raw)
+    return ModelConfig.from_dict(values, where=spec)

@@ -1,0 +1,117 @@
+"""Hugging Face export: transformers' logits equal ours for every family (the peer toolkits' most
+reported failure is gibberish after conversion)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import ROOT, assert_user_error
+from dsllm.checkpoint import load_model_dir, save_model_dir
+from dsllm.export import export_hf
+from dsllm.model import GPT
+from dsllm.model_config import ConfigError, ModelConfig
+
+BASE = dict(vocab_size=300, max_seq_len=64, n_layers=3, d_model=64, n_heads=8, mlp_multiple_of=32)
+LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, rope_theta=500.0)
+CASES = {
+    "gpt2_tied": dict(),
+    "gpt2_untied": dict(tie_embeddings=False),
+    "gpt2_custom_mlp": dict(mlp_hidden=96, norm_eps=1e-6),
+    "llama_gqa_untied": dict(LLAMA, n_kv_heads=2, tie_embeddings=False),
+    "llama_gqa_tied": dict(LLAMA, n_kv_heads=4),
+    "llama_mqa_bias": dict(LLAMA, n_kv_heads=1, bias=True, tie_embeddings=False),
+    "llama_mha": dict(LLAMA),
+}
+
+
+def random_model(fields, seed=0):
+    torch.manual_seed(seed)
+    model = GPT(ModelConfig(**BASE, **fields)).eval()
+    with torch.no_grad():  # every weight, bias and norm gain non-trivial
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def max_logit_diff(model, hf_dir):
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    idx = torch.randint(0, 300, (3, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return (model(idx)[0] - hf(idx).logits).abs().max().item(), hf
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_parity_in_transformers(tmp_path, tokenizer_dir, case):
+    model = random_model(CASES[case])
+    export_hf(model, tokenizer_dir / "tokenizer.json", tmp_path / "hf")
+    diff, hf = max_logit_diff(model, tmp_path / "hf")
+    assert diff < 1e-4, diff
+    expected = "GPT2LMHeadModel" if model.config.positions == "learned" else "LlamaForCausalLM"
+    assert type(hf).__name__ == expected
+    assert hf.config.tie_word_embeddings == model.config.tie_embeddings
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    assert ("lm_head.weight" in weights) != model.config.tie_embeddings
+
+
+def test_parity_check_catches_a_wrong_mapping(tmp_path, tokenizer_dir):
+    """The negative control: swap the SwiGLU gate and up halves, as a buggy converter would."""
+    model = random_model(CASES["llama_gqa_untied"])
+    export_hf(model, tokenizer_dir / "tokenizer.json", tmp_path / "hf")
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    gate, up = "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight"
+    weights[gate], weights[up] = weights[up].clone(), weights[gate].clone()
+    save_file(weights, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    assert max_logit_diff(model, tmp_path / "hf")[0] > 1e-2
+
+
+def test_tokenizer_loads_with_autotokenizer(tmp_path, tokenizer_dir):
+    from tokenizers import Tokenizer
+
+    export_hf(random_model({}), tokenizer_dir / "tokenizer.json", tmp_path / "hf")
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ours = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    text = "the model reads tokens, ünïcödé 😀 and\nnew lines"
+    assert hf_tok(text)["input_ids"] == ours.encode(text).ids
+    assert hf_tok.decode(ours.encode(text).ids) == text
+    assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == ours.token_to_id("<|endoftext|>")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == hf_tok.eos_token_id
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(norm="rmsnorm"), r"model.norm = 'rmsnorm' has no Hugging Face equivalent .*GPT2LMHeadModel needs norm = 'layernorm'"),
+    (dict(mlp="swiglu"), r"model.mlp = 'swiglu' .*GPT2LMHeadModel needs mlp = 'gelu'"),
+    (dict(bias=False), r"model.bias = False .*GPT2LMHeadModel needs bias = True"),
+    (dict(n_kv_heads=2), r"model.n_kv_heads = 2 .*no grouped-query attention"),
+    (dict(positions="rope"), r"model.norm = 'layernorm' .*LlamaForCausalLM needs norm = 'rmsnorm'"),
+    (dict(positions="rope", norm="rmsnorm"), r"model.mlp = 'gelu' .*LlamaForCausalLM needs mlp = 'swiglu'"),
+])
+def test_combinations_without_an_hf_equivalent_are_refused(tmp_path, tokenizer_dir, fields, message):
+    with pytest.raises(ConfigError, match=message):
+        export_hf(random_model(fields), tokenizer_dir / "tokenizer.json", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob(".hf.partial*"))
+
+
+def test_command_exports_a_model_folder(tmp_path, tokenizer_dir):
+    model = random_model(CASES["llama_gqa_untied"])
+    save_model_dir(model, tmp_path / "run", tokenizer_dir / "tokenizer.json")
+    reloaded = load_model_dir(tmp_path / "run")
+    idx = torch.randint(0, 300, (2, 10))
+    assert torch.equal(model(idx)[0], reloaded(idx)[0])
+
+    def export(*extra):
+        return subprocess.run([sys.executable, "-m", "dsllm", "export", "--checkpoint", str(tmp_path / "run"),
+                               "--output", str(tmp_path / "hf"), *extra], capture_output=True, text=True, cwd=ROOT)
+
+    proc = export()
+    assert proc.returncode == 0, proc.stderr
+    assert "exported LlamaForCausalLM" in proc.stdout
+    assert max_logit_diff(model, tmp_path / "hf")[0] < 1e-4
+    assert_user_error(export(), "exists and is not empty", "--overwrite")
+    assert export("--overwrite").returncode == 0
+    proc = subprocess.run([sys.executable, "-m", "dsllm", "export", "--checkpoint", str(tmp_path / "nothing"),
+                           "--output", str(tmp_path / "hf2")], capture_output=True, text=True, cwd=ROOT)
+    assert_user_error(proc, "nothing: no model here")
