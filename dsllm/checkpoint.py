@@ -50,3 +50,89 @@ def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "c
         raise UserError(f"{weights}: weights do not fit {config_path} (missing {sorted(missing)[:3]}, unexpected "
                         f"{sorted(unexpected)[:3]}); the two files come from different models")
     return model.to(device)
+
+
+# -- training checkpoints: DeepSpeed's layout plus our state ---------------------------------------------
+CHECKPOINTS_DIR = "checkpoints"
+COMPLETE_MARKER = "dsllm_complete.json"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:08d}"
+
+
+def _step_of(tag_dir: Path) -> int:
+    try:
+        return int(tag_dir.name[4:])
+    except ValueError:
+        return -1
+
+
+def complete_checkpoints(checkpoints: Path) -> list[Path]:
+    """Tag folders whose save finished on every rank (the marker is written last), oldest first."""
+    if not checkpoints.is_dir():
+        return []
+    tags = [p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith("step") and (p / COMPLETE_MARKER).is_file()]
+    return sorted(tags, key=_step_of)
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path | None:
+    """`auto`: the newest complete checkpoint of the run, or None for a fresh start; `none`: fresh
+    (refused if the run already has checkpoints); a path: that tag folder, or a checkpoints folder."""
+    checkpoints = run_dir / CHECKPOINTS_DIR
+    if resume == "auto":
+        done = complete_checkpoints(checkpoints)
+        return done[-1] if done else None
+    if resume == "none":
+        if complete_checkpoints(checkpoints):
+            raise UserError(f"{checkpoints}: the run already has checkpoints; pass --resume auto to continue it, "
+                            "or choose a new --out")
+        return None
+    path = Path(resume)
+    if (path / COMPLETE_MARKER).is_file():
+        return path
+    done = complete_checkpoints(path) or complete_checkpoints(path / CHECKPOINTS_DIR)
+    if not done:
+        raise UserError(f"--resume {resume}: no complete checkpoint there; pass a checkpoints/stepNNNNNNNN folder, "
+                        "a run folder, auto or none")
+    return done[-1]
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def prune_checkpoints(checkpoints: Path, keep_last: int, newest: Path) -> None:
+    """Keep the newest `keep_last` complete checkpoints; drop incomplete ones older than `newest`
+    (left by a run killed while saving)."""
+    done = complete_checkpoints(checkpoints)
+    for old in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    for p in checkpoints.iterdir():
+        if p.is_dir() and p.name.startswith("step") and not (p / COMPLETE_MARKER).exists() and _step_of(p) < _step_of(newest):
+            shutil.rmtree(p, ignore_errors=True)

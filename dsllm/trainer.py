@@ -1,0 +1,424 @@
+"""Pretraining on the DeepSpeed engine: pre-flight checks, the loop, evaluation, checkpoints, resume.
+
+`launch/pretrain.py` parses the command line and calls `main`. Every check that can fail on the
+user's input runs before any rank initialises the process group or builds the model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from dsllm import __version__
+from dsllm.checkpoint import (CHECKPOINTS_DIR, COMPLETE_MARKER, CONFIG_FILE, WEIGHTS_FILE, complete_checkpoints,
+                              prune_checkpoints, resolve_resume, rng_state, set_rng_state, tag_for, write_json_atomic)
+from dsllm.data.format import TokenFile
+from dsllm.data.loader import ResumableLoader, TokenWindows
+from dsllm.ds_config import RunValues, load_ds_config, resolve_ds_config
+from dsllm.errors import UserError
+from dsllm.evaluation import eval_indices, evaluate, token_byte_lengths
+from dsllm.metrics import MetricsLog, format_step, memory_gib, mfu, peak_tflops
+from dsllm.model import GPT, flops_per_token
+from dsllm.model_config import ConfigError, ModelConfig, resolve_model_config
+from dsllm.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer, tokenizer_hash
+from dsllm.train_config import TrainConfig, world_from_env
+
+VOCAB_MULTIPLE = 64  # embedding rows padded so matmuls tile well; the extra ids are never produced
+
+
+class TrainingAborted(Exception):
+    """Training stopped for a reason found while running (not a bad input)."""
+
+
+@dataclasses.dataclass
+class Plan:
+    """Everything pre-flight resolves, before the process group exists."""
+    config: TrainConfig
+    rank: int
+    local_rank: int
+    world_size: int
+    data_dir: Path
+    train: TokenFile
+    val: TokenFile
+    model: ModelConfig
+    seq_len: int
+    ds: dict
+    batch: object
+    precision: str
+    zero_stage: int
+    resume_from: Path | None
+
+
+def _log(plan_or_rank, message: str) -> None:
+    rank = plan_or_rank if isinstance(plan_or_rank, int) else plan_or_rank.rank
+    if rank == 0:
+        print(message, flush=True)
+
+
+def _model_config(config: TrainConfig, vocab_size: int) -> ModelConfig:
+    model = resolve_model_config(config.model, config.model_overrides)
+    explicit_vocab = "vocab_size" in config.model_overrides
+    if not explicit_vocab:  # a preset's vocabulary gives way to the dataset's tokenizer
+        padded = VOCAB_MULTIPLE * math.ceil(vocab_size / VOCAB_MULTIPLE)
+        model = dataclasses.replace(model, vocab_size=padded)
+    elif model.vocab_size < vocab_size:
+        raise ConfigError(f"--model.vocab_size {model.vocab_size} is smaller than the dataset's vocabulary "
+                          f"({vocab_size}); drop the override or raise it to at least {vocab_size}")
+    return model
+
+
+def preflight(config: TrainConfig) -> Plan:
+    """Resolve and check data, model, DeepSpeed JSON and resume point; raise UserError on any mismatch."""
+    rank, local_rank, world_size = world_from_env()
+    ds_raw = load_ds_config(config.ds_config)
+    if config.data is None:
+        from dsllm.data.default_corpus import build_default_dataset
+
+        data_dir = build_default_dataset(log=lambda m: _log(rank, m))
+    else:
+        data_dir = Path(config.data)
+        if not (data_dir / "meta.json").is_file():
+            raise UserError(f"--data {data_dir}: not a prepared dataset (no meta.json); "
+                            "create it with data_pipeline/prepare.py")
+    train, val = TokenFile(data_dir / "train"), TokenFile(data_dir / "val") if (data_dir / "val.idx").exists() else None
+    if val is None:
+        raise UserError(f"--data {data_dir}: has no val split; re-run prepare with --val-fraction above 0")
+    tokenizer = load_tokenizer(data_dir / TOKENIZER_FILE)
+    if tokenizer_hash(tokenizer) != train.header.tokenizer_hash:
+        raise UserError(f"{data_dir / TOKENIZER_FILE}: does not match the tokenizer the dataset was made with; "
+                        "run data_pipeline/validate.py and re-create the dataset")
+    model = _model_config(config, train.vocab_size)
+    seq_len = config.seq_len or model.max_seq_len
+    model.check_seq_len(seq_len)
+    for name, split in (("train", train), ("val", val)):
+        if split.num_tokens <= seq_len:
+            raise UserError(f"--data {data_dir}: the {name} split has {split.num_tokens} tokens, not one window of "
+                            f"{seq_len + 1}; use a shorter --seq-len or more data")
+    on_gpu = torch.cuda.is_available()
+    supports_bf16 = torch.cuda.is_bf16_supported() if on_gpu else True
+    run = RunValues(config.micro_batch_size, config.grad_accum, config.global_batch_size, config.lr,
+                    config.min_lr_ratio, config.warmup, config.max_steps, config.weight_decay,
+                    (config.beta1, config.beta2), config.grad_clip, config.precision)
+    ds, batch, precision, stage = resolve_ds_config(ds_raw, run, world_size, config.ds_config, supports_bf16, on_gpu)
+    out = Path(config.out)
+    resume_from = resolve_resume(config.resume, out)
+    if resume_from is not None:
+        _check_resumable(resume_from, model, world_size, stage, precision)
+    return Plan(config, rank, local_rank, world_size, data_dir, train, val, model, seq_len, ds, batch, precision,
+                stage, resume_from)
+
+
+def _check_resumable(checkpoint: Path, model: ModelConfig, world_size: int, stage: int, precision: str) -> None:
+    marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+    if marker["model"] != model.to_dict():
+        changed = sorted(k for k in marker["model"] if marker["model"][k] != model.to_dict().get(k))
+        raise UserError(f"{checkpoint}: saved from a model that differs in {', '.join(changed)}; resume with the "
+                        "same --model options, or start a new run with another --out")
+    if marker["world_size"] != world_size or marker["zero_stage"] != stage:
+        raise UserError(f"{checkpoint}: saved with {marker['world_size']} ranks and ZeRO stage {marker['zero_stage']}, "
+                        f"this run has {world_size} ranks and stage {stage}; resume with the same ranks and stage")
+    if marker["precision"] != precision:
+        raise UserError(f"{checkpoint}: saved in {marker['precision']}, this run would train in {precision}; "
+                        f"pass --precision {marker['precision']} to resume it")
+
+
+# -- distributed set-up ---------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(plan: Plan, timeout_minutes: float = 30.0) -> torch.device:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ and plan.world_size == 1:  # a plain `python launch/pretrain.py`
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", plan.world_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))  # ranks must not oversubscribe cores
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               timeout=timedelta(minutes=timeout_minutes))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(plan.local_rank)
+        return torch.device("cuda", plan.local_rank)
+    return torch.device("cpu")
+
+
+def param_groups(model: GPT, weight_decay: float) -> list[dict]:
+    """Decay matrices; not norms, biases or embeddings (a tied head is the embedding)."""
+    no_decay_ids = {id(model.tok_embeddings.weight)}
+    if model.pos_embeddings is not None:
+        no_decay_ids.add(id(model.pos_embeddings.weight))
+    decay, no_decay = [], []
+    for param in model.parameters():
+        (no_decay if param.ndim < 2 or id(param) in no_decay_ids else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_schedule(config: TrainConfig):
+    """Linear warmup from 0, cosine decay to `min_lr_ratio * lr` at max_steps (when the JSON has no scheduler)."""
+    def factor(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / (config.warmup + 1)
+        progress = min(1.0, (step - config.warmup) / max(1, config.max_steps - config.warmup))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def build_engine(plan: Plan, device: torch.device):
+    import deepspeed
+
+    config = plan.config
+    torch.manual_seed(config.seed)
+    model = GPT(plan.model)
+    groups = param_groups(model, config.weight_decay)
+    optimizer = lr_scheduler = None
+    if "optimizer" not in plan.ds:
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
+                                      fused=device.type == "cuda")
+    if "scheduler" not in plan.ds:
+        lr_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(config))  # noqa: E731
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
+                                           lr_scheduler=lr_scheduler, config=plan.ds)
+    return engine
+
+
+# -- the run --------------------------------------------------------------------------------------------
+def write_run_files(plan: Plan) -> Path:
+    import deepspeed
+
+    out = Path(plan.config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "model": plan.model.to_dict(),
+        "train": dataclasses.asdict(plan.config),
+        "data": {"dir": str(plan.data_dir.resolve()), "train_fingerprint": plan.train.fingerprint,
+                 "val_fingerprint": plan.val.fingerprint, "tokenizer_hash": plan.train.header.tokenizer_hash.hex(),
+                 "vocab_size": plan.train.vocab_size},
+        "run": {"seq_len": plan.seq_len, "micro_batch_size": plan.batch.micro, "grad_accum": plan.batch.accumulation,
+                "world_size": plan.world_size, "global_batch_size": plan.batch.global_size,
+                "tokens_per_step": plan.batch.global_size * plan.seq_len, "precision": plan.precision,
+                "zero_stage": plan.zero_stage},
+        "deepspeed": plan.ds,
+        "versions": {"dsllm": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                     "python": sys.version.split()[0]},
+        "command": sys.argv,
+    }
+    write_json_atomic(out / CONFIG_FILE, record)
+    shutil.copyfile(plan.data_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    return out
+
+
+def save_checkpoint(plan: Plan, engine, loader: ResumableLoader, step: int, counters: dict) -> Path:
+    import torch.distributed as dist
+
+    checkpoints = Path(plan.config.out) / CHECKPOINTS_DIR
+    tag = tag_for(step)
+    state = {"dsllm": {"step": step, "data": loader.state_dict(), "counters": dict(counters),
+                       "val_fingerprint": plan.val.fingerprint}}
+    engine.save_checkpoint(str(checkpoints), tag=tag, client_state=state)
+    torch.save(rng_state(), checkpoints / tag / f"rng_rank{plan.rank:05d}.pt")
+    if os.environ.get("DSLLM_FAULT") == f"kill_in_save:{step}":  # test hook: die mid-save, before the marker
+        os.kill(os.getpid(), signal.SIGKILL)
+    dist.barrier()
+    if plan.rank == 0:  # the marker comes last: only now is this checkpoint complete on every rank
+        write_json_atomic(checkpoints / tag / COMPLETE_MARKER, {
+            "step": step, "consumed_samples": loader.consumed_samples, "world_size": plan.world_size,
+            "zero_stage": plan.zero_stage, "precision": plan.precision, "model": plan.model.to_dict(),
+            "train_fingerprint": plan.train.fingerprint})
+        prune_checkpoints(checkpoints, plan.config.keep_checkpoints, checkpoints / tag)
+    dist.barrier()
+    return checkpoints / tag
+
+
+def load_checkpoint(plan: Plan, engine, loader: ResumableLoader) -> tuple[int, dict]:
+    path = plan.resume_from
+    try:
+        _, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+    except (OSError, RuntimeError, KeyError, AssertionError) as err:  # damaged or foreign checkpoint files
+        raise UserError(f"{path}: DeepSpeed could not load this checkpoint ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]}); resume from another one with --resume PATH") from None
+    if client is None:
+        raise UserError(f"{path}: DeepSpeed could not load this checkpoint; resume from another one with --resume PATH")
+    state = client["dsllm"]
+    loader.load_state_dict(state["data"])  # refuses another dataset (fingerprint) loudly
+    rng_file = path / f"rng_rank{plan.rank:05d}.pt"
+    if rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    return state["step"], state["counters"]
+
+
+def consolidate(plan: Plan, engine, checkpoint: Path) -> Path:
+    """Write the final fp32 weights as RUN_DIR/model.safetensors (a model folder for generate/export)."""
+    from safetensors.torch import save_model
+
+    out = Path(plan.config.out)
+    model = GPT(plan.model)
+    if plan.zero_stage == 0:
+        state = {k: v.float().cpu() for k, v in engine.module.state_dict().items()}
+    else:
+        import contextlib
+        import io
+
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter is not for the user
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if plan.model.tie_embeddings else set()):
+        raise RuntimeError(f"consolidated weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    partial = out / (WEIGHTS_FILE + ".partial")
+    save_model(model, str(partial))
+    os.replace(partial, out / WEIGHTS_FILE)
+    return out / WEIGHTS_FILE
+
+
+def _sample_text(plan: Plan, device) -> str:
+    from dsllm.checkpoint import load_model_dir
+
+    tokenizer = load_tokenizer(plan.data_dir / TOKENIZER_FILE)
+    model = load_model_dir(plan.config.out, device=device)
+    prompt = plan.val.document(0)[:16].tolist()
+    new = model.generate([prompt], min(plan.config.sample_tokens, plan.model.max_seq_len - len(prompt)),
+                         temperature=0.8, top_k=50, eos_id=eot_id(tokenizer), seed=plan.config.seed)[0]
+    return tokenizer.decode(prompt + new)
+
+
+def train(plan: Plan) -> dict:
+    import torch.distributed as dist
+
+    config = plan.config
+    device = init_distributed(plan)
+    if plan.rank == 0:
+        write_run_files(plan)
+    engine = build_engine(plan, device)
+    loader = ResumableLoader(TokenWindows(plan.train, plan.seq_len), plan.batch.micro, config.seed, plan.rank,
+                             plan.world_size, num_workers=config.loader_workers, pin_memory=device.type == "cuda")
+    step, counters = 0, {"nonfinite_in_a_row": 0, "skipped_steps": 0}
+    if plan.resume_from is not None:
+        step, counters = load_checkpoint(plan, engine, loader)
+        _log(plan, f"resumed from {plan.resume_from} at step {step} ({loader.consumed_samples} samples consumed)")
+    val_windows = TokenWindows(plan.val, plan.seq_len)
+    indices = eval_indices(val_windows, config.eval_windows)
+    byte_lengths = token_byte_lengths(load_tokenizer(plan.data_dir / TOKENIZER_FILE))
+    log = MetricsLog(Path(config.out) / "metrics.jsonl", plan.rank == 0, getattr(engine, "monitor", None))
+    tokens_per_step = plan.batch.global_size * plan.seq_len
+    flops = flops_per_token(plan.model, plan.seq_len)
+    peak = config.peak_tflops or peak_tflops()
+    _log(plan, f"training {plan.model.num_parameters():,} parameters on {plan.world_size} rank(s), ZeRO-{plan.zero_stage}, "
+               f"{plan.precision}, global batch {plan.batch.global_size} x {plan.seq_len} tokens, "
+               f"{config.max_steps} steps -> {config.out}")
+
+    def run_eval(at_step: int) -> dict:
+        engine.eval()
+        result = evaluate(engine, val_windows, indices, plan.batch.micro, device, byte_lengths, plan.rank, plan.world_size)
+        engine.train()
+        log.write({"step": at_step, **result, "samples": loader.consumed_samples},
+                  f"eval step {at_step} | val loss {result['val_loss']:.4f} | ppl {result['perplexity']:.2f} | "
+                  f"bits/byte {result['bits_per_byte']:.4f}")
+        return result
+
+    engine.train()
+    batches = iter(loader)
+    window_loss = torch.zeros((), device=device)
+    window_steps, window_start, run_start, start_step = 0, time.perf_counter(), time.perf_counter(), step
+    window_first_step = step
+    last_saved = plan.resume_from
+    result = None
+    while step < config.max_steps:
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(plan.batch.accumulation):
+            batch = next(batches).to(device, non_blocking=True)
+            _, loss = engine(batch[:, :-1], batch[:, 1:])
+            engine.backward(loss)
+            loss_sum += loss.detach().float()
+            if micro < plan.batch.accumulation - 1:
+                engine.step()
+        finite = torch.isfinite(loss_sum).to(torch.float32)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        finite = bool(finite.item())
+        if not finite and plan.zero_stage == 0 and plan.precision == "fp32":
+            for param in engine.module.parameters():  # no DeepSpeed wrapper to skip for us: no grads, no update
+                param.grad = None
+        engine.step()
+        step += 1
+        if finite and engine.was_step_applied():
+            counters["nonfinite_in_a_row"] = 0
+            window_loss += loss_sum / plan.batch.accumulation
+            window_steps += 1
+        else:
+            counters["skipped_steps"] += 1
+            counters["nonfinite_in_a_row"] = 0 if finite else counters["nonfinite_in_a_row"] + 1
+            _log(plan, f"step {step}: {'non-finite loss' if not finite else 'overflow'}, update skipped "
+                       f"({counters['nonfinite_in_a_row']} in a row)")
+            if counters["nonfinite_in_a_row"] >= config.max_nonfinite_steps:
+                done = complete_checkpoints(Path(config.out) / CHECKPOINTS_DIR)
+                raise TrainingAborted(
+                    f"{counters['nonfinite_in_a_row']} non-finite losses in a row at step {step}; stopped without "
+                    f"saving. Last good checkpoint: {done[-1] if done else 'none'}. Lower --lr, check the data, "
+                    "or raise --max-nonfinite-steps")
+        if step % config.log_interval == 0 or step == config.max_steps:
+            elapsed = time.perf_counter() - window_start
+            tokens_per_second = tokens_per_step * (step - window_first_step) / max(elapsed, 1e-9)
+            dist.all_reduce(window_loss, op=dist.ReduceOp.SUM)  # the global batch's loss, not rank 0's share
+            loss_value = (window_loss / max(window_steps, 1) / plan.world_size).item()
+            eta = (time.perf_counter() - run_start) / max(1, step - start_step) * (config.max_steps - step)
+            record = {"step": step, "loss": loss_value, "lr": engine.get_lr()[0], "tokens": step * tokens_per_step,
+                      "samples": loader.consumed_samples, "tokens_per_second": tokens_per_second,
+                      "mfu": mfu(tokens_per_second, flops, peak, plan.world_size), "memory_gib": memory_gib(),
+                      "skipped_steps": counters["skipped_steps"]}
+            log.write(record, format_step(step, config.max_steps, loss_value, record["lr"], tokens_per_second,
+                                          record["mfu"], record["memory_gib"], eta))
+            window_loss.zero_()
+            window_steps, window_start, window_first_step = 0, time.perf_counter(), step
+        if step % config.eval_interval == 0 or step == config.max_steps:
+            result = run_eval(step)
+        if step % config.save_interval == 0 or step == config.max_steps:
+            last_saved = save_checkpoint(plan, engine, loader, step, counters)
+    if result is None:  # resumed at max_steps: nothing to train, still report
+        result = run_eval(step)
+    if plan.rank == 0 and last_saved is not None:
+        consolidate(plan, engine, last_saved)
+    dist.barrier()
+    summary = {"step": step, **result}
+    if plan.rank == 0:
+        print(f"final validation loss {result['val_loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+              f"bits/byte {result['bits_per_byte']:.4f} | weights {Path(config.out) / WEIGHTS_FILE}", flush=True)
+        if config.sample_tokens > 0:
+            print("sample:\n" + _sample_text(plan, device), flush=True)
+    log.close()
+    engine.destroy()
+    dist.barrier()
+    dist.destroy_process_group()
+    return summary
+
+
+def main(argv=None) -> int:
+    """`deepspeed launch/pretrain.py --ds_config ds_configs/zero2.json [options]` (or plain `python`)."""
+    from dsllm.train_config import parse_train_args
+
+    rank = world_from_env()[0]
+    try:
+        plan = preflight(parse_train_args(argv))
+        train(plan)
+    except (UserError, TrainingAborted) as err:
+        if rank == 0:  # every rank finds the same fault; one line is enough
+            sys.stderr.write(f"error: {err}\n")
+        return 2 if isinstance(err, UserError) else 3
+    return 0

@@ -1,0 +1,161 @@
+"""launch/pretrain.py on the real DeepSpeed engine (CPU, gloo): every config, 1 and 2 ranks, equal
+losses across world sizes, bit-exact resume after SIGKILL (also during a save), pre-flight errors."""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+CONFIGS = ["zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"]
+SMALL_MODEL = ["--model", "tiny", "--model.n_layers", "2", "--model.d_model", "64", "--model.n_heads", "4",
+               "--model.n_kv_heads", "2", "--model.max_seq_len", "64", "--model.mlp_multiple_of", "32"]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or str(ROOT / ".cache" / "torch_extensions")
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": cache}
+
+
+def command(data, out, *args, ranks=1, ds="zero2.json"):
+    train_args = ["launch/pretrain.py", "--ds_config", f"ds_configs/{ds}", "--data", str(data), "--out", str(out),
+                  *SMALL_MODEL, "--seq-len", "32", "--lr", "3e-3", "--eval-windows", "8", "--sample-tokens", "8",
+                  "--loader-workers", "0", "--log-interval", "1", *map(str, args)]
+    if ranks == 1:
+        return [sys.executable, *train_args]
+    return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), *train_args]
+
+
+def pretrain(data, out, *args, ranks=1, ds="zero2.json", expect=0):
+    proc = subprocess.run(command(data, out, *args, ranks=ranks, ds=ds), cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=600)
+    if expect is not None:
+        assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def train_records(out):
+    """{step: record} of the training lines (a resumed run's later lines win)."""
+    records = {}
+    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            records[record["step"]] = record
+    return records
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ds", CONFIGS)
+def test_every_config_trains(dataset_dir, tmp_path, ds, ranks):
+    out = tmp_path / "run"
+    proc = pretrain(dataset_dir, out, "--max-steps", 12, "--micro-batch-size", 4, "--eval-interval", 6,
+                    "--save-interval", 6, ranks=ranks, ds=ds)
+    records = train_records(out)
+    assert sorted(records) == list(range(1, 13))
+    first, last = records[1]["loss"], sum(records[s]["loss"] for s in (10, 11, 12)) / 3
+    assert last < first - 0.5, (first, last)
+    assert f"on {ranks} rank(s), ZeRO-{json.loads((ROOT / 'ds_configs' / ds).read_text())['zero_optimization']['stage']}" in proc.stdout
+    assert "final validation loss" in proc.stdout and "sample:" in proc.stdout
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    assert [e["step"] for e in evals] == [6, 12] and evals[1]["val_loss"] < evals[0]["val_loss"]
+    assert all(e["bits_per_byte"] > 0 and e["perplexity"] > 1 for e in evals)
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert checkpoints == ["step00000006", "step00000012"]
+    assert (out / "model.safetensors").is_file() and json.loads((out / "config.json").read_text())["run"]["world_size"] == ranks
+
+
+def test_two_ranks_zero2_equal_one_rank_zero0(dataset_dir, tmp_path):
+    """Same global batch (8): 1 rank x 8 on ZeRO-0 vs 2 ranks x 4 on ZeRO-2, fp32. Tolerance 1e-5 relative
+    (all-reduce order changes float summation; measured ~5e-7 absolute)."""
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    pretrain(dataset_dir, one, "--max-steps", 8, "--micro-batch-size", 8, "--precision", "fp32", ds="zero0.json")
+    pretrain(dataset_dir, two, "--max-steps", 8, "--micro-batch-size", 4, "--precision", "fp32", ranks=2)
+    a, b = train_records(one), train_records(two)
+    for step in range(1, 9):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5), step
+        assert b[step]["lr"] == pytest.approx(a[step]["lr"], rel=1e-9)
+    # gradient accumulation: 1 rank x 4 micro x 2 steps is the same global batch too
+    acc = tmp_path / "acc"
+    pretrain(dataset_dir, acc, "--max-steps", 8, "--micro-batch-size", 4, "--grad-accum", 2, "--precision", "fp32",
+             ds="zero1.json")
+    c = train_records(acc)
+    assert all(c[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5) for s in range(1, 9))
+
+
+def run_until_killed(cmd, out, kill_after_step, **popen):
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=popen.pop("env", env()), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, **popen)
+    deadline = time.time() + 300
+    metrics = Path(out) / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(line).get("step", 0) >= kill_after_step and "loss" in line
+                                    for line in metrics.read_text().splitlines()):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    return proc
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigkill_then_resume_auto_is_exact(dataset_dir, tmp_path, ranks):
+    args = ["--max-steps", 12, "--micro-batch-size", 4, "--save-interval", 3, "--eval-interval", 100,
+            "--precision", "fp32"]
+    pretrain(dataset_dir, tmp_path / "whole", *args, ranks=ranks)
+    reference = train_records(tmp_path / "whole")
+    out = tmp_path / "killed"
+    proc = run_until_killed(command(dataset_dir, out, *args, ranks=ranks), out, kill_after_step=7)
+    assert proc.returncode != 0, "the run finished before it could be killed"
+    killed_at = max(train_records(out))
+    assert 7 <= killed_at < 12
+    proc = pretrain(dataset_dir, out, *args, "--resume", "auto", ranks=ranks)
+    assert "resumed from" in proc.stdout and ("at step 6 " in proc.stdout or "at step 9 " in proc.stdout)
+    resumed = train_records(out)
+    for step in range(1, 13):
+        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-6, abs=0), step
+        assert resumed[step]["lr"] == reference[step]["lr"]
+        assert resumed[step]["samples"] == reference[step]["samples"]
+
+
+def test_kill_during_save_resumes_from_the_last_complete_checkpoint(dataset_dir, tmp_path):
+    args = ["--max-steps", 9, "--micro-batch-size", 4, "--save-interval", 3, "--precision", "fp32"]
+    pretrain(dataset_dir, tmp_path / "whole", *args)
+    out = tmp_path / "run"
+    proc = subprocess.run(command(dataset_dir, out, *args), cwd=ROOT, env={**env(), "DSLLM_FAULT": "kill_in_save:6"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    assert (out / "checkpoints" / "step00000006").is_dir()  # DeepSpeed's files are there, our marker is not
+    assert not (out / "checkpoints" / "step00000006" / "dsllm_complete.json").exists()
+    proc = pretrain(dataset_dir, out, *args)
+    assert "resumed from" in proc.stdout and "step00000003 at step 3" in proc.stdout
+    whole, resumed = train_records(tmp_path / "whole"), train_records(out)
+    assert all(resumed[s]["loss"] == pytest.approx(whole[s]["loss"], rel=1e-6, abs=0) for s in range(1, 10))
+    names = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert names == ["step00000003", "step00000006", "step00000009"]  # the torn step-6 save was replaced
+
+
+def test_resume_refuses_another_dataset(dataset_dir, tmp_path, corpus_jsonl, tokenizer_dir):
+    from dsllm.data.prepare import PrepareConfig, prepare
+
+    out = tmp_path / "run"
+    pretrain(dataset_dir, out, "--max-steps", 3, "--micro-batch-size", 4, "--save-interval", 3)
+    other = tmp_path / "other"
+    prepare(PrepareConfig(inputs=[str(corpus_jsonl)], tokenizer=str(tokenizer_dir), output=str(other),
+                          val_fraction=0.2, seed=99, workers=1, progress=False))
+    proc = pretrain(other, out, "--max-steps", 6, "--micro-batch-size", 4, expect=2)
+    assert "trained on dataset" in proc.stderr and "resuming would silently change the data" in proc.stderr
