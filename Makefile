@@ -18,9 +18,9 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
-# Until the training stage lands, the main job builds the embedded default dataset.
+# The main job: pretrain on the embedded default corpus (or pass PRETRAIN_ARGS="--data DIR ...").
 pretrain: $(STAMP)
-	$(PY) data_pipeline/default_corpus.py
+	$(VENV)/bin/deepspeed launch/pretrain.py --ds_config ds_configs/zero2.json $(PRETRAIN_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -5,6 +5,7 @@ user's input runs before any rank initialises the process group or builds the mo
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -178,6 +179,23 @@ def cosine_schedule(config: TrainConfig):
         progress = min(1.0, (step - config.warmup) / max(1, config.max_steps - config.warmup))
         return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
+
+
+@contextlib.contextmanager
+def _skipped_update(optimizer):
+    """ZeRO-0 in fp32 has no DeepSpeed wrapper that skips a non-finite step: make this step one the
+    engine treats as an overflow (no update, no scheduler step, counted in engine.skipped_steps)."""
+    had_overflow = "overflow" in vars(optimizer)
+    optimizer.step = lambda *args, **kwargs: None
+    optimizer.overflow = True
+    try:
+        yield
+    finally:
+        del optimizer.step
+        if had_overflow:
+            optimizer.overflow = False
+        else:
+            del optimizer.overflow
 
 
 def build_engine(plan: Plan, device: torch.device):
@@ -354,9 +372,10 @@ def train(plan: Plan) -> dict:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         finite = bool(finite.item())
         if not finite and plan.zero_stage == 0 and plan.precision == "fp32":
-            for param in engine.module.parameters():  # no DeepSpeed wrapper to skip for us: no grads, no update
-                param.grad = None
-        engine.step()
+            with _skipped_update(engine.optimizer):
+                engine.step()
+        else:
+            engine.step()  # DeepSpeed's ZeRO/bf16/fp16 optimizers skip a non-finite gradient themselves
         step += 1
         if finite and engine.was_step_applied():
             counters["nonfinite_in_a_row"] = 0
@@ -389,8 +408,8 @@ def train(plan: Plan) -> dict:
             window_steps, window_start, window_first_step = 0, time.perf_counter(), step
         if step % config.eval_interval == 0 or step == config.max_steps:
             result = run_eval(step)
-        if step % config.save_interval == 0 or step == config.max_steps:
-            last_saved = save_checkpoint(plan, engine, loader, step, counters)
+        if (step % config.save_interval == 0 or step == config.max_steps) and counters["nonfinite_in_a_row"] == 0:
+            last_saved = save_checkpoint(plan, engine, loader, step, counters)  # never mid non-finite streak
     if result is None:  # resumed at max_steps: nothing to train, still report
         result = run_eval(step)
     if plan.rank == 0 and last_saved is not None:

@@ -159,3 +159,19 @@ def test_resume_refuses_another_dataset(dataset_dir, tmp_path, corpus_jsonl, tok
                           val_fraction=0.2, seed=99, workers=1, progress=False))
     proc = pretrain(other, out, "--max-steps", 6, "--micro-batch-size", 4, expect=2)
     assert "trained on dataset" in proc.stderr and "resuming would silently change the data" in proc.stderr
+
+
+def test_make_pretrain_runs_the_main_job(tmp_path):
+    """`make pretrain` is the README's first command: the deepspeed launcher on the default corpus."""
+    venv = Path(sys.executable).parent.parent
+    out = tmp_path / "run"
+    proc = subprocess.run(["make", "pretrain", f"VENV={venv}",
+                           f"PRETRAIN_ARGS=--max-steps 6 --log-interval 3 --eval-interval 6 --eval-windows 4 "
+                           f"--out {out} --sample-tokens 16"],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "deepspeed launch/pretrain.py --ds_config ds_configs/zero2.json" in proc.stdout
+    assert "final validation loss" in proc.stdout and "sample:" in proc.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["data"]["dir"].endswith("/data") and "default-corpus" in config["data"]["dir"]
+    assert (out / "model.safetensors").is_file()
