@@ -175,3 +175,17 @@ def test_make_pretrain_runs_the_main_job(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["dir"].endswith("/data") and "default-corpus" in config["data"]["dir"]
     assert (out / "model.safetensors").is_file()
+
+
+def test_deepspeed_csv_monitor_gets_loss_and_eval(dataset_dir, tmp_path):
+    """DeepSpeed's monitor, enabled in the JSON, receives our loss (the engine itself logs only the lr)."""
+    config = json.loads((ROOT / "ds_configs" / "zero1.json").read_text())
+    config["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "csv"), "job_name": "run"}
+    (tmp_path / "ds.json").write_text(json.dumps(config))
+    cmd = command(dataset_dir, tmp_path / "run", "--max-steps", 4, "--micro-batch-size", 4, "--eval-interval", 4)
+    cmd[cmd.index("ds_configs/zero2.json")] = str(tmp_path / "ds.json")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    files = {p.name: p.read_text() for p in (tmp_path / "csv" / "run").iterdir()}
+    assert "Train_loss.csv" in files and len(files["Train_loss.csv"].strip().splitlines()) == 5  # header + 4 steps
+    assert "Train_val_loss.csv" in files
