@@ -1,0 +1,73 @@
+"""Filling and checking the DeepSpeed JSON (pure functions; the trainer tests run them for real)."""
+import json
+
+import pytest
+
+from conftest import ROOT
+from dsllm.checkpoint import COMPLETE_MARKER, complete_checkpoints, prune_checkpoints, resolve_resume
+from dsllm.ds_config import DSConfigError, RunValues, resolve_batch, resolve_ds_config
+from dsllm.errors import UserError
+
+RUN = RunValues(micro_batch_size=None, grad_accum=None, global_batch_size=None, lr=6e-4, min_lr_ratio=0.1,
+                warmup_steps=10, max_steps=100, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0, precision="auto")
+
+
+def load(name):
+    return json.loads((ROOT / "ds_configs" / name).read_text())
+
+
+def test_every_shipped_config_resolves_completely():
+    for path in sorted((ROOT / "ds_configs").glob("*.json")):
+        config, batch, precision, stage = resolve_ds_config(load(path.name), RUN, 2, path.name, True, False)
+        assert "auto" not in json.dumps(config), path.name
+        assert config["train_batch_size"] == 16 and batch.micro == 8 and precision == "bf16"
+        assert config["optimizer"]["params"]["lr"] == 6e-4 and config["optimizer"]["params"]["betas"] == [0.9, 0.95]
+        assert config["scheduler"]["params"]["total_num_steps"] == 100
+        assert config["scheduler"]["params"]["warmup_num_steps"] == 10
+        assert config["scheduler"]["params"]["cos_min_ratio"] == 0.1
+        assert config["gradient_clipping"] == 1.0 and config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+        assert stage == config["zero_optimization"]["stage"]
+
+
+def test_fp16_on_a_gpu_without_bf16_keeps_loss_scaling():
+    config, _, precision, _ = resolve_ds_config(load("zero2.json"), RUN, 8, "zero2.json", supports_bf16=False, has_gpu=True)
+    assert precision == "fp16" and config["fp16"]["enabled"] is True and config["bf16"]["enabled"] is False
+    assert config["fp16"]["loss_scale"] == 0 and config["fp16"]["initial_scale_power"] == 16  # dynamic scaling
+    config, _, precision, _ = resolve_ds_config(load("zero3.json"), RunValues(**{**RUN.__dict__, "precision": "fp16"}),
+                                                1, "zero3.json", supports_bf16=True, has_gpu=True)
+    assert precision == "fp16" and config["fp16"]["enabled"] is True
+
+
+@pytest.mark.parametrize("given, world, expected", [
+    (dict(), 4, (8, 1)),
+    (dict(micro_batch_size=2, grad_accum=4), 2, (2, 4)),
+    (dict(global_batch_size=64), 4, (16, 1)),
+    (dict(global_batch_size=64, micro_batch_size=4), 4, (4, 4)),
+    (dict(global_batch_size=64, grad_accum=2), 4, (8, 2)),
+])
+def test_batch_is_derived_from_whatever_is_given(given, world, expected):
+    batch = resolve_batch({}, RunValues(**{**RUN.__dict__, **given}), world, "x.json")
+    assert (batch.micro, batch.accumulation) == expected
+    assert batch.global_size == batch.micro * batch.accumulation * world
+
+
+def test_batch_that_does_not_divide():
+    with pytest.raises(DSConfigError, match="train_batch_size 10 != .* world size 4"):
+        resolve_batch({}, RunValues(**{**RUN.__dict__, "global_batch_size": 10, "micro_batch_size": 2}), 4, "x.json")
+
+
+def test_pruning_keeps_the_newest_complete_and_drops_torn_saves(tmp_path):
+    for step in (2, 4, 6, 8, 9):
+        (tmp_path / f"step{step:08d}").mkdir()
+        if step != 9:
+            (tmp_path / f"step{step:08d}" / COMPLETE_MARKER).write_text("{}")
+    (tmp_path / "step00000007").mkdir()  # torn: older than the newest complete one
+    prune_checkpoints(tmp_path, keep_last=2, newest=tmp_path / "step00000008")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000006", "step00000008", "step00000009"]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step00000006", "step00000008"]
+    run = tmp_path.parent
+    (tmp_path.rename(run / "checkpoints"))
+    assert resolve_resume("auto", run).name == "step00000008"
+    assert resolve_resume(str(run / "checkpoints" / "step00000006"), run).name == "step00000006"
+    with pytest.raises(UserError, match="already has checkpoints; pass --resume auto"):
+        resolve_resume("none", run)
