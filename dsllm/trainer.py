@@ -59,6 +59,7 @@ class Plan:
     precision: str
     zero_stage: int
     resume_from: Path | None
+    universal: bool = False  # the checkpoint's world size or ZeRO stage differs: load through a universal checkpoint
 
 
 def _log(plan_or_rank, message: str) -> None:
@@ -114,24 +115,58 @@ def preflight(config: TrainConfig) -> Plan:
     ds, batch, precision, stage = resolve_ds_config(ds_raw, run, world_size, config.ds_config, supports_bf16, on_gpu)
     out = Path(config.out)
     resume_from = resolve_resume(config.resume, out)
-    if resume_from is not None:
-        _check_resumable(resume_from, model, world_size, stage, precision)
+    universal = resume_from is not None and _needs_universal(resume_from, model, world_size, stage, precision)
+    if universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     return Plan(config, rank, local_rank, world_size, data_dir, train, val, model, seq_len, ds, batch, precision,
-                stage, resume_from)
+                stage, resume_from, universal)
 
 
-def _check_resumable(checkpoint: Path, model: ModelConfig, world_size: int, stage: int, precision: str) -> None:
+def _needs_universal(checkpoint: Path, model: ModelConfig, world_size: int, stage: int, precision: str) -> bool:
+    """Whether resuming needs DeepSpeed's universal checkpoint (another world size or ZeRO stage);
+    combinations DeepSpeed cannot load are refused here with what to do instead."""
     marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
     if marker["model"] != model.to_dict():
         changed = sorted(k for k in marker["model"] if marker["model"][k] != model.to_dict().get(k))
         raise UserError(f"{checkpoint}: saved from a model that differs in {', '.join(changed)}; resume with the "
                         "same --model options, or start a new run with another --out")
-    if marker["world_size"] != world_size or marker["zero_stage"] != stage:
-        raise UserError(f"{checkpoint}: saved with {marker['world_size']} ranks and ZeRO stage {marker['zero_stage']}, "
-                        f"this run has {world_size} ranks and stage {stage}; resume with the same ranks and stage")
     if marker["precision"] != precision:
         raise UserError(f"{checkpoint}: saved in {marker['precision']}, this run would train in {precision}; "
                         f"pass --precision {marker['precision']} to resume it")
+    saved_world, saved_stage = marker["world_size"], marker["zero_stage"]
+    if saved_stage == stage and (saved_world == world_size or stage == 0):
+        return False  # ZeRO-0 keeps whole optimizer state on every rank: it loads on any world size
+    if 0 in (saved_stage, stage):
+        raise UserError(f"{checkpoint}: saved with ZeRO stage {saved_stage}, this run has stage {stage}; DeepSpeed's "
+                        "universal checkpoint converts only between stages 1-3: resume with ZeRO-"
+                        f"{saved_stage} (--ds_config ds_configs/zero{saved_stage}.json)")
+    if stage == 3 and saved_stage != 3:
+        raise UserError(f"{checkpoint}: a ZeRO-{saved_stage} checkpoint cannot be resumed on ZeRO-3: DeepSpeed 0.19.8 "
+                        "fails to load it (universal checkpoint into stage 3); resume on ZeRO-1 or ZeRO-2 with any "
+                        "number of ranks, or start a ZeRO-3 run from its weights with a new --out")
+    return True
+
+
+def _universal_dir(checkpoint: Path) -> Path:
+    return checkpoint.parent / f"{checkpoint.name}-universal"
+
+
+def convert_to_universal(checkpoint: Path) -> Path:
+    """`ds_to_universal` once per checkpoint (rank 0), cached next to it; a marker says it is complete."""
+    import subprocess
+
+    target = _universal_dir(checkpoint)
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
+                           "--output_folder", str(target), "--inject_missing_state"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise UserError(f"{checkpoint}: conversion to a universal checkpoint failed ({tail[0][:200]}); resume with "
+                        "the world size and ZeRO stage it was saved with")
+    shutil.copyfile(checkpoint / COMPLETE_MARKER, target / COMPLETE_MARKER)
+    return target
 
 
 # -- distributed set-up ---------------------------------------------------------------------------------
@@ -211,8 +246,14 @@ def build_engine(plan: Plan, device: torch.device):
                                       fused=device.type == "cuda")
     if "scheduler" not in plan.ds:
         lr_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(config))  # noqa: E731
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
-                                           lr_scheduler=lr_scheduler, config=plan.ds)
+    ds_logger = logging.getLogger("DeepSpeed")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.ERROR)  # its scheduler warns about reading the lr before step 1
+    try:
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
+                                               lr_scheduler=lr_scheduler, config=plan.ds)
+    finally:
+        ds_logger.setLevel(level)
     return engine
 
 
@@ -265,7 +306,7 @@ def save_checkpoint(plan: Plan, engine, loader: ResumableLoader, step: int, coun
 
 
 def load_checkpoint(plan: Plan, engine, loader: ResumableLoader) -> tuple[int, dict]:
-    path = plan.resume_from
+    path = _universal_dir(plan.resume_from) if plan.universal else plan.resume_from
     try:
         _, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
@@ -277,7 +318,7 @@ def load_checkpoint(plan: Plan, engine, loader: ResumableLoader) -> tuple[int, d
     state = client["dsllm"]
     loader.load_state_dict(state["data"])  # refuses another dataset (fingerprint) loudly
     rng_file = path / f"rng_rank{plan.rank:05d}.pt"
-    if rng_file.is_file():
+    if rng_file.is_file() and not plan.universal:  # on another world size the per-rank streams do not map
         set_rng_state(torch.load(rng_file, weights_only=False))
     return state["step"], state["counters"]
 
@@ -329,9 +370,14 @@ def train(plan: Plan) -> dict:
     loader = ResumableLoader(TokenWindows(plan.train, plan.seq_len), plan.batch.micro, config.seed, plan.rank,
                              plan.world_size, num_workers=config.loader_workers, pin_memory=device.type == "cuda")
     step, counters = 0, {"nonfinite_in_a_row": 0, "skipped_steps": 0}
+    if plan.universal:
+        if plan.rank == 0:
+            convert_to_universal(plan.resume_from)
+        dist.barrier()
     if plan.resume_from is not None:
         step, counters = load_checkpoint(plan, engine, loader)
-        _log(plan, f"resumed from {plan.resume_from} at step {step} ({loader.consumed_samples} samples consumed)")
+        how = " through a universal checkpoint (world size or ZeRO stage changed)" if plan.universal else ""
+        _log(plan, f"resumed from {plan.resume_from}{how} at step {step} ({loader.consumed_samples} samples consumed)")
     val_windows = TokenWindows(plan.val, plan.seq_len)
     indices = eval_indices(val_windows, config.eval_windows)
     byte_lengths = token_byte_lengths(load_tokenizer(plan.data_dir / TOKENIZER_FILE))
