@@ -4,7 +4,7 @@ import sys
 
 from dsllm.errors import USER_ERROR_EXIT, run_cli
 
-COMMANDS = {"export": "dsllm.export"}
+COMMANDS = {"export": "dsllm.export", "consolidate": "dsllm.consolidate"}
 
 
 def main() -> int:

@@ -33,22 +33,59 @@ def save_model_dir(model: GPT, directory: str | os.PathLike, tokenizer_file: str
     return directory
 
 
-def load_model_dir(directory: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
-    """Load a model folder written by `save_model_dir`; a missing or mismatched file is a UserError."""
-    directory = Path(directory)
-    config_path, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
-    if not config_path.is_file() or not weights.is_file():
-        raise UserError(f"{directory}: no model here (needs {CONFIG_FILE} and {WEIGHTS_FILE}); "
-                        "pass a folder written by training or dsllm.checkpoint.save_model_dir")
+def _model_config(config_path: Path) -> ModelConfig:
+    if not config_path.is_file():
+        raise UserError(f"{config_path}: missing; the model folder or run is incomplete")
     try:
-        config = ModelConfig.from_dict(json.loads(config_path.read_text())["model"], where=str(config_path))
+        return ModelConfig.from_dict(json.loads(config_path.read_text())["model"], where=str(config_path))
     except (ValueError, KeyError) as err:
         raise UserError(f"{config_path}: not a dsllm model config ({err})") from None
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a training checkpoint of any ZeRO stage and world size (`zero_to_fp32` for
+    stages 1-3; ZeRO-0 checkpoints hold the whole module, in the training precision)."""
+    import contextlib
+    import io
+
+    marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+    if marker["zero_stage"] == 0:
+        states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter is not for the user
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def resolve_model_source(path: str | os.PathLike) -> tuple[Path, Path | None, Path]:
+    """(config.json, training checkpoint or None for model.safetensors, run or model folder) for a model
+    folder, a run folder (its final weights, else its newest complete checkpoint), or a checkpoint folder."""
+    path = Path(path)
+    if (path / COMPLETE_MARKER).is_file():
+        return path.parent.parent / CONFIG_FILE, path, path.parent.parent
+    if (path / WEIGHTS_FILE).is_file():
+        return path / CONFIG_FILE, None, path
+    done = complete_checkpoints(path / CHECKPOINTS_DIR)
+    if done:
+        return path / CONFIG_FILE, done[-1], path
+    raise UserError(f"{path}: no model here (needs {WEIGHTS_FILE}, or complete checkpoints under {CHECKPOINTS_DIR}/); "
+                    "pass a run folder, a checkpoints/stepNNNNNNNN folder or a model folder")
+
+
+def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
+    """Load a model (see `resolve_model_source`); weights that do not fit the config are a UserError."""
+    config_path, checkpoint, _ = resolve_model_source(path)
+    config = _model_config(config_path)
     model = GPT(config)
-    missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+    if checkpoint is None:
+        missing, unexpected = load_model(model, str(Path(path) / WEIGHTS_FILE), strict=False, device="cpu")
+    else:
+        missing, unexpected = model.load_state_dict(consolidated_state_dict(checkpoint), strict=False)
+        missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_embeddings)]
     if missing or unexpected:
-        raise UserError(f"{weights}: weights do not fit {config_path} (missing {sorted(missing)[:3]}, unexpected "
-                        f"{sorted(unexpected)[:3]}); the two files come from different models")
+        raise UserError(f"{path}: weights do not fit {config_path} (missing {sorted(missing)[:3]}, unexpected "
+                        f"{sorted(unexpected)[:3]}); they come from another model")
     return model.to(device)
 
 

@@ -132,15 +132,17 @@ def export_hf(model: GPT, tokenizer_file: str | os.PathLike, output: str | os.Pa
 
 def main(argv=None) -> int:
     """`python -m dsllm export --checkpoint RUN_DIR --output HF_DIR`."""
-    from dsllm.checkpoint import load_model_dir
+    from dsllm.checkpoint import load_model_dir, resolve_model_source
     from dsllm.errors import ArgumentParser
 
     parser = ArgumentParser(prog="python -m dsllm export", description="Export a model to a Hugging Face folder.")
-    parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="model folder (config.json, model.safetensors, tokenizer.json)")
+    parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
+                        help="run folder, checkpoints/stepNNNNNNNN folder (any ZeRO stage), or model folder")
     parser.add_argument("--output", required=True, metavar="HF_DIR", help="folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty HF_DIR")
     args = parser.parse_args(argv)
     model = load_model_dir(args.checkpoint)
-    out = export_hf(model, Path(args.checkpoint) / TOKENIZER_FILE, args.output, overwrite=args.overwrite)
+    home = resolve_model_source(args.checkpoint)[2]
+    out = export_hf(model, home / TOKENIZER_FILE, args.output, overwrite=args.overwrite)
     print(f"exported {hf_config(model.config, 0)['architectures'][0]} to {out}")
     return 0

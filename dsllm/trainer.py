@@ -23,7 +23,8 @@ import torch
 
 from dsllm import __version__
 from dsllm.checkpoint import (CHECKPOINTS_DIR, COMPLETE_MARKER, CONFIG_FILE, WEIGHTS_FILE, complete_checkpoints,
-                              prune_checkpoints, resolve_resume, rng_state, set_rng_state, tag_for, write_json_atomic)
+                              load_model_dir, prune_checkpoints, resolve_resume, rng_state, set_rng_state, tag_for,
+                              write_json_atomic)
 from dsllm.data.format import TokenFile
 from dsllm.data.loader import ResumableLoader, TokenWindows
 from dsllm.ds_config import RunValues, load_ds_config, resolve_ds_config
@@ -323,34 +324,18 @@ def load_checkpoint(plan: Plan, engine, loader: ResumableLoader) -> tuple[int, d
     return state["step"], state["counters"]
 
 
-def consolidate(plan: Plan, engine, checkpoint: Path) -> Path:
+def consolidate(plan: Plan, checkpoint: Path) -> Path:
     """Write the final fp32 weights as RUN_DIR/model.safetensors (a model folder for generate/export)."""
     from safetensors.torch import save_model
 
     out = Path(plan.config.out)
-    model = GPT(plan.model)
-    if plan.zero_stage == 0:
-        state = {k: v.float().cpu() for k, v in engine.module.state_dict().items()}
-    else:
-        import contextlib
-        import io
-
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter is not for the user
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - ({"lm_head.weight"} if plan.model.tie_embeddings else set()):
-        raise RuntimeError(f"consolidated weights do not fit the model: missing {missing}, unexpected {unexpected}")
     partial = out / (WEIGHTS_FILE + ".partial")
-    save_model(model, str(partial))
+    save_model(load_model_dir(checkpoint), str(partial))
     os.replace(partial, out / WEIGHTS_FILE)
     return out / WEIGHTS_FILE
 
 
 def _sample_text(plan: Plan, device) -> str:
-    from dsllm.checkpoint import load_model_dir
-
     tokenizer = load_tokenizer(plan.data_dir / TOKENIZER_FILE)
     model = load_model_dir(plan.config.out, device=device)
     prompt = plan.val.document(0)[:16].tolist()
@@ -459,7 +444,7 @@ def train(plan: Plan) -> dict:
     if result is None:  # resumed at max_steps: nothing to train, still report
         result = run_eval(step)
     if plan.rank == 0 and last_saved is not None:
-        consolidate(plan, engine, last_saved)
+        consolidate(plan, last_saved)
     dist.barrier()
     summary = {"step": step, **result}
     if plan.rank == 0:

@@ -54,3 +54,34 @@ def test_zero2_to_zero3_is_refused_with_what_to_do(dataset_dir, tmp_path):
     assert "cannot be resumed on ZeRO-3" in proc.stderr and "resume on ZeRO-1 or ZeRO-2" in proc.stderr
     proc = pretrain(dataset_dir, out, "--max-steps", 4, "--micro-batch-size", 4, ds="zero0.json", expect=2)
     assert "resume with ZeRO-2" in proc.stderr
+
+
+@pytest.mark.parametrize("ranks, ds", [(2, "zero2.json"), (2, "zero3.json"), (1, "zero0.json")])
+def test_consolidate_and_export_from_any_checkpoint(dataset_dir, tmp_path, ranks, ds):
+    """`zero_to_fp32` from a sharded checkpoint gives the weights the run ended with; export reads it too."""
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    from conftest import ROOT
+
+    out = tmp_path / "run"
+    pretrain(dataset_dir, out, "--max-steps", 4, "--save-interval", 2, "--micro-batch-size", 8 // ranks,
+             "--precision", "fp32", ranks=ranks, ds=ds)
+    final = load_file(out / "model.safetensors")
+    merged = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "dsllm", "consolidate", "--checkpoint",
+                           str(out / "checkpoints" / "step00000004"), "--output", str(merged)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    weights = load_file(merged / "model.safetensors")
+    assert weights.keys() == final.keys() and all(torch.equal(weights[k], final[k]) for k in final)
+    earlier = tmp_path / "earlier"
+    subprocess.run([sys.executable, "-m", "dsllm", "consolidate", "--checkpoint", str(out / "checkpoints" / "step00000002"),
+                    "--output", str(earlier)], cwd=ROOT, check=True, capture_output=True)
+    assert not torch.equal(load_file(earlier / "model.safetensors")["norm.weight"], final["norm.weight"])
+    proc = subprocess.run([sys.executable, "-m", "dsllm", "export", "--checkpoint", str(out / "checkpoints" / "step00000002"),
+                           "--output", str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "LlamaForCausalLM" in proc.stdout, proc.stderr[-2000:]

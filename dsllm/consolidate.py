@@ -1,0 +1,25 @@
+"""`python -m dsllm consolidate --checkpoint PATH --output DIR`: one fp32 model folder (safetensors +
+config + tokenizer) from a training checkpoint of any ZeRO stage and world size (`zero_to_fp32`)."""
+from __future__ import annotations
+
+from dsllm.checkpoint import load_model_dir, resolve_model_source, save_model_dir
+from dsllm.errors import ArgumentParser, UserError
+from dsllm.tokenizer import TOKENIZER_FILE
+
+
+def main(argv=None) -> int:
+    parser = ArgumentParser(prog="python -m dsllm consolidate", description=__doc__)
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="checkpoints/stepNNNNNNNN folder, or a run folder (its newest complete checkpoint)")
+    parser.add_argument("--output", required=True, metavar="DIR", help="model folder to write")
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()):
+        raise UserError(f"{output}: exists and is not empty; choose another --output")
+    model = load_model_dir(args.checkpoint)
+    home = resolve_model_source(args.checkpoint)[2]
+    save_model_dir(model, output, home / TOKENIZER_FILE)
+    print(f"wrote {model.config.num_parameters():,} fp32 parameters to {output}")
+    return 0
