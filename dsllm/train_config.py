@@ -40,6 +40,7 @@ class TrainConfig:
     loader_workers: int = 2  # DataLoader worker processes per rank
     sample_tokens: int = 64  # tokens generated from the validation text at the end (0: none)
     peak_tflops: float | None = None  # device peak for MFU; None: from the GPU table
+    collective_timeout: float = 600.0  # seconds a collective may wait for a hung rank before the job fails
 
     @property
     def warmup(self) -> int:

@@ -177,7 +177,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(plan: Plan, timeout_minutes: float = 30.0) -> torch.device:
+def init_distributed(plan: Plan) -> torch.device:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
@@ -189,7 +189,7 @@ def init_distributed(plan: Plan, timeout_minutes: float = 30.0) -> torch.device:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", plan.world_size)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))  # ranks must not oversubscribe cores
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                               timeout=timedelta(minutes=timeout_minutes))
+                               timeout=timedelta(seconds=plan.config.collective_timeout))
     if torch.cuda.is_available():
         torch.cuda.set_device(plan.local_rank)
         return torch.device("cuda", plan.local_rank)
@@ -471,4 +471,20 @@ def main(argv=None) -> int:
         if rank == 0:  # every rank finds the same fault; one line is enough
             sys.stderr.write(f"error: {err}\n")
         return 2 if isinstance(err, UserError) else 3
+    except RuntimeError as err:
+        if not _peer_failure(err):
+            raise
+        first = str(err).strip().splitlines()[0][:300]
+        sys.stderr.write(f"error: rank {rank}: a collective failed because another rank died, hung past "
+                         f"--collective-timeout or lost the network ({first}); the launcher's log names the rank "
+                         "that exited first. Resume with --resume auto (or run under launch/supervise.py)\n")
+        return 4
     return 0
+
+
+def _peer_failure(err: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    markers = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timeout",
+               "NCCL communicator was aborted")
+    return isinstance(err, getattr(dist, "DistError", ())) or any(m in str(err) for m in markers)
