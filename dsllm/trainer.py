@@ -189,6 +189,7 @@ def init_distributed(plan: Plan) -> torch.device:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", plan.world_size)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))  # ranks must not oversubscribe cores
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)),  # used by MPI discovery
                                timeout=timedelta(seconds=plan.config.collective_timeout))
     if torch.cuda.is_available():
         torch.cuda.set_device(plan.local_rank)
