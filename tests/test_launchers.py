@@ -1,6 +1,7 @@
 """The other multi-host launch paths, as far as a real cluster goes: MPI (plain `mpirun` with rank
 discovery through mpi4py, and `deepspeed --launcher openmpi`) and the hostfile + pdsh path over ssh
 to an sshd this test starts on loopback with a throwaway key. Each must match one host, two ranks."""
+import json
 import os
 import shutil
 import subprocess
@@ -114,3 +115,29 @@ def test_hostfile_pdsh_over_ssh(dataset_dir, tmp_path, reference, sshd):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "pdsh" in proc.stdout + proc.stderr
     assert_same_losses(out, reference)
+
+
+def test_preflight_checks_every_host(dataset_dir, tmp_path, sshd):
+    ssh = ["--ssh-port", str(sshd["port"]), "--ssh-option", " ".join(sshd["client"])]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
+
+    def preflight(*args):
+        return subprocess.run([str(VENV_BIN / "python"), "launch/preflight.py", "--hostfile", str(hostfile),
+                               "--data", str(dataset_dir), *ssh, *map(str, args)], cwd=ROOT, env=env(),
+                              capture_output=True, text=True, timeout=300)
+
+    proc = preflight("--ds_config", "ds_configs/zero2.json", "--micro-batch-size", 4)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "world size 2" in proc.stdout and "batch: 4 per rank x 1 accumulation x 2 ranks = 8" in proc.stdout
+    assert proc.stdout.count(" ok  code ") == 2 and "NCCL/GLOO variables here" in proc.stdout
+    hostfile.write_text("127.0.0.1 slots=1\n127.0.0.2 slots=1\n")  # nothing answers ssh on .2
+    ds = tmp_path / "ds.json"
+    config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    config.update(train_batch_size=12, train_micro_batch_size_per_gpu=4)
+    ds.write_text(json.dumps(config))
+    proc = preflight("--ds_config", ds)
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert "pre-flight found 2 problem(s)" in line and "127.0.0.2: not reachable over ssh" in line
+    assert "train_batch_size 12 != train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 1 x data-parallel world size 2" in line
