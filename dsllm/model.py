@@ -190,17 +190,19 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-                 seed: int | None = None, use_cache: bool = True) -> list[list[int]]:
+                 seed: int | None = None, use_cache: bool = True, vocab_size: int | None = None) -> list[list[int]]:
         """New tokens for each prompt (a batch of different lengths is left-padded). Temperature 0 is
-        greedy; a row stops after `eos_id` (which is included). Seeded sampling is reproducible."""
+        greedy; a row stops after `eos_id` (which is included). Seeded sampling is reproducible.
+        `vocab_size`: the tokenizer's, when the embedding is padded beyond it (padding ids never come out)."""
         was_training = self.training
         self.eval()
         try:
-            return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed, use_cache)
+            return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed, use_cache,
+                                  vocab_size)
         finally:
             self.train(was_training)
 
-    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed, use_cache):
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed, use_cache, vocab_size):
         device = self.lm_head.weight.device
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -233,7 +235,10 @@ class GPT(nn.Module):
             else:
                 logits, _ = self(idx[:, :end], positions=positions[:, :end], mask=full_mask[:, :, :end, :end],
                                  last_only=True)
-            next_token = sample(logits[:, -1].float(), temperature, top_k, top_p, generator)
+            next_logits = logits[:, -1].float()
+            if vocab_size is not None and vocab_size < next_logits.size(-1):
+                next_logits[:, vocab_size:] = float("-inf")
+            next_token = sample(next_logits, temperature, top_k, top_p, generator)
             idx[:, end] = next_token
             for row in range(B):
                 if not done[row]:

@@ -341,7 +341,8 @@ def _sample_text(plan: Plan, device) -> str:
     model = load_model_dir(plan.config.out, device=device)
     prompt = plan.val.document(0)[:16].tolist()
     new = model.generate([prompt], min(plan.config.sample_tokens, plan.model.max_seq_len - len(prompt)),
-                         temperature=0.8, top_k=50, eos_id=eot_id(tokenizer), seed=plan.config.seed)[0]
+                         temperature=0.8, top_k=50, eos_id=eot_id(tokenizer), seed=plan.config.seed,
+                         vocab_size=tokenizer.get_vocab_size(with_added_tokens=True))[0]
     return tokenizer.decode(prompt + new)
 
 

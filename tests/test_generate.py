@@ -78,3 +78,13 @@ def test_too_long_generation_is_refused():
     model = model_for("learned")
     with pytest.raises(Exception, match="longer than model.max_seq_len = 48"):
         model.generate([[1] * 40], 20)
+
+
+def test_padded_vocabulary_ids_never_come_out():
+    model = model_for("learned")
+    with torch.no_grad():
+        model.lm_head.weight[50:] += 5.0  # make the padding rows the most likely
+    free = model.generate([[1, 2]], 30, temperature=1.0, seed=0)[0]
+    assert max(free) >= 50
+    limited = model.generate([[1, 2]], 30, temperature=1.0, seed=0, vocab_size=50)[0]
+    assert max(limited) < 50
