@@ -56,8 +56,7 @@ def parse_args(argv):
     p.add_argument("--loader-batches", type=int, help="batches timed per loader trial (default 1000, quick 20)")
     p.add_argument("--trials", type=int, help="repeats of each measurement, the best is kept (default 3, quick 1)")
     p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"), help="where the .md/.json go")
-    p.add_argument("--_encode-only", type=int, metavar="THREADS", help=argparse.SUPPRESS)  # child process mode
-    p.add_argument("--_texts", help=argparse.SUPPRESS)
+    p.add_argument("--_job", help=argparse.SUPPRESS)  # child process mode: run one measurement, print it as JSON
     args = p.parse_args(argv)
     for name, value in PRESETS["quick" if args.quick else "full"].items():
         if getattr(args, name) is None:
@@ -107,23 +106,26 @@ def tokenizer_file(args, texts: list[str], work: Path) -> tuple[str, dict]:
     return str(path), {"tokenizer": f"trained, vocab {args.vocab_size}", "tokenizer_train_seconds": round(time.perf_counter() - start, 2)}
 
 
-# -- 1. the ceiling: raw encode, in a fresh process per measurement -------------------------------
-def encode_rate(threads: int, texts_file: Path, tokenizer: str) -> dict:
-    # The Rust thread pool reads RAYON_NUM_THREADS once, at its first use: hence a new process each time.
+# -- 1. the ceiling and 2. prepare: each measurement in a fresh process -----------------------------
+def in_fresh_process(job: dict, work: Path) -> dict:
+    """The Rust thread pool reads RAYON_NUM_THREADS once, at its first use, and a process that has built and
+    dropped tokenizers before encodes measurably slower (~20% after 5 prepare runs): so one process each."""
+    threads = job.get("threads", 1)
     env = {**os.environ, "RAYON_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": str(threads > 1).lower()}
-    command = [sys.executable, __file__, "--_encode-only", str(threads), "--_texts", str(texts_file), "--tokenizer", tokenizer]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    job_file = work / "job.json"
+    job_file.write_text(json.dumps(job))
+    done = subprocess.run([sys.executable, __file__, "--_job", str(job_file)], env=env, capture_output=True, text=True)
     if done.returncode:
-        raise RuntimeError(f"the encode process at {threads} threads failed:\n{done.stderr}")
+        raise RuntimeError(f"the {job['kind']} process failed:\n{done.stderr}")
     return json.loads(done.stdout)
 
 
-def encode_only(args) -> int:
-    """Child mode: time one pass of encode_batch_fast over the texts, print the result as JSON."""
+def encode_rate(job: dict) -> dict:
+    """One pass of encode_batch_fast over the cleaned texts held in memory."""
     from dsllm.tokenizer import load_tokenizer
 
-    texts = json.loads(Path(args._texts).read_text(encoding="utf-8"))
-    tokenizer = load_tokenizer(args.tokenizer)
+    texts = json.loads(Path(job["texts"]).read_text(encoding="utf-8"))
+    tokenizer = load_tokenizer(job["tokenizer"])
     tokenizer.encode_special_tokens = True  # as prepare's workers do
     chunks, characters = [[]], 0
     for text in texts:
@@ -136,20 +138,21 @@ def encode_only(args) -> int:
     tokens = sum(len(e) for chunk in chunks for e in tokenizer.encode_batch_fast(chunk, add_special_tokens=False))
     seconds = time.perf_counter() - start
     text_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
-    print(json.dumps({"threads": args._encode_only, "seconds": round(seconds, 3), "text_bytes": text_bytes, "tokens": tokens,
-                      "mb_per_second": round(text_bytes / 1e6 / seconds, 3), "tokens_per_second": round(tokens / seconds, 1)}))
-    return 0
+    return {"threads": job["threads"], "seconds": round(seconds, 3), "text_bytes": text_bytes, "tokens": tokens,
+            "mb_per_second": round(text_bytes / 1e6 / seconds, 3), "tokens_per_second": round(tokens / seconds, 1)}
 
 
-# -- 2. prepare end to end ---------------------------------------------------------------------------
-def prepare_rate(inputs, tokenizer: str, cleaning, workers: int, output: Path) -> dict:
+def prepare_rate(job: dict) -> dict:
+    """`prepare` end to end; its own report gives the rates (MB/s: input bytes_in / seconds)."""
+    from dsllm.data.cleaning import CleaningConfig
     from dsllm.data.default_corpus import VAL_FRACTION
     from dsllm.data.prepare import PrepareConfig, prepare
 
-    report = prepare(PrepareConfig(inputs=inputs, tokenizer=tokenizer, output=str(output), val_fraction=VAL_FRACTION,
-                                   workers=workers, cleaning=cleaning, overwrite=True, progress=False))["report"]
+    report = prepare(PrepareConfig(inputs=job["inputs"], tokenizer=job["tokenizer"], output=job["output"],
+                                   val_fraction=VAL_FRACTION, workers=job["workers"],
+                                   cleaning=CleaningConfig(**job["cleaning"]), overwrite=True, progress=False))["report"]
     keys = ("seconds", "mb_per_second", "tokens_per_second", "bytes_in", "tokens_out", "documents_read", "documents_kept")
-    return {"workers": workers, **{k: report[k] for k in keys}}
+    return {"workers": job["workers"], **{k: report[k] for k in keys}}
 
 
 def best_of(runs: list[dict]) -> dict:
@@ -224,7 +227,8 @@ def report_markdown(r: dict) -> str:
              f"- hardware: {hw['cpu']}, {hw['cores']} cores, {hw['ram_gib']} GiB RAM" + (f", {hw['gpu']}" if "gpu" in hw else ""),
              f"- corpus: {c['source']} (x{c['repeat']}); {c['documents_encoded']:,} documents encoded, "
              f"{c['text_bytes'] / 1e6:.1f} MB of cleaned text, {c['tokens']:,} tokens; tokenizer: {c['tokenizer']}",
-             f"- each number is the best of {plural(settings['trials'], 'trial')}", "",
+             f"- each number is the best of {plural(settings['trials'], 'trial')}; 1-minute load average "
+             f"{r['load_average_1min']['start']:.2f} at the start, {r['load_average_1min']['end']:.2f} at the end", "",
              "## Tokenization: raw encode ceiling vs prepare", "",
              f"| stage | parallelism | MB/s | tokens/s | seconds | share of raw encode (target >= {TARGET_PREPARE_SHARE}) |",
              "|---|---|---:|---:|---:|---:|"]
@@ -247,12 +251,14 @@ def report_markdown(r: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args._encode_only is not None:
-        return encode_only(args)
+    if args._job:
+        job = json.loads(Path(args._job).read_text())
+        print(json.dumps(encode_rate(job) if job["kind"] == "encode" else prepare_rate(job)))
+        return 0
     from dsllm.data.cleaning import CleaningConfig
     from dsllm.data.default_corpus import CODE_CLEANING
 
-    started = datetime.datetime.now()
+    started, load_at_start = datetime.datetime.now(), os.getloadavg()[0]
     cleaning = CleaningConfig() if args.input else CODE_CLEANING
     parallel = sorted({1, args.workers})
     with tempfile.TemporaryDirectory(prefix="dsllm-bench-") as tmp:
@@ -271,8 +277,10 @@ def main(argv=None) -> int:
         encode_runs, prepare_runs = {n: [] for n in parallel}, {n: [] for n in parallel}
         for _ in range(args.trials):  # interleaved, so that a slow spell of a noisy machine hits both alike
             for n in parallel:
-                encode_runs[n].append(encode_rate(n, texts_file, tokenizer))
-                prepare_runs[n].append(prepare_rate(inputs, tokenizer, cleaning, n, work / f"data-{n}"))
+                encode_runs[n].append(in_fresh_process({"kind": "encode", "threads": n, "texts": str(texts_file),
+                                                        "tokenizer": tokenizer}, work))
+                prepare_runs[n].append(in_fresh_process({"kind": "prepare", "workers": n, "inputs": inputs, "tokenizer": tokenizer,
+                                                         "cleaning": cleaning.describe(), "output": str(work / f"data-{n}")}, work))
         encode, prepared = [best_of(encode_runs[n]) for n in parallel], [best_of(prepare_runs[n]) for n in parallel]
         for p, e in zip(prepared, encode):
             p["share_of_raw_encode"] = round(e["seconds"] / p["seconds"], 3)
@@ -284,7 +292,7 @@ def main(argv=None) -> int:
     corpus.update(text_bytes=encode[0]["text_bytes"], tokens=encode[0]["tokens"])
     result = {"benchmark": "data_pipeline", "date": started.isoformat(timespec="seconds"),
               "command": shlex.join(sys.orig_argv), "git_revision": git_revision(), "versions": versions(),
-              "hardware": hardware(), "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+              "hardware": hardware(), "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]}, "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
               "corpus": corpus, "encode": encode, "prepare": prepared, "loader": loader, "consumption": CONSUMERS,
               "targets": {"prepare_share_of_raw_encode": TARGET_PREPARE_SHARE, "loader_headroom": TARGET_LOADER_HEADROOM}}
     markdown = report_markdown(result)
