@@ -7,7 +7,8 @@
 
 Same model, data, batch and precision everywhere. plain: torch AdamW over trainer.param_groups, the trainer's
 cosine LR, clipping 1.0, fp32 or bf16 autocast. zeroN: preflight() -> init_distributed() -> build_engine() on
-ds_configs/zeroN.json and the trainer's step. Each variant runs in a fresh process (`--_worker VARIANT`).
+ds_configs/zeroN.json and the trainer's step. Each variant runs in a fresh process (`--_worker VARIANT`). With
+--ranks N the plain loop stays ONE process (all cores, or one GPU) with micro batch x N: the same global batch.
 Writes YYYY-MM-DD-throughput-<hardware>.{md,json} (and .png when matplotlib is installed) to --results-dir.
 """
 from __future__ import annotations
@@ -39,8 +40,10 @@ TARGETS = {"zero0": 0.97, "zero1": 0.97, "zero2": 0.90}  # tokens/s as a share o
 QUICK_MODEL = {"n_layers": "2", "d_model": "64", "n_heads": "4", "n_kv_heads": "2", "max_seq_len": "64",
                "mlp_multiple_of": "32"}  # tests/test_pretrain.py SMALL_MODEL
 PRESETS = {  # full / --quick defaults of the options left unset
-    "full": {"seq_len": None, "micro_batch_size": 8, "steps": 30, "warmup_steps": 5, "stages": [0, 1, 2, 3], "repeats": 2},
-    "quick": {"seq_len": 32, "micro_batch_size": 4, "steps": 8, "warmup_steps": 2, "stages": [0, 2], "repeats": 1},
+    "full": {"seq_len": None, "micro_batch_size": 8, "steps": 30, "warmup_steps": 5, "stages": [0, 1, 2, 3], "repeats": 2,
+             "threads": None},
+    "quick": {"seq_len": 32, "micro_batch_size": 4, "steps": 8, "warmup_steps": 2, "stages": [0, 2], "repeats": 1,
+              "threads": 1},  # a 5 ms step on 2 threads is mostly OpenMP hand-offs
 }
 
 
@@ -56,7 +59,8 @@ def parse_args(argv):
         else:
             rest.append(arg)
     p = ArgumentParser(prog="throughput.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="CI smoke run: small model, seq 32, micro 4, 8 steps, ZeRO 0 and 2")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: small model, seq 32, micro 4, 8 steps, 1 thread, "
+                   "ZeRO 0 and 2")
     p.add_argument("--model", default="tiny", help="preset or JSON (default %(default)s); plus --model.FIELD VALUE")
     p.add_argument("--data", help="prepared dataset folder (default: the embedded default corpus)")
     p.add_argument("--seq-len", type=int, help="tokens per sample (default: the model's max_seq_len; quick 32)")
@@ -67,7 +71,7 @@ def parse_args(argv):
     p.add_argument("--stages", type=int, nargs="+", choices=[0, 1, 2, 3], help="ZeRO stages (default 0 1 2 3; quick 0 2)")
     p.add_argument("--offload", action="store_true", help="also zero2_offload and zero3_offload")
     p.add_argument("--ranks", type=int, default=1, help="data-parallel ranks of the ZeRO variants (default 1)")
-    p.add_argument("--threads", type=int, help="CPU: threads per process (default: cores / ranks; plain: all cores)")
+    p.add_argument("--threads", type=int, help="CPU threads per process (default: cores / ranks, plain all cores; quick 1)")
     p.add_argument("--repeats", type=int, help="trials of every variant, interleaved; the best counts (default 2, quick 1)")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: the GPU table; none on CPU)")
     p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"), help="where the .md/.json go")
@@ -328,8 +332,8 @@ def markdown(r: dict) -> str:
         f"a step lasts as long as its slowest rank); best of {s['repeats']} interleaved trial(s). The mean is in the JSON.",
         "x plain: over the plain PyTorch loop (torch AdamW, same param groups, cosine LR, clipping 1.0"
         + (", bf16 autocast" if s["precision"] == "bf16" else "") + ")" + (
-            f"; with {s['ranks']} ranks it runs as ONE process on all cores with micro batch "
-            f"{s['micro_batch_size'] * s['ranks']} (the same global batch), so the ratio compares the whole machine."
+            f"; with {s['ranks']} ranks it runs as ONE process ({'one GPU' if 'gpu' in hw else 'all cores'}) with micro "
+            f"batch {s['micro_batch_size'] * s['ranks']}, the same global batch."
             if s["ranks"] > 1 else "."),
         "x plain, CPU time: global tokens per CPU-second of all the variant's processes (median step; best trial). "
         "Time a process waits descheduled while other work shares the machine is not counted, so this ratio is the "
