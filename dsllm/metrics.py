@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import resource
-import sys
 from pathlib import Path
 
 import torch
@@ -75,6 +74,3 @@ def format_step(step: int, max_steps: int, loss: float, lr: float, tokens_per_se
     return (f"step {step:>6}/{max_steps} | loss {loss:.4f} | lr {lr:.3e} | {tokens_per_second:,.0f} tok/s | "
             f"MFU {mfu_text} | mem {memory:.2f} GiB | ETA {eta}")
 
-
-def stderr(message: str) -> None:
-    sys.stderr.write(message + "\n")

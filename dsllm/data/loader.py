@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -66,6 +65,3 @@ class ResumableLoader:
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
 
-
-def open_split(data_dir: str | os.PathLike, split: str = "train") -> TokenFile:
-    return TokenFile(Path(data_dir) / split)
