@@ -22,6 +22,7 @@ setup(
         "zstandard>=0.22",
         "tqdm>=4.66",
         "safetensors>=0.4",
+        "matplotlib>=3.8",  # benchmark and run-report plots
     ],
     extras_require={
         "mpi": ["mpi4py>=4.0"],

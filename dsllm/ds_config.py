@@ -37,6 +37,7 @@ class RunValues:
     betas: tuple[float, float]
     grad_clip: float
     precision: str  # auto, bf16, fp16, fp32
+    hidden_size: int | None = None  # the model's d_model: sizes ZeRO-3's buckets when they are "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +117,11 @@ def resolve_precision(config: dict, requested: str, supports_bf16: bool, has_gpu
     if explicit and requested not in ("auto", explicit):
         raise DSConfigError(f"--precision {requested} contradicts {where}, which sets {explicit}; "
                             "drop one, or set bf16.enabled / fp16.enabled to \"auto\"")
+    # auto: bf16 on a GPU that has it, else fp16 on a GPU; fp32 on CPU, where bf16 measured 0.62x fp32's tokens/s
+    # even with avx512_bf16 (benchmarks/results/2026-11-21-throughput-*)
     precision = explicit or (requested if requested != "auto" else
-                             "bf16" if supports_bf16 and bf16 == AUTO else "fp16" if has_gpu and fp16 == AUTO else "fp32")
+                             "bf16" if has_gpu and supports_bf16 and bf16 == AUTO else
+                             "fp16" if has_gpu and fp16 == AUTO else "fp32")
     if precision == "fp16" and not has_gpu:
         raise DSConfigError(f"fp16 is not supported on CPU ({where}); use bf16 or fp32 (--precision)")
     if precision == "bf16" and not supports_bf16:
@@ -175,6 +179,12 @@ def _fill_auto(config: dict, run: RunValues, batch: Batch, precision: str) -> No
         fill(params, "cos_min_ratio", run.min_lr_ratio)
         fill(params, "warmup_max_lr", run.lr)
         fill(params, "warmup_min_lr", 0.0)
+    zero = config.get("zero_optimization", {})
+    if run.hidden_size:  # sized to the model as HF Trainer does, instead of DeepSpeed's fixed 5e8-element buckets
+        hidden = run.hidden_size  # (ZeRO-3 allocates its reduce bucket whole: 1.9 GiB in fp32 even for a tiny model)
+        fill(zero, "reduce_bucket_size", hidden * hidden)
+        fill(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden * hidden))
+        fill(zero, "stage3_param_persistence_threshold", 10 * hidden)
 
 
 def _unresolved(value: Any, path: str = "") -> list[str]:

@@ -35,6 +35,25 @@ def memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def live_tensor_gib(device_type: str | None = None) -> float:
+    """GiB of the distinct storages behind every tensor Python still references (a gc walk), on one device
+    type. Called between steps, when no activations are alive, it measures model states: parameters,
+    gradients, optimizer states, and DeepSpeed's flat buffers and partitions, which RSS cannot separate."""
+    import gc
+
+    gc.collect()
+    storages = {}
+    for obj in gc.get_objects():
+        try:
+            if not issubclass(type(obj), torch.Tensor) or obj.is_meta or (device_type and obj.device.type != device_type):
+                continue
+            storage = obj.untyped_storage()
+            storages[(obj.device, storage.data_ptr())] = storage.nbytes()
+        except (RuntimeError, NotImplementedError, ReferenceError):  # sparse, functional or freed wrappers
+            continue
+    return sum(storages.values()) / 2**30
+
+
 def mfu(tokens_per_second: float, flops_per_token: float, peak: float | None, devices: int) -> float | None:
     """Model FLOPs utilisation: achieved training FLOP/s over the peak of all devices."""
     if not peak:

@@ -41,6 +41,7 @@ class TrainConfig:
     sample_tokens: int = 64  # tokens generated from the validation text at the end (0: none)
     peak_tflops: float | None = None  # device peak for MFU; None: from the GPU table
     collective_timeout: float = 600.0  # seconds a collective may wait for a hung rank before the job fails
+    compile: bool = False  # torch.compile the model inside the engine (engine.compile(); inductor on CPU and GPU)
 
     @property
     def warmup(self) -> int:
@@ -75,7 +76,9 @@ def build_parser() -> ArgumentParser:
         flag = "--ds_config" if field.name == "ds_config" else _flag(field.name)
         kind = str(field.type).replace(" | None", "")
         arg_type = {"int": int, "float": float}.get(kind, str)
-        if field.name == "ds_config":
+        if kind == "bool":
+            parser.add_argument(flag, dest=field.name, action="store_true", help=f"(default {field.default})")
+        elif field.name == "ds_config":
             parser.add_argument(flag, "--ds-config", dest="ds_config", required=True, help="DeepSpeed JSON (ds_configs/*.json)")
         else:
             parser.add_argument(flag, dest=field.name, type=arg_type, default=field.default,

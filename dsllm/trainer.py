@@ -112,7 +112,7 @@ def preflight(config: TrainConfig) -> Plan:
     supports_bf16 = torch.cuda.is_bf16_supported() if on_gpu else True
     run = RunValues(config.micro_batch_size, config.grad_accum, config.global_batch_size, config.lr,
                     config.min_lr_ratio, config.warmup, config.max_steps, config.weight_decay,
-                    (config.beta1, config.beta2), config.grad_clip, config.precision)
+                    (config.beta1, config.beta2), config.grad_clip, config.precision, model.d_model)
     ds, batch, precision, stage = resolve_ds_config(ds_raw, run, world_size, config.ds_config, supports_bf16, on_gpu)
     out = Path(config.out)
     resume_from = resolve_resume(config.resume, out)
@@ -256,7 +256,61 @@ def build_engine(plan: Plan, device: torch.device):
                                                lr_scheduler=lr_scheduler, config=plan.ds)
     finally:
         ds_logger.setLevel(level)
+    if config.compile:  # compiled in place: parameter names and checkpoints stay those of the eager model
+        engine.compile()
     return engine
+
+
+def make_loader(plan: Plan, device: torch.device) -> ResumableLoader:
+    """The training batches: worker processes prefetch, pinned memory on GPU so `.to(device, non_blocking=True)`
+    overlaps the copy with compute."""
+    return ResumableLoader(TokenWindows(plan.train, plan.seq_len), plan.batch.micro, plan.config.seed, plan.rank,
+                           plan.world_size, num_workers=plan.config.loader_workers, pin_memory=device.type == "cuda")
+
+
+class TimedBatches:
+    """Wraps the batch iterator and adds up the seconds the step waited for data (logged as data_wait_fraction)."""
+
+    def __init__(self, batches):
+        self.batches, self.seconds = batches, 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        start = time.perf_counter()
+        batch = next(self.batches)
+        self.seconds += time.perf_counter() - start
+        return batch
+
+
+def train_step(plan: Plan, engine, batches, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """One optimizer step (gradient accumulation included): returns (mean loss, still on the device; applied).
+
+    It makes no host sync of its own: DeepSpeed's ZeRO, bf16 and fp16 optimizers already decide, on the
+    host, whether the gradients are finite and skip the update if not, and `was_step_applied()` reads
+    that decision. Only ZeRO-0 in fp32 has no such check: there the loss flag is read before the step.
+    (The benchmark times this very function.)"""
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(plan.batch.accumulation):
+        batch = next(batches).to(device, non_blocking=True)
+        _, loss = engine(batch[:, :-1], batch[:, 1:])
+        engine.backward(loss)
+        loss_sum += loss.detach().float()
+        if micro < plan.batch.accumulation - 1:
+            engine.step()  # DeepSpeed only accumulates here
+    loss_sum /= plan.batch.accumulation
+    if plan.zero_stage == 0 and plan.precision == "fp32":
+        import torch.distributed as dist
+
+        finite = torch.isfinite(loss_sum).to(torch.float32)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # a NaN on any rank reaches every rank's gradients
+        if not finite.item():
+            with _skipped_update(engine.optimizer):
+                engine.step()
+            return loss_sum, False
+    engine.step()
+    return loss_sum, engine.was_step_applied()
 
 
 # -- the run --------------------------------------------------------------------------------------------
@@ -354,8 +408,7 @@ def train(plan: Plan) -> dict:
     if plan.rank == 0:
         write_run_files(plan)
     engine = build_engine(plan, device)
-    loader = ResumableLoader(TokenWindows(plan.train, plan.seq_len), plan.batch.micro, config.seed, plan.rank,
-                             plan.world_size, num_workers=config.loader_workers, pin_memory=device.type == "cuda")
+    loader = make_loader(plan, device)
     step, counters = 0, {"nonfinite_in_a_row": 0, "skipped_steps": 0}
     if plan.universal:
         if plan.rank == 0:
@@ -386,35 +439,23 @@ def train(plan: Plan) -> dict:
         return result
 
     engine.train()
-    batches = iter(loader)
+    batches = TimedBatches(iter(loader))
     window_loss = torch.zeros((), device=device)
     window_steps, window_start, run_start, start_step = 0, time.perf_counter(), time.perf_counter(), step
     window_first_step = step
     last_saved = plan.resume_from
     result = None
     while step < config.max_steps:
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(plan.batch.accumulation):
-            batch = next(batches).to(device, non_blocking=True)
-            _, loss = engine(batch[:, :-1], batch[:, 1:])
-            engine.backward(loss)
-            loss_sum += loss.detach().float()
-            if micro < plan.batch.accumulation - 1:
-                engine.step()
-        finite = torch.isfinite(loss_sum).to(torch.float32)
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        finite = bool(finite.item())
-        if not finite and plan.zero_stage == 0 and plan.precision == "fp32":
-            with _skipped_update(engine.optimizer):
-                engine.step()
-        else:
-            engine.step()  # DeepSpeed's ZeRO/bf16/fp16 optimizers skip a non-finite gradient themselves
+        loss, applied = train_step(plan, engine, batches, device)
         step += 1
-        if finite and engine.was_step_applied():
+        if applied:
             counters["nonfinite_in_a_row"] = 0
-            window_loss += loss_sum / plan.batch.accumulation
+            window_loss += loss
             window_steps += 1
-        else:
+        else:  # rare: only now does the host read the loss (every rank skipped, so every rank is here)
+            finite = torch.isfinite(loss).to(torch.float32)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            finite = bool(finite.item())
             counters["skipped_steps"] += 1
             counters["nonfinite_in_a_row"] = 0 if finite else counters["nonfinite_in_a_row"] + 1
             _log(plan, f"step {step}: {'non-finite loss' if not finite else 'overflow'}, update skipped "
@@ -434,10 +475,12 @@ def train(plan: Plan) -> dict:
             record = {"step": step, "loss": loss_value, "lr": engine.get_lr()[0], "tokens": step * tokens_per_step,
                       "samples": loader.consumed_samples, "tokens_per_second": tokens_per_second,
                       "mfu": mfu(tokens_per_second, flops, peak, plan.world_size), "memory_gib": memory_gib(),
-                      "skipped_steps": counters["skipped_steps"]}
+                      "skipped_steps": counters["skipped_steps"],
+                      "data_wait_fraction": batches.seconds / max(elapsed, 1e-9)}  # > a few %: raise --loader-workers
             log.write(record, format_step(step, config.max_steps, loss_value, record["lr"], tokens_per_second,
                                           record["mfu"], record["memory_gib"], eta))
             window_loss.zero_()
+            batches.seconds = 0.0
             window_steps, window_start, window_first_step = 0, time.perf_counter(), step
         if step % config.eval_interval == 0 or step == config.max_steps:
             result = run_eval(step)

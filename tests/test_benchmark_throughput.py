@@ -1,38 +1,82 @@
-"""benchmarks/throughput.py --quick: the plain loop and ZeRO 0 and 2 through the real trainer path, results
-files with provenance. Timings on a shared CI machine are noise: only their presence and sign are checked."""
+"""benchmarks/throughput.py: the sweep's points and variants, and a --quick run on 1 and 2 ranks through the
+trainer's own step, with results files and provenance. Timings on a shared CI machine are noise: only their
+presence and sign are checked; memory is not timing and is checked against the ZeRO-2 target."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
-def test_quick_throughput_benchmark(tmp_path):
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("throughput_benchmark", ROOT / "benchmarks" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_points_and_variants():
+    bench = load_benchmark()
+    args = bench.parse_args(["--model", "tiny", "gpt2-124m", "--seq-len", "64", "128", "--micro-batch-size", "2",
+                             "--checkpointing", "both", "--ranks", "1", "2", "--stages", "2", "0", "--compile", "both",
+                             "--offload"])
+    points = bench.points(args)
+    assert len(points) == 2 * 2 * 1 * 2 * 2
+    assert {(p["model"], p["seq_len"], p["checkpointing"], p["ranks"]) for p in points} == {
+        (m, t, c, r) for m in ("tiny", "gpt2-124m") for t in (64, 128) for c in (False, True) for r in (1, 2)}
+    assert bench.variants(args) == ["plain", "plain+compile", "zero0", "zero0+compile", "zero2", "zero2+compile",
+                                    "zero2_offload", "zero2_offload+compile", "zero3_offload", "zero3_offload+compile"]
+    args = bench.parse_args(["--quick", "--no-plain", "--compile", "on"])
+    assert bench.variants(args) == ["zero0+compile", "zero2+compile"]
+    assert args.seq_len == [32] and args.model_overrides == bench.QUICK_MODEL
+
+
+@pytest.mark.parametrize("argv, message", [(["--seq-len", "0"], "--seq-len 0: must be 1 or more"),
+                                           (["--tag", "a b"], "--tag 'a b': use letters"),
+                                           (["--checkpointing", "maybe"], "--checkpointing: invalid choice")])
+def test_bad_options_are_one_line_errors(argv, message):
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", *argv], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_quick_throughput_benchmark_on_one_and_two_ranks(tmp_path):
     cache = os.environ.get("TORCH_EXTENSIONS_DIR") or str(ROOT / ".cache" / "torch_extensions")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": cache}
-    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--results-dir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--ranks", "1", "2", "--precision",
+                           "bf16", "--tag", "smoke", "--results-dir", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    [json_file] = tmp_path.glob("*-throughput-*.json")
-    [md_file] = tmp_path.glob("*-throughput-*.md")
-    assert md_file.stem == json_file.stem
+    [json_file] = tmp_path.glob("*-throughput-*-smoke.json")
+    md_file, png_file = json_file.with_suffix(".md"), json_file.with_suffix(".png")
+    assert md_file.is_file() and png_file.read_bytes()[:4] == b"\x89PNG"
     result = json.loads(json_file.read_text())
-    rows = {row["variant"]: row for row in result["rows"]}
-    assert sorted(rows) == ["plain", "zero0", "zero2"]
-    for name, row in rows.items():
+    rows = {(row["ranks"], row["variant"]): row for row in result["rows"]}
+    assert sorted(rows) == [(r, v) for r in (1, 2) for v in ("plain", "zero0", "zero2")]
+    for (ranks, name), row in rows.items():
         assert "error" not in row, row
-        assert row["tokens_per_second"] > 0 and row["ratio_to_plain"] > 0, row
-        assert row["peak_memory_gib"] > 0 and len(row["tokens_per_second_per_rank"]) == 1
-    assert rows["plain"]["ratio_to_plain"] == 1.0
-    assert rows["zero0"]["zero_stage"] == 0 and rows["zero2"]["zero_stage"] == 2
-    assert rows["zero2"]["optimizer"].startswith("DeepSpeedZeroOptimizer")  # the engine really ran ZeRO-2
-    assert rows["zero2"]["ds_estimate"]["device_gib"] > 0
+        assert row["tokens_per_second"] > 0 and row["ratio_to_plain"] > 0 and row["model_state_gib"] > 0, row
+        assert row["peak_memory_gib"] > 0 and row["precision"] == "bf16"
+        world = 1 if name == "plain" else ranks
+        assert row["world_size"] == world and len(row["tokens_per_second_per_rank"]) == world
+        assert row["global_batch"] == 4 * ranks  # plain runs one process with micro batch x ranks
+    assert rows[(1, "plain")]["ratio_to_plain"] == 1.0 and rows[(2, "plain")]["micro_batch"] == 8
+    assert rows[(2, "zero2")]["zero_stage"] == 2
+    assert rows[(2, "zero2")]["optimizer"].startswith("DeepSpeedZeroOptimizer")  # the engine really ran ZeRO-2
+    assert rows[(2, "zero2")]["ds_estimate"]["device_gib"] > 0
+    scaling = {m["variant"]: m for m in result["memory_scaling"]}
+    assert sorted(scaling) == ["zero0", "zero2"]
+    assert 0.95 < scaling["zero0"]["ratio"] < 1.05  # ZeRO-0 keeps everything on every rank
+    assert scaling["zero2"]["ratio"] <= 0.6 and scaling["zero2"]["meets_target"] is True  # the issue's target
     revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert result["git_revision"].startswith(revision)
     markdown = md_file.read_text()
     assert f"git revision: `{result['git_revision']}`" in markdown
     assert "benchmarks/throughput.py --quick" in markdown and result["versions"]["deepspeed"] in markdown
-    for name in rows:
-        assert f"| {name} | 1 |" in markdown
+    for (ranks, name) in rows:
+        assert f"x{ranks} | {name} | {1 if name == 'plain' else ranks} |" in markdown
+    assert "| zero2 | 2 |" in markdown.split("Model-state memory per rank")[1]
     assert "| plain |" in proc.stdout  # the table on stdout

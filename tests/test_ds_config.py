@@ -9,7 +9,8 @@ from dsllm.ds_config import DSConfigError, RunValues, resolve_batch, resolve_ds_
 from dsllm.errors import UserError
 
 RUN = RunValues(micro_batch_size=None, grad_accum=None, global_batch_size=None, lr=6e-4, min_lr_ratio=0.1,
-                warmup_steps=10, max_steps=100, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0, precision="auto")
+                warmup_steps=10, max_steps=100, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0, precision="auto",
+                hidden_size=768)
 
 
 def load(name):
@@ -18,7 +19,7 @@ def load(name):
 
 def test_every_shipped_config_resolves_completely():
     for path in sorted((ROOT / "ds_configs").glob("*.json")):
-        config, batch, precision, stage = resolve_ds_config(load(path.name), RUN, 2, path.name, True, False)
+        config, batch, precision, stage = resolve_ds_config(load(path.name), RUN, 2, path.name, True, True)
         assert "auto" not in json.dumps(config), path.name
         assert config["train_batch_size"] == 16 and batch.micro == 8 and precision == "bf16"
         assert config["optimizer"]["params"]["lr"] == 6e-4 and config["optimizer"]["params"]["betas"] == [0.9, 0.95]
@@ -27,6 +28,18 @@ def test_every_shipped_config_resolves_completely():
         assert config["scheduler"]["params"]["cos_min_ratio"] == 0.1
         assert config["gradient_clipping"] == 1.0 and config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
         assert stage == config["zero_optimization"]["stage"]
+        if stage == 3:  # buckets sized to the model (d_model 768), not DeepSpeed's fixed 5e8 elements
+            zero = config["zero_optimization"]
+            assert zero["reduce_bucket_size"] == 768 * 768 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 768 * 768)
+            assert zero["stage3_param_persistence_threshold"] == 7680
+
+
+def test_auto_precision_is_fp32_on_cpu_and_bf16_on_request():
+    config, _, precision, _ = resolve_ds_config(load("zero2.json"), RUN, 2, "zero2.json", True, False)
+    assert precision == "fp32" and config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
+    run = RunValues(**{**RUN.__dict__, "precision": "bf16"})
+    config, _, precision, _ = resolve_ds_config(load("zero2.json"), run, 2, "zero2.json", True, False)
+    assert precision == "bf16" and config["bf16"]["enabled"] is True
 
 
 def test_fp16_on_a_gpu_without_bf16_keeps_loss_scaling():

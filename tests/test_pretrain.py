@@ -62,13 +62,16 @@ def train_records(out):
 @pytest.mark.parametrize("ds", CONFIGS)
 def test_every_config_trains(dataset_dir, tmp_path, ds, ranks):
     out = tmp_path / "run"
+    precision = "bf16" if ranks == 2 else "fp32"  # auto is fp32 on CPU: both precisions on every config
     proc = pretrain(dataset_dir, out, "--max-steps", 12, "--micro-batch-size", 4, "--eval-interval", 6,
-                    "--save-interval", 6, ranks=ranks, ds=ds)
+                    "--save-interval", 6, "--precision", precision, ranks=ranks, ds=ds)
     records = train_records(out)
     assert sorted(records) == list(range(1, 13))
+    assert all(0 <= r["data_wait_fraction"] < 1 for r in records.values())
     first, last = records[1]["loss"], sum(records[s]["loss"] for s in (10, 11, 12)) / 3
     assert last < first - 0.5, (first, last)
-    assert f"on {ranks} rank(s), ZeRO-{json.loads((ROOT / 'ds_configs' / ds).read_text())['zero_optimization']['stage']}" in proc.stdout
+    stage = json.loads((ROOT / 'ds_configs' / ds).read_text())['zero_optimization']['stage']
+    assert f"on {ranks} rank(s), ZeRO-{stage}, {precision}," in proc.stdout
     assert "final validation loss" in proc.stdout and "sample:" in proc.stdout
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
     assert [e["step"] for e in evals] == [6, 12] and evals[1]["val_loss"] < evals[0]["val_loss"]
@@ -95,6 +98,24 @@ def test_two_ranks_zero2_equal_one_rank_zero0(dataset_dir, tmp_path):
              ds="zero1.json")
     c = train_records(acc)
     assert all(c[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5) for s in range(1, 9))
+
+
+def test_compile_trains_like_eager_and_saves_eager_names(dataset_dir, tmp_path):
+    """--compile: engine.compile() (inductor on CPU) gives the eager losses to float tolerance, and the
+    checkpoint and final weights carry the eager parameter names (no `_orig_mod.`): they load uncompiled."""
+    from safetensors import safe_open
+
+    runs = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        pretrain(dataset_dir, tmp_path / name, "--max-steps", 4, "--save-interval", 4, "--precision", "fp32",
+                 *extra, ds="zero2.json")
+        runs[name] = train_records(tmp_path / name)
+        with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as weights:
+            runs[name + "_keys"] = sorted(weights.keys())
+    assert all(runs["compiled"][s]["loss"] == pytest.approx(runs["eager"][s]["loss"], rel=1e-4) for s in range(1, 5))
+    assert runs["compiled_keys"] == runs["eager_keys"] and not any("_orig_mod" in k for k in runs["compiled_keys"])
+    config = json.loads((tmp_path / "compiled" / "config.json").read_text())
+    assert config["train"]["compile"] is True
 
 
 def run_until_killed(cmd, out, kill_after_step, **popen):

@@ -1,0 +1,64 @@
+"""dsllm.trainer.train_step, the step the training loop and the throughput benchmark share: it makes no host
+sync of its own (no .item() / .tolist() / .cpu() per step) except on ZeRO-0 fp32, the one configuration where
+DeepSpeed has no non-finite check and the loop must read the loss flag before stepping."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from test_pretrain import SMALL_MODEL, env
+
+SCRIPT = r"""
+import json, sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+import dsllm
+from dsllm.train_config import TrainConfig
+from dsllm.trainer import build_engine, init_distributed, make_loader, preflight, train_step
+
+ds, data, out, precision, *model = sys.argv[1:]
+overrides = dict(zip(model[2::2], model[3::2]))  # after "--model tiny": --model.FIELD VALUE pairs
+overrides = {k.removeprefix("--model."): v for k, v in overrides.items()}
+config = TrainConfig(ds_config=ds, data=data, out=out, model="tiny", model_overrides=overrides, seq_len=32,
+                     micro_batch_size=2, grad_accum=2, max_steps=10, resume="none", loader_workers=0, precision=precision)
+plan = preflight(config)
+device = init_distributed(plan)
+engine = build_engine(plan, device)
+batches = iter(make_loader(plan, device))
+train_step(plan, engine, batches, device)  # the first step builds DeepSpeed's lazy buffers
+package, syncs = str(Path(dsllm.__file__).parent), []
+SYNCING = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "synchronize"}
+
+def profile(frame, event, arg):
+    if event == "c_call" and getattr(arg, "__name__", "") in SYNCING and frame.f_code.co_filename.startswith(package):
+        syncs.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} {arg.__name__}")
+
+losses = []
+sys.setprofile(profile)
+for _ in range(3):
+    loss, applied = train_step(plan, engine, batches, device)
+    losses.append((loss, applied))
+sys.setprofile(None)
+print("RESULT " + json.dumps({"syncs": syncs, "applied": [a for _, a in losses],
+                              "losses": [float(l) for l, _ in losses], "on_device": str(losses[0][0].device)}))
+engine.destroy()
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("ds, precision, expected_syncs", [("zero2.json", "fp32", 0), ("zero0.json", "bf16", 0),
+                                                           ("zero3.json", "fp32", 0), ("zero0.json", "fp32", 3)])
+def test_train_step_makes_no_host_sync_of_its_own(tmp_path, dataset_dir, ds, precision, expected_syncs):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "ds_configs" / ds), str(dataset_dir),
+                           str(tmp_path / "run"), precision, *SMALL_MODEL], cwd=ROOT, env=env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["applied"] == [True, True, True] and all(0 < loss < 20 for loss in result["losses"])
+    assert len(result["syncs"]) == expected_syncs, result["syncs"]
+    # ZeRO-0 fp32: exactly one read per optimizer step (not per micro batch), the finite flag before engine.step()
+    assert all(s.startswith("trainer.py:") and s.endswith(" item") for s in result["syncs"])
