@@ -4,7 +4,8 @@ import sys
 
 from dsllm.errors import USER_ERROR_EXIT, run_cli
 
-COMMANDS = {"export": "dsllm.export", "consolidate": "dsllm.consolidate"}
+COMMANDS = {"evaluate": "dsllm.evaluation", "generate": "dsllm.generate", "export": "dsllm.export",
+            "consolidate": "dsllm.consolidate", "plan": "dsllm.plan"}
 
 
 def main() -> int:

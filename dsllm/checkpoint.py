@@ -54,7 +54,8 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter is not for the user
+    # its progress chatter is not for the user (and `evaluate`'s stdout is one JSON object)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
 
 
@@ -87,6 +88,19 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") 
         raise UserError(f"{path}: weights do not fit {config_path} (missing {sorted(missing)[:3]}, unexpected "
                         f"{sorted(unexpected)[:3]}); they come from another model")
     return model.to(device)
+
+
+def pick_device(name: str) -> torch.device:
+    """`--device`: auto (cuda when there is one, else cpu), cpu, cuda or cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device here; use --device cpu")
+    return device
 
 
 # -- training checkpoints: DeepSpeed's layout plus our state ---------------------------------------------

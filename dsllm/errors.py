@@ -20,6 +20,17 @@ class ArgumentParser(argparse.ArgumentParser):
         sys.exit(USER_ERROR_EXIT)
 
 
+def positive(text: str) -> int:
+    """argparse type: a whole number of 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run `main(argv)`; a UserError becomes one line on stderr and exit 2. Tracebacks are for bugs."""
     try:

@@ -1,7 +1,12 @@
-"""Validation: loss, perplexity and bits per byte over a fixed, deterministic set of windows."""
+"""Validation: loss, perplexity and bits per byte over a fixed, deterministic set of windows (the trainer's
+evaluation, and `python -m dsllm evaluate` on one process), and multiple-choice accuracy by log-likelihood."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -9,7 +14,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from dsllm.data.format import TokenFile
 from dsllm.data.loader import TokenWindows
+from dsllm.errors import UserError
+from dsllm.jsonl import read_jsonl
+from dsllm.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer, tokenizer_hash
 
 
 def eval_indices(windows: TokenWindows, count: int) -> list[int]:
@@ -54,3 +63,149 @@ def evaluate(model, windows: TokenWindows, indices: list[int], micro_batch: int,
     loss = nll / tokens
     return {"val_loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
             "tokens": int(tokens)}
+
+
+# -- multiple choice (HellaSwag-style): which continuation does the model find most likely -----------------
+@dataclasses.dataclass
+class ChoiceExample:
+    context: str
+    choices: list[str]
+    label: int
+    where: str  # FILE:LINE, for errors
+
+
+def read_choices(path: str | os.PathLike) -> list[ChoiceExample]:
+    """`{"context": str, "choices": [str, ...], "label": int}` a line; any other shape is a UserError at FILE:LINE."""
+    shape = 'each line needs {"context": str, "choices": [str, str, ...], "label": index of the right choice}'
+    examples = []
+    for where, record in read_jsonl(path, "--choices"):
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: a JSON {type(record).__name__}, not an object; {shape}")
+        context, choices, label = record.get("context"), record.get("choices"), record.get("label")
+        if not isinstance(context, str):
+            raise UserError(f"{where}: 'context' is {_kind(context)}, not text; {shape}")
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise UserError(f"{where}: 'choices' must be a list of at least two non-empty strings; {shape}")
+        if type(label) is not int or not 0 <= label < len(choices):
+            raise UserError(f"{where}: 'label' is {label!r}; it must be an index into 'choices' (0..{len(choices) - 1})")
+        examples.append(ChoiceExample(context, choices, label, where))
+    if not examples:
+        raise UserError(f"--choices {path}: no examples in the file; {shape}")
+    return examples
+
+
+def _kind(value) -> str:
+    return "missing" if value is None else type(value).__name__
+
+
+@torch.no_grad()
+def choice_log_likelihoods(model, context: list[int], choices: list[list[int]], device) -> list[float]:
+    """Sum of log p(choice tokens | context) for each choice, in one right-padded batch (padding comes after
+    every scored position, so the causal mask keeps it out). The context is cut from the left to fit."""
+    keep = model.config.max_seq_len + 1 - max(map(len, choices))
+    context = context[-keep:] if keep > 0 else []
+    if not context:
+        raise ValueError("a choice is longer than the model's context")
+    rows = [context + choice for choice in choices]
+    idx = torch.zeros(len(rows), max(map(len, rows)) - 1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        idx[r, :len(row) - 1] = torch.tensor(row[:-1])
+    logits, _ = model(idx.to(device))
+    log_probs = logits.float().log_softmax(-1).cpu()
+    scores = []
+    for r, choice in enumerate(choices):
+        first = len(context) - 1  # the position whose output predicts the choice's first token
+        scores.append(log_probs[r, first:first + len(choice)].gather(-1, torch.tensor(choice)[:, None]).sum().item())
+    return scores
+
+
+def score_choices(model, tokenizer: Tokenizer, examples: list[ChoiceExample], device) -> dict:
+    """Accuracy by the summed log-likelihood of each choice, and by it per character of the choice (as
+    lm-evaluation-harness's acc_norm). A context starts a document: it follows <|endoftext|>, as in training.
+    Context and choice are tokenized apart, so a choice that continues a sentence should start with a space."""
+    start = [eot_id(tokenizer)]
+    correct = correct_norm = 0
+    for example in examples:
+        choices = [tokenizer.encode(c).ids for c in example.choices]
+        if max(map(len, choices)) > model.config.max_seq_len:
+            raise UserError(f"{example.where}: a choice is longer than the model's context "
+                            f"(model.max_seq_len = {model.config.max_seq_len} tokens); shorten it")
+        scores = choice_log_likelihoods(model, start + tokenizer.encode(example.context).ids, choices, device)
+        per_char = [s / len(c) for s, c in zip(scores, example.choices)]
+        correct += max(range(len(scores)), key=scores.__getitem__) == example.label
+        correct_norm += max(range(len(per_char)), key=per_char.__getitem__) == example.label
+    return {"choice_accuracy": correct / len(examples), "choice_accuracy_norm": correct_norm / len(examples),
+            "choice_examples": len(examples)}
+
+
+# -- `python -m dsllm evaluate` ------------------------------------------------------------------------------
+def open_split(data: Path, split: str, tokenizer: Tokenizer, tokenizer_file: Path) -> TokenFile:
+    """The split's token file, refused when it was made with another tokenizer than the model's."""
+    if not data.is_dir():
+        raise UserError(f"--data {data}: no such folder; pass a dataset made by data_pipeline/prepare.py")
+    if not (data / f"{split}.idx").is_file():
+        raise UserError(f"--data {data}: no {split} split ({split}.idx); pass a folder made by "
+                        "data_pipeline/prepare.py and --split train or val")
+    tokens = TokenFile(data / split)
+    if tokens.header.tokenizer_hash != tokenizer_hash(tokenizer):
+        raise UserError(f"--data {data}: made with another tokenizer (hash {tokens.header.tokenizer_hash.hex()[:16]}) "
+                        f"than the model's {tokenizer_file} ({tokenizer_hash(tokenizer).hex()[:16]}); prepare the "
+                        f"data with data_pipeline/prepare.py --tokenizer {tokenizer_file}")
+    return tokens
+
+
+def run_seq_len(config_file: Path) -> int | None:
+    """The sequence length the run trained with (config.json's run.seq_len); None for a plain model folder."""
+    return (json.loads(config_file.read_text()).get("run") or {}).get("seq_len")
+
+
+def main(argv=None) -> int:
+    """`python -m dsllm evaluate --checkpoint RUN_DIR --data DIR [--split val] [--choices FILE.jsonl]`."""
+    from dsllm.checkpoint import WEIGHTS_FILE, load_model_dir, pick_device, resolve_model_source
+    from dsllm.errors import ArgumentParser, positive
+
+    parser = ArgumentParser(prog="python -m dsllm evaluate", description="Validation loss, perplexity and bits per "
+                            "byte of a model on a token dataset (and multiple-choice accuracy), as one JSON object.")
+    parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
+                        help="run folder, checkpoints/stepNNNNNNNN folder (any ZeRO stage and world size), or model folder")
+    parser.add_argument("--data", metavar="DIR", help="dataset made by data_pipeline/prepare.py with the run's tokenizer")
+    parser.add_argument("--split", default="val", help="which split of --data (default %(default)s)")
+    parser.add_argument("--max-windows", type=positive, metavar="N",
+                        help="N windows spread evenly over the split, as the trainer's --eval-windows (default: all)")
+    parser.add_argument("--batch-size", type=positive, default=8, metavar="B",
+                        help="windows per forward pass (default %(default)s)")
+    parser.add_argument("--seq-len", type=positive, metavar="T",
+                        help="window length (default: the run's training --seq-len, else model.max_seq_len)")
+    parser.add_argument("--choices", metavar="FILE.jsonl",
+                        help='multiple choice: {"context": str, "choices": [str, ...], "label": int} a line')
+    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    args = parser.parse_args(argv)
+    if args.data is None and args.choices is None:
+        parser.error("nothing to evaluate; pass --data DIR, --choices FILE.jsonl, or both")
+
+    config_file, checkpoint, home = resolve_model_source(args.checkpoint)
+    tokenizer_file = home / TOKENIZER_FILE
+    if not tokenizer_file.is_file():
+        raise UserError(f"{home}: no {TOKENIZER_FILE} next to the model; copy in the tokenizer it was trained with")
+    tokenizer = load_tokenizer(tokenizer_file)
+    tokens = open_split(Path(args.data), args.split, tokenizer, tokenizer_file) if args.data else None
+    examples = read_choices(args.choices) if args.choices else None
+    device = pick_device(args.device)
+    model = load_model_dir(args.checkpoint, device).eval()
+    result: dict = {"checkpoint": str(checkpoint or home / WEIGHTS_FILE)}
+    if tokens is not None:
+        seq_len = args.seq_len or run_seq_len(config_file) or model.config.max_seq_len
+        model.config.check_seq_len(seq_len)
+        windows = TokenWindows(tokens, seq_len)
+        if len(windows) == 0:
+            raise UserError(f"--data {args.data}: the {args.split} split has {tokens.num_tokens} tokens, not one window "
+                            f"of {seq_len + 1}; pass a shorter --seq-len")
+        indices = eval_indices(windows, args.max_windows or len(windows))
+        scores = evaluate(model, windows, indices, args.batch_size, device, token_byte_lengths(tokenizer))
+        result.update({"data": str(args.data), "split": args.split, "seq_len": seq_len, "windows": len(indices),
+                       "windows_in_split": len(windows), "tokens": scores["tokens"], "loss": scores["val_loss"],
+                       "perplexity": scores["perplexity"], "bits_per_byte": scores["bits_per_byte"]})
+    if examples is not None:
+        result.update({"choices": str(args.choices), **score_choices(model, tokenizer, examples, device)})
+    print(json.dumps(result))
+    return 0

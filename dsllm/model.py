@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -190,19 +191,22 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-                 seed: int | None = None, use_cache: bool = True, vocab_size: int | None = None) -> list[list[int]]:
+                 seed: int | None = None, use_cache: bool = True, vocab_size: int | None = None,
+                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
         """New tokens for each prompt (a batch of different lengths is left-padded). Temperature 0 is
         greedy; a row stops after `eos_id` (which is included). Seeded sampling is reproducible.
-        `vocab_size`: the tokenizer's, when the embedding is padded beyond it (padding ids never come out)."""
+        `vocab_size`: the tokenizer's, when the embedding is padded beyond it (padding ids never come out).
+        `on_token(row, token)` is called as each token comes out, for streaming."""
         was_training = self.training
         self.eval()
         try:
             return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed, use_cache,
-                                  vocab_size)
+                                  vocab_size, on_token)
         finally:
             self.train(was_training)
 
-    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed, use_cache, vocab_size):
+    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed, use_cache, vocab_size,
+                  on_token):
         device = self.lm_head.weight.device
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -243,6 +247,8 @@ class GPT(nn.Module):
             for row in range(B):
                 if not done[row]:
                     out[row].append(int(next_token[row]))
+                    if on_token is not None:
+                        on_token(row, out[row][-1])
             if eos_id is not None:
                 done |= next_token == eos_id
                 if done.all():
