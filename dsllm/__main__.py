@@ -5,7 +5,8 @@ import sys
 from dsllm.errors import USER_ERROR_EXIT, run_cli
 
 COMMANDS = {"evaluate": "dsllm.evaluation", "generate": "dsllm.generate", "export": "dsllm.export",
-            "consolidate": "dsllm.consolidate", "plan": "dsllm.plan"}
+            "consolidate": "dsllm.consolidate", "plan": "dsllm.plan",
+            "report": "dsllm.report"}
 
 
 def main() -> int:

@@ -99,6 +99,8 @@ def main(argv=None) -> int:
                         "whose probability reaches P (0 < P <= 1)")
     parser.add_argument("--seed", type=int, metavar="S", help="the same seed gives the same text (default: random, "
                         "printed on stderr)")
+    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template of "
+                        "launch/finetune.py (for fine-tuned models)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     args = parser.parse_args(argv)
     if args.temperature < 0:
@@ -115,7 +117,12 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     model = load_model_dir(args.checkpoint, device)
     context_len = model.config.max_seq_len
-    contexts = [[eos] + tokenizer.encode(prompt).ids for prompt in prompts]
+    if args.chat:  # the fine-tuning template, tokenized piece by piece as in training
+        from dsllm.finetune import context_ids
+
+        contexts = [context_ids([{"role": "user", "content": prompt}], tokenizer, eos) for prompt in prompts]
+    else:
+        contexts = [[eos] + tokenizer.encode(prompt).ids for prompt in prompts]
     budgets = []
     for i, context in enumerate(contexts, 1):
         room = context_len - len(context)
@@ -140,7 +147,7 @@ def main(argv=None) -> int:
     for i, (prompt, context, budget) in enumerate(zip(prompts, contexts, budgets), 1):
         if len(prompts) > 1:
             write(("\n" if i > 1 else "") + f"=== prompt {i}/{len(prompts)} ===\n")
-        write(prompt)
+        write(f"user: {prompt}\nassistant: " if args.chat else prompt)
         stream = TextStream(tokenizer, write)
         model.generate([context], budget, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        eos_id=eos, seed=seed, vocab_size=vocab_size, on_token=lambda _, token: stream.add(token))

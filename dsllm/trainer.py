@@ -108,12 +108,7 @@ def preflight(config: TrainConfig) -> Plan:
         if split.num_tokens <= seq_len:
             raise UserError(f"--data {data_dir}: the {name} split has {split.num_tokens} tokens, not one window of "
                             f"{seq_len + 1}; use a shorter --seq-len or more data")
-    on_gpu = torch.cuda.is_available()
-    supports_bf16 = torch.cuda.is_bf16_supported() if on_gpu else True
-    run = RunValues(config.micro_batch_size, config.grad_accum, config.global_batch_size, config.lr,
-                    config.min_lr_ratio, config.warmup, config.max_steps, config.weight_decay,
-                    (config.beta1, config.beta2), config.grad_clip, config.precision, model.d_model)
-    ds, batch, precision, stage = resolve_ds_config(ds_raw, run, world_size, config.ds_config, supports_bf16, on_gpu)
+    ds, batch, precision, stage = deepspeed_config(config, ds_raw, model, world_size)
     out = Path(config.out)
     resume_from = resolve_resume(config.resume, out)
     universal = resume_from is not None and _needs_universal(resume_from, model, world_size, stage, precision)
@@ -121,6 +116,16 @@ def preflight(config: TrainConfig) -> Plan:
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     return Plan(config, rank, local_rank, world_size, data_dir, train, val, model, seq_len, ds, batch, precision,
                 stage, resume_from, universal)
+
+
+def deepspeed_config(config: TrainConfig, ds_raw: dict, model: ModelConfig, world_size: int):
+    """(the DeepSpeed JSON with its "auto" fields filled, batch, precision, ZeRO stage) for this hardware."""
+    on_gpu = torch.cuda.is_available()
+    supports_bf16 = torch.cuda.is_bf16_supported() if on_gpu else True
+    run = RunValues(config.micro_batch_size, config.grad_accum, config.global_batch_size, config.lr,
+                    config.min_lr_ratio, config.warmup, config.max_steps, config.weight_decay,
+                    (config.beta1, config.beta2), config.grad_clip, config.precision, model.d_model)
+    return resolve_ds_config(ds_raw, run, world_size, config.ds_config, supports_bf16, on_gpu)
 
 
 def _needs_universal(checkpoint: Path, model: ModelConfig, world_size: int, stage: int, precision: str) -> bool:
@@ -194,7 +199,22 @@ def init_distributed(plan: Plan) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(plan.local_rank)
         return torch.device("cuda", plan.local_rank)
+    _unlink_shm_buffer()
     return torch.device("cpu")
+
+
+def _unlink_shm_buffer() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce (all ranks on one host) creates a 69 MB /dev/shm file per rank and
+    never removes it: every run leaked rank x 69 MB of RAM until /dev/shm filled and the OOM killer came. Once
+    every rank has mapped every buffer (init_distributed returned on all of them), the names can go: the
+    mappings stay valid until the processes exit, and then the memory is freed."""
+    import torch.distributed as dist
+
+    name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    if os.environ.get("LOCAL_SIZE") == str(dist.get_world_size()):  # DeepSpeed's own condition: the same on every rank
+        dist.barrier()
+        name.unlink(missing_ok=True)
 
 
 def param_groups(model: GPT, weight_decay: float) -> list[dict]:
@@ -235,12 +255,13 @@ def _skipped_update(optimizer):
             del optimizer.overflow
 
 
-def build_engine(plan: Plan, device: torch.device):
+def build_engine(plan: Plan, device: torch.device, model: GPT | None = None):
+    """The DeepSpeed engine around a new model (seeded), or around `model` (fine-tuning starts from weights)."""
     import deepspeed
 
     config = plan.config
     torch.manual_seed(config.seed)
-    model = GPT(plan.model)
+    model = GPT(plan.model) if model is None else model
     groups = param_groups(model, config.weight_decay)
     optimizer = lr_scheduler = None
     if "optimizer" not in plan.ds:
@@ -293,8 +314,12 @@ def train_step(plan: Plan, engine, batches, device: torch.device) -> tuple[torch
     (The benchmark times this very function.)"""
     loss_sum = torch.zeros((), device=device)
     for micro in range(plan.batch.accumulation):
-        batch = next(batches).to(device, non_blocking=True)
-        _, loss = engine(batch[:, :-1], batch[:, 1:])
+        batch = next(batches)
+        if isinstance(batch, dict):  # fine-tuning: idx, targets, positions, mask (packed examples)
+            _, loss = engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
+        else:  # pretraining: windows of seq_len + 1 tokens
+            batch = batch.to(device, non_blocking=True)
+            _, loss = engine(batch[:, :-1], batch[:, 1:])
         engine.backward(loss)
         loss_sum += loss.detach().float()
         if micro < plan.batch.accumulation - 1:

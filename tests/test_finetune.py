@@ -1,0 +1,134 @@
+"""launch/finetune.py: supervised fine-tuning of a pretrained run under the DeepSpeed launcher. Packing keeps
+attention inside each example, the loss counts reply tokens only, and a task the pretrained model cannot do
+(reversing short strings) goes from no exact matches to most of them."""
+import dataclasses
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, assert_user_error
+from test_pretrain import SMALL_MODEL, VENV_BIN, env, free_port, pretrain
+
+
+def reversal_task(path, count, seed=0):
+    rng, seen = random.Random(seed), set()
+    with open(path, "w") as f:
+        while len(seen) < count:
+            letters = " ".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 5)))
+            if letters not in seen:
+                seen.add(letters)
+                f.write(json.dumps({"prompt": "reverse: " + letters, "response": " ".join(letters.split()[::-1])}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A briefly pretrained small model on the embedded corpus, whose 1000-token vocabulary keeps " a" … " h" one
+    token each (the tests' 300-token one is nearly character-level, and reversal then needs far more steps)."""
+    from dsllm.data.default_corpus import build_default_dataset
+
+    data = build_default_dataset(max_bytes=300_000, vocab_size=1000, log=lambda message: None)
+    out = tmp_path_factory.mktemp("sft") / "base"
+    pretrain(data, out, "--max-steps", 20, "--seq-len", 64, "--precision", "fp32", "--sample-tokens", 0, ds="zero0.json")
+    return out
+
+
+def finetune(init, data, out, *args, ranks=1, ds="zero2.json", expect=0):
+    script = ["launch/finetune.py", "--ds_config", f"ds_configs/{ds}", "--init", str(init), "--data", str(data),
+              "--out", str(out), "--precision", "fp32", *map(str, args)]
+    cmd = [sys.executable, *script] if ranks == 1 else [
+        str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), *script]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    if expect is not None:
+        assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_reversal_is_learned_only_by_fine_tuning(tmp_path, pretrained):
+    data = reversal_task(tmp_path / "reverse.jsonl", 2000)
+    out = tmp_path / "sft"
+    proc = finetune(pretrained, data, out, "--max-steps", 1000, "--lr", "1e-2", "--warmup-steps", 30,
+                    "--micro-batch-size", 16, "--log-interval", 100, "--eval-examples", 100)
+    summary = json.loads((out / "finetune.json").read_text())
+    # measured: 0.00 before; 1.00 after on seeds 1234, 7 and 11 (0.4-0.9 after 500-600 steps: a phase change)
+    assert summary["before"]["exact_match"] <= 0.05 and summary["after"]["exact_match"] >= 0.8, summary
+    assert summary["after"]["val_loss"] < summary["before"]["val_loss"] / 4
+    assert summary["train_examples"] == 1900 and summary["val_examples"] == 100 and summary["truncated"] == 0
+    assert "before: val loss" in proc.stdout and "after: val loss" in proc.stdout
+    # the result is a model folder the other commands take; generate --chat wraps prompts in the same template
+    answer = subprocess.run([sys.executable, "-m", "dsllm", "generate", "--checkpoint", str(out), "--chat", "--prompt",
+                             "reverse: a b c d", "--temperature", "0"], cwd=ROOT, env=env(), capture_output=True,
+                            text=True, timeout=300)
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout == "user: reverse: a b c d\nassistant: d c b a\n"
+
+
+def test_two_ranks_zero3_from_a_pretrained_run(tmp_path, pretrained):
+    data = reversal_task(tmp_path / "reverse.jsonl", 200)
+    out = tmp_path / "sft"
+    proc = finetune(pretrained, data, out, "--max-steps", 20, "--lr", "3e-3", "--micro-batch-size", 4,
+                    "--log-interval", 10, "--eval-examples", 4, ranks=2, ds="zero3.json")
+    assert "2 rank(s), ZeRO-3" in proc.stdout and proc.stdout.count("fine-tuned model:") == 1
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    from dsllm.checkpoint import load_model_dir
+
+    before, after = load_model_dir(pretrained), load_model_dir(out)  # ZeRO-3 partitions, consolidated to fp32
+    assert set(before.state_dict()) == set(after.state_dict())
+    assert not torch.equal(before.tok_embeddings.weight, after.tok_embeddings.weight)
+
+
+def test_packing_keeps_attention_inside_each_example(pretrained):
+    from dsllm.checkpoint import load_model_dir
+    from dsllm.finetune import pack, tokenize
+    from dsllm.model import GPT
+    from dsllm.tokenizer import eot_id, load_tokenizer
+
+    base, tokenizer = load_model_dir(pretrained), load_tokenizer(pretrained / "tokenizer.json")
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(base.config, max_seq_len=128)).eval()
+    eot = eot_id(tokenizer)
+    conversations = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                     [{"role": "system", "content": "x"}, {"role": "user", "content": "a"},
+                      {"role": "assistant", "content": "dsllm"}, {"role": "user", "content": "b"},
+                      {"role": "assistant", "content": "no"}]]
+    examples = [tokenize(m, tokenizer, eot) for m in conversations]
+    assert sum(len(ids) - 1 for ids, _ in examples) <= 120
+    packed = pack(examples, 128)
+    assert len(packed.idx) == 1  # both fit one row
+    batch = packed.batch([0])
+    with torch.no_grad():
+        logits, _ = model(batch["idx"], positions=batch["positions"], mask=batch["mask"])
+        start = 0
+        for ids, trained in examples:
+            alone, _ = model(torch.tensor([ids[:-1]]))
+            torch.testing.assert_close(logits[0, start:start + len(ids) - 1], alone[0], rtol=1e-4, atol=1e-4)
+            expected = [t if keep else -100 for t, keep in zip(ids[1:], trained[1:])]  # replies (and their EOT)
+            assert batch["targets"][0, start:start + len(ids) - 1].tolist() == expected
+            start += len(ids) - 1
+        assert (batch["targets"][0, start:] == -100).all() and (packed.segments[0, start:] == -1).all()
+    reply = tokenizer.decode([t for t in batch["targets"][0].tolist() if t not in (-100, eot)])
+    assert reply == "hellodsllmno"  # only assistant text is trained
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n', "reverse.jsonl:2: malformed JSON"),
+    ('{"prompt": "a", "answer": "b"}\n', 'reverse.jsonl:1: expected {"prompt": str, "response": str}'),
+    ('{"messages": [{"role": "user", "content": "a"}]}\n', "reverse.jsonl:1: no assistant message"),
+    ('{"messages": [{"role": "robot", "content": "a"}]}\n', "reverse.jsonl:1: \"messages\" must be a list"),
+])
+def test_bad_data_is_one_line(tmp_path, pretrained, content, message):
+    (tmp_path / "reverse.jsonl").write_text(content)
+    proc = finetune(pretrained, tmp_path / "reverse.jsonl", tmp_path / "out", expect=2)
+    assert_user_error(proc, message)
+    assert not (tmp_path / "out").exists()  # nothing written before the input is known good
+
+
+def test_missing_pretrained_run_is_one_line(tmp_path):
+    data = reversal_task(tmp_path / "reverse.jsonl", 10)
+    proc = finetune(tmp_path / "nothing", data, tmp_path / "out", ranks=2, expect=2)
+    assert "no model here" in proc.stderr and proc.stderr.count("error:") == 1  # once, not once per rank

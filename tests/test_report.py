@@ -1,0 +1,85 @@
+"""python -m dsllm report RUN_DIR: loss / lr / throughput plots and attention maps of a real run, a summary
+whose numbers are the run's own; the recorded attention weights reproduce the attention kernel's output."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+from dsllm.report import read_metrics, recorded_attention
+from test_pretrain import env, pretrain
+
+PNG = b"\x89PNG"
+
+
+def report(*args, expect=0):
+    proc = subprocess.run([sys.executable, "-m", "dsllm", "report", *map(str, args)], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc
+
+
+def test_report_of_a_real_run(tmp_path, dataset_dir):
+    run = tmp_path / "run"
+    pretrain(dataset_dir, run, "--max-steps", 8, "--eval-interval", 4, "--save-interval", 8, "--precision", "fp32")
+    proc = report(run, "--prompt", "def main(argv): return argv")
+    out = run / "report"
+    for name in ("loss.png", "lr.png", "throughput.png", "attention.png"):
+        assert (out / name).read_bytes()[:4] == PNG, name
+    text = (out / "summary.md").read_text()
+    train, evals = read_metrics(run)
+    assert [r["step"] for r in train] == list(range(1, 9)) and [r["step"] for r in evals] == [4, 8]
+    assert f"final training loss {train[-1]['loss']:.4f}" in text
+    assert f"final loss {evals[-1]['val_loss']:.4f}, perplexity {evals[-1]['perplexity']:.2f}" in text
+    assert "8 steps" in text and "ZeRO-2, fp32" in text and "![Attention maps" in text
+    assert "summary.md" in proc.stdout
+    custom = tmp_path / "elsewhere"
+    report(run, "--no-attention", "--out", custom)
+    assert not (custom / "attention.png").exists() and (custom / "loss.png").is_file()
+
+
+def test_recorded_attention_reproduces_the_kernel():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    keep = torch.rand(2, 1, 6, 6) > 0.3
+    keep |= torch.eye(6, dtype=torch.bool)  # no empty rows
+    with recorded_attention() as maps:
+        causal = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True)
+    assert F.scaled_dot_product_attention is not None and len(maps) == 2
+    values = v.repeat_interleave(2, dim=1)
+    torch.testing.assert_close(maps[0] @ values, causal, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(maps[1] @ values, masked, rtol=1e-5, atol=1e-5)
+    assert torch.all(maps[0].triu(1) == 0) and torch.allclose(maps[0].sum(-1), torch.ones(2, 4, 6))
+    assert torch.all(maps[1][~keep.expand(2, 4, 6, 6)] == 0)
+
+
+def test_resumed_lines_count_once_and_damage_is_named(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": 1, "loss": 5.0, "lr": 1e-3, "tokens": 10, "tokens_per_second": 100.0},
+             {"step": 2, "loss": 4.0, "lr": 1e-3, "tokens": 20, "tokens_per_second": 100.0},
+             {"step": 2, "loss": 3.5, "lr": 1e-3, "tokens": 20, "tokens_per_second": 90.0},  # written again on resume
+             {"step": 2, "val_loss": 3.9, "perplexity": math.exp(3.9)}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    train, evals = read_metrics(run)
+    assert [r["loss"] for r in train] == [5.0, 3.5] and evals[0]["val_loss"] == 3.9
+    report(run, "--no-attention")
+    assert "final training loss 3.5000" in (run / "report" / "summary.md").read_text()
+    (run / "metrics.jsonl").write_text(json.dumps(lines[0]) + "\n{not json\n")
+    proc = report(run, expect=2)
+    assert f"{run / 'metrics.jsonl'}:2: not a metrics record" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: None, "no such run folder"),
+    (lambda p: p.mkdir(), "no metrics.jsonl"),
+])
+def test_bad_run_folder_is_one_line(tmp_path, make, message):
+    make(tmp_path / "run")
+    proc = report(tmp_path / "run", expect=2)
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
