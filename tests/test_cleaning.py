@@ -55,3 +55,36 @@ def test_dedup_uses_the_cleaned_text_and_can_be_off():
     assert [dedup.is_duplicate(document_hash(t)) for t in (a, b, "other")] == [False, True, False]
     off = Deduplicator(enabled=False)
     assert [off.is_duplicate(document_hash(t)) for t in (a, b)] == [False, False]
+
+
+# Which characters each step rewrites, whatever path it takes: ASCII texts and other texts are checked for
+# work to do in different ways (see cleaning._holds_any), so every case runs on both kinds of text.
+NON_ASCII = "\u00e9"  # left alone by every step
+
+
+def test_control_characters_removed_in_ascii_and_non_ascii_text():
+    for code in (*range(0x20), *range(0x7F, 0xA0)):
+        c = chr(code)
+        expected = c if c in "\t\n\r" else "\n" if c in "\x0b\x0c\x85" else ""
+        assert normalize_unicode(f"a{c}b") == f"a{expected}b", hex(code)
+        assert normalize_unicode(f"a{c}b{NON_ASCII}") == f"a{expected}b{NON_ASCII}", hex(code)
+    assert normalize_unicode("plain ascii\tstays\n") == "plain ascii\tstays\n"
+
+
+def test_whitespace_same_with_and_without_non_ascii_text():
+    texts = ["a\x0bb\x0cc", "a  \nb\t\nc", "a\n\nb", "a\n\n\nb\n\n\n\n\n\nc", "a\r\n\r\n\r\nb\rc", "  a", "x" * 40,
+             "def f():\n    pass\n\n\nclass A:\n\tpass"]
+    expected = ["a\nb\nc", "a\nb\nc", "a\n\nb", "a\n\nb\n\nc", "a\n\nb\nc", "a", "x" * 40,
+                "def f():\n    pass\n\nclass A:\n\tpass"]
+    for text, want in zip(texts, expected):
+        assert normalize_whitespace(text) == want, repr(text)
+        assert normalize_whitespace(text + NON_ASCII) == want + NON_ASCII, repr(text)
+
+
+def test_unicode_spaces_and_line_separators_only_in_non_ascii_text():
+    for c in "\u0085\u2028\u2029":
+        assert normalize_whitespace(f"a{c}b") == "a\nb"
+    for c in ("\u00a0", "\u1680", *map(chr, range(0x2000, 0x200B)), "\u202f", "\u205f", "\u3000"):
+        assert normalize_whitespace(f"a{c}b") == "a b", hex(ord(c))
+        assert normalize_whitespace(f"a{c}  \n\n\n\nb") == "a\n\nb", hex(ord(c))  # then trailing spaces, blank runs
+    assert normalize_whitespace("a\u200bb") == "a\u200bb"  # zero-width space is not whitespace: kept
