@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every CPU result of the performance issue in one go, on a quiet machine (nothing else running: the
 # ratios are side by side within each invocation, but absolute tokens/s move with other load).
-#   bash benchmarks/cpu_suite.sh            # ~45 min on 2 cores; results in benchmarks/results/
+#   bash benchmarks/cpu_suite.sh            # ~50 min on 2 cores; results in benchmarks/results/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -20,3 +20,8 @@ $PY benchmarks/throughput.py --model gpt2-124m --seq-len 128 --micro-batch-size 
 $PY benchmarks/throughput.py --threads 1 --repeats 2 --steps 20 --warmup-steps 3 --stages 0 2 --precision bf16 --tag bf16
 GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296 \
     $PY benchmarks/throughput.py --threads 1 --repeats 2 --steps 20 --warmup-steps 3 --stages 0 2 --tag malloc
+# 6. what limits ZeRO-3: the same step on ZeRO-2 and ZeRO-3 under torch.profiler and cProfile
+for stage in 2 3; do
+  $PY benchmarks/profile_step.py --ds_config ds_configs/zero$stage.json --micro-batch-size 8 --steps 10 \
+      > "benchmarks/results/$(date +%F)-profile-zero$stage-tiny-cpu-$(nproc)c.txt" 2>/dev/null
+done

@@ -178,7 +178,7 @@ def worker(args) -> int:
         def step():  # no host sync: clip_grad_norm_ and AdamW stay on the device
             batch = next(batches).to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=plan.precision == "bf16"):
-                _, loss = model(batch[:, :-1], batch[:, 1:])
+                loss = model(batch[:, :-1], batch[:, 1:])[1]  # not the logits: as train_step
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
@@ -211,7 +211,18 @@ def worker(args) -> int:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
-    live = live_tensor_gib(device.type)  # between steps: no activations alive, only model states and buffers
+    # model states at their peak: after backward (gradients alive, activations freed), before the optimizer step
+    stepper = optimizer if plain else engine
+    measured, original = [], stepper.step
+
+    def measuring_step(*args, **kwargs):
+        measured.append(live_tensor_gib(device.type))
+        return original(*args, **kwargs)
+
+    stepper.step = measuring_step
+    step()
+    stepper.step = original
+    live = max(measured[-1], live_tensor_gib(device.type))  # and between steps
     ranks = [{"rank": plan.rank, "step_seconds": times, "step_cpu_seconds": cpu_times, "peak_memory_gib": memory_gib(),
               "baseline_memory_gib": baseline, "model_state_gib": live - live_baseline, "first_step_seconds": first_step}]
     if not plain:
@@ -436,9 +447,9 @@ def markdown(r: dict) -> str:
         f"{hw['cores']} cores (this run's own threads count too; more means other work shared the machine).",
         ("peak mem: torch.cuda.max_memory_allocated per rank." if "gpu" in hw else "peak mem: peak RSS of each process "
          "(Python, torch, DeepSpeed included).")
-        + " model states: bytes of the distinct tensor storages alive between two steps (a gc walk, so no activations), "
-          "minus those alive before the model was built: parameters, gradients, optimizer states and DeepSpeed's "
-          "buffers and partitions.",
+        + " model states: bytes of the distinct tensor storages alive after backward, just before the optimizer "
+          "step (a gc walk: activations are freed by then, gradients are not), minus those alive before the model "
+          "was built: parameters, gradients, optimizer states and DeepSpeed's buffers and partitions.",
         "DS estimate: DeepSpeed's estimate_zero2/zero3_model_states_mem_needs for the same parameter count; it assumes "
         "16-bit parameters with fp32 optimizer states (no ZeRO-0/1 estimator exists: ZeRO-0 shows the ZeRO-2 formula "
         "at 1 rank and ZeRO-1 the ZeRO-2 formula). MFU needs --peak-tflops or a known GPU.",

@@ -36,6 +36,8 @@ from dsllm.model_config import ConfigError, ModelConfig, resolve_model_config
 from dsllm.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer, tokenizer_hash
 from dsllm.train_config import TrainConfig, world_from_env
 
+RECORDED_ENV = ("NCCL_", "OMP_NUM_THREADS", "GLIBC_TUNABLES", "CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR", "MASTER_",
+                "WORLD_SIZE", "LOCAL_SIZE", "TORCH_NCCL_")  # what changes a run's speed or placement: kept in config.json
 VOCAB_MULTIPLE = 64  # embedding rows padded so matmuls tile well; the extra ids are never produced
 
 
@@ -315,11 +317,13 @@ def train_step(plan: Plan, engine, batches, device: torch.device) -> tuple[torch
     loss_sum = torch.zeros((), device=device)
     for micro in range(plan.batch.accumulation):
         batch = next(batches)
+        # [1]: the loss only. Holding the logits ([micro, T, vocab]) would keep them alive through the optimizer
+        # step, the peak of model-state memory: 64 MiB for `tiny` at micro 8 x 256, 800 MiB for GPT-2 at 8 x 1024.
         if isinstance(batch, dict):  # fine-tuning: idx, targets, positions, mask (packed examples)
-            _, loss = engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
+            loss = engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})[1]
         else:  # pretraining: windows of seq_len + 1 tokens
             batch = batch.to(device, non_blocking=True)
-            _, loss = engine(batch[:, :-1], batch[:, 1:])
+            loss = engine(batch[:, :-1], batch[:, 1:])[1]
         engine.backward(loss)
         loss_sum += loss.detach().float()
         if micro < plan.batch.accumulation - 1:
@@ -358,6 +362,7 @@ def write_run_files(plan: Plan) -> Path:
         "versions": {"dsllm": __version__, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
                      "python": sys.version.split()[0]},
         "command": sys.argv,
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(RECORDED_ENV)},
     }
     write_json_atomic(out / CONFIG_FILE, record)
     shutil.copyfile(plan.data_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)

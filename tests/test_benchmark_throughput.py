@@ -46,8 +46,8 @@ def test_bad_options_are_one_line_errors(argv, message):
 def test_quick_throughput_benchmark_on_one_and_two_ranks(tmp_path):
     cache = os.environ.get("TORCH_EXTENSIONS_DIR") or str(ROOT / ".cache" / "torch_extensions")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": cache}
-    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--ranks", "1", "2", "--precision",
-                           "bf16", "--tag", "smoke", "--results-dir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--model.n_layers", "2", "--ranks", "1",
+                           "2", "--precision", "bf16", "--tag", "smoke", "--results-dir", str(tmp_path)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     [json_file] = tmp_path.glob("*-throughput-*-smoke.json")
@@ -63,6 +63,7 @@ def test_quick_throughput_benchmark_on_one_and_two_ranks(tmp_path):
         world = 1 if name == "plain" else ranks
         assert row["world_size"] == world and len(row["tokens_per_second_per_rank"]) == world
         assert row["global_batch"] == 4 * ranks  # plain runs one process with micro batch x ranks
+        assert row["parameters"] > 1_000_000  # the tiny preset at 2 layers: DeepSpeed's fixed buffers stay small
     assert rows[(1, "plain")]["ratio_to_plain"] == 1.0 and rows[(2, "plain")]["micro_batch"] == 8
     assert rows[(2, "zero2")]["zero_stage"] == 2
     assert rows[(2, "zero2")]["optimizer"].startswith("DeepSpeedZeroOptimizer")  # the engine really ran ZeRO-2
@@ -71,6 +72,13 @@ def test_quick_throughput_benchmark_on_one_and_two_ranks(tmp_path):
     assert sorted(scaling) == ["zero0", "zero2"]
     assert 0.95 < scaling["zero0"]["ratio"] < 1.05  # ZeRO-0 keeps everything on every rank
     assert scaling["zero2"]["ratio"] <= 0.6 and scaling["zero2"]["meets_target"] is True  # the target
+    # `python -m dsllm plan` (DeepSpeed's estimator) against these measurements: an upper bound, within 35%
+    from dsllm.plan import model_state_gib
+
+    params = result["settings"]["models"]["tiny"]["parameters"]
+    for ranks in (1, 2):
+        estimate = model_state_gib(params, 0, "zero2", ranks, 1)[0]
+        assert 0.65 * estimate < rows[(ranks, "zero2")]["model_state_gib"] <= estimate, (ranks, estimate)
     revision = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert result["git_revision"].startswith(revision)
     markdown = md_file.read_text()

@@ -206,6 +206,7 @@ def test_make_pretrain_runs_the_main_job(tmp_path):
     assert "final validation loss" in proc.stdout and "sample:" in proc.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["dir"].endswith("/data") and "default-corpus" in config["data"]["dir"]
+    assert config["environment"]["GLIBC_TUNABLES"].startswith("glibc.malloc.mmap_threshold=")  # the Makefile's
     assert (out / "model.safetensors").is_file()
 
 
