@@ -25,3 +25,8 @@ for stage in 2 3; do
   $PY benchmarks/profile_step.py --ds_config ds_configs/zero$stage.json --micro-batch-size 8 --steps 10 \
       > "benchmarks/results/$(date +%F)-profile-zero$stage-tiny-cpu-$(nproc)c.txt" 2>/dev/null
 done
+# 7. where DeepSpeed's bf16 step spends its extra time on CPU (GPT-2 124M, micro batch 1 x 128 as in 4.)
+$PY benchmarks/profile_step.py --ds_config ds_configs/zero0.json --model gpt2-124m --seq-len 128 --micro-batch-size 1 \
+    --precision bf16 --steps 5 > "benchmarks/results/$(date +%F)-profile-zero0-bf16-gpt2-124m-cpu-$(nproc)c.txt" 2>/dev/null
+# 8. the data stage: prepare against raw encode, the loader's read rate
+$PY benchmarks/data_pipeline.py
