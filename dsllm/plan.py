@@ -19,18 +19,24 @@ import re
 import sys
 
 from dsllm.errors import ArgumentParser, UserError
+from dsllm.metrics import peak_tflops
 from dsllm.model_config import PRESETS, ModelConfig, resolve_model_config
 
 
 @dataclasses.dataclass(frozen=True)
 class GPU:
     memory_gib: float  # what nvidia-smi reports as total
-    peak_tflops: float  # dense bf16 (RTX 4090: with fp32 accumulate)
+    name: str  # as torch.cuda.get_device_name() has it: the key of dsllm.metrics.PEAK_TFLOPS
+
+    @property
+    def peak_tflops(self) -> float:  # dense bf16 (RTX 4090: with fp32 accumulate)
+        return peak_tflops(self.name)
 
 
 GPUS = {
-    "A100-40GB": GPU(40.0, 312.0), "A100-80GB": GPU(80.0, 312.0), "H100-SXM": GPU(79.6, 989.0),
-    "H100-PCIe": GPU(79.6, 756.0), "H200": GPU(140.4, 989.0), "4090": GPU(24.0, 165.0), "3090": GPU(24.0, 71.0),
+    "A100-40GB": GPU(40.0, "A100"), "A100-80GB": GPU(80.0, "A100"), "H100-SXM": GPU(79.6, "H100 SXM"),
+    "H100-PCIe": GPU(79.6, "H100 PCIe"), "H200": GPU(140.4, "H200"), "4090": GPU(24.0, "RTX 4090"),
+    "3090": GPU(24.0, "RTX 3090"),
 }
 ALIASES = {"A100": "A100-80GB", "H100": "H100-SXM", "RTX4090": "4090", "RTX3090": "3090", "H100-80GB": "H100-SXM"}
 RESERVED_GIB = 2.5  # CUDA context, NCCL buffers, allocator fragmentation: never available to tensors
