@@ -77,13 +77,26 @@ def resolve_model_source(path: str | os.PathLike) -> tuple[Path, Path | None, Pa
 def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
     """Load a model (see `resolve_model_source`); weights that do not fit the config are a UserError."""
     config_path, checkpoint, _ = resolve_model_source(path)
+    import pickle
+    import zipfile
+
+    from safetensors import SafetensorError
+
     config = _model_config(config_path)
     model = GPT(config)
-    if checkpoint is None:
-        missing, unexpected = load_model(model, str(Path(path) / WEIGHTS_FILE), strict=False, device="cpu")
-    else:
-        missing, unexpected = model.load_state_dict(consolidated_state_dict(checkpoint), strict=False)
-        missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_embeddings)]
+    source = Path(path) / WEIGHTS_FILE if checkpoint is None else checkpoint
+    try:
+        if checkpoint is None:
+            missing, unexpected = load_model(model, str(source), strict=False, device="cpu")
+        else:
+            missing, unexpected = model.load_state_dict(consolidated_state_dict(checkpoint), strict=False)
+            missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_embeddings)]
+    except (RuntimeError, OSError, KeyError, ValueError, AssertionError, EOFError, pickle.UnpicklingError,
+            zipfile.BadZipFile, SafetensorError) as err:  # shapes of another model, or damaged files
+        first = str(err).strip().splitlines()
+        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else type(err).__name__)
+        raise UserError(f"{source}: cannot load these weights into the model of {config_path} ({detail[:200]}); "
+                        "they come from another model or the files are damaged") from None
     if missing or unexpected:
         raise UserError(f"{path}: weights do not fit {config_path} (missing {sorted(missing)[:3]}, unexpected "
                         f"{sorted(unexpected)[:3]}); they come from another model")

@@ -147,6 +147,25 @@ def test_evaluate_refuses_bad_input(run_dir, dataset_dir, tmp_path, corpus_jsonl
                           f"{path}:2:", fragment)
 
 
+def test_weights_of_another_model_or_damaged_files_are_refused(run_dir, dataset_dir, tmp_path):
+    other = tmp_path / "other"  # a model folder whose config says d_model 128 over weights of d_model 64
+    shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("checkpoints"))
+    config = json.loads((other / "config.json").read_text())
+    config["model"]["d_model"] = 2 * config["model"]["d_model"]
+    (other / "config.json").write_text(json.dumps(config))
+    assert_user_error(dsllm("evaluate", "--checkpoint", other, "--data", dataset_dir, expect=None),
+                      "cannot load these weights", "size mismatch", "another model")
+    damaged = tmp_path / "damaged"  # no final weights, and the newest checkpoint's optimizer shards cut short
+    shutil.copytree(run_dir, damaged)
+    (damaged / "model.safetensors").unlink()
+    shards = list((damaged / "checkpoints").rglob("*optim_states.pt"))
+    assert shards
+    for shard in shards:
+        shard.write_bytes(shard.read_bytes()[:1000])
+    assert_user_error(dsllm("generate", "--checkpoint", damaged, "--prompt", "doc", expect=None),
+                      "cannot load these weights", "damaged")
+
+
 # -- generate --------------------------------------------------------------------------------------------
 def model_greedy(model, tokenizer, prompt: str, new_tokens: int) -> str:
     eot = tokenizer.token_to_id("<|endoftext|>")
