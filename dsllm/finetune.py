@@ -170,10 +170,11 @@ class PackedBatches:
 def evaluate_model(model, tokenizer, eot: int, val: list[list[dict]], seq_len: int, examples: int) -> dict:
     """Validation loss on reply tokens (packed as in training) and greedy exact match on single-turn examples."""
     model.eval()
+    device = model.lm_head.weight.device
     packed = pack([tokenize(m, tokenizer, eot) for m in val], seq_len)
     total, count = 0.0, 0
     for start in range(0, len(packed.idx), 8):
-        batch = packed.batch(list(range(start, min(start + 8, len(packed.idx)))))
+        batch = {k: v.to(device) for k, v in packed.batch(list(range(start, min(start + 8, len(packed.idx))))).items()}
         logits, _ = model(batch["idx"], positions=batch["positions"], mask=batch["mask"])
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(),
                                                  ignore_index=-100, reduction="sum")
@@ -273,14 +274,14 @@ def main(argv=None) -> int:
         print(f"fine-tuning {model.config.num_parameters():,} parameters from {args.init}: {len(train_set)} examples "
               f"packed into {len(packed.idx)} rows of {seq_len} tokens ({packed.truncated} cut, {packed.dropped} dropped), "
               f"{world} rank(s), ZeRO-{stage}, {precision}, {args.max_steps} steps", flush=True)
-        if val_set:
-            summary["before"] = evaluate_model(model, tokenizer, eot, val_set, seq_len, args.eval_examples)
-            print("before: val loss {val_loss:.4f} | exact match {exact_match:.3f} on {exact_match_examples} "
-                  "prompts".format(**summary["before"]), flush=True)
 
     import torch.distributed as dist
 
     device = init_distributed(plan)
+    if rank == 0 and val_set:  # on the GPU, before DeepSpeed takes the model (the other ranks wait in initialize)
+        summary["before"] = evaluate_model(model.to(device), tokenizer, eot, val_set, seq_len, args.eval_examples)
+        print("before: val loss {val_loss:.4f} | exact match {exact_match:.3f} on {exact_match_examples} "
+              "prompts".format(**summary["before"]), flush=True)
     engine = build_engine(plan, device, model.train())
     batches = PackedBatches(packed, batch.micro, args.seed, rank, world)
     log = MetricsLog(out / "metrics.jsonl", rank == 0, getattr(engine, "monitor", None))
@@ -310,7 +311,8 @@ def main(argv=None) -> int:
                                                   "precision": precision, "model": model.config.to_dict()})
         save_model_dir(load_model_dir(tag), out, home / TOKENIZER_FILE, extra={"finetune": summary})
         if val_set:
-            summary["after"] = evaluate_model(load_model_dir(out), tokenizer, eot, val_set, seq_len, args.eval_examples)
+            summary["after"] = evaluate_model(load_model_dir(out, device), tokenizer, eot, val_set, seq_len,
+                                              args.eval_examples)
             print("after: val loss {val_loss:.4f} | exact match {exact_match:.3f} on {exact_match_examples} "
                   "prompts".format(**summary["after"]), flush=True)
         write_json_atomic(out / SUMMARY_FILE, summary)

@@ -84,3 +84,12 @@ def test_pruning_keeps_the_newest_complete_and_drops_torn_saves(tmp_path):
     assert resolve_resume(str(run / "checkpoints" / "step00000006"), run).name == "step00000006"
     with pytest.raises(UserError, match="already has checkpoints; pass --resume auto"):
         resolve_resume("none", run)
+
+
+def test_auto_buckets_follow_the_model_width():
+    raw = load("zero2.json")
+    raw["zero_optimization"]["reduce_bucket_size"] = "auto"
+    config, *_ = resolve_ds_config(raw, RUN, 2, "zero2.json", True, True)
+    assert config["zero_optimization"]["reduce_bucket_size"] == 768 * 768  # d_model squared, as HF Trainer's "auto"
+    with pytest.raises(DSConfigError, match="zero_optimization.reduce_bucket_size"):  # nothing to size it from
+        resolve_ds_config(raw, RunValues(**{**RUN.__dict__, "hidden_size": None}), 2, "zero2.json", True, True)

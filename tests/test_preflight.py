@@ -44,7 +44,7 @@ def run_main(capsys, tmp_path, dataset_dir, *args, ds=None):
     ("offload_sgd", ["optimizer.type", "CPU Adam"]),
     ("fp16_cpu", ["fp16 is not supported on CPU", "use bf16 or fp32"]),
     ("precision_vs_json", ["--precision bf16 contradicts", "sets fp32"]),
-    ("auto_unsupported", ["\"auto\" is not supported for zero_optimization.reduce_bucket_size"]),
+    ("auto_unsupported", ["\"auto\" is not supported for zero_optimization.allgather_bucket_size"]),
 ])
 def test_deepspeed_json_errors(capsys, tmp_path, dataset_dir, case, fragments):
     args, ds = [], None
@@ -69,7 +69,7 @@ def test_deepspeed_json_errors(capsys, tmp_path, dataset_dir, case, fragments):
     elif case == "precision_vs_json":
         ds, args = write_ds(tmp_path, bf16={"enabled": False}, fp16={"enabled": False}), ["--precision", "bf16"]
     else:
-        ds = write_ds(tmp_path, zero_optimization__reduce_bucket_size="auto")
+        ds = write_ds(tmp_path, zero_optimization__allgather_bucket_size="auto")
     line = run_main(capsys, tmp_path, dataset_dir, *args, ds=ds)
     for fragment in fragments:
         assert fragment in line, line
