@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every CPU result of the performance issue in one go, on a quiet machine (nothing else running: the
 # ratios are side by side within each invocation, but absolute tokens/s move with other load).
-#   bash benchmarks/cpu_suite.sh            # ~50 min on 2 cores; results in benchmarks/results/
+#   bash benchmarks/cpu_suite.sh            # ~30 min on 2 cores; results in benchmarks/results/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
