@@ -342,7 +342,7 @@ def summarize(trials: list[dict], point_list: list[dict], names: list[str], esti
 
     rows = []
     for point in point_list:
-        label, (seq_len, flops, params) = point_label(point), shapes[point_label({**point, "ranks": 1})]
+        label, (_, flops, params) = point_label(point), shapes[point_label({**point, "ranks": 1})]
         mine = []
         for variant in names:
             runs = [t for t in trials if t["variant"] == variant and all(t[k] == point[k] for k in POINT_KEYS)]

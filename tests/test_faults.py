@@ -1,7 +1,6 @@
 """Faults: a rank killed with SIGKILL ends the whole job quickly with a message naming the rank, and
 launch/supervise.py restarts the job, which resumes from its last checkpoint to the same losses."""
 import json
-import signal
 import subprocess
 import sys
 import time

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, assert_user_error
-from test_pretrain import SMALL_MODEL, VENV_BIN, env, free_port, pretrain
+from test_pretrain import VENV_BIN, env, free_port, pretrain
 
 
 def reversal_task(path, count, seed=0):

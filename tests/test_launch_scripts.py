@@ -3,7 +3,6 @@ Slurm script really runs: a stand-in `scontrol` and `srun` start one launcher pe
 import os
 import subprocess
 
-import pytest
 
 from conftest import ROOT
 from test_pretrain import SMALL_MODEL, VENV_BIN, env, free_port, train_records

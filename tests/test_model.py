@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dsllm.model import GPT, RMSNorm, apply_rotary, count_parameters, flops_per_token, rotary_embedding
-from dsllm.model_config import PRESETS, ConfigError, ModelConfig, resolve_model_config
+from dsllm.model_config import ConfigError, ModelConfig, resolve_model_config
 
 SMALL = dict(vocab_size=97, max_seq_len=32, n_layers=2, d_model=32, n_heads=4, mlp_multiple_of=16)
 VARIANTS = {

@@ -108,7 +108,7 @@ def test_batch_error_under_the_launcher_with_two_ranks(tmp_path, dataset_dir):
     errors = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if line.startswith("error:")]
     assert errors == ["error: batch arithmetic: train_batch_size 12 != train_micro_batch_size_per_gpu 4 x "
                       "gradient_accumulation_steps 1 x data-parallel world size 2; make train_batch_size a multiple of "
-                      f"micro-batch x world size (8), or set it to \"auto\""], proc.stderr[-2000:]
+                      "micro-batch x world size (8), or set it to \"auto\""], proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
 
 

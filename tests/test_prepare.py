@@ -1,12 +1,10 @@
 """data_pipeline/prepare.py end to end: documents in -> token files -> the same cleaned text back."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 from tokenizers import Tokenizer
 

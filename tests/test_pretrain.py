@@ -2,7 +2,6 @@
 losses across world sizes, bit-exact resume after SIGKILL (also during a save), pre-flight errors."""
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
