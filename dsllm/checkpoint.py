@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
+from tokenizers import Tokenizer
 
 from dsllm.errors import UserError
 from dsllm.model import GPT
 from dsllm.model_config import ModelConfig
-from dsllm.tokenizer import TOKENIZER_FILE
+from dsllm.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -77,11 +81,6 @@ def resolve_model_source(path: str | os.PathLike) -> tuple[Path, Path | None, Pa
 def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
     """Load a model (see `resolve_model_source`); weights that do not fit the config are a UserError."""
     config_path, checkpoint, _ = resolve_model_source(path)
-    import pickle
-    import zipfile
-
-    from safetensors import SafetensorError
-
     config = _model_config(config_path)
     model = GPT(config)
     source = Path(path) / WEIGHTS_FILE if checkpoint is None else checkpoint
@@ -101,6 +100,14 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") 
         raise UserError(f"{path}: weights do not fit {config_path} (missing {sorted(missing)[:3]}, unexpected "
                         f"{sorted(unexpected)[:3]}); they come from another model")
     return model.to(device)
+
+
+def model_tokenizer(home: Path) -> tuple[Tokenizer, Path]:
+    """The tokenizer a model was trained with: `tokenizer.json` in its run or model folder (`resolve_model_source`)."""
+    path = home / TOKENIZER_FILE
+    if not path.is_file():
+        raise UserError(f"{home}: no {TOKENIZER_FILE} next to the model; copy in the tokenizer it was trained with")
+    return load_tokenizer(path), path
 
 
 def pick_device(name: str) -> torch.device:

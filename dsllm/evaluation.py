@@ -18,7 +18,7 @@ from dsllm.data.format import TokenFile
 from dsllm.data.loader import TokenWindows
 from dsllm.errors import UserError
 from dsllm.jsonl import read_jsonl
-from dsllm.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer, tokenizer_hash
+from dsllm.tokenizer import eot_id, tokenizer_hash
 
 
 def eval_indices(windows: TokenWindows, count: int) -> list[int]:
@@ -161,7 +161,7 @@ def run_seq_len(config_file: Path) -> int | None:
 
 def main(argv=None) -> int:
     """`python -m dsllm evaluate --checkpoint RUN_DIR --data DIR [--split val] [--choices FILE.jsonl]`."""
-    from dsllm.checkpoint import WEIGHTS_FILE, load_model_dir, pick_device, resolve_model_source
+    from dsllm.checkpoint import WEIGHTS_FILE, load_model_dir, model_tokenizer, pick_device, resolve_model_source
     from dsllm.errors import ArgumentParser, positive
 
     parser = ArgumentParser(prog="python -m dsllm evaluate", description="Validation loss, perplexity and bits per "
@@ -184,10 +184,7 @@ def main(argv=None) -> int:
         parser.error("nothing to evaluate; pass --data DIR, --choices FILE.jsonl, or both")
 
     config_file, checkpoint, home = resolve_model_source(args.checkpoint)
-    tokenizer_file = home / TOKENIZER_FILE
-    if not tokenizer_file.is_file():
-        raise UserError(f"{home}: no {TOKENIZER_FILE} next to the model; copy in the tokenizer it was trained with")
-    tokenizer = load_tokenizer(tokenizer_file)
+    tokenizer, tokenizer_file = model_tokenizer(home)
     tokens = open_split(Path(args.data), args.split, tokenizer, tokenizer_file) if args.data else None
     examples = read_choices(args.choices) if args.choices else None
     device = pick_device(args.device)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from dsllm.errors import ArgumentParser, UserError
+from dsllm.errors import ArgumentParser, UserError, positive
 from dsllm.jsonl import read_jsonl
 
 ROLES = ("system", "user", "assistant")
@@ -196,11 +196,11 @@ def evaluate_model(model, tokenizer, eot: int, val: list[list[dict]], seq_len: i
 
 
 def main(argv=None) -> int:
-    from dsllm.checkpoint import (CONFIG_FILE, COMPLETE_MARKER, load_model_dir, resolve_model_source, save_model_dir,
-                                  write_json_atomic)
+    from dsllm.checkpoint import (CONFIG_FILE, COMPLETE_MARKER, load_model_dir, model_tokenizer, resolve_model_source,
+                                  save_model_dir, write_json_atomic)
     from dsllm.ds_config import load_ds_config
     from dsllm.metrics import MetricsLog
-    from dsllm.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer
+    from dsllm.tokenizer import eot_id
     from dsllm.train_config import TrainConfig, world_from_env
     from dsllm.trainer import Plan, build_engine, deepspeed_config, init_distributed, train_step
 
@@ -212,32 +212,26 @@ def main(argv=None) -> int:
     p.add_argument("--val-data", help="validation JSONL (default: --val-fraction of --data)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="held out when there is no --val-data")
     p.add_argument("--out", required=True, help="the fine-tuned model folder")
-    p.add_argument("--max-steps", type=int, default=200)
-    p.add_argument("--seq-len", type=int, help="packed row length (default: the model's max_seq_len)")
-    p.add_argument("--micro-batch-size", type=int, default=8)
-    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--max-steps", type=positive, default=200)
+    p.add_argument("--seq-len", type=positive, help="packed row length (default: the model's max_seq_len)")
+    p.add_argument("--micro-batch-size", type=positive, default=8)
+    p.add_argument("--grad-accum", type=positive)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--precision", default="auto", help="auto, bf16, fp16 or fp32")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--log-interval", type=int, default=10)
+    p.add_argument("--log-interval", type=positive, default=10)
     p.add_argument("--eval-examples", type=int, default=64, help="validation prompts answered for exact match")
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     rank, local_rank, world = world_from_env()
     if not 0 <= args.val_fraction < 1:
         raise UserError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
-    for name in ("max_steps", "micro_batch_size", "log_interval"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 1 or more")
 
     # -- everything that can fail on the input, before the process group exists
-    _, _, home = resolve_model_source(args.init)
-    if not (home / TOKENIZER_FILE).is_file():
-        raise UserError(f"--init {args.init}: no {TOKENIZER_FILE} next to the model; pass the pretrained run folder")
-    tokenizer = load_tokenizer(home / TOKENIZER_FILE)
+    tokenizer, tokenizer_file = model_tokenizer(resolve_model_source(args.init)[2])
     eot = eot_id(tokenizer)
     examples = read_examples(args.data)
     if args.val_data:
@@ -309,7 +303,7 @@ def main(argv=None) -> int:
         write_json_atomic(out / CONFIG_FILE, {"model": model.config.to_dict(), "finetune": summary})
         write_json_atomic(tag / COMPLETE_MARKER, {"step": args.max_steps, "world_size": world, "zero_stage": stage,
                                                   "precision": precision, "model": model.config.to_dict()})
-        save_model_dir(load_model_dir(tag), out, home / TOKENIZER_FILE, extra={"finetune": summary})
+        save_model_dir(load_model_dir(tag), out, tokenizer_file, extra={"finetune": summary})
         if val_set:
             summary["after"] = evaluate_model(load_model_dir(out, device), tokenizer, eot, val_set, seq_len,
                                               args.eval_examples)

@@ -79,9 +79,9 @@ def _fraction(text: str) -> float:
 
 def main(argv=None) -> int:
     """`python -m dsllm generate --checkpoint RUN_DIR [--prompt TEXT ...] [sampling options]`."""
-    from dsllm.checkpoint import load_model_dir, pick_device, resolve_model_source
+    from dsllm.checkpoint import load_model_dir, model_tokenizer, pick_device, resolve_model_source
     from dsllm.errors import ArgumentParser, positive
-    from dsllm.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer
+    from dsllm.tokenizer import eot_id
 
     parser = ArgumentParser(prog="python -m dsllm generate", epilog=__doc__.split("\n\n")[1],
                             description="Text from a run's model, printed token by token as it is produced.")
@@ -108,10 +108,7 @@ def main(argv=None) -> int:
     if args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error(f"argument --top-p: {args.top_p} must be above 0 and at most 1")
 
-    home = resolve_model_source(args.checkpoint)[2]
-    if not (home / TOKENIZER_FILE).is_file():
-        raise UserError(f"{home}: no {TOKENIZER_FILE} next to the model; copy in the tokenizer it was trained with")
-    tokenizer = load_tokenizer(home / TOKENIZER_FILE)
+    tokenizer = model_tokenizer(resolve_model_source(args.checkpoint)[2])[0]
     eos = eot_id(tokenizer)
     prompts = read_prompts(args.prompt, args.prompt_file)
     device = pick_device(args.device)

@@ -41,16 +41,16 @@ def live_tensor_gib(device_type: str | None = None) -> float:
     gradients, optimizer states, and DeepSpeed's flat buffers and partitions, which RSS cannot separate."""
     import gc
 
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def has_memory(obj) -> bool:  # a tensor with real storage: not sparse, meta, or a compiler's fake tensor
+        return (issubclass(type(obj), torch.Tensor) and not isinstance(obj, FakeTensor) and obj.layout is torch.strided
+                and not obj.is_meta and torch._C._has_storage(obj)
+                and (device_type is None or obj.device.type == device_type))
+
     gc.collect()
-    storages = {}
-    for obj in gc.get_objects():
-        try:
-            if not issubclass(type(obj), torch.Tensor) or obj.is_meta or (device_type and obj.device.type != device_type):
-                continue
-            storage = obj.untyped_storage()
-            storages[(obj.device, storage.data_ptr())] = storage.nbytes()
-        except (RuntimeError, NotImplementedError, ReferenceError):  # sparse, functional or freed wrappers
-            continue
+    storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
+                for t in gc.get_objects() if has_memory(t)}
     return sum(storages.values()) / 2**30
 
 

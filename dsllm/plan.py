@@ -18,7 +18,7 @@ import math
 import re
 import sys
 
-from dsllm.errors import ArgumentParser, UserError
+from dsllm.errors import ArgumentParser, UserError, positive
 from dsllm.metrics import peak_tflops
 from dsllm.model_config import PRESETS, ModelConfig, resolve_model_config
 
@@ -173,16 +173,12 @@ def main(argv=None) -> int:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="preset, model JSON, or parameter count (125M, 1.3e9, 7B)")
     p.add_argument("--gpus", required=True, help=f"COUNTxKIND per node, KIND one of {', '.join(GPUS)}")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--micro-batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, help="default: the model's max_seq_len")
+    p.add_argument("--nodes", type=positive, default=1)
+    p.add_argument("--micro-batch-size", type=positive, default=1)
+    p.add_argument("--seq-len", type=positive, help="default: the model's max_seq_len")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default %(default)s)")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     args = p.parse_args(argv)
-    for name in ("nodes", "micro_batch_size", "seq_len"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} {value}: must be 1 or more")
     if not 0 < args.mfu <= 1:
         raise UserError(f"--mfu {args.mfu}: must be in (0, 1]")
     gpus, kind = parse_gpus(args.gpus)

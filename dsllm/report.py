@@ -91,14 +91,12 @@ def _plt():
 def plot_loss(train: list[dict], evals: list[dict], path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, key, label in ((axes[0], "step", "step"), (axes[1], "tokens", "tokens seen")):
-        tokens_per_step = train[-1]["tokens"] / train[-1]["step"] if train else None
+    tokens_per_step = train[-1]["tokens"] / train[-1]["step"]  # eval lines carry steps: their tokens follow
+    for ax, key, label, scale in ((axes[0], "step", "step", 1), (axes[1], "tokens", "tokens seen", tokens_per_step)):
         ax.plot([r[key] for r in train], [r["loss"] for r in train], label="training loss", lw=1.2)
         if evals:
-            xs = [r["step"] if key == "step" else r["step"] * tokens_per_step for r in evals] if (
-                key == "step" or tokens_per_step) else []
-            if xs:
-                ax.plot(xs, [r["val_loss"] for r in evals], "o-", label="validation loss", lw=1.2)
+            ax.plot([r["step"] * scale for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss",
+                    lw=1.2)
         ax.set(xlabel=label, title=f"loss vs {label}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("cross-entropy (nats/token)")

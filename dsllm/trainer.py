@@ -212,11 +212,11 @@ def _unlink_shm_buffer() -> None:
     mappings stay valid until the processes exit, and then the memory is freed."""
     import torch.distributed as dist
 
-    name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-                               f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
     if os.environ.get("LOCAL_SIZE") == str(dist.get_world_size()):  # DeepSpeed's own condition: the same on every rank
         dist.barrier()
-        name.unlink(missing_ok=True)
+        name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+        (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
 def param_groups(model: GPT, weight_decay: float) -> list[dict]:
