@@ -8,7 +8,7 @@ EXTRAS ?= dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dsllm-installed
 
-.PHONY: install pretrain test clean-venv
+.PHONY: install pretrain test bad-inputs-table clean-venv
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ pretrain: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# README.md's table of bad inputs, from the cases in tests/test_bad_inputs.py (about ten seconds)
+bad-inputs-table: $(STAMP)
+	$(PY) tests/bad_inputs_table.py
 
 clean-venv:
 	rm -rf $(VENV)

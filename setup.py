@@ -26,6 +26,10 @@ setup(
     ],
     extras_require={
         "mpi": ["mpi4py>=4.0"],
+        # monitors DeepSpeed writes to when the JSON enables them (pre-flight refuses one whose package is missing)
+        "tensorboard": ["tensorboard>=2.14"],
+        "wandb": ["wandb>=0.16"],
+        "comet": ["comet_ml>=3.40"],
         "dev": ["pytest>=8", "transformers>=4.45"],
     },
 )

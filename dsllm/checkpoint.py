@@ -17,7 +17,9 @@ from tokenizers import Tokenizer
 from dsllm.errors import UserError
 from dsllm.model import GPT
 from dsllm.model_config import ModelConfig
+from dsllm.safe_load import weights_only_loads
 from dsllm.tokenizer import TOKENIZER_FILE, load_tokenizer
+from dsllm.train_checkpoint import CHECKPOINTS_DIR, COMPLETE_MARKER, complete_checkpoints
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -48,19 +50,34 @@ def _model_config(config_path: Path) -> ModelConfig:
 
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """fp32 weights of a training checkpoint of any ZeRO stage and world size (`zero_to_fp32` for
-    stages 1-3; ZeRO-0 checkpoints hold the whole module, in the training precision)."""
+    stages 1-3; ZeRO-0 checkpoints hold the whole module, in the training precision). Weights-only loads."""
     import contextlib
     import io
 
     marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
-    if marker["zero_stage"] == 0:
-        states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    require_model_states(checkpoint, marker["zero_stage"])
+    with weights_only_loads():
+        if marker["zero_stage"] == 0:
+            states = torch.load(checkpoint / model_states_file(0), map_location="cpu")
+            return {k: v.float() for k, v in states["module"].items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    # its progress chatter is not for the user (and `evaluate`'s stdout is one JSON object)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        # its progress chatter is not for the user (and `evaluate`'s stdout is one JSON object)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def model_states_file(zero_stage: int, rank: int = 0) -> str:
+    """DeepSpeed's model-states file in a checkpoint folder: one in all, or one per rank under ZeRO-3."""
+    return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if zero_stage == 3 else "mp_rank_00_model_states.pt"
+
+
+def require_model_states(checkpoint: Path, zero_stage: int, rank: int = 0) -> None:
+    """A one-line error naming the model-states file when it is gone (DeepSpeed's own is an empty assert)."""
+    path = checkpoint / model_states_file(zero_stage, rank)
+    if not path.is_file():
+        raise UserError(f"{path}: missing, so this checkpoint is incomplete; use another checkpoint of the run "
+                        "(or copy the file back)")
 
 
 def resolve_model_source(path: str | os.PathLike) -> tuple[Path, Path | None, Path]:
@@ -123,87 +140,52 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-# -- training checkpoints: DeepSpeed's layout plus our state ---------------------------------------------
-CHECKPOINTS_DIR = "checkpoints"
-COMPLETE_MARKER = "dsllm_complete.json"
+# -- the RNG state a training checkpoint carries per rank (safetensors + JSON metadata, never a pickle) ---
+def rng_file(tag_dir: Path, rank: int) -> Path:
+    return Path(tag_dir) / f"rng_rank{rank:05d}.safetensors"
 
 
-def tag_for(step: int) -> str:
-    return f"step{step:08d}"
-
-
-def _step_of(tag_dir: Path) -> int:
-    try:
-        return int(tag_dir.name[4:])
-    except ValueError:
-        return -1
-
-
-def complete_checkpoints(checkpoints: Path) -> list[Path]:
-    """Tag folders whose save finished on every rank (the marker is written last), oldest first."""
-    if not checkpoints.is_dir():
-        return []
-    tags = [p for p in checkpoints.iterdir() if p.is_dir() and p.name.startswith("step") and (p / COMPLETE_MARKER).is_file()]
-    return sorted(tags, key=_step_of)
-
-
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """`auto`: the newest complete checkpoint of the run, or None for a fresh start; `none`: fresh
-    (refused if the run already has checkpoints); a path: that tag folder, or a checkpoints folder."""
-    checkpoints = run_dir / CHECKPOINTS_DIR
-    if resume == "auto":
-        done = complete_checkpoints(checkpoints)
-        return done[-1] if done else None
-    if resume == "none":
-        if complete_checkpoints(checkpoints):
-            raise UserError(f"{checkpoints}: the run already has checkpoints; pass --resume auto to continue it, "
-                            "or choose a new --out")
-        return None
-    path = Path(resume)
-    if (path / COMPLETE_MARKER).is_file():
-        return path
-    done = complete_checkpoints(path) or complete_checkpoints(path / CHECKPOINTS_DIR)
-    if not done:
-        raise UserError(f"--resume {resume}: no complete checkpoint there; pass a checkpoints/stepNNNNNNNN folder, "
-                        "a run folder, auto or none")
-    return done[-1]
-
-
-def rng_state() -> dict:
+def save_rng(tag_dir: Path, rank: int) -> Path:
+    """This rank's python, numpy, torch and CUDA generator states, so a resumed run draws the same numbers."""
     import random
 
     import numpy as np
+    from safetensors.torch import save_file
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, python_state, gauss_next = random.getstate()
+    algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    tensors = {"python": torch.tensor(python_state, dtype=torch.int64),
+               "numpy": torch.from_numpy(keys.astype(np.int64)), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    meta = {"python_version": version, "python_gauss_next": gauss_next, "numpy_algorithm": algorithm,
+            "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_cached_gaussian": float(cached_gaussian)}
+    path = rng_file(tag_dir, rank)
+    save_file(tensors, str(path), metadata={"dsllm_rng": json.dumps(meta)})
+    return path
 
 
-def set_rng_state(state: dict) -> None:
+def load_rng(tag_dir: Path, rank: int) -> bool:
+    """Restore what `save_rng` wrote; False when the checkpoint has no RNG file for this rank."""
     import random
 
     import numpy as np
+    from safetensors import safe_open
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, path)
-
-
-def prune_checkpoints(checkpoints: Path, keep_last: int, newest: Path) -> None:
-    """Keep the newest `keep_last` complete checkpoints; drop incomplete ones older than `newest`
-    (left by a run killed while saving)."""
-    done = complete_checkpoints(checkpoints)
-    for old in done[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for p in checkpoints.iterdir():
-        if p.is_dir() and p.name.startswith("step") and not (p / COMPLETE_MARKER).exists() and _step_of(p) < _step_of(newest):
-            shutil.rmtree(p, ignore_errors=True)
+    path = rng_file(tag_dir, rank)
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["dsllm_rng"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        random.setstate((meta["python_version"], tuple(tensors["python"].tolist()), meta["python_gauss_next"]))
+        np.random.set_state((meta["numpy_algorithm"], tensors["numpy"].numpy().astype(np.uint32), meta["numpy_pos"],
+                             meta["numpy_has_gauss"], meta["numpy_cached_gaussian"]))
+        torch.set_rng_state(tensors["torch"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path}: not an RNG state written by dsllm ({str(err).strip()[:200]}); the checkpoint is "
+                        "damaged: resume from another one with --resume PATH") from None
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    return True

@@ -2,8 +2,11 @@
 config + tokenizer) from a training checkpoint of any ZeRO stage and world size (`zero_to_fp32`)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from dsllm.checkpoint import load_model_dir, resolve_model_source, save_model_dir
 from dsllm.errors import ArgumentParser, UserError
+from dsllm.paths import check_output_apart, model_inputs
 from dsllm.tokenizer import TOKENIZER_FILE
 
 
@@ -13,11 +16,10 @@ def main(argv=None) -> int:
                         help="checkpoints/stepNNNNNNNN folder, or a run folder (its newest complete checkpoint)")
     parser.add_argument("--output", required=True, metavar="DIR", help="model folder to write")
     args = parser.parse_args(argv)
-    from pathlib import Path
-
+    check_output_apart(args.output, "--output", model_inputs(args.checkpoint, "--checkpoint"))
     output = Path(args.output)
-    if output.exists() and any(output.iterdir()):
-        raise UserError(f"{output}: exists and is not empty; choose another --output")
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UserError(f"{output}: exists and is not an empty folder; choose another --output")
     model = load_model_dir(args.checkpoint)
     home = resolve_model_source(args.checkpoint)[2]
     save_model_dir(model, output, home / TOKENIZER_FILE)

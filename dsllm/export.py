@@ -103,6 +103,8 @@ def hf_config(config: ModelConfig, eos: int) -> dict:
 def export_hf(model: GPT, tokenizer_file: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write the Hugging Face folder; staged under a temporary name and renamed when complete."""
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"{output}: exists and is not a folder; choose another --output")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise UserError(f"{output}: exists and is not empty; pass --overwrite to replace it or choose another --output")
     tokenizer = load_tokenizer(tokenizer_file)
@@ -134,6 +136,7 @@ def main(argv=None) -> int:
     """`python -m dsllm export --checkpoint RUN_DIR --output HF_DIR`."""
     from dsllm.checkpoint import load_model_dir, resolve_model_source
     from dsllm.errors import ArgumentParser
+    from dsllm.paths import check_output_apart, model_inputs
 
     parser = ArgumentParser(prog="python -m dsllm export", description="Export a model to a Hugging Face folder.")
     parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
@@ -141,6 +144,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", required=True, metavar="HF_DIR", help="folder to write")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty HF_DIR")
     args = parser.parse_args(argv)
+    check_output_apart(args.output, "--output", model_inputs(args.checkpoint, "--checkpoint"))
     model = load_model_dir(args.checkpoint)
     home = resolve_model_source(args.checkpoint)[2]
     out = export_hf(model, home / TOKENIZER_FILE, args.output, overwrite=args.overwrite)

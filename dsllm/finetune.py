@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import random
 import sys
 import time
@@ -31,6 +32,7 @@ import torch
 
 from dsllm.errors import ArgumentParser, UserError, positive
 from dsllm.jsonl import read_jsonl
+from dsllm.tokenizer import encode_as_text
 
 ROLES = ("system", "user", "assistant")
 SUMMARY_FILE = "finetune.json"
@@ -77,7 +79,7 @@ def tokenize(messages: list[dict], tokenizer, eot: int) -> tuple[list[int], list
     """(ids, trained) of one conversation: <|endoftext|> first, each assistant reply followed by <|endoftext|>."""
     ids, trained = [eot], [False]
     for text, is_reply in render(messages):
-        piece = tokenizer.encode(text).ids
+        piece = encode_as_text(tokenizer, [text])[0]  # a literal <|endoftext|> in an example is text, as in prepare
         ids += piece
         trained += [is_reply] * len(piece)
         if is_reply:
@@ -90,7 +92,7 @@ def context_ids(messages: list[dict], tokenizer, eot: int) -> list[int]:
     """What the model sees before it answers the last message: tokenized piece by piece exactly as in training
     (one string would let BPE merge across the template's pieces)."""
     ids, _ = tokenize(messages, tokenizer, eot)
-    return ids + tokenizer.encode("<|assistant|>\n").ids
+    return ids + encode_as_text(tokenizer, ["<|assistant|>\n"])[0]
 
 
 @dataclasses.dataclass
@@ -185,7 +187,7 @@ def evaluate_model(model, tokenizer, eot: int, val: list[list[dict]], seq_len: i
     for messages in singles:
         context = context_ids(messages[:1], tokenizer, eot)
         room = model.config.max_seq_len - len(context)
-        budget = min(room, len(tokenizer.encode(messages[1]["content"]).ids) + 8)
+        budget = min(room, len(encode_as_text(tokenizer, [messages[1]["content"]])[0]) + 8)
         if budget < 1:
             continue
         new = model.generate([context], budget, temperature=0.0, eos_id=eot, vocab_size=vocab)[0]
@@ -196,10 +198,11 @@ def evaluate_model(model, tokenizer, eot: int, val: list[list[dict]], seq_len: i
 
 
 def main(argv=None) -> int:
-    from dsllm.checkpoint import (CONFIG_FILE, COMPLETE_MARKER, load_model_dir, model_tokenizer, resolve_model_source,
-                                  save_model_dir, write_json_atomic)
+    from dsllm.checkpoint import CONFIG_FILE, load_model_dir, model_tokenizer, resolve_model_source, save_model_dir
+    from dsllm.train_checkpoint import COMPLETE_MARKER, write_json_atomic
     from dsllm.ds_config import load_ds_config
     from dsllm.metrics import MetricsLog
+    from dsllm.paths import check_output_apart, model_inputs
     from dsllm.tokenizer import eot_id
     from dsllm.train_config import TrainConfig, world_from_env
     from dsllm.trainer import Plan, build_engine, deepspeed_config, init_distributed, train_step
@@ -231,6 +234,8 @@ def main(argv=None) -> int:
         raise UserError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
 
     # -- everything that can fail on the input, before the process group exists
+    inputs = model_inputs(args.init, "--init") + [("--data", args.data), ("--ds_config", args.ds_config)]
+    check_output_apart(args.out, "--out", inputs + ([("--val-data", args.val_data)] if args.val_data else []))
     tokenizer, tokenizer_file = model_tokenizer(resolve_model_source(args.init)[2])
     eot = eot_id(tokenizer)
     examples = read_examples(args.data)
@@ -289,11 +294,15 @@ def main(argv=None) -> int:
             skipped += 1
         if step % args.log_interval == 0 or step == args.max_steps:
             dist.all_reduce(window, op=dist.ReduceOp.SUM)
-            value = (window / max(window_steps, 1) / world).item()
             elapsed = time.perf_counter() - start
-            log.write({"step": step, "loss": value, "lr": engine.get_lr()[0], "skipped_steps": skipped,
-                       "rows_per_second": batch.global_size * window_steps / max(elapsed, 1e-9)},
-                      f"step {step:>5}/{args.max_steps} | loss {value:.4f} | lr {engine.get_lr()[0]:.3e}")
+            record = {"step": step, "lr": engine.get_lr()[0], "skipped_steps": skipped,
+                      "rows_per_second": batch.global_size * window_steps / max(elapsed, 1e-9)}
+            if window_steps:
+                record["loss"] = (window / window_steps / world).item()
+            else:  # every step of the window was skipped: no loss to report (not 0.0), as the trainer logs it
+                record["skipped"] = True
+            log.write(record, f"step {step:>5}/{args.max_steps} | loss {record.get('loss', math.nan):.4f} | "
+                              f"lr {engine.get_lr()[0]:.3e}")
             window.zero_()
             window_steps, start = 0, time.perf_counter()
     tag = out / "checkpoints" / "final"

@@ -8,7 +8,7 @@ after another, each under a `=== prompt I/N ===` line.
 from __future__ import annotations
 
 import argparse
-import math
+import re
 import secrets
 import sys
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Callable
 
 from tokenizers import Tokenizer
 
-from dsllm.errors import UserError
+from dsllm.errors import UserError, finite
 from dsllm.jsonl import read_jsonl
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -67,14 +67,14 @@ def read_prompts(texts: list[str], files: list[str]) -> list[str]:
     return prompts or [""]  # no prompt: an unconditional sample, from <|endoftext|> alone
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
+MAX_TEMPERATURE = 100.0  # far past the point where sampling is uniform; 1e39 overflows float32 logits to nan
+
+
+def _device(text: str) -> str:
+    """argparse type for --device: auto, cpu, cuda or cuda:N (a meta or other device cannot hold the weights)."""
+    if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device to generate on; use auto, cpu, cuda or cuda:N")
 
 
 def main(argv=None) -> int:
@@ -92,19 +92,19 @@ def main(argv=None) -> int:
                         help='one prompt a line; .jsonl: a JSON string or {"prompt": str} a line')
     parser.add_argument("--max-new-tokens", type=positive, metavar="N",
                         help=f"tokens to add (default: up to {DEFAULT_MAX_NEW_TOKENS}, as the model's context allows)")
-    parser.add_argument("--temperature", type=_fraction, default=0.8, metavar="T",
+    parser.add_argument("--temperature", type=finite, default=0.8, metavar="T",
                         help="0 is greedy; higher is more random (default %(default)s)")
     parser.add_argument("--top-k", type=positive, metavar="K", help="sample among the K most likely tokens only")
-    parser.add_argument("--top-p", type=_fraction, metavar="P", help="nucleus sampling: the smallest set of tokens "
+    parser.add_argument("--top-p", type=finite, metavar="P", help="nucleus sampling: the smallest set of tokens "
                         "whose probability reaches P (0 < P <= 1)")
     parser.add_argument("--seed", type=int, metavar="S", help="the same seed gives the same text (default: random, "
                         "printed on stderr)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template of "
                         "launch/finetune.py (for fine-tuned models)")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument("--device", type=_device, default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     args = parser.parse_args(argv)
-    if args.temperature < 0:
-        parser.error(f"argument --temperature: {args.temperature} must be 0 (greedy) or more")
+    if not 0 <= args.temperature <= MAX_TEMPERATURE:
+        parser.error(f"argument --temperature: {args.temperature:g} must be 0 (greedy) to {MAX_TEMPERATURE:g}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error(f"argument --top-p: {args.top_p} must be above 0 and at most 1")
 

@@ -86,10 +86,12 @@ class MetricsLog:
             self._file.close()
 
 
-def format_step(step: int, max_steps: int, loss: float, lr: float, tokens_per_second: float, mfu_value: float | None,
-                memory: float, eta_seconds: float) -> str:
+def format_step(step: int, max_steps: int, loss: float | None, lr: float, tokens_per_second: float,
+                mfu_value: float | None, memory: float, eta_seconds: float) -> str:
+    """One log line; `loss` None: every step since the last line was skipped (non-finite gradients)."""
     mfu_text = f"{100 * mfu_value:.1f}%" if mfu_value is not None else "n/a"
     eta = f"{int(eta_seconds // 3600)}:{int(eta_seconds % 3600 // 60):02d}:{int(eta_seconds % 60):02d}"
-    return (f"step {step:>6}/{max_steps} | loss {loss:.4f} | lr {lr:.3e} | {tokens_per_second:,.0f} tok/s | "
+    loss_text = f"loss {loss:.4f}" if loss is not None else "skipped"
+    return (f"step {step:>6}/{max_steps} | {loss_text} | lr {lr:.3e} | {tokens_per_second:,.0f} tok/s | "
             f"MFU {mfu_text} | mem {memory:.2f} GiB | ETA {eta}")
 

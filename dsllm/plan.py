@@ -68,6 +68,9 @@ def model_for(spec: str) -> ModelConfig:
         target = float(match.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[match.group(2).lower()]
     except ValueError:
         raise UserError(f"--model {spec!r}: not a number, preset or JSON file") from None
+    if not math.isfinite(target) or target > 1e15:  # 1e400 is inf: no layer count reaches it
+        raise UserError(f"--model {spec!r}: {target:g} parameters is beyond any model this plans (at most 1e15); "
+                        "pass e.g. 125M, 1.3e9 or 70B")
     if target < 1e6:
         raise UserError(f"--model {spec!r}: {target:,.0f} parameters is below 1M; pass e.g. 125M, 1.3e9 or 7B")
     shapes = [resolve_model_config(name) for name in PRESETS if name.startswith("llama-")]

@@ -25,7 +25,8 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
-    """(training records, eval records), one per step, sorted; a later line for a step replaces an earlier one."""
+    """(training records, eval records), one per step, sorted; a later line for a step replaces an earlier one.
+    A training record whose log window had every step skipped (non-finite) has `"skipped": true` and no loss."""
     path = run / METRICS_FILE
     if not path.is_file():
         raise UserError(f"{run}: no {METRICS_FILE}; pass a run folder (launch/pretrain.py --out DIR)")
@@ -38,7 +39,7 @@ def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
             step = int(record["step"])
         except (ValueError, KeyError, TypeError):
             raise UserError(f"{path}:{number}: not a metrics record (JSON with a step); the file is damaged") from None
-        if "loss" in record:
+        if "loss" in record or record.get("skipped"):
             train[step] = record
         if "val_loss" in record:
             evals[step] = record
@@ -88,12 +89,28 @@ def _plt():
     return plt
 
 
+def training_loss(record: dict) -> float:
+    """The record's loss, or NaN for a window with every step skipped: a gap in a plotted line, never a 0."""
+    loss = record.get("loss")
+    return math.nan if loss is None or record.get("skipped") else float(loss)
+
+
 def plot_loss(train: list[dict], evals: list[dict], path: Path) -> None:
     plt = _plt()
+    fig = loss_figure(train, evals)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def loss_figure(train: list[dict], evals: list[dict]):
+    """Training (and validation) loss against steps and against tokens; skipped windows are gaps in the line."""
+    plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    tokens_per_step = train[-1]["tokens"] / train[-1]["step"]  # eval lines carry steps: their tokens follow
+    with_tokens = [r for r in train if r.get("tokens")]
+    tokens_per_step = with_tokens[-1]["tokens"] / with_tokens[-1]["step"] if with_tokens else 1.0  # for eval steps
+    losses = [training_loss(r) for r in train]
     for ax, key, label, scale in ((axes[0], "step", "step", 1), (axes[1], "tokens", "tokens seen", tokens_per_step)):
-        ax.plot([r[key] for r in train], [r["loss"] for r in train], label="training loss", lw=1.2)
+        ax.plot([r.get(key, r["step"] * scale) for r in train], losses, label="training loss", lw=1.2)
         if evals:
             ax.plot([r["step"] * scale for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss",
                     lw=1.2)
@@ -102,8 +119,7 @@ def plot_loss(train: list[dict], evals: list[dict], path: Path) -> None:
     axes[0].set_ylabel("cross-entropy (nats/token)")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def plot_series(train: list[dict], keys: list[tuple[str, str]], path: Path, title: str) -> None:
@@ -154,8 +170,10 @@ def summary(run: Path, train: list[dict], evals: list[dict], images: list[str], 
     if train:
         last = train[-1]
         speeds = [r["tokens_per_second"] for r in train if r.get("tokens_per_second")]
-        lines += [f"- trained: {last['step']:,} steps, {last.get('tokens', 0):,} tokens; final training loss "
-                  f"{last['loss']:.4f} (first logged {train[0]['loss']:.4f})",
+        losses = [r for r in train if math.isfinite(training_loss(r))]
+        lines += [f"- trained: {last['step']:,} steps, {last.get('tokens', 0):,} tokens; " + (
+                  f"final training loss {training_loss(losses[-1]):.4f} at step {losses[-1]['step']:,} "
+                  f"(first logged {training_loss(losses[0]):.4f})" if losses else "no training loss logged"),
                   f"- throughput: median {sorted(speeds)[len(speeds) // 2]:,.0f} tokens/s" if speeds else "- throughput: n/a"]
         mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
         if mfus:
@@ -163,6 +181,9 @@ def summary(run: Path, train: list[dict], evals: list[dict], images: list[str], 
         skipped = last.get("skipped_steps", 0)
         if skipped:
             lines.append(f"- skipped updates (non-finite gradients): {skipped}")
+        gaps = len(train) - len(losses)
+        if gaps:
+            lines.append(f"- log windows with every step skipped (no loss; gaps in the loss plot): {gaps}")
     if evals:
         best = min(evals, key=lambda r: r["val_loss"])
         final = evals[-1]
@@ -187,13 +208,19 @@ def main(argv=None) -> int:
     parser.add_argument("--max-prompt-tokens", type=int, default=24, help="tokens shown in the attention maps (default %(default)s)")
     parser.add_argument("--no-attention", action="store_true", help="skip the attention maps (no model is loaded)")
     args = parser.parse_args(argv)
+    from dsllm.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE, WEIGHTS_FILE
+    from dsllm.paths import check_output_apart
+    from dsllm.tokenizer import TOKENIZER_FILE
+
     run = Path(args.run)
     if not run.is_dir():
         raise UserError(f"{run}: no such run folder")
     if args.max_prompt_tokens < 2:
         raise UserError(f"--max-prompt-tokens {args.max_prompt_tokens}: must be 2 or more")
-    train, evals = read_metrics(run)
     out = Path(args.out) if args.out else run / "report"
+    check_output_apart(out, "--out", [("the report", run / name) for name in (METRICS_FILE, CONFIG_FILE, TOKENIZER_FILE,
+                                                                              WEIGHTS_FILE, CHECKPOINTS_DIR)])
+    train, evals = read_metrics(run)
     out.mkdir(parents=True, exist_ok=True)
     images = []
     if train:
@@ -205,7 +232,7 @@ def main(argv=None) -> int:
     prompt_tokens = 0
     if not args.no_attention:
         from dsllm.checkpoint import load_model_dir
-        from dsllm.tokenizer import TOKENIZER_FILE, load_tokenizer
+        from dsllm.tokenizer import load_tokenizer
 
         if not (run / TOKENIZER_FILE).is_file():
             raise UserError(f"{run}: no {TOKENIZER_FILE}; pass --no-attention, or a run folder made by launch/pretrain.py")

@@ -1,16 +1,23 @@
 """The restart loop: run a training command; after a failure, run it again (the trainer resumes from
 its newest complete checkpoint, `--resume auto`), up to `--max-restarts` times. Launcher-agnostic:
-it wraps `deepspeed …`, `mpirun …` or a plain `python launch/pretrain.py …` alike."""
+it wraps `deepspeed …`, `mpirun …` or a plain `python launch/pretrain.py …` alike.
+
+SIGINT, SIGTERM and SIGUSR1 sent to the supervisor go to the whole job (its own process group): the
+trainer saves a checkpoint and exits, the supervisor waits until no process of the job is left and
+does not restart. A run stopped by diverging (exit 3) is not restarted either: it would diverge again."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
 import time
 
 from dsllm.errors import USER_ERROR_EXIT, ArgumentParser, UserError
+from dsllm.run_control import STOP_SIGNALS, STOPPED_EXIT
 
-NO_RETRY = {0, USER_ERROR_EXIT}  # success, or a bad input that a restart cannot fix
+DIVERGED_EXIT = 3  # the trainer's TrainingAborted: non-finite values; a restart would repeat it
+NO_RETRY = {0, USER_ERROR_EXIT, DIVERGED_EXIT}  # success, a bad input or a diverged run: a restart cannot fix it
 
 
 def describe(code: int) -> str:
@@ -21,19 +28,81 @@ def describe(code: int) -> str:
     return f"exit code {code}"
 
 
+class Job:
+    """One attempt: the command in a process group of its own, so a signal reaches every process of it
+    (launcher, ranks, loader workers) and the supervisor can tell when the last one is gone."""
+
+    def __init__(self, command: list[str]):
+        self.proc = subprocess.Popen(command, process_group=0, preexec_fn=_die_with_parent)
+
+    def signal(self, signum: int) -> None:
+        try:
+            os.killpg(self.proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def wait(self) -> int:
+        code = self.proc.wait()
+        while _group_alive(self.proc.pid):  # the launcher may exit before its ranks have saved and quit
+            time.sleep(0.2)
+        return code
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the supervisor dies (even by SIGKILL), so no job outlives it."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 def supervise(command: list[str], max_restarts: int, delay: float = 5.0, log=print) -> int:
-    attempt = 0
-    while True:
-        code = subprocess.call(command)
-        if code in NO_RETRY:
-            return code
-        if attempt >= max_restarts:
-            log(f"supervise: the job failed ({describe(code)}) and --max-restarts {max_restarts} are used up")
-            return code
-        attempt += 1
-        log(f"supervise: the job failed ({describe(code)}); restart {attempt}/{max_restarts} in {delay:g} s, "
-            "resuming from the newest complete checkpoint")
-        time.sleep(delay)
+    attempt, received = 0, []
+
+    def forward(signum, frame):
+        received.append(signum)
+        job.signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
+    try:
+        while True:
+            job = Job(command)
+            code = job.wait()
+            if received:
+                log(f"supervise: {signal.Signals(received[0]).name} passed to the job, which ended ({describe(code)}); "
+                    "not restarting" + ("" if code in (0, STOPPED_EXIT) else
+                                        " (the ranks' lines above say whether a checkpoint was written)"))
+                return code if code >= 0 else 128 - code
+            if code in NO_RETRY:
+                if code == DIVERGED_EXIT:
+                    log("supervise: the run diverged (exit code 3); not restarting, since resuming would diverge again "
+                        "(the trainer's message names the last healthy checkpoint)")
+                return code
+            if attempt >= max_restarts:
+                log(f"supervise: the job failed ({describe(code)}) and --max-restarts {max_restarts} are used up")
+                return code
+            attempt += 1
+            log(f"supervise: the job failed ({describe(code)}); restart {attempt}/{max_restarts} in {delay:g} s, "
+                "resuming from the newest complete checkpoint")
+            time.sleep(delay)
+            if received:  # asked to stop between attempts
+                return 128 + received[0]
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def main(argv=None) -> int:

@@ -7,19 +7,30 @@ import tempfile
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from dsllm.errors import UserError
 
 EOT_TOKEN = "<|endoftext|>"
 MIN_VOCAB_SIZE = 257  # the 256 byte symbols and <|endoftext|>
-MAX_VOCAB_SIZE = 2**32  # what the token format's uint32 ids can hold
+# BpeTrainer allocates ~66 bytes per vocabulary entry up front (2**32 asks for 283 GB and aborts the process);
+# 2**24 is 64 x the largest vocabularies in use and still fits the token format's uint32 ids.
+MAX_VOCAB_SIZE = 2**24
+MAX_MIN_FREQUENCY = 2**63 - 1  # the trainer's counts are 64-bit
 TOKENIZER_FILE = "tokenizer.json"
+# BPE training costs (merges x word length) per word, so one 1 MB run without whitespace (a minified or base64 blob)
+# never finishes; pieces longer than any token worth learning (128 bytes) are cut into 128-byte chunks.
+MAX_PIECE_BYTES = 128
 
 
 def new_byte_level_bpe() -> Tokenizer:
+    """GPT-2's byte-level pre-tokenizer, then its pieces cut to MAX_PIECE_BYTES. The cut comes after the byte mapping,
+    where every character is one byte and none is a newline for `.` to miss; a UTF-8 character cut in two still
+    round-trips, because the decoder joins the bytes of all tokens before decoding them."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        pre_tokenizers.Split(Regex(f".{{1,{MAX_PIECE_BYTES}}}"), behavior="isolated")])
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 
@@ -30,7 +41,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     `<|endoftext|>` (id 0); a corpus too small to learn `vocab_size` tokens is a UserError."""
     if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
         raise UserError(f"--vocab-size {vocab_size} is outside {MIN_VOCAB_SIZE}..{MAX_VOCAB_SIZE:,}: byte-level BPE "
-                        f"needs 256 byte symbols plus {EOT_TOKEN}, and token files hold uint32 ids at most")
+                        f"needs 256 byte symbols plus {EOT_TOKEN}, and the trainer allocates memory for the whole "
+                        "vocabulary up front (32000 and 50257 are common)")
+    if not 1 <= min_frequency <= MAX_MIN_FREQUENCY:
+        raise UserError(f"--min-frequency {min_frequency} is outside 1..{MAX_MIN_FREQUENCY:,}: it is how often a pair "
+                        "must occur to be merged (the default is 2)")
     tokenizer = new_byte_level_bpe()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
                                   special_tokens=[EOT_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -45,6 +60,19 @@ def check_full_vocab(tokenizer: Tokenizer, vocab_size: int, min_frequency: int) 
     if learned < vocab_size:
         raise UserError(f"the corpus supports only {learned:,} tokens (at min frequency {min_frequency}), fewer than "
                         f"--vocab-size {vocab_size:,}; use --vocab-size {learned} or less, or train on more text")
+
+
+def encode_as_text(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, a special token written in it (a literal `<|endoftext|>`) encoded as the text it is:
+    document boundaries come from the caller, by id, never from user text. prepare and finetune both encode so."""
+    matching = tokenizer.encode_special_tokens
+    tokenizer.encode_special_tokens = True
+    try:
+        if len(texts) == 1:  # no thread pool for one text (a later fork would warn about it on stderr)
+            return [tokenizer.encode(texts[0], add_special_tokens=False).ids]
+        return [encoding.ids for encoding in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    finally:
+        tokenizer.encode_special_tokens = matching
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> bytes:

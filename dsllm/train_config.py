@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
+import typing
 
-from dsllm.errors import ArgumentParser, UserError
+from dsllm.errors import ArgumentParser, UserError, finite
 
 
 @dataclasses.dataclass
@@ -41,6 +43,7 @@ class TrainConfig:
     sample_tokens: int = 64  # tokens generated from the validation text at the end (0: none)
     peak_tflops: float | None = None  # device peak for MFU; None: from the GPU table
     collective_timeout: float = 600.0  # seconds a collective may wait for a hung rank before the job fails
+    stop_grace: float = 120.0  # seconds from SIGINT/SIGTERM/SIGUSR1 to the checkpoint; past it, exit without one
     compile: bool = False  # torch.compile the model inside the engine (engine.compile(); inductor on CPU and GPU)
 
     @property
@@ -48,17 +51,35 @@ class TrainConfig:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.max_steps // 20)
 
     def check(self) -> None:
-        positive = ("max_steps", "eval_interval", "save_interval", "log_interval", "eval_windows",
-                    "max_nonfinite_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be 1 or more")
-        for name in ("seq_len", "micro_batch_size", "grad_accum", "global_batch_size"):
+        """Every option in range, before any rank starts: one line naming the flag and what it takes."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{_flag(field.name)} {value}: not a finite number; pass a number")
+        at_least = {"max_steps": 1, "eval_interval": 1, "save_interval": 1, "log_interval": 1, "eval_windows": 1,
+                    "max_nonfinite_steps": 1, "keep_checkpoints": 1, "loader_workers": 0, "sample_tokens": 0,
+                    "seed": 0, "seq_len": 1, "micro_batch_size": 1, "grad_accum": 1, "global_batch_size": 1,
+                    "warmup_steps": 0}
+        for name, least in at_least.items():
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UserError(f"--{name.replace('_', '-')} {value}: must be 1 or more")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise UserError("--lr must be positive and --min-lr-ratio in [0, 1]")
+            if value is not None and value < least:
+                raise UserError(f"{_flag(name)} {value}: must be {least} or more")
+        above_zero = {"lr": "the peak learning rate", "peak_tflops": "the device's peak TFLOPS",
+                      "collective_timeout": "the timeout in seconds"}
+        for name, what in above_zero.items():
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise UserError(f"{_flag(name)} {value}: {what} must be above 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"--min-lr-ratio {self.min_lr_ratio}: the cosine floor is a fraction of --lr, in [0, 1]")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"{_flag(name)} {getattr(self, name)}: must be in [0, 1), e.g. 0.9 and 0.95")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{_flag(name)} {getattr(self, name)}: must be 0 or more (0: off)")
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise UserError(f"--precision {self.precision}: use auto, bf16, fp16 or fp32")
         if self.warmup >= self.max_steps and self.max_steps > 1:
             raise UserError(f"--warmup-steps {self.warmup} is not below --max-steps {self.max_steps}; shorten the warmup")
 
@@ -70,13 +91,15 @@ def _flag(name: str) -> str:
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="pretrain.py", description="Pretrain a GPT on the DeepSpeed engine. Model options: "
                             "--model PRESET_OR_JSON and --model.FIELD VALUE (e.g. --model.norm rmsnorm).")
+    hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         if field.name == "model_overrides":
             continue
         flag = "--ds_config" if field.name == "ds_config" else _flag(field.name)
-        kind = str(field.type).replace(" | None", "")
-        arg_type = {"int": int, "float": float}.get(kind, str)
-        if kind == "bool":
+        kind = next((t for t in (bool, int, float) if hints[field.name] == t or t in typing.get_args(hints[field.name])),
+                    str)
+        arg_type = {int: int, float: finite}.get(kind, str)
+        if kind is bool:
             parser.add_argument(flag, dest=field.name, action="store_true", help=f"(default {field.default})")
         elif field.name == "ds_config":
             parser.add_argument(flag, "--ds-config", dest="ds_config", required=True, help="DeepSpeed JSON (ds_configs/*.json)")

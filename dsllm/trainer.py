@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -22,17 +21,21 @@ from pathlib import Path
 import torch
 
 from dsllm import __version__
-from dsllm.checkpoint import (CHECKPOINTS_DIR, COMPLETE_MARKER, CONFIG_FILE, WEIGHTS_FILE, complete_checkpoints,
-                              load_model_dir, prune_checkpoints, resolve_resume, rng_state, set_rng_state, tag_for,
-                              write_json_atomic)
+from dsllm.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_model_dir, load_rng, require_model_states, save_rng
 from dsllm.data.format import TokenFile
 from dsllm.data.loader import ResumableLoader, TokenWindows
 from dsllm.ds_config import RunValues, load_ds_config, resolve_ds_config
-from dsllm.errors import UserError
+from dsllm.errors import USER_ERROR_EXIT, UserError
 from dsllm.evaluation import eval_indices, evaluate, token_byte_lengths
 from dsllm.metrics import MetricsLog, format_step, memory_gib, mfu, peak_tflops
 from dsllm.model import GPT, flops_per_token
 from dsllm.model_config import ConfigError, ModelConfig, resolve_model_config
+from dsllm.run_control import (STOPPED_EXIT, RunLock, StopRequest, Watchdog, control_group, kill_local_peers,
+                               local_peer_pids)
+from dsllm.train_checkpoint import (CHECKPOINTS_DIR, COMPLETE_MARKER, checkpoint_files, checksum_problem, commit,
+                                    continues_branch, current_branch, file_digests, lineage_candidates, prune,
+                                    read_marker, remove_leftovers, resume_candidates, size_problem, staging_dir,
+                                    start_branch, tag_for, write_json_atomic)
 from dsllm.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer, tokenizer_hash
 from dsllm.train_config import TrainConfig, world_from_env
 
@@ -43,6 +46,10 @@ VOCAB_MULTIPLE = 64  # embedding rows padded so matmuls tile well; the extra ids
 
 class TrainingAborted(Exception):
     """Training stopped for a reason found while running (not a bad input)."""
+
+
+class RunStopped(Exception):
+    """Training stopped on a signal (preemption, Ctrl-C) after saving a checkpoint."""
 
 
 @dataclasses.dataclass
@@ -63,6 +70,7 @@ class Plan:
     zero_stage: int
     resume_from: Path | None
     universal: bool = False  # the checkpoint's world size or ZeRO stage differs: load through a universal checkpoint
+    fallbacks: list = dataclasses.field(default_factory=list)  # older checkpoints of the lineage, when resume_from is damaged
 
 
 def _log(plan_or_rank, message: str) -> None:
@@ -103,6 +111,12 @@ def preflight(config: TrainConfig) -> Plan:
     if tokenizer_hash(tokenizer) != train.header.tokenizer_hash:
         raise UserError(f"{data_dir / TOKENIZER_FILE}: does not match the tokenizer the dataset was made with; "
                         "run data_pipeline/validate.py and re-create the dataset")
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    for split in (train, val):  # ids past the tokenizer train silently on padded rows, or crash the embedding
+        largest = split.max_token_id()
+        if largest >= vocab_size:
+            raise UserError(f"{split.bin_path}: token id {largest} is not below the tokenizer's vocabulary size "
+                            f"{vocab_size}; re-create the dataset with data_pipeline/prepare.py")
     model = _model_config(config, train.vocab_size)
     seq_len = config.seq_len or model.max_seq_len
     model.check_seq_len(seq_len)
@@ -111,13 +125,34 @@ def preflight(config: TrainConfig) -> Plan:
             raise UserError(f"--data {data_dir}: the {name} split has {split.num_tokens} tokens, not one window of "
                             f"{seq_len + 1}; use a shorter --seq-len or more data")
     ds, batch, precision, stage = deepspeed_config(config, ds_raw, model, world_size)
-    out = Path(config.out)
-    resume_from = resolve_resume(config.resume, out)
-    universal = resume_from is not None and _needs_universal(resume_from, model, world_size, stage, precision)
-    if universal:
-        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
-    return Plan(config, rank, local_rank, world_size, data_dir, train, val, model, seq_len, ds, batch, precision,
-                stage, resume_from, universal)
+    plan = Plan(config, rank, local_rank, world_size, data_dir, train, val, model, seq_len, ds, batch, precision,
+                stage, None)
+    candidates, explicit = resume_candidates(config.resume, Path(config.out))
+    choose_resume(plan, candidates, explicit, lambda path, marker: size_problem(path, marker))
+    return plan
+
+
+def choose_resume(plan: Plan, candidates: list[Path], explicit: bool, problem_of) -> None:
+    """Set plan.resume_from to the first candidate without a problem (`problem_of(path, marker)`), saying why
+    each newer one was passed over; an explicit --resume PATH with a problem is refused."""
+    for i, path in enumerate(candidates):
+        marker = read_marker(path)
+        problem = "its marker is unreadable" if marker is None else problem_of(path, marker)
+        if problem is None:
+            plan.resume_from, plan.fallbacks = path, candidates[i + 1:]
+            plan.universal = _needs_universal(marker, path, plan.model, plan.world_size, plan.zero_stage, plan.precision)
+            checkpoint = {k: v for k, v in plan.ds.get("checkpoint", {}).items() if k != "load_universal"}
+            plan.ds["checkpoint"] = {**checkpoint, **({"load_universal": True} if plan.universal else {})}
+            if not plan.ds["checkpoint"]:
+                del plan.ds["checkpoint"]
+            return
+        if explicit:
+            raise UserError(f"{path}: damaged checkpoint ({problem}); resume from another one with --resume PATH")
+        _log(plan, f"checkpoint {path} is damaged ({problem}); falling back to the one before it")
+    plan.resume_from, plan.universal, plan.fallbacks = None, False, []
+    if candidates:
+        raise UserError(f"{Path(plan.config.out) / CHECKPOINTS_DIR}: every checkpoint of this run is damaged; start "
+                        "again with --resume none and a new --out, or pass a checkpoint with --resume PATH")
 
 
 def deepspeed_config(config: TrainConfig, ds_raw: dict, model: ModelConfig, world_size: int):
@@ -130,10 +165,10 @@ def deepspeed_config(config: TrainConfig, ds_raw: dict, model: ModelConfig, worl
     return resolve_ds_config(ds_raw, run, world_size, config.ds_config, supports_bf16, on_gpu)
 
 
-def _needs_universal(checkpoint: Path, model: ModelConfig, world_size: int, stage: int, precision: str) -> bool:
+def _needs_universal(marker: dict, checkpoint: Path, model: ModelConfig, world_size: int, stage: int,
+                     precision: str) -> bool:
     """Whether resuming needs DeepSpeed's universal checkpoint (another world size or ZeRO stage);
     combinations DeepSpeed cannot load are refused here with what to do instead."""
-    marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
     if marker["model"] != model.to_dict():
         changed = sorted(k for k in marker["model"] if marker["model"][k] != model.to_dict().get(k))
         raise UserError(f"{checkpoint}: saved from a model that differs in {', '.join(changed)}; resume with the "
@@ -148,6 +183,10 @@ def _needs_universal(checkpoint: Path, model: ModelConfig, world_size: int, stag
         raise UserError(f"{checkpoint}: saved with ZeRO stage {saved_stage}, this run has stage {stage}; DeepSpeed's "
                         "universal checkpoint converts only between stages 1-3: resume with ZeRO-"
                         f"{saved_stage} (--ds_config ds_configs/zero{saved_stage}.json)")
+    if saved_stage == 3 and stage != 3:
+        raise UserError(f"{checkpoint}: a ZeRO-3 checkpoint cannot be resumed on ZeRO-{stage}: DeepSpeed 0.19.8's universal "
+                        "checkpoint from stage 3 lacks the files stages 1-2 load; resume on ZeRO-3 with any number "
+                        "of ranks, or start a new run from its weights (consolidate) with another --out")
     if stage == 3 and saved_stage != 3:
         raise UserError(f"{checkpoint}: a ZeRO-{saved_stage} checkpoint cannot be resumed on ZeRO-3: DeepSpeed 0.19.8 "
                         "fails to load it (universal checkpoint into stage 3); resume on ZeRO-1 or ZeRO-2 with any "
@@ -167,10 +206,13 @@ def convert_to_universal(checkpoint: Path) -> Path:
     if (target / COMPLETE_MARKER).is_file():
         return target
     shutil.rmtree(target, ignore_errors=True)
-    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
+    # DeepSpeed's ds_to_universal, with weights-only loads (dsllm.safe_load)
+    proc = subprocess.run([sys.executable, "-m", "dsllm.safe_load", "universal", "--input_folder", str(checkpoint),
                            "--output_folder", str(target), "--inject_missing_state"], capture_output=True, text=True)
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+    if proc.returncode == USER_ERROR_EXIT:  # a refused file: its one line says which
+        raise UserError(tail[0].removeprefix("error: "))
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise UserError(f"{checkpoint}: conversion to a universal checkpoint failed ({tail[0][:200]}); resume with "
                         "the world size and ZeRO stage it was saved with")
     shutil.copyfile(checkpoint / COMPLETE_MARKER, target / COMPLETE_MARKER)
@@ -369,43 +411,89 @@ def write_run_files(plan: Plan) -> Path:
     return out
 
 
-def save_checkpoint(plan: Plan, engine, loader: ResumableLoader, step: int, counters: dict) -> Path:
+def save_checkpoint(plan: Plan, engine, loader: ResumableLoader, step: int, counters: dict, lineage: dict,
+                    val_loss: float | None) -> Path:
+    """Write a checkpoint into a staging folder on every rank, hash its files (each rank a share), and let rank 0
+    put the marker in and rename it into place. Returns the checkpoint folder."""
     import torch.distributed as dist
 
     checkpoints = Path(plan.config.out) / CHECKPOINTS_DIR
-    tag = tag_for(step)
+    staging = staging_dir(checkpoints, step)
+    if plan.rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # the same save of an earlier attempt that died
+    dist.barrier()
     state = {"dsllm": {"step": step, "data": loader.state_dict(), "counters": dict(counters),
                        "val_fingerprint": plan.val.fingerprint}}
-    engine.save_checkpoint(str(checkpoints), tag=tag, client_state=state)
-    torch.save(rng_state(), checkpoints / tag / f"rng_rank{plan.rank:05d}.pt")
-    if os.environ.get("DSLLM_FAULT") == f"kill_in_save:{step}":  # test hook: die mid-save, before the marker
+    engine.save_checkpoint(str(checkpoints), tag=staging.name, client_state=state, save_latest=False)
+    save_rng(staging, plan.rank)
+    if os.environ.get("DSLLM_FAULT") in (f"kill_in_save:{step}", f"kill_in_save:{step}:written"):  # test hook
         os.kill(os.getpid(), signal.SIGKILL)
     dist.barrier()
-    if plan.rank == 0:  # the marker comes last: only now is this checkpoint complete on every rank
-        write_json_atomic(checkpoints / tag / COMPLETE_MARKER, {
+    names = [checkpoint_files(staging) if plan.rank == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    shares = [None] * plan.world_size
+    dist.all_gather_object(shares, file_digests(staging, names[0][plan.rank::plan.world_size]))
+    if plan.rank == 0:  # the marker goes in last, then one rename: the folder is complete or absent
+        commit(staging, {
             "step": step, "consumed_samples": loader.consumed_samples, "world_size": plan.world_size,
             "zero_stage": plan.zero_stage, "precision": plan.precision, "model": plan.model.to_dict(),
-            "train_fingerprint": plan.train.fingerprint})
-        prune_checkpoints(checkpoints, plan.config.keep_checkpoints, checkpoints / tag)
+            "train_fingerprint": plan.train.fingerprint, "branch": lineage["branch"], "previous": lineage["previous"],
+            "val_loss": val_loss, "files": {k: v for share in shares for k, v in share.items()}})
+        prune(checkpoints, plan.config.keep_checkpoints)
     dist.barrier()
-    return checkpoints / tag
+    lineage["previous"] = tag_for(step)
+    return checkpoints / tag_for(step)
+
+
+def parameters_finite(engine, device: torch.device) -> bool:
+    """Whether every parameter is finite on every rank (ZeRO-3: each rank checks its partition)."""
+    import torch.distributed as dist
+
+    flags = [torch.isfinite(getattr(p, "ds_tensor", p)).all().to(device) for p in engine.module.parameters()]
+    finite = torch.stack(flags).all().to(torch.float32) if flags else torch.ones((), device=device)
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def verify_resume(plan: Plan) -> None:
+    """Check the chosen checkpoint's files against the sha256 sums in its marker, each rank hashing a share;
+    a damaged one (auto resume) gives way to the one before it, with a line saying why."""
+    import torch.distributed as dist
+
+    while plan.resume_from is not None:
+        marker = read_marker(plan.resume_from) or {}
+        names = sorted(marker.get("files") or {})
+        verdicts = [None] * plan.world_size
+        dist.all_gather_object(verdicts, checksum_problem(plan.resume_from, marker, names[plan.rank::plan.world_size]))
+        problem = next((v for v in verdicts if v), None)
+        if problem is None:
+            return
+        remaining = plan.fallbacks
+        explicit = plan.config.resume not in ("auto", "none")
+        choose_resume(plan, [plan.resume_from, *remaining], explicit,
+                      lambda path, m: problem if path == plan.resume_from else size_problem(path, m))
 
 
 def load_checkpoint(plan: Plan, engine, loader: ResumableLoader) -> tuple[int, dict]:
+    from dsllm.safe_load import weights_only_loads
+
     path = _universal_dir(plan.resume_from) if plan.universal else plan.resume_from
+    if not plan.universal:  # (the universal folder is ours, converted just now)
+        require_model_states(path, plan.zero_stage, plan.rank)
     try:
-        _, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
+        with weights_only_loads():  # a crafted file is refused, never run
+            _, client = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
     except (OSError, RuntimeError, KeyError, AssertionError) as err:  # damaged or foreign checkpoint files
-        raise UserError(f"{path}: DeepSpeed could not load this checkpoint ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0][:200]}); resume from another one with --resume PATH") from None
+        detail = (str(err).strip().splitlines() or ["no message"])[0][:200]
+        raise UserError(f"{path}: DeepSpeed could not load this checkpoint ({type(err).__name__}: {detail}); "
+                        "resume from another one with --resume PATH") from None
     if client is None:
         raise UserError(f"{path}: DeepSpeed could not load this checkpoint; resume from another one with --resume PATH")
     state = client["dsllm"]
     loader.load_state_dict(state["data"])  # refuses another dataset (fingerprint) loudly
-    rng_file = path / f"rng_rank{plan.rank:05d}.pt"
-    if rng_file.is_file() and not plan.universal:  # on another world size the per-rank streams do not map
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    if not plan.universal:  # on another world size the per-rank streams do not map
+        load_rng(path, plan.rank)
     return state["step"], state["counters"]
 
 
@@ -430,11 +518,40 @@ def _sample_text(plan: Plan, device) -> str:
     return tokenizer.decode(prompt + new)
 
 
+def _start_lineage(plan: Plan) -> dict:
+    """Rank 0 records which branch this run continues (or starts, after a rollback); every rank learns it."""
+    import torch.distributed as dist
+
+    checkpoints = Path(plan.config.out) / CHECKPOINTS_DIR
+    decision = [None]
+    if plan.rank == 0:
+        remove_leftovers(checkpoints)
+        if continues_branch(checkpoints, plan.resume_from):
+            branch = current_branch(checkpoints)
+        else:
+            rollback = plan.resume_from is not None and current_branch(checkpoints) is not None
+            branch = start_branch(checkpoints, plan.resume_from)
+            if rollback:
+                _log(plan, f"resuming from {plan.resume_from.name} starts a new branch of the run: --resume auto "
+                           "follows it from now on, not the newer checkpoints it leaves behind")
+        decision = [{"branch": branch, "previous": plan.resume_from.name if plan.resume_from else None}]
+    dist.broadcast_object_list(decision, src=0)
+    return decision[0]
+
+
+def _last_healthy(plan: Plan) -> str:
+    done = lineage_candidates(Path(plan.config.out) / CHECKPOINTS_DIR)
+    return str(done[0]) if done else "none"
+
+
 def train(plan: Plan) -> dict:
     import torch.distributed as dist
 
     config = plan.config
+    lock = RunLock(Path(config.out)).acquire() if plan.rank == 0 else None  # one trainer per run folder
     device = init_distributed(plan)
+    verify_resume(plan)
+    lineage = _start_lineage(plan)
     if plan.rank == 0:
         write_run_files(plan)
     engine = build_engine(plan, device)
@@ -458,15 +575,34 @@ def train(plan: Plan) -> dict:
     _log(plan, f"training {plan.model.num_parameters():,} parameters on {plan.world_size} rank(s), ZeRO-{plan.zero_stage}, "
                f"{plan.precision}, global batch {plan.batch.global_size} x {plan.seq_len} tokens, "
                f"{config.max_steps} steps -> {config.out}")
+    local_peer_pids(plan.rank)
+    watchdog = Watchdog(config.collective_timeout, plan.rank)
+    group = control_group()
+    stop = StopRequest(config.stop_grace, plan.rank).install()
 
     def run_eval(at_step: int) -> dict:
         engine.eval()
         result = evaluate(engine, val_windows, indices, plan.batch.micro, device, byte_lengths, plan.rank, plan.world_size)
         engine.train()
+        watchdog.beat()
         log.write({"step": at_step, **result, "samples": loader.consumed_samples},
                   f"eval step {at_step} | val loss {result['val_loss']:.4f} | ppl {result['perplexity']:.2f} | "
                   f"bits/byte {result['bits_per_byte']:.4f}")
+        if not math.isfinite(result["val_loss"]):
+            raise TrainingAborted(f"the validation loss is non-finite at step {at_step}: the weights diverged; stopped "
+                                  f"without saving. Last healthy checkpoint: {_last_healthy(plan)}. Lower --lr, or "
+                                  "check the data, and resume from that checkpoint with --resume PATH")
         return result
+
+    def save(at_step: int) -> Path:
+        if not parameters_finite(engine, device):
+            raise TrainingAborted(f"parameters are non-finite at step {at_step}: the run diverged; no checkpoint "
+                                  f"written. Last healthy checkpoint: {_last_healthy(plan)}. Lower --lr, or check the "
+                                  "data, and resume from that checkpoint with --resume PATH")
+        path = save_checkpoint(plan, engine, loader, at_step, counters, lineage,
+                               result["val_loss"] if result is not None else None)
+        watchdog.beat()
+        return path
 
     engine.train()
     batches = TimedBatches(iter(loader))
@@ -478,6 +614,7 @@ def train(plan: Plan) -> dict:
     while step < config.max_steps:
         loss, applied = train_step(plan, engine, batches, device)
         step += 1
+        watchdog.arm()  # from the first finished step on: before it, JIT builds and compilation may take long
         if applied:
             counters["nonfinite_in_a_row"] = 0
             window_loss += loss
@@ -491,31 +628,43 @@ def train(plan: Plan) -> dict:
             _log(plan, f"step {step}: {'non-finite loss' if not finite else 'overflow'}, update skipped "
                        f"({counters['nonfinite_in_a_row']} in a row)")
             if counters["nonfinite_in_a_row"] >= config.max_nonfinite_steps:
-                done = complete_checkpoints(Path(config.out) / CHECKPOINTS_DIR)
                 raise TrainingAborted(
                     f"{counters['nonfinite_in_a_row']} non-finite losses in a row at step {step}; stopped without "
-                    f"saving. Last good checkpoint: {done[-1] if done else 'none'}. Lower --lr, check the data, "
+                    f"saving. Last healthy checkpoint: {_last_healthy(plan)}. Lower --lr, check the data, "
                     "or raise --max-nonfinite-steps")
         if step % config.log_interval == 0 or step == config.max_steps:
             elapsed = time.perf_counter() - window_start
             tokens_per_second = tokens_per_step * (step - window_first_step) / max(elapsed, 1e-9)
             dist.all_reduce(window_loss, op=dist.ReduceOp.SUM)  # the global batch's loss, not rank 0's share
-            loss_value = (window_loss / max(window_steps, 1) / plan.world_size).item()
             eta = (time.perf_counter() - run_start) / max(1, step - start_step) * (config.max_steps - step)
-            record = {"step": step, "loss": loss_value, "lr": engine.get_lr()[0], "tokens": step * tokens_per_step,
+            record = {"step": step, "lr": engine.get_lr()[0], "tokens": step * tokens_per_step,
                       "samples": loader.consumed_samples, "tokens_per_second": tokens_per_second,
                       "mfu": mfu(tokens_per_second, flops, peak, plan.world_size), "memory_gib": memory_gib(),
                       "skipped_steps": counters["skipped_steps"],
                       "data_wait_fraction": batches.seconds / max(elapsed, 1e-9)}  # > a few %: raise --loader-workers
-            log.write(record, format_step(step, config.max_steps, loss_value, record["lr"], tokens_per_second,
-                                          record["mfu"], record["memory_gib"], eta))
+            if window_steps:
+                record["loss"] = (window_loss / window_steps / plan.world_size).item()
+            else:  # every step of the window was skipped: there is no loss to report (not 0.0)
+                record["skipped"] = True
+            log.write(record, format_step(step, config.max_steps, record.get("loss"), record["lr"],
+                                          tokens_per_second, record["mfu"], record["memory_gib"], eta))
             window_loss.zero_()
             batches.seconds = 0.0
             window_steps, window_start, window_first_step = 0, time.perf_counter(), step
         if step % config.eval_interval == 0 or step == config.max_steps:
             result = run_eval(step)
+        saved_now = False
         if (step % config.save_interval == 0 or step == config.max_steps) and counters["nonfinite_in_a_row"] == 0:
-            last_saved = save_checkpoint(plan, engine, loader, step, counters)  # never mid non-finite streak
+            last_saved, saved_now = save(step), True  # never mid non-finite streak
+        watchdog.beat()
+        if stop.agree(group):
+            if counters["nonfinite_in_a_row"] == 0 and not saved_now:
+                last_saved = save(step)
+            saved = f"checkpoint {last_saved}" if last_saved is not None else "no checkpoint (none is healthy yet)"
+            raise RunStopped(f"stopped by {stop.signal_name} at step {step}; {saved}; run the same command "
+                             "(--resume auto) to continue")
+    watchdog.disarm()
+    stop.uninstall()
     if result is None:  # resumed at max_steps: nothing to train, still report
         result = run_eval(step)
     if plan.rank == 0 and last_saved is not None:
@@ -528,10 +677,19 @@ def train(plan: Plan) -> dict:
         if config.sample_tokens > 0:
             print("sample:\n" + _sample_text(plan, device), flush=True)
     log.close()
+    teardown(engine)
+    if lock is not None:
+        lock.release()
+    return summary
+
+
+def teardown(engine) -> None:
+    """Barrier, engine and process group down in that order: without it 2-rank jobs sometimes abort at exit."""
+    import torch.distributed as dist
+
     engine.destroy()
     dist.barrier()
     dist.destroy_process_group()
-    return summary
 
 
 def main(argv=None) -> int:
@@ -539,13 +697,27 @@ def main(argv=None) -> int:
     from dsllm.train_config import parse_train_args
 
     rank = world_from_env()[0]
+    started = False
     try:
         plan = preflight(parse_train_args(argv))
+        started = True
         train(plan)
+    except RunStopped as err:
+        if rank == 0:
+            sys.stderr.write(f"{err}\n")
+        _quiet_teardown()
+        return STOPPED_EXIT
     except (UserError, TrainingAborted) as err:
-        if rank == 0:  # every rank finds the same fault; one line is enough
-            sys.stderr.write(f"error: {err}\n")
+        # pre-flight faults are the same on every rank: rank 0 says it; later ones are said by the ranks that saw them
+        if not started and rank == 0 or started and _first_to_report(str(err)):
+            prefix = f"rank {rank}: " if started and world_from_env()[2] > 1 and rank != 0 else ""
+            sys.stderr.write(f"error: {prefix}{err}\n")
         return 2 if isinstance(err, UserError) else 3
+    except KeyboardInterrupt:
+        if rank == 0:
+            sys.stderr.write("interrupted outside the training loop; checkpoints already written are kept "
+                             "(--resume auto continues from the newest)\n")
+        return 130
     except RuntimeError as err:
         if not _peer_failure(err):
             raise
@@ -553,8 +725,36 @@ def main(argv=None) -> int:
         sys.stderr.write(f"error: rank {rank}: a collective failed because another rank died, hung past "
                          f"--collective-timeout or lost the network ({first}); the launcher's log names the rank "
                          "that exited first. Resume with --resume auto (or run under launch/supervise.py)\n")
+        kill_local_peers()
         return 4
     return 0
+
+
+def _quiet_teardown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _first_to_report(message: str) -> bool:
+    """Whether this rank is the first of its host to report this message (ranks that all hit the same fault
+    print it once). A marker file per message under the temporary folder, named by the job's port."""
+    import hashlib
+    import tempfile
+
+    if world_from_env()[2] == 1:
+        return True
+    key = hashlib.sha256(message.encode()).hexdigest()[:16]
+    job = f"{os.getuid()}-{os.getppid()}-{os.environ.get('MASTER_PORT', '')}"  # the ranks of a host share a launcher
+    folder = Path(tempfile.gettempdir()) / f"dsllm-errors-{job}"
+    folder.mkdir(exist_ok=True)
+    try:
+        os.close(os.open(folder / key, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
 
 
 def _peer_failure(err: RuntimeError) -> bool:

@@ -4,9 +4,7 @@ import json
 import pytest
 
 from conftest import ROOT
-from dsllm.checkpoint import COMPLETE_MARKER, complete_checkpoints, prune_checkpoints, resolve_resume
 from dsllm.ds_config import DSConfigError, RunValues, resolve_batch, resolve_ds_config
-from dsllm.errors import UserError
 
 RUN = RunValues(micro_batch_size=None, grad_accum=None, global_batch_size=None, lr=6e-4, min_lr_ratio=0.1,
                 warmup_steps=10, max_steps=100, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0, precision="auto",
@@ -67,23 +65,6 @@ def test_batch_is_derived_from_whatever_is_given(given, world, expected):
 def test_batch_that_does_not_divide():
     with pytest.raises(DSConfigError, match="train_batch_size 10 != .* world size 4"):
         resolve_batch({}, RunValues(**{**RUN.__dict__, "global_batch_size": 10, "micro_batch_size": 2}), 4, "x.json")
-
-
-def test_pruning_keeps_the_newest_complete_and_drops_torn_saves(tmp_path):
-    for step in (2, 4, 6, 8, 9):
-        (tmp_path / f"step{step:08d}").mkdir()
-        if step != 9:
-            (tmp_path / f"step{step:08d}" / COMPLETE_MARKER).write_text("{}")
-    (tmp_path / "step00000007").mkdir()  # torn: older than the newest complete one
-    prune_checkpoints(tmp_path, keep_last=2, newest=tmp_path / "step00000008")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000006", "step00000008", "step00000009"]
-    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step00000006", "step00000008"]
-    run = tmp_path.parent
-    (tmp_path.rename(run / "checkpoints"))
-    assert resolve_resume("auto", run).name == "step00000008"
-    assert resolve_resume(str(run / "checkpoints" / "step00000006"), run).name == "step00000006"
-    with pytest.raises(UserError, match="already has checkpoints; pass --resume auto"):
-        resolve_resume("none", run)
 
 
 def test_auto_buckets_follow_the_model_width():

@@ -115,3 +115,35 @@ def test_command_exports_a_model_folder(tmp_path, tokenizer_dir):
     proc = subprocess.run([sys.executable, "-m", "dsllm", "export", "--checkpoint", str(tmp_path / "nothing"),
                            "--output", str(tmp_path / "hf2")], capture_output=True, text=True, cwd=ROOT)
     assert_user_error(proc, "nothing: no model here")
+
+
+def snapshot(folder):
+    """Every file under `folder` and its bytes: what 'nothing touched' compares."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_and_consolidate_refuse_an_output_over_their_input(tmp_path, tokenizer_dir):
+    """`export --checkpoint RUN --output RUN --overwrite` deleted the whole run and exited 0."""
+    run = tmp_path / "run"
+    save_model_dir(random_model(CASES["gpt2_tied"]), run, tokenizer_dir / "tokenizer.json")
+    tag = run / "checkpoints" / "step00000002"  # a checkpoint as far as finding it goes: refused before it is read
+    tag.mkdir(parents=True)
+    (tag / "dsllm_complete.json").write_text(json.dumps({"step": 2, "zero_stage": 0}))
+    (tmp_path / "link").symlink_to(run)
+    before = snapshot(tmp_path)
+
+    def dsllm(command, checkpoint, output, *extra):
+        return subprocess.run([sys.executable, "-m", "dsllm", command, "--checkpoint", str(checkpoint),
+                               "--output", str(output), *extra], capture_output=True, text=True, cwd=ROOT)
+
+    for checkpoint, output, relation in ((run, run, "contains"), (run, tmp_path / "link", "contains"),
+                                         (tag, tag / "hf", "lies inside"), (run, tmp_path, "contains")):
+        assert_user_error(dsllm("export", checkpoint, output, "--overwrite"), f"--output {output} {relation} ",
+                          "which --checkpoint reads", "choose another --output")
+    for checkpoint, output, relation in ((run, run, "contains"), (tag, tag, "is")):
+        assert_user_error(dsllm("consolidate", checkpoint, output), f"--output {output} {relation} ",
+                          "which --checkpoint reads")
+    assert snapshot(tmp_path) == before
+    proc = dsllm("export", run, run / "hf")  # a new folder inside the run reads none of it: allowed
+    assert proc.returncode == 0, proc.stderr
+    assert (run / "hf" / "model.safetensors").is_file()

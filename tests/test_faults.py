@@ -25,12 +25,18 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, limit: float = 3
     raise AssertionError(f"step {step} never came")
 
 
-def kill_rank(local_rank: int) -> None:
-    pids = subprocess.run(["pgrep", "-f", f"launch/pretrain.py --local_rank={local_rank}"], capture_output=True,
-                          text=True).stdout.split()
-    assert pids, "no rank process found"
-    for pid in pids:
-        subprocess.run(["kill", "-9", pid])
+def rank_process(proc: subprocess.Popen, local_rank: int):
+    """The rank among the descendants of a process this test started (never a process found by name)."""
+    import psutil
+
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if f"--local_rank={local_rank}" in p.cmdline()]
+    assert len(ranks) == 1, f"expected one rank {local_rank} under pid {proc.pid}, found {ranks}"
+    return ranks[0]
+
+
+def kill_rank(proc: subprocess.Popen, local_rank: int, sig: int = 9) -> None:
+    rank_process(proc, local_rank).send_signal(sig)
 
 
 def test_a_dead_rank_ends_the_job_and_the_log_names_it(dataset_dir, tmp_path):
@@ -39,7 +45,7 @@ def test_a_dead_rank_ends_the_job_and_the_log_names_it(dataset_dir, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_step(out, 3, proc)
     killed = time.time()
-    kill_rank(1)
+    kill_rank(proc, 1)
     output, _ = proc.communicate(timeout=120)
     assert time.time() - killed < 60
     assert proc.returncode != 0
@@ -53,7 +59,7 @@ def test_supervisor_restarts_and_the_run_resumes_exactly(dataset_dir, tmp_path):
                   *command(dataset_dir, out, *ARGS, ranks=2)]
     proc = subprocess.Popen(supervised, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_step(out, 7, proc)
-    kill_rank(1)  # the injected failure
+    kill_rank(proc, 1)  # the injected failure
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-3000:]
     assert "supervise: the job failed (exit code" in output and "restart 1/2" in output

@@ -132,3 +132,48 @@ def test_missing_pretrained_run_is_one_line(tmp_path):
     data = reversal_task(tmp_path / "reverse.jsonl", 10)
     proc = finetune(tmp_path / "nothing", data, tmp_path / "out", ranks=2, expect=2)
     assert "no model here" in proc.stderr and proc.stderr.count("error:") == 1  # once, not once per rank
+
+
+@pytest.fixture
+def model_folder(tmp_path, tokenizer_dir):
+    """A small random model folder with the tests' tokenizer: what --init takes, no pretraining needed."""
+    from dsllm.checkpoint import save_model_dir
+    from dsllm.model import GPT
+    from dsllm.model_config import ModelConfig
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=300, max_seq_len=64, n_layers=1, d_model=32, n_heads=2, mlp_multiple_of=32))
+    return save_model_dir(model, tmp_path / "base", tokenizer_dir / "tokenizer.json")
+
+
+def test_out_over_the_pretrained_run_or_the_data_is_refused(tmp_path, model_folder):
+    """`--out RUN --init RUN` overwrote the pretrained config, then crashed."""
+    (tmp_path / "data").mkdir()
+    data = reversal_task(tmp_path / "data" / "reverse.jsonl", 10)
+    (tmp_path / "link").symlink_to(model_folder)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for out, fragments in ((model_folder, ("contains", "config.json, which --init reads")),
+                           (tmp_path / "link", ("contains", "(symlinks resolved), which --init reads")),
+                           (tmp_path / "data", ("contains", "reverse.jsonl, which --data reads")),
+                           (model_folder / "model.safetensors" / "x", ("lies inside", "which --init reads"))):
+        proc = finetune(model_folder, data, out, expect=2)
+        assert_user_error(proc, f"--out {out} ", *fragments, "choose another --out")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_literal_endoftext_in_an_example_is_text(model_folder):
+    """Only the template puts <|endoftext|> between examples; written in a prompt or reply it is text, as in prepare."""
+    from dsllm.finetune import tokenize
+    from dsllm.tokenizer import eot_id, load_tokenizer
+
+    tokenizer = load_tokenizer(model_folder)
+    eot = eot_id(tokenizer)
+    messages = [{"role": "user", "content": "split <|endoftext|> here?"},
+                {"role": "assistant", "content": "no<|endoftext|>never"}]
+    ids, trained = tokenize(messages, tokenizer, eot)
+    assert [i for i, token in enumerate(ids) if token == eot] == [0, len(ids) - 1]  # the template's two only
+    assert tokenizer.decode(ids[1:], skip_special_tokens=False) == (
+        "<|user|>\nsplit <|endoftext|> here?\n<|assistant|>\nno<|endoftext|>never<|endoftext|>")
+    reply = [token for token, keep in zip(ids, trained) if keep]
+    assert tokenizer.decode(reply, skip_special_tokens=False) == "no<|endoftext|>never<|endoftext|>"
+    assert tokenizer.encode_special_tokens is False  # the caller's tokenizer is left as it was

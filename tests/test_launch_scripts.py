@@ -67,3 +67,25 @@ def test_slurm_script_runs_one_launcher_per_node(dataset_dir, tmp_path):
     assert "--loader-workers 1" in proc.stdout + proc.stderr
     assert "on 2 rank(s)" in proc.stdout
     assert sorted(train_records(out)) == [1, 2, 3, 4]
+
+
+def test_slurm_script_requeues_a_run_stopped_with_a_checkpoint(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\nprintf 'node1\\n'\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 75\n")  # every rank saved on SIGUSR1 and exited with 75
+    for shim in ("scontrol", "srun"):
+        os.chmod(bin_dir / shim, 0o755)
+    variables = {**env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
+                 "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1", "SLURM_SUBMIT_DIR": str(ROOT),
+                 "HOSTFILE": str(tmp_path / "hostfile.42")}
+    proc = subprocess.run(["bash", "launch/slurm.sbatch", "--max-steps", "4"], cwd=ROOT, env=variables,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 75, proc.stderr
+    assert "requeue 42" in calls.read_text() and "requeueing job 42" in proc.stderr
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # a failure is not requeued
+    calls.unlink()
+    proc = subprocess.run(["bash", "launch/slurm.sbatch"], cwd=ROOT, env=variables, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and "requeue" not in calls.read_text()

@@ -50,6 +50,10 @@ def test_transient_nan_is_skipped(tmp_path, dataset_dir, ds, precision):
     assert "step 3: non-finite loss, update skipped (1 in a row)" in proc.stdout
     assert records[-1]["skipped_steps"] == 2
     assert all(math.isfinite(r["loss"]) for r in records)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in logged if r.get("skipped")]  # a log window of skipped steps has no loss, not 0.0
+    assert [r["step"] for r in skipped] == [3, 4] and not any("loss" in r for r in skipped)
+    assert "step      3/8 | skipped |" in proc.stdout
     from safetensors.torch import load_file
 
     weights = load_file(out / "model.safetensors")

@@ -1,5 +1,6 @@
 """data_pipeline/prepare.py end to end: documents in -> token files -> the same cleaned text back."""
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -232,3 +233,53 @@ def test_memory_stays_bounded_as_the_corpus_grows(tmp_path, tokenizer_dir):
     assert big_main - small_main < 0.2 * extra_corpus_kib, (small_main, big_main, extra_corpus_kib)
     assert big_workers - small_workers < 0.2 * extra_corpus_kib, (small_workers, big_workers, extra_corpus_kib)
     assert big_bytes > 30e6
+
+
+def test_a_killed_worker_is_one_line_and_leaves_no_dataset(tmp_path, tokenizer_dir):
+    """A worker the kernel's OOM killer takes (SIGKILL) broke the process pool with a traceback."""
+    import psutil
+
+    big = tmp_path / "big.jsonl"
+    with open(big, "w") as f:
+        for chunk in range(40):
+            f.writelines(json.dumps({"text": t}) + "\n" for t in make_documents(2000, seed=chunk, max_words=150))
+    out = tmp_path / "ds"
+    proc = subprocess.Popen([sys.executable, str(ROOT / SCRIPT), "--input", str(big), "--tokenizer", str(tokenizer_dir),
+                             "--output", str(out), "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    workers, deadline = [], time.time() + 120  # hang guard
+    while len(workers) < 2 and proc.poll() is None and time.time() < deadline:
+        workers = [child for child in psutil.Process(proc.pid).children()  # spawned pool workers, not the tracker
+                   if "--multiprocessing-fork" in child.cmdline() and "spawn_main" in " ".join(child.cmdline())]
+        time.sleep(0.05)
+    while not list(out.glob(".partial-*/train.bin")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert len(workers) == 2 and proc.poll() is None, "prepare finished before a worker could be killed"
+    workers[0].send_signal(signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=120)
+    line = assert_user_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
+                             f"worker process {workers[0].pid} was killed by SIGKILL while tokenizing documents ",
+                             "big.jsonl", "most likely out of memory", "fewer --workers (this run had 2)")
+    assert re.search(r"documents [\d,]+-[\d,]+ \(", line), line
+    assert not (out / "meta.json").exists() and not (out / "train.bin").exists() and not list(out.glob(".partial-*"))
+
+
+def test_output_over_an_input_or_the_tokenizer_is_refused(tmp_path, tokenizer_dir):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_jsonl(corpus / "c.jsonl", make_documents(50))
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
+    (tmp_path / "link").symlink_to(corpus)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for output, fragments in ((corpus, ["is", "which --input reads"]),
+                              (corpus / "ds", ["lies inside", "which --input reads"]),
+                              (tmp_path / "link" / "ds", ["lies inside", "(symlinks resolved), which --input reads"]),
+                              (tmp_path, ["contains", "which --input reads"]),
+                              (tok, ["contains", "tokenizer.json, which --tokenizer reads"])):
+        proc = run_script(SCRIPT, "--input", corpus, "--tokenizer", tok, "--output", output, "--overwrite")
+        assert_user_error(proc, f"--output {output} ", *fragments, "choose another --output")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not (corpus / "ds").exists()
+    run_script(SCRIPT, "--input", corpus, "--tokenizer", tok / "tokenizer.json", "--output", tok / "ds", check_rc=0)

@@ -170,14 +170,15 @@ def test_kill_during_save_resumes_from_the_last_complete_checkpoint(dataset_dir,
     proc = subprocess.run(command(dataset_dir, out, *args), cwd=ROOT, env={**env(), "DSLLM_FAULT": "kill_in_save:6"},
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL
-    assert (out / "checkpoints" / "step00000006").is_dir()  # DeepSpeed's files are there, our marker is not
-    assert not (out / "checkpoints" / "step00000006" / "dsllm_complete.json").exists()
+    staging = out / "checkpoints" / "step00000006.staging"  # DeepSpeed's files are there, our marker is not
+    assert staging.is_dir() and not (staging / "dsllm_complete.json").exists()
+    assert not (out / "checkpoints" / "step00000006").exists()  # never under the name of a checkpoint
     proc = pretrain(dataset_dir, out, *args)
     assert "resumed from" in proc.stdout and "step00000003 at step 3" in proc.stdout
     whole, resumed = train_records(tmp_path / "whole"), train_records(out)
     assert all(resumed[s]["loss"] == pytest.approx(whole[s]["loss"], rel=1e-6, abs=0) for s in range(1, 10))
     names = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step"))
-    assert names == ["step00000003", "step00000006", "step00000009"]  # the torn step-6 save was replaced
+    assert names == ["step00000003", "step00000006", "step00000009"]  # the torn step-6 save was cleared and redone
 
 
 def test_resume_refuses_another_dataset(dataset_dir, tmp_path, corpus_jsonl, tokenizer_dir):

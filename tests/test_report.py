@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, assert_user_error
 from dsllm.report import read_metrics, recorded_attention
 from test_pretrain import env, pretrain
 
@@ -83,3 +83,46 @@ def test_bad_run_folder_is_one_line(tmp_path, make, message):
     make(tmp_path / "run")
     proc = report(tmp_path / "run", expect=2)
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_skipped_windows_are_gaps_not_zeros(tmp_path):
+    """A log window whose every step was skipped (non-finite) has no loss: a gap in the plot, not a 0 in the summary."""
+    from dsllm.report import loss_figure
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [{"step": 10, "loss": 5.0, "lr": 1e-3, "tokens": 100, "tokens_per_second": 50.0, "skipped_steps": 0},
+             {"step": 20, "skipped": True, "lr": 1e-3, "tokens": 200, "tokens_per_second": 50.0, "skipped_steps": 10},
+             {"step": 30, "loss": None, "lr": 1e-3, "tokens": 300, "tokens_per_second": 50.0, "skipped_steps": 20},
+             {"step": 40, "loss": 3.0, "lr": 1e-3, "tokens": 400, "tokens_per_second": 50.0, "skipped_steps": 20},
+             {"step": 40, "val_loss": 3.2, "perplexity": math.exp(3.2)},
+             {"step": 50, "skipped": True, "lr": 1e-3, "tokens": 500, "tokens_per_second": 50.0, "skipped_steps": 30}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    train, evals = read_metrics(run)
+    assert [r["step"] for r in train] == [10, 20, 30, 40, 50]
+    fig = loss_figure(train, evals)
+    for ax in fig.axes:
+        steps_line = ax.get_lines()[0]
+        assert [y if math.isfinite(y) else None for y in steps_line.get_ydata()] == [5.0, None, None, 3.0, None]
+    fig.clf()
+    report(run, "--no-attention")
+    assert (run / "report" / "loss.png").read_bytes()[:4] == PNG
+    text = (run / "report" / "summary.md").read_text()
+    assert "final training loss 3.0000 at step 40 (first logged 5.0000)" in text
+    assert "skipped updates (non-finite gradients): 30" in text
+    assert "log windows with every step skipped (no loss; gaps in the loss plot): 3" in text
+
+
+def test_out_over_the_run_is_refused(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0, "lr": 1e-3, "tokens": 10}) + "\n")
+    (run / "checkpoints").mkdir()
+    (tmp_path / "link").symlink_to(run)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for out, relation, path in ((run, "contains", run / "metrics.jsonl"), (tmp_path, "contains", run / "metrics.jsonl"),
+                                (tmp_path / "link", "contains", run / "metrics.jsonl"),
+                                (run / "checkpoints" / "r", "lies inside", run / "checkpoints")):
+        proc = report(run, "--no-attention", "--out", out, expect=2)
+        assert_user_error(proc, f"--out {out} {relation} {path}", "which the report reads", "choose another --out")
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -1,10 +1,12 @@
 """tokenizer/train_tokenizer.py: byte-level BPE that round-trips any text, and one-line errors."""
 import json
+import subprocess
+import sys
 
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders
 
-from conftest import assert_user_error, run_script, write_jsonl
-from dsllm.tokenizer import EOT_TOKEN, load_tokenizer, tokenizer_hash
+from conftest import ROOT, assert_user_error, run_script, write_jsonl
+from dsllm.tokenizer import EOT_TOKEN, MAX_PIECE_BYTES, load_tokenizer, tokenizer_hash, train_tokenizer
 
 SCRIPT = "tokenizer/train_tokenizer.py"
 
@@ -15,7 +17,8 @@ def test_train_from_jsonl_and_round_trip(tmp_path, corpus_jsonl):
     tok = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
     assert tok.get_vocab_size() == 320 and tok.token_to_id(EOT_TOKEN) == 0
     spec = json.loads(tok.to_str())
-    assert spec["model"]["type"] == "BPE" and spec["pre_tokenizer"]["type"] == "ByteLevel"
+    assert spec["model"]["type"] == "BPE"
+    assert [p["type"] for p in spec["pre_tokenizer"]["pretokenizers"]] == ["ByteLevel", "Split"]
     text = "the model reads\n\ttabs, ünïcödé, 😀, 漢字, and bytes \x01 never seen in training"
     ids = tok.encode(text, add_special_tokens=False).ids
     assert tok.decode(ids) == text
@@ -41,9 +44,43 @@ def test_vocab_larger_than_the_corpus_supports(tmp_path, corpus_jsonl):
 
 
 def test_vocab_outside_the_format(tmp_path, corpus_jsonl):
-    for size in (100, 2**32 + 1):
+    for size in (100, 2**32, 2**32 + 1):  # 2**32 made the Rust trainer abort on a 283 GB allocation
         proc = run_script(SCRIPT, "--input", corpus_jsonl, "--vocab-size", size, "--output", tmp_path / "tok")
         assert_user_error(proc, f"--vocab-size {size} is outside 257..")
+    assert not (tmp_path / "tok").exists()
+
+
+def test_min_frequency_out_of_range(tmp_path, corpus_jsonl):
+    for frequency in (-5, 0, 2**64):
+        proc = run_script(SCRIPT, "--input", corpus_jsonl, "--vocab-size", 300, "--min-frequency", frequency,
+                          "--output", tmp_path / "tok")
+        assert_user_error(proc, f"--min-frequency {frequency} is outside 1..")
+    assert not (tmp_path / "tok").exists()
+
+
+def test_a_megabyte_without_whitespace_trains_and_round_trips(tmp_path):
+    """One long run without whitespace (a minified or base64 blob) made BPE training quadratic: 1 MB never ended."""
+    (tmp_path / "blob.txt").write_text("ab" * 500_000)
+    command = [sys.executable, str(ROOT / SCRIPT), "--input", str(tmp_path / "blob.txt"), "--vocab-size", "260",
+               "--output", str(tmp_path / "tok")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=180)  # a hang guard, not a timing
+    assert proc.returncode == 0, proc.stderr
+    tok = load_tokenizer(tmp_path / "tok")
+    text = (tmp_path / "blob.txt").read_text()
+    ids = tok.encode(text).ids
+    assert tok.decode(ids) == text and len(ids) < len(text) // 4
+
+
+def test_pieces_cut_inside_a_character_still_round_trip(corpus_texts):
+    tok = train_tokenizer(corpus_texts, vocab_size=300, show_progress=False)
+    # the chunk boundaries fall inside "é" (2 bytes), "😀" (4 bytes) and "漢" (3 bytes)
+    for text in ("a" * (MAX_PIECE_BYTES - 1) + "é" * 300, "!" + "😀" * 100, "漢字" * 200 + " tail"):
+        pieces = [piece for piece, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
+        assert max(map(len, pieces)) == MAX_PIECE_BYTES
+        assert any("\ufffd" in decoders.ByteLevel().decode([piece]) for piece in pieces)  # a piece ends mid-character
+        assert tok.decode(tok.encode(text).ids) == text
+    text = "the model " + "ab" * 1000 + "\n\t ünïcödé \x01 \x00 end"
+    assert tok.decode(tok.encode(text).ids) == text
 
 
 def test_refuses_to_overwrite_without_flag(tmp_path, corpus_jsonl):

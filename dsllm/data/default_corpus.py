@@ -17,7 +17,7 @@ from dsllm.data.prepare import META_FILE, PrepareConfig, prepare
 from dsllm.errors import UserError
 from dsllm.tokenizer import TOKENIZER_FILE, save_tokenizer, train_tokenizer
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: the tokenizer cuts whitespace-free runs into 128-byte pieces
 DEFAULT_VOCAB_SIZE = 8192
 VAL_FRACTION = 0.05
 # Tests and GUI/demo packages are left out: they are repetitive and not representative code.

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
+import tempfile
 import struct
 from pathlib import Path
 
@@ -32,6 +34,7 @@ HEADER_SIZE = _HEADER.size
 OFFSET_DTYPE = np.dtype("<i8")
 DTYPE_CODES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
 MAX_VOCAB_SIZE = 2**32
+_MAX_ID_CHUNK = 1 << 24  # tokens per numpy max: 32-64 MiB of the memory map at a time
 
 
 class TokenFileError(UserError):
@@ -178,6 +181,35 @@ class TokenFile:
     def document(self, i: int) -> np.ndarray:
         offsets = self.offsets
         return self.tokens[offsets[i]:offsets[i + 1]]
+
+    @property
+    def _max_id_cache(self) -> Path:
+        return self.prefix.with_name(self.prefix.name + ".max_token_id.json")
+
+    def max_token_id(self) -> int:
+        """The largest token id in `.bin` (-1 when empty): one chunked pass over the memory map, remembered
+        next to the dataset under its fingerprint (when the folder is writable), so later runs read a number."""
+        cache = self._max_id_cache
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("fingerprint") == self.fingerprint and isinstance(cached.get("max_token_id"), int):
+                return cached["max_token_id"]
+        except (OSError, ValueError, AttributeError):
+            pass  # no cache, or a stale or damaged one: compute it
+        tokens, largest = self.tokens, -1
+        for start in range(0, self.num_tokens, _MAX_ID_CHUNK):
+            largest = max(largest, int(tokens[start:start + _MAX_ID_CHUNK].max()))
+        try:  # written whole under a temporary name, so a reader never sees half a file
+            fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name, suffix=".tmp")
+        except OSError:
+            return largest  # a read-only dataset folder: no cache, the pass is repeated next time
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump({"fingerprint": self.fingerprint, "max_token_id": largest}, f)
+            os.replace(tmp, cache)
+        except OSError:
+            Path(tmp).unlink(missing_ok=True)
+        return largest
 
 
 class TokenFileWriter:

@@ -16,10 +16,12 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -29,7 +31,9 @@ from dsllm.data.cleaning import CleaningConfig, CleaningReport, Deduplicator, cl
 from dsllm.data.format import FORMAT_VERSION, IndexHeader, TokenFileWriter, paths_for
 from dsllm.data.sources import CorpusReader, add_input_arguments
 from dsllm.errors import UserError
-from dsllm.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer, resolve_tokenizer_file, tokenizer_hash
+from dsllm.paths import check_output_apart
+from dsllm.tokenizer import (TOKENIZER_FILE, encode_as_text, eot_id, load_tokenizer, resolve_tokenizer_file,
+                             tokenizer_hash)
 
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
@@ -89,7 +93,6 @@ def _init_worker(tokenizer_json: str, cleaning: CleaningConfig, threads: int = 1
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(tokenizer_json)
-    tokenizer.encode_special_tokens = True  # "<|endoftext|>" written in a document is text, not a separator
     _worker.update(tokenizer=tokenizer, eot=eot_id(tokenizer), cleaning=cleaning)
 
 
@@ -110,7 +113,7 @@ def _clean_and_tokenize(texts: list[str]) -> _BatchResult:
         reasons.append(reason)
         if reason is None:
             kept.append(cleaned)
-    ids = [encoding.ids for encoding in tokenizer.encode_batch_fast(kept, add_special_tokens=False)]
+    ids = encode_as_text(tokenizer, kept)  # "<|endoftext|>" written in a document is text, not a separator
     lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
     tokens = np.empty(int(lengths.sum()), dtype=np.uint32)
     ends = np.cumsum(lengths)
@@ -120,39 +123,81 @@ def _clean_and_tokenize(texts: list[str]) -> _BatchResult:
     return _BatchResult(reasons, [document_hash(t) for t in kept], lengths, tokens)
 
 
-def _batches(texts: Iterable[str]) -> Iterator[list[str]]:
-    batch, chars = [], 0
-    for text in texts:
+@dataclasses.dataclass
+class _Batch:
+    texts: list[str]
+    first: int  # 1-based numbers of its first and last document among all inputs
+    last: int
+    files: tuple[str, str]  # the input files of its first and last document
+
+
+def _batches(reader: CorpusReader) -> Iterator[_Batch]:
+    def current_file() -> str:  # the file of the document just read
+        return str(reader.files[reader.stats.files - 1][0])
+
+    batch, chars, first, first_file = [], 0, 0, ""
+    for text in reader:
+        if not batch:
+            first, first_file = reader.stats.documents, current_file()
         batch.append(text)
         chars += len(text)
         if len(batch) >= BATCH_DOCUMENTS or chars >= BATCH_CHARACTERS:
-            yield batch
+            yield _Batch(batch, first, reader.stats.documents, (first_file, current_file()))
             batch, chars = [], 0
     if batch:
-        yield batch
+        yield _Batch(batch, first, reader.stats.documents, (first_file, current_file()))
 
 
-def _process(batches: Iterator[list[str]], workers: int, tokenizer_json: str,
+def _killed_worker_error(pool: ProcessPoolExecutor, in_flight: list[_Batch], workers: int) -> UserError:
+    """One line for a worker that died (the OOM killer's SIGKILL, most often): which process, which documents were
+    being tokenized, and the fix. The pool then stops the other workers (SIGTERM), so the first death is the one
+    that is not SIGTERM."""
+    ended = [(pid, process.exitcode) for pid, process in (getattr(pool, "_processes", None) or {}).items()
+             if process.exitcode not in (None, 0)]
+    ended.sort(key=lambda item: item[1] == -signal.SIGTERM)
+    if ended and ended[0][1] < 0:
+        who = f"worker process {ended[0][0]} was killed by {signal.Signals(-ended[0][1]).name}"
+    elif ended:
+        who = f"worker process {ended[0][0]} exited with code {ended[0][1]}"
+    else:
+        who = "a worker process died"
+    files = in_flight[0].files[0] if in_flight[0].files[0] == in_flight[-1].files[1] else (
+        f"{in_flight[0].files[0]} to {in_flight[-1].files[1]}")
+    return UserError(f"prepare: {who} while tokenizing documents {in_flight[0].first:,}-{in_flight[-1].last:,} "
+                     f"({files}), most likely out of memory; --output was left as it was: run again with fewer "
+                     f"--workers (this run had {workers}) or with more memory")
+
+
+def _process(batches: Iterator[_Batch], workers: int, tokenizer_json: str,
              cleaning: CleaningConfig) -> Iterator[tuple[int, _BatchResult]]:
     """Results in input order, with at most 2 x workers batches in flight (bounded memory)."""
     if workers == 1:
         _init_worker(tokenizer_json, cleaning)
         for batch in batches:
-            yield len(batch), _clean_and_tokenize(batch)
+            yield len(batch.texts), _clean_and_tokenize(batch.texts)
         return
     context = multiprocessing.get_context("spawn")  # no forked copies of the reader's state or threads
     with _single_threaded_blas_for_children(), \
             ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                 initargs=(tokenizer_json, cleaning)) as pool:
         pending: collections.deque = collections.deque()
+
+        def oldest_result() -> tuple[int, _BatchResult]:
+            try:
+                result = pending[0][1].result()
+            except BrokenProcessPool:
+                raise _killed_worker_error(pool, [batch for batch, _ in pending], workers) from None
+            return len(pending.popleft()[0].texts), result
+
         for batch in batches:
-            pending.append((len(batch), pool.submit(_clean_and_tokenize, batch)))
+            try:
+                pending.append((batch, pool.submit(_clean_and_tokenize, batch.texts)))
+            except BrokenProcessPool:
+                raise _killed_worker_error(pool, [b for b, _ in pending] + [batch], workers) from None
             if len(pending) >= 2 * workers:
-                size, future = pending.popleft()
-                yield size, future.result()
+                yield oldest_result()
         while pending:
-            size, future = pending.popleft()
-            yield size, future.result()
+            yield oldest_result()
 
 
 # -- main side: dedup, split, write ------------------------------------------------------------------
@@ -239,6 +284,8 @@ def prepare(config: PrepareConfig) -> dict:
     config.check()
     started = time.perf_counter()
     output = Path(config.output)
+    tokenizer_file = resolve_tokenizer_file(config.tokenizer)
+    check_output_apart(output, "--output", [("--input", p) for p in config.inputs] + [("--tokenizer", tokenizer_file)])
     existing = _existing_dataset(output) if output.is_dir() else []
     if existing and not config.overwrite:
         raise UserError(f"{output}: already holds a dataset ({', '.join(existing)}); pass --overwrite to replace it "
@@ -246,7 +293,6 @@ def prepare(config: PrepareConfig) -> dict:
     if output.exists() and not output.is_dir():
         raise UserError(f"{output}: exists and is not a folder; choose another --output")
     reader = CorpusReader(config.inputs, text_key=config.text_key, split_lines=config.split_lines)
-    tokenizer_file = resolve_tokenizer_file(config.tokenizer)
     tokenizer = load_tokenizer(tokenizer_file)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     tok_hash = tokenizer_hash(tokenizer)

@@ -10,12 +10,12 @@ import codecs
 import dataclasses
 import gzip
 import io
-import json
 import os
 from pathlib import Path
 from typing import Iterator
 
 from dsllm.errors import UserError
+from dsllm.jsonl import parse_line
 
 EXTENSIONS = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet", ".txt")
 HF_DATASET_MARKERS = ("dataset_dict.json", "state.json")
@@ -55,7 +55,13 @@ def input_kind(path: Path) -> str | None:
     return next((ext for ext in EXTENSIONS if name.endswith(ext)), None)
 
 
-def _expand(path: Path, skipped: list[str]) -> list[tuple[Path, str]]:
+def _expand(path: Path, skipped: list[str], seen: set[str]) -> list[tuple[Path, str]]:
+    """The files under `path`, each once: `seen` holds the real paths already visited, so a folder symlinked
+    into itself (or the same file reached twice) is read once."""
+    real = os.path.realpath(path)
+    if real in seen:
+        return []
+    seen.add(real)
     kind = input_kind(path)
     if kind != "folder":
         return [(path, kind)]
@@ -64,7 +70,7 @@ def _expand(path: Path, skipped: list[str]) -> list[tuple[Path, str]]:
         if entry.name.startswith("."):
             continue
         if entry.is_dir() or input_kind(entry):
-            found += _expand(entry, skipped)
+            found += _expand(entry, skipped, seen)
         else:
             skipped.append(str(entry))
     return found
@@ -97,6 +103,7 @@ class CorpusReader:
         self.split_lines = split_lines
         self.stats = ReadStats()
         self.files: list[tuple[Path, str]] = []
+        seen: set[str] = set()
         for raw in inputs:
             path = Path(raw)
             if not path.exists():
@@ -104,8 +111,9 @@ class CorpusReader:
             if input_kind(path) is None:
                 raise InputError(f"{path}: unknown input type; use one of {', '.join(sorted(EXTENSIONS))}, "
                                  "a datasets.save_to_disk folder, or a folder of these")
-            expanded = _expand(path, self.stats.skipped_files)
-            if not expanded:
+            given_before = os.path.realpath(path) in seen  # the same input twice is read once
+            expanded = _expand(path, self.stats.skipped_files, seen)
+            if not expanded and not given_before:
                 raise InputError(f"{path}: folder holds no readable input ({', '.join(sorted(EXTENSIONS))} files "
                                  "or save_to_disk folders)")
             self.files += expanded
@@ -159,11 +167,7 @@ class CorpusReader:
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
                         continue
-                    try:
-                        record = json.loads(self._decode(line))
-                    except json.JSONDecodeError as err:
-                        raise InputError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); "
-                                         "fix or remove that line") from None
+                    record = parse_line(self._decode(line), f"{path}:{lineno}", InputError)
                     if not isinstance(record, dict) or key not in record:
                         fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
                         raise InputError(f"{path}:{lineno}: no '{key}' field (found: {fields}); "
@@ -201,6 +205,7 @@ class CorpusReader:
                              "pass --text-key with the column that holds the text")
 
     def _read_parquet(self, path: Path) -> Iterator[str]:
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
@@ -208,7 +213,16 @@ class CorpusReader:
         except Exception as err:  # pyarrow raises several types for a damaged file
             raise InputError(f"{path}: not a readable Parquet file ({err})") from None
         self._check_column(path, parquet.schema_arrow.names)
-        for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[self.text_key]):
+        batches, rows = parquet.iter_batches(batch_size=_BATCH_ROWS, columns=[self.text_key]), 0
+        while True:
+            try:  # a damaged page shows up only when its row group is read
+                batch = next(batches)
+            except StopIteration:
+                return
+            except (OSError, pa.ArrowException) as err:
+                raise InputError(f"{path}: damaged Parquet data after row {rows:,} ({str(err).rstrip('.')}); "
+                                 "re-create or re-download the file") from None
+            rows += batch.num_rows
             yield from self._arrow_texts(path, batch.column(0))
 
     def _read_hf(self, path: Path) -> Iterator[str]:

@@ -1,0 +1,278 @@
+"""Bad inputs, one table: each case is a command run the way a user runs it, with one bad value, and the
+one line (exit 2) it must answer with. The README's table of bad inputs is generated from these cases
+(`make bad-inputs-table`, which runs this file with DSLLM_BAD_INPUTS_RECORD set): add a case here, then
+regenerate it.
+
+Most cases call the command's `main` in this process (the same code path as the script, fast); the
+cases marked `subprocess=True` run the real entry script."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, assert_user_error
+from test_pretrain import SMALL_MODEL, env
+
+RECORD_ENV = "DSLLM_BAD_INPUTS_RECORD"  # a JSONL file: each case appends {name, command, input, answer}
+PRETRAIN = "launch/pretrain.py"
+COMMAND_MAINS = {  # the command as a user types it -> (module, main function) it runs
+    PRETRAIN: ("dsllm.trainer", "main"),
+    "data_pipeline/prepare.py": ("dsllm.data.prepare", "main"),
+    "tokenizer/train_tokenizer.py": ("dsllm.tokenizer", "train_main"),
+    "python -m dsllm generate": ("dsllm.generate", "main"),
+    "python -m dsllm plan": ("dsllm.plan", "main"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    bad_input: str  # what is wrong, in words (the README's first column)
+    command: str  # a key of COMMAND_MAINS
+    args: tuple[str, ...]  # {tmp}, {data} and the names of `files` are filled in
+    expect: tuple[str, ...]  # fragments of the one line on stderr
+    files: dict[str, Callable[[Path, Path], None]] = dataclasses.field(default_factory=dict)  # name -> writer(path, data)
+    subprocess: bool = False  # run the real script instead of its main() in this process
+
+
+def ds_json(**changes) -> Callable[[Path, Path], None]:
+    """ds_configs/zero2.json with `a__b=value` set (value None for JSON null)."""
+    def write(path: Path, _data: Path) -> None:
+        config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+        for dotted, value in changes.items():
+            node, (*parents, leaf) = config, dotted.split("__")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = value
+        path.write_text(json.dumps(config))
+    return write
+
+
+def pretrain_ds(name: str, bad_input: str, expect: tuple[str, ...], **changes) -> Case:
+    return Case(name, bad_input, PRETRAIN, ("--ds_config", "{ds.json}", "--data", "{data}", "--out", "{tmp}/out",
+                                            *SMALL_MODEL, "--seq-len", "32"), expect, {"ds.json": ds_json(**changes)})
+
+
+def pretrain_flag(flag: str, value: str, expect: tuple[str, ...]) -> Case:
+    return Case(f"pretrain{flag}-{value}", f"`{flag} {value}`", PRETRAIN,
+                ("--ds_config", str(ROOT / "ds_configs" / "zero2.json"), "--data", "{data}", "--out", "{tmp}/out",
+                 *SMALL_MODEL, flag, value), expect)
+
+
+def jsonl_line(text: str) -> Callable[[Path, Path], None]:
+    return lambda path, _data: path.write_text('{"text": "a good document"}\n' + text + "\n")
+
+
+def damaged_parquet(path: Path, _data: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [f"document {i} " * 20 for i in range(3000)]}), path, row_group_size=500)
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) // 2, len(data) // 2 + 64):  # a page in the middle: the footer still reads
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def dataset_with_id(token_id: int) -> Callable[[Path, Path], None]:
+    """A copy of the test dataset with one token id of train.bin replaced (the header is unchanged)."""
+    def write(path: Path, data: Path) -> None:
+        from dsllm.data.format import TokenFile
+
+        shutil.copytree(data, path)
+        (path / "train.max_token_id.json").unlink(missing_ok=True)
+        tokens = np.memmap(path / "train.bin", dtype=TokenFile(path / "train").header.dtype, mode="r+")
+        tokens[5] = token_id
+        tokens.flush()
+    return write
+
+
+TOKENIZER_ARGS = ("--vocab-size", "300", "--output", "{tmp}/tok")
+PREPARE_ARGS = ("--tokenizer", "{tokenizer}", "--output", "{tmp}/prepared", "--workers", "1")
+CASES = [
+    # -- the DeepSpeed JSON: DeepSpeed's own models, then our checks of meaning -----------------------------
+    pretrain_ds("zero-unknown-key", "unknown key inside `zero_optimization`", ("zero_optimization.stagee",
+                'did you mean "stage"'), zero_optimization__stagee=2),
+    pretrain_ds("zero-offload-device", '`offload_optimizer.device: "gpu"`', ("zero_optimization.offload_optimizer.device",
+                "'none', 'cpu' or 'nvme'"), zero_optimization__offload_optimizer={"device": "gpu"}),
+    pretrain_ds("bf16-true", '`"bf16": true`', ("bf16 is true, but must be an object", '{"enabled": true}'), bf16=True),
+    pretrain_ds("optimizer-null", '`"optimizer": null`', ("optimizer is null", "remove it for dsllm's AdamW"),
+                optimizer=None),
+    pretrain_ds("betas-one", "`betas: [0.9]`", ("optimizer.params.betas = [0.9]", "two numbers in [0, 1)"),
+                optimizer__params__betas=[0.9]),
+    pretrain_ds("optimizer-param-typo", "misspelled optimizer param `weight_decy`",
+                ("optimizer.params.weight_decy", 'did you mean "weight_decay"'), optimizer__params__weight_decy=0.1),
+    pretrain_ds("optimizer-type", '`optimizer.type: "FusedAdam"`', ('did you mean "AdamW"',),
+                optimizer__type="FusedAdam"),
+    pretrain_ds("optimizer-lr-nan", "`optimizer.params.lr: NaN`", ("optimizer.params.lr = NaN", "finite"),
+                optimizer__params__lr=float("nan")),
+    pretrain_ds("optimizer-eps-zero", "`optimizer.params.eps: 0`", ("optimizer.params.eps = 0", "above 0"),
+                optimizer__params__eps=0),
+    pretrain_ds("cosine-warmup-zero", "WarmupCosineLR with `warmup_num_steps: 0`",
+                ("scheduler.params.warmup_num_steps = 0", "1 or more"), scheduler__params__warmup_num_steps=0),
+    pretrain_ds("cos-min-ratio", "`cos_min_ratio: 5`", ("scheduler.params.cos_min_ratio = 5", "[0, 1]"),
+                scheduler__params__cos_min_ratio=5),
+    pretrain_ds("scheduler-type", '`scheduler.type: "WarmupCosine"`', ('did you mean "WarmupCosineLR"',),
+                scheduler__type="WarmupCosine"),
+    pretrain_ds("scheduler-param", "`warmup_max_lr` for WarmupCosineLR", ("scheduler.params.warmup_max_lr",
+                "not a parameter of WarmupCosineLR"), scheduler__params__warmup_max_lr=0.1),
+    pretrain_ds("top-level-typo", "misspelled top-level key `gradient_clippin`",
+                ('unknown top-level key "gradient_clippin"', 'did you mean "gradient_clipping"'), gradient_clippin=1.0),
+    pretrain_ds("grad-clip-negative", "`gradient_clipping: -1`", ("gradient_clipping = -1",), gradient_clipping=-1),
+    pretrain_ds("fp16-loss-scale", "`fp16.loss_scale: -1`", ("fp16.loss_scale", "must be >= 0"), fp16__loss_scale=-1),
+    pretrain_ds("tensorboard-missing", "tensorboard monitor enabled, package missing",
+                ("tensorboard.enabled is true", 'pip install -e ".[tensorboard]"'), tensorboard__enabled=True),
+    pretrain_ds("removed-key", "`amp` (removed from DeepSpeed)", ("amp: NVIDIA Apex AMP integration has been removed",),
+                amp={"enabled": True}),
+    # -- the command line -------------------------------------------------------------------------------------
+    pretrain_flag("--lr", "nan", ("--lr", "not a finite number")),
+    pretrain_flag("--grad-clip", "inf", ("--grad-clip", "not a finite number")),
+    pretrain_flag("--peak-tflops", "nan", ("--peak-tflops", "not a finite number")),
+    pretrain_flag("--collective-timeout", "-1", ("--collective-timeout -1.0", "above 0")),
+    pretrain_flag("--min-lr-ratio", "5", ("--min-lr-ratio 5.0", "[0, 1]")),
+    pretrain_flag("--warmup-steps", "-3", ("--warmup-steps -3", "0 or more")),
+    pretrain_flag("--beta2", "1", ("--beta2 1.0", "[0, 1)")),
+    pretrain_flag("--weight-decay", "-0.1", ("--weight-decay -0.1", "0 or more")),
+    # -- the dataset --------------------------------------------------------------------------------------------
+    Case("token-id-past-vocab", "dataset with a token id past the tokenizer's vocabulary", PRETRAIN,
+         ("--ds_config", str(ROOT / "ds_configs" / "zero2.json"), "--data", "{bad_data}", "--out", "{tmp}/out",
+          *SMALL_MODEL, "--seq-len", "32"), ("train.bin: token id 310", "vocabulary size 300", "prepare.py"),
+         {"bad_data": dataset_with_id(310)}),
+    # -- corpus inputs ------------------------------------------------------------------------------------------
+    Case("jsonl-deep-nesting", "JSONL line with 100,000 nested `[`", "data_pipeline/prepare.py",
+         ("--input", "{deep.jsonl}", *PREPARE_ARGS), ("deep.jsonl:2:", "nested too deeply"),
+         {"deep.jsonl": jsonl_line('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}")}),
+    Case("jsonl-long-integer", "JSONL line with a 5,000-digit integer", "data_pipeline/prepare.py",
+         ("--input", "{big.jsonl}", *PREPARE_ARGS), ("big.jsonl:2:", "4300 digits"),
+         {"big.jsonl": jsonl_line('{"text": "x", "n": ' + "9" * 5000 + "}")}),
+    Case("parquet-corrupt-prepare", "Parquet file with a damaged page", "data_pipeline/prepare.py",
+         ("--input", "{bad.parquet}", *PREPARE_ARGS), ("bad.parquet: damaged Parquet data after row",),
+         {"bad.parquet": damaged_parquet}, subprocess=True),
+    Case("parquet-corrupt-tokenizer", "Parquet file with a damaged page", "tokenizer/train_tokenizer.py",
+         ("--input", "{bad.parquet}", *TOKENIZER_ARGS), ("bad.parquet: damaged Parquet data after row",),
+         {"bad.parquet": damaged_parquet}, subprocess=True),
+    # -- generate and plan --------------------------------------------------------------------------------------
+    Case("temperature-huge", "`--temperature 1e300`", "python -m dsllm generate",
+         ("--checkpoint", "{tmp}", "--temperature", "1e300"), ("--temperature", "must be 0 (greedy) to 100")),
+    Case("temperature-nan", "`--temperature nan`", "python -m dsllm generate",
+         ("--checkpoint", "{tmp}", "--temperature", "nan"), ("--temperature", "not a finite number")),
+    Case("top-p-2", "`--top-p 2`", "python -m dsllm generate", ("--checkpoint", "{tmp}", "--top-p", "2"),
+         ("--top-p", "at most 1")),
+    Case("device-meta", "`--device meta`", "python -m dsllm generate", ("--checkpoint", "{tmp}", "--device", "meta"),
+         ("--device", "use auto, cpu, cuda or cuda:N")),
+    Case("plan-1e400", "`--model 1e400`", "python -m dsllm plan", ("--model", "1e400", "--gpus", "8xA100"),
+         ("--model '1e400'", "at most 1e15"), subprocess=True),
+]
+
+
+def _fill(args: tuple[str, ...], values: dict[str, str]) -> list[str]:
+    filled = []
+    for arg in args:
+        for key, value in values.items():
+            arg = arg.replace("{" + key + "}", value)
+        filled.append(arg)
+    return filled
+
+
+def run_case(case: Case, tmp: Path, data: Path, tokenizer: Path) -> tuple[int, str]:
+    """(exit code, stderr) of the case's command."""
+    values = {"tmp": str(tmp), "data": str(data), "tokenizer": str(tokenizer)}
+    for name, write in case.files.items():
+        write(tmp / name, data)
+        values[name] = str(tmp / name)
+    argv = _fill(case.args, values)
+    if case.subprocess:
+        head = case.command.split()
+        cmd = [sys.executable, *head[1:]] if head[0] == "python" else [sys.executable, str(ROOT / case.command)]
+        proc = subprocess.run([*cmd, *argv], capture_output=True, text=True, cwd=ROOT, env=env(), timeout=300)
+        return proc.returncode, proc.stderr
+    from dsllm.errors import run_cli
+
+    module, function = COMMAND_MAINS[case.command]
+    main = getattr(importlib.import_module(module), function)
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv) if case.command == PRETRAIN else run_cli(main, argv)  # the trainer prints its own
+        except SystemExit as exit_:  # argparse
+            code = exit_.code
+    return code, stderr.getvalue()
+
+
+def record(case: Case, line: str, tmp: Path, data: Path) -> None:
+    path = os.environ.get(RECORD_ENV)
+    if not path:
+        return
+    answer = line.replace(str(tmp) + "/", "").replace(str(tmp), ".").replace(str(data), "DATA")
+    answer = answer.replace(str(ROOT) + "/", "")
+    command = f"python {case.command}" if case.command.endswith(".py") else case.command
+    with open(path, "a") as f:
+        f.write(json.dumps({"name": case.name, "input": case.bad_input, "command": command, "answer": answer}) + "\n")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(case, tmp_path, dataset_dir, tokenizer_dir):
+    if case.name == "tensorboard-missing" and importlib.util.find_spec("tensorboard"):
+        pytest.skip("tensorboard is installed here")
+    code, stderr = run_case(case, tmp_path, dataset_dir, tokenizer_dir)
+    line = assert_user_error(subprocess.CompletedProcess([], code, "", stderr), *case.expect)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "prepared").exists() and not (tmp_path / "tok").exists()
+    record(case, line, tmp_path, dataset_dir)
+
+
+def test_a_folder_symlinked_into_itself_is_read_once(tmp_path):
+    from dsllm.data.sources import CorpusReader
+
+    (tmp_path / "corpus" / "sub").mkdir(parents=True)
+    (tmp_path / "corpus" / "a.jsonl").write_text('{"text": "first"}\n')
+    (tmp_path / "corpus" / "sub" / "b.jsonl").write_text('{"text": "second"}\n')
+    (tmp_path / "corpus" / "sub" / "loop").symlink_to(tmp_path / "corpus")  # was read 41 times, to ELOOP
+    (tmp_path / "corpus" / "sub" / "same.jsonl").symlink_to(tmp_path / "corpus" / "a.jsonl")
+    reader = CorpusReader([tmp_path / "corpus", tmp_path / "corpus" / "a.jsonl"])
+    assert list(reader) == ["first", "second"] and reader.stats.files == 2
+
+
+def test_max_token_id_is_cached_by_fingerprint(tmp_path, dataset_dir):
+    from dsllm.data.format import TokenFile
+
+    data = tmp_path / "data"
+    dataset_with_id(299)(data, dataset_dir)
+    train = TokenFile(data / "train")
+    assert train.max_token_id() == 299 == int(np.asarray(train.tokens).max())
+    cache = json.loads((data / "train.max_token_id.json").read_text())
+    assert cache == {"fingerprint": train.fingerprint, "max_token_id": 299}
+    (data / "train.max_token_id.json").write_text(json.dumps({"fingerprint": "another dataset", "max_token_id": 5}))
+    assert TokenFile(data / "train").max_token_id() == 299  # a cache of other contents is recomputed, not trusted
+    (data / "train.max_token_id.json").unlink()
+    data.chmod(0o555)  # a read-only dataset folder: computed, not cached (as root the folder stays writable)
+    try:
+        assert TokenFile(data / "train").max_token_id() == 299
+        assert (data / "train.max_token_id.json").exists() == os.access(data, os.W_OK)
+        assert not list(data.glob("*.tmp"))
+    finally:
+        data.chmod(0o755)
+
+
+def test_prompt_file_jsonl_faults_name_file_and_line(tmp_path):
+    from dsllm.errors import UserError
+    from dsllm.generate import read_prompts
+
+    deep, big = tmp_path / "deep.jsonl", tmp_path / "big.jsonl"
+    deep.write_text('"ok"\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    big.write_text('"ok"\n{"prompt": ' + "1" * 5000 + "}\n")
+    for path, fragment in ((deep, "nested too deeply"), (big, "4300 digits")):
+        with pytest.raises(UserError, match=f"{path.name}:2: .*{fragment}"):
+            read_prompts([], [str(path)])
