@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", type=_device, default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     args = parser.parse_args(argv)
     if not 0 <= args.temperature <= MAX_TEMPERATURE:
-        parser.error(f"argument --temperature: {args.temperature:g} must be 0 (greedy) to {MAX_TEMPERATURE:g}")
+        parser.error(f"argument --temperature: {args.temperature:g} must be 0 (greedy) or more, at most {MAX_TEMPERATURE:g}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error(f"argument --top-p: {args.top_p} must be above 0 and at most 1")
 

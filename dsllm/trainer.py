@@ -237,6 +237,8 @@ def init_distributed(plan: Plan) -> torch.device:
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", plan.world_size)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))  # ranks must not oversubscribe cores
+    # NCCL: a failed or timed-out collective aborts the communicator (an exception) instead of hanging the rank
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                distributed_port=int(os.environ.get("MASTER_PORT", 29500)),  # used by MPI discovery
                                timeout=timedelta(seconds=plan.config.collective_timeout))
@@ -722,9 +724,10 @@ def main(argv=None) -> int:
         if not _peer_failure(err):
             raise
         first = str(err).strip().splitlines()[0][:300]
-        sys.stderr.write(f"error: rank {rank}: a collective failed because another rank died, hung past "
-                         f"--collective-timeout or lost the network ({first}); the launcher's log names the rank "
-                         "that exited first. Resume with --resume auto (or run under launch/supervise.py)\n")
+        if not _reported_on_this_host():  # a rank that exited on a fault of its own has said why: no second line
+            sys.stderr.write(f"error: rank {rank}: a collective failed because another rank died, hung past "
+                             f"--collective-timeout or lost the network ({first}); the launcher's log names the rank "
+                             "that exited first. Resume with --resume auto (or run under launch/supervise.py)\n")
         kill_local_peers()
         return 4
     return 0
@@ -738,23 +741,32 @@ def _quiet_teardown() -> None:
         dist.destroy_process_group()
 
 
+def _error_folder() -> Path:
+    """Where the ranks of one job on this host mark the faults they reported (they share a launcher)."""
+    import tempfile
+
+    job = f"{os.getuid()}-{os.getppid()}-{os.environ.get('MASTER_PORT', '')}"
+    return Path(tempfile.gettempdir()) / f"dsllm-errors-{job}"
+
+
 def _first_to_report(message: str) -> bool:
     """Whether this rank is the first of its host to report this message (ranks that all hit the same fault
-    print it once). A marker file per message under the temporary folder, named by the job's port."""
+    print it once). A marker file per message in `_error_folder()`."""
     import hashlib
-    import tempfile
 
     if world_from_env()[2] == 1:
         return True
-    key = hashlib.sha256(message.encode()).hexdigest()[:16]
-    job = f"{os.getuid()}-{os.getppid()}-{os.environ.get('MASTER_PORT', '')}"  # the ranks of a host share a launcher
-    folder = Path(tempfile.gettempdir()) / f"dsllm-errors-{job}"
+    folder = _error_folder()
     folder.mkdir(exist_ok=True)
     try:
-        os.close(os.open(folder / key, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        os.close(os.open(folder / hashlib.sha256(message.encode()).hexdigest()[:16], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         return True
     except FileExistsError:
         return False
+
+
+def _reported_on_this_host() -> bool:
+    return world_from_env()[2] > 1 and _error_folder().is_dir() and any(_error_folder().iterdir())
 
 
 def _peer_failure(err: RuntimeError) -> bool:

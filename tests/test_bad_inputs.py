@@ -166,7 +166,7 @@ CASES = [
          {"bad.parquet": damaged_parquet}, subprocess=True),
     # -- generate and plan --------------------------------------------------------------------------------------
     Case("temperature-huge", "`--temperature 1e300`", "python -m dsllm generate",
-         ("--checkpoint", "{tmp}", "--temperature", "1e300"), ("--temperature", "must be 0 (greedy) to 100")),
+         ("--checkpoint", "{tmp}", "--temperature", "1e300"), ("--temperature", "must be 0 (greedy) or more, at most 100")),
     Case("temperature-nan", "`--temperature nan`", "python -m dsllm generate",
          ("--checkpoint", "{tmp}", "--temperature", "nan"), ("--temperature", "not a finite number")),
     Case("top-p-2", "`--top-p 2`", "python -m dsllm generate", ("--checkpoint", "{tmp}", "--top-p", "2"),

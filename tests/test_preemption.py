@@ -236,3 +236,26 @@ def test_sigkill_at_random_moments_during_saves(dataset_dir, tmp_path):
         finish(proc, 120)
     pretrain(dataset_dir, out, *args)
     assert_same_curve(whole, out)
+
+
+def test_a_fault_after_start_is_printed_once_by_the_rank_that_saw_it(dataset_dir, tmp_path):
+    """A fault every rank finds (a damaged checkpoint) is one line, not one per rank; a fault only rank 1 finds
+    (its RNG file) is one line from rank 1, not silence."""
+    from dsllm.train_checkpoint import file_digests
+
+    args = ["--max-steps", 2, "--micro-batch-size", 4, "--save-interval", 2, "--precision", "fp32"]
+    out = tmp_path / "run"
+    pretrain(dataset_dir, out, *args, ranks=2)
+    tag = out / "checkpoints" / "step00000002"
+    marker_path = tag / "dsllm_complete.json"
+    marker = json.loads(marker_path.read_text())
+    rng = tag / "rng_rank00001.safetensors"
+    rng.write_bytes(b"\0" * rng.stat().st_size)  # damaged, same size: only the checksum knows
+    proc = pretrain(dataset_dir, out, *args[:1], 4, *args[2:], "--resume", tag, ranks=2, expect=2)
+    errors = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "damaged checkpoint" in errors[0] and "rng_rank00001" in errors[0], errors
+    marker["files"].update(file_digests(tag, [rng.name]))  # as if it had been saved so: only rank 1 reads it
+    marker_path.write_text(json.dumps(marker))
+    proc = pretrain(dataset_dir, out, *args[:1], 4, *args[2:], "--resume", tag, ranks=2, expect=2)
+    errors = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: rank 1: ") and "not an RNG state" in errors[0], errors
