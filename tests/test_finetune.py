@@ -52,9 +52,11 @@ def test_reversal_is_learned_only_by_fine_tuning(tmp_path, pretrained):
     data = reversal_task(tmp_path / "reverse.jsonl", 2000)
     out = tmp_path / "sft"
     proc = finetune(pretrained, data, out, "--max-steps", 1000, "--lr", "1e-2", "--warmup-steps", 30,
-                    "--micro-batch-size", 16, "--log-interval", 100, "--eval-examples", 100)
+                    "--micro-batch-size", 32, "--log-interval", 100, "--eval-examples", 100)
     summary = json.loads((out / "finetune.json").read_text())
-    # measured: 0.00 before; 1.00 after on seeds 1234, 7 and 11 (0.4-0.9 after 500-600 steps: a phase change)
+    # measured (2026-11-29, this base): 0.00 before; after 1,000 steps 1.00 on seeds 1234 and 7, 0.04 on seed 11
+    # (0.85 at 700 steps on 1234). Learning comes as a phase change whose step varies by seed; at micro batch 16
+    # it came after step 1,000 on seeds 1234 and 11 (0.21) once the default corpus's tokenizer changed.
     assert summary["before"]["exact_match"] <= 0.05 and summary["after"]["exact_match"] >= 0.8, summary
     assert summary["after"]["val_loss"] < summary["before"]["val_loss"] / 4
     assert summary["train_examples"] == 1900 and summary["val_examples"] == 100 and summary["truncated"] == 0
