@@ -69,6 +69,20 @@ def _die_with_parent() -> None:
         pass
 
 
+def last_healthy(command: list[str]) -> str:
+    """The checkpoint `--resume auto` would take in the command's --out (only healthy ones are ever written)."""
+    from pathlib import Path
+
+    from dsllm.train_checkpoint import CHECKPOINTS_DIR, lineage_candidates
+    from dsllm.train_config import TrainConfig
+
+    flags = [arg.split("=", 1) if arg.startswith("--out=") else [arg] for arg in command]
+    flat = [part for parts in flags for part in parts]
+    out = flat[flat.index("--out") + 1] if "--out" in flat[:-1] else TrainConfig.out
+    done = lineage_candidates(Path(out) / CHECKPOINTS_DIR)
+    return str(done[0]) if done else "none"
+
+
 def supervise(command: list[str], max_restarts: int, delay: float = 5.0, log=print) -> int:
     attempt, received = 0, []
 
@@ -88,8 +102,8 @@ def supervise(command: list[str], max_restarts: int, delay: float = 5.0, log=pri
                 return code if code >= 0 else 128 - code
             if code in NO_RETRY:
                 if code == DIVERGED_EXIT:
-                    log("supervise: the run diverged (exit code 3); not restarting, since resuming would diverge again "
-                        "(the trainer's message names the last healthy checkpoint)")
+                    log("supervise: the run diverged (exit code 3); not restarting, since resuming would diverge again. "
+                        f"Last healthy checkpoint: {last_healthy(command)}")
                 return code
             if attempt >= max_restarts:
                 log(f"supervise: the job failed ({describe(code)}) and --max-restarts {max_restarts} are used up")

@@ -208,6 +208,8 @@ def test_a_diverging_run_never_writes_or_names_a_non_finite_checkpoint_and_super
     assert proc.returncode == 3, output[-3000:]
     assert "Last healthy checkpoint:" in output and "not restarting" in output and output.count(" parameters on ") == 1
     named = output.split("Last healthy checkpoint: ")[1].split(". ")[0]
+    assert f"supervise: the run diverged (exit code 3); not restarting, since resuming would diverge again. " \
+           f"Last healthy checkpoint: {named}" in output
     for step in complete_steps(out):
         model = load_model_dir(out / "checkpoints" / f"step{step:08d}")
         assert all(p.isfinite().all() for p in model.parameters()), step
