@@ -1,8 +1,8 @@
 """How we read torch files: never by running a pickle's code.
 
 A `.pt` file is a pickle, and unpickling can call any function the file names. Inside
-`weights_only_loads()` every `torch.load` in the process (ours and DeepSpeed's, which passes
-`weights_only=False`) is a weights-only load: tensors, plain containers and numbers, plus the few
+`weights_only_loads()` every `torch.load` in the process (ours and DeepSpeed's, which asks for full
+unpickling) is a weights-only load: tensors, plain containers and numbers, plus the few
 DeepSpeed types below. A file that holds anything else is a UserError naming it, and nothing in it runs.
 
 `python -m dsllm.safe_load universal --input_folder CKPT --output_folder OUT [--inject_missing_state]`

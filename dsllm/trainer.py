@@ -714,7 +714,7 @@ def main(argv=None) -> int:
         if not started and rank == 0 or started and _first_to_report(str(err)):
             prefix = f"rank {rank}: " if started and world_from_env()[2] > 1 and rank != 0 else ""
             sys.stderr.write(f"error: {prefix}{err}\n")
-        return 2 if isinstance(err, UserError) else 3
+        return _exit_now(2 if isinstance(err, UserError) else 3)
     except KeyboardInterrupt:
         if rank == 0:
             sys.stderr.write("interrupted outside the training loop; checkpoints already written are kept "
@@ -728,9 +728,23 @@ def main(argv=None) -> int:
             sys.stderr.write(f"error: rank {rank}: a collective failed because another rank died, hung past "
                              f"--collective-timeout or lost the network ({first}); the launcher's log names the rank "
                              "that exited first. Resume with --resume auto (or run under launch/supervise.py)\n")
+        time.sleep(2)  # DeepSpeed's launcher polls every second: let it see, and name, the rank that failed first
         kill_local_peers()
-        return 4
+        return _exit_now(4)
     return 0
+
+
+def _exit_now(code: int) -> int:
+    """With a process group up, a rank that leaves on a fault must not wait for its peers (they may be stuck in a
+    collective) nor run gloo's destructors, which abort ('terminate called without an active exception', exit
+    250 instead of this code): flush and exit at once. Without one, return the code."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _quiet_teardown() -> None:
@@ -772,6 +786,6 @@ def _reported_on_this_host() -> bool:
 def _peer_failure(err: RuntimeError) -> bool:
     import torch.distributed as dist
 
-    markers = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timeout",
-               "NCCL communicator was aborted")
-    return isinstance(err, getattr(dist, "DistError", ())) or any(m in str(err) for m in markers)
+    markers = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "timeout",
+               "nccl communicator was aborted")  # gloo says "Timed out waiting 15000ms for recv operation"
+    return isinstance(err, getattr(dist, "DistError", ())) or any(m in str(err).lower() for m in markers)

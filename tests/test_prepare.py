@@ -139,14 +139,21 @@ def test_failure_midway_leaves_the_old_dataset_intact(tmp_path, tokenizer_dir):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no partial folder either
 
 
-def test_killed_run_never_leaves_a_valid_looking_dataset(tmp_path, tokenizer_dir):
+def start_big_prepare(tmp_path, tokenizer_dir, workers: int, **popen) -> tuple:
+    """prepare.py on an 80,000-document corpus (long enough to be caught mid-run); returns it and its --output."""
     big = tmp_path / "big.jsonl"
     with open(big, "w") as f:
         for chunk in range(40):
             f.writelines(json.dumps({"text": t}) + "\n" for t in make_documents(2000, seed=chunk, max_words=150))
     out = tmp_path / "ds"
     proc = subprocess.Popen([sys.executable, str(ROOT / SCRIPT), "--input", str(big), "--tokenizer", str(tokenizer_dir),
-                             "--output", str(out), "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--output", str(out), "--workers", str(workers)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, **popen)
+    return proc, out
+
+
+def test_killed_run_never_leaves_a_valid_looking_dataset(tmp_path, tokenizer_dir):
+    proc, out = start_big_prepare(tmp_path, tokenizer_dir, workers=1)
     deadline = time.time() + 60
     while not list(out.glob(".partial-*/train.bin")) and time.time() < deadline:
         time.sleep(0.05)
@@ -239,14 +246,7 @@ def test_a_killed_worker_is_one_line_and_leaves_no_dataset(tmp_path, tokenizer_d
     """A worker the kernel's OOM killer takes (SIGKILL) broke the process pool with a traceback."""
     import psutil
 
-    big = tmp_path / "big.jsonl"
-    with open(big, "w") as f:
-        for chunk in range(40):
-            f.writelines(json.dumps({"text": t}) + "\n" for t in make_documents(2000, seed=chunk, max_words=150))
-    out = tmp_path / "ds"
-    proc = subprocess.Popen([sys.executable, str(ROOT / SCRIPT), "--input", str(big), "--tokenizer", str(tokenizer_dir),
-                             "--output", str(out), "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc, out = start_big_prepare(tmp_path, tokenizer_dir, workers=2, text=True)
     workers, deadline = [], time.time() + 120  # hang guard
     while len(workers) < 2 and proc.poll() is None and time.time() < deadline:
         workers = [child for child in psutil.Process(proc.pid).children()  # spawned pool workers, not the tracker

@@ -148,12 +148,11 @@ def _batches(reader: CorpusReader) -> Iterator[_Batch]:
         yield _Batch(batch, first, reader.stats.documents, (first_file, current_file()))
 
 
-def _killed_worker_error(pool: ProcessPoolExecutor, in_flight: list[_Batch], workers: int) -> UserError:
+def _killed_worker_error(processes: dict, in_flight: list[_Batch], workers: int) -> UserError:
     """One line for a worker that died (the OOM killer's SIGKILL, most often): which process, which documents were
     being tokenized, and the fix. The pool then stops the other workers (SIGTERM), so the first death is the one
-    that is not SIGTERM."""
-    ended = [(pid, process.exitcode) for pid, process in (getattr(pool, "_processes", None) or {}).items()
-             if process.exitcode not in (None, 0)]
+    that is not SIGTERM. `processes`: the pool's workers as seen while it ran (a broken pool forgets them)."""
+    ended = [(pid, process.exitcode) for pid, process in processes.items() if process.exitcode not in (None, 0)]
     ended.sort(key=lambda item: item[1] == -signal.SIGTERM)
     if ended and ended[0][1] < 0:
         who = f"worker process {ended[0][0]} was killed by {signal.Signals(-ended[0][1]).name}"
@@ -181,19 +180,21 @@ def _process(batches: Iterator[_Batch], workers: int, tokenizer_json: str,
             ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
                                 initargs=(tokenizer_json, cleaning)) as pool:
         pending: collections.deque = collections.deque()
+        processes: dict = {}
 
         def oldest_result() -> tuple[int, _BatchResult]:
             try:
                 result = pending[0][1].result()
             except BrokenProcessPool:
-                raise _killed_worker_error(pool, [batch for batch, _ in pending], workers) from None
+                raise _killed_worker_error(processes, [batch for batch, _ in pending], workers) from None
             return len(pending.popleft()[0].texts), result
 
         for batch in batches:
             try:
                 pending.append((batch, pool.submit(_clean_and_tokenize, batch.texts)))
             except BrokenProcessPool:
-                raise _killed_worker_error(pool, [b for b, _ in pending] + [batch], workers) from None
+                raise _killed_worker_error(processes, [b for b, _ in pending] + [batch], workers) from None
+            processes.update(getattr(pool, "_processes", None) or {})  # private, so a missing one only costs the pid
             if len(pending) >= 2 * workers:
                 yield oldest_result()
         while pending:
