@@ -223,6 +223,19 @@ def _json(value: Any) -> str:
     return json.dumps(value) if isinstance(value, (dict, list, str, bool, type(None), int, float)) else repr(value)
 
 
+def _sections_without_models() -> dict[str, set[str]]:
+    """The fields of the sections DeepSpeed 0.19 parses without a pydantic model, from its own constant modules."""
+    from deepspeed.profiling import constants as profiler
+    from deepspeed.runtime.activation_checkpointing import config as checkpointing
+
+    def fields(module, prefix: str) -> set[str]:
+        return {value for name, value in vars(module).items()
+                if name.startswith(prefix) and not name.endswith(("_DEFAULT", "_FORMAT")) and isinstance(value, str)}
+
+    return {"activation_checkpointing": fields(checkpointing, "ACT_CHKPT_") - {"activation_checkpointing"},
+            "flops_profiler": fields(profiler, "FLOPS_PROFILER_") - {"flops_profiler"}}
+
+
 def _check_shape(config: dict, where: str) -> None:
     """Top-level keys DeepSpeed knows, and the sections that must be objects, before anything reads them."""
     from deepspeed.runtime.config import _REMOVED_TOP_LEVEL_CONFIG_KEYS
@@ -241,6 +254,11 @@ def _check_shape(config: dict, where: str) -> None:
                        if key == "scheduler" else '{"stage": 2}' if key == "zero_optimization" else
                        f'{{"enabled": {_json(config[key]).lower() if isinstance(config[key], bool) else "true"}}}')
             raise DSConfigError(f"{where}: {key} is {_json(config[key])}, but must be an object: write {example}")
+    for key, known in _sections_without_models().items():  # DeepSpeed reads these with dict.get: typos go unseen
+        for field in config.get(key, {}):
+            if field not in known:
+                raise DSConfigError(f"{where}: {key}.{field}: not a DeepSpeed field{_did_you_mean(field, known)}; "
+                                    f"fix the spelling or remove it (it takes {', '.join(sorted(known))})")
     for key in ("optimizer", "scheduler"):
         section = config.get(key)
         if section is None:
