@@ -258,8 +258,10 @@ def test_a_killed_worker_is_one_line_and_leaves_no_dataset(tmp_path, tokenizer_d
     workers[0].send_signal(signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=120)
     line = assert_user_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
-                             f"worker process {workers[0].pid} was killed by SIGKILL while tokenizing documents ",
-                             "big.jsonl", "most likely out of memory", "fewer --workers (this run had 2)")
+                             " while tokenizing documents ", "big.jsonl", "most likely out of memory",
+                             "fewer --workers (this run had 2)")
+    # the worker is named when the pool still knew it (CI once saw it gone from the pool's table): never another
+    assert f"worker process {workers[0].pid} was killed by SIGKILL" in line or "a worker process died" in line, line
     assert re.search(r"documents [\d,]+-[\d,]+ \(", line), line
     assert not (out / "meta.json").exists() and not (out / "train.bin").exists() and not list(out.glob(".partial-*"))
 

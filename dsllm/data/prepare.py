@@ -152,8 +152,8 @@ def _killed_worker_error(processes: dict, in_flight: list[_Batch], workers: int)
     """One line for a worker that died (the OOM killer's SIGKILL, most often): which process, which documents were
     being tokenized, and the fix. The pool then stops the other workers (SIGTERM), so the first death is the one
     that is not SIGTERM. `processes`: the pool's workers as seen while it ran (a broken pool forgets them)."""
-    ended = [(pid, process.exitcode) for pid, process in processes.items() if process.exitcode not in (None, 0)]
-    ended.sort(key=lambda item: item[1] == -signal.SIGTERM)
+    ended = [(pid, process.exitcode) for pid, process in processes.items()
+             if process.exitcode not in (None, 0, -signal.SIGTERM)]  # SIGTERM: the pool stopping the others
     if ended and ended[0][1] < 0:
         who = f"worker process {ended[0][0]} was killed by {signal.Signals(-ended[0][1]).name}"
     elif ended:
