@@ -8,7 +8,7 @@ EXTRAS ?= dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dsllm-installed
 
-.PHONY: install pretrain test bad-inputs-table clean-venv
+.PHONY: install pretrain test lint format bad-inputs-table clean-venv
 
 install: $(STAMP)
 
@@ -30,6 +30,15 @@ pretrain: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Style is the tools' job (pyproject.toml): ruff's lint rules and its formatter, line length 120
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # README.md's table of bad inputs, from the cases in tests/test_bad_inputs.py (about ten seconds)
 bad-inputs-table: $(STAMP)

@@ -4,6 +4,7 @@ torch is a dependency but is installed first and pinned by the Makefile (`TORCH_
 build here, the CUDA build of the same version on GPU machines. Installing it first keeps pip from
 resolving an unpinned torch to the newest CUDA build (several GB) through another package's range.
 """
+
 from setuptools import find_packages, setup
 
 setup(
@@ -30,6 +31,6 @@ setup(
         "tensorboard": ["tensorboard>=2.14"],
         "wandb": ["wandb>=0.16"],
         "comet": ["comet_ml>=3.40"],
-        "dev": ["pytest>=8", "transformers>=4.45"],
+        "dev": ["pytest>=8", "transformers>=4.45", "ruff==0.17.6"],  # ruff pinned: its rules and format change
     },
 )

@@ -10,6 +10,7 @@
 
 Writes YYYY-MM-DD-data-pipeline-<hardware>.{md,json} to --results-dir (default benchmarks/results/).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,14 +43,26 @@ PRESETS = {  # full / --quick defaults of the options left unset
 
 
 def parse_args(argv):
-    p = ArgumentParser(prog="data_pipeline.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="data_pipeline.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="CI smoke run: 300 kB corpus, vocab 1000, 20 loader batches")
-    p.add_argument("--input", nargs="+", metavar="PATH", help="corpus instead of the standard library (any prepare input)")
-    p.add_argument("--repeat", type=int, default=1, metavar="K", help="replicate the corpus K times (copies differ by a first line)")
+    p.add_argument(
+        "--input", nargs="+", metavar="PATH", help="corpus instead of the standard library (any prepare input)"
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="K",
+        help="replicate the corpus K times (copies differ by a first line)",
+    )
     p.add_argument("--max-bytes", type=int, help="standard library corpus: first N bytes of sources (default all)")
     p.add_argument("--tokenizer", metavar="DIR_OR_FILE", help="use this tokenizer instead of training one")
     p.add_argument("--vocab-size", type=int, help="vocabulary of the trained tokenizer (default 8192, quick 1000)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="N: threads / prepare workers (default: cores)")
+    p.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="N: threads / prepare workers (default: cores)"
+    )
     p.add_argument("--seq-len", type=int, default=1024, help="loader window length (default %(default)s)")
     p.add_argument("--micro-batch", type=int, default=8, help="loader micro batch (default %(default)s)")
     p.add_argument("--loader-workers", type=int, nargs="+", default=[0, 2], help="DataLoader num_workers to try")
@@ -103,7 +116,10 @@ def tokenizer_file(args, texts: list[str], work: Path) -> tuple[str, dict]:
         return str(resolve_tokenizer_file(args.tokenizer)), {"tokenizer": str(Path(args.tokenizer).resolve())}
     start = time.perf_counter()
     path = save_tokenizer(train_tokenizer(texts, args.vocab_size, show_progress=False), work / "tokenizer")
-    return str(path), {"tokenizer": f"trained, vocab {args.vocab_size}", "tokenizer_train_seconds": round(time.perf_counter() - start, 2)}
+    return str(path), {
+        "tokenizer": f"trained, vocab {args.vocab_size}",
+        "tokenizer_train_seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 # -- 1. the ceiling and 2. prepare: each measurement in a fresh process -----------------------------
@@ -138,8 +154,14 @@ def encode_rate(job: dict) -> dict:
     tokens = sum(len(e) for chunk in chunks for e in tokenizer.encode_batch_fast(chunk, add_special_tokens=False))
     seconds = time.perf_counter() - start
     text_bytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
-    return {"threads": job["threads"], "seconds": round(seconds, 3), "text_bytes": text_bytes, "tokens": tokens,
-            "mb_per_second": round(text_bytes / 1e6 / seconds, 3), "tokens_per_second": round(tokens / seconds, 1)}
+    return {
+        "threads": job["threads"],
+        "seconds": round(seconds, 3),
+        "text_bytes": text_bytes,
+        "tokens": tokens,
+        "mb_per_second": round(text_bytes / 1e6 / seconds, 3),
+        "tokens_per_second": round(tokens / seconds, 1),
+    }
 
 
 def prepare_rate(job: dict) -> dict:
@@ -148,10 +170,27 @@ def prepare_rate(job: dict) -> dict:
     from dsllm.data.default_corpus import VAL_FRACTION
     from dsllm.data.prepare import PrepareConfig, prepare
 
-    report = prepare(PrepareConfig(inputs=job["inputs"], tokenizer=job["tokenizer"], output=job["output"],
-                                   val_fraction=VAL_FRACTION, workers=job["workers"],
-                                   cleaning=CleaningConfig(**job["cleaning"]), overwrite=True, progress=False))["report"]
-    keys = ("seconds", "mb_per_second", "tokens_per_second", "bytes_in", "tokens_out", "documents_read", "documents_kept")
+    report = prepare(
+        PrepareConfig(
+            inputs=job["inputs"],
+            tokenizer=job["tokenizer"],
+            output=job["output"],
+            val_fraction=VAL_FRACTION,
+            workers=job["workers"],
+            cleaning=CleaningConfig(**job["cleaning"]),
+            overwrite=True,
+            progress=False,
+        )
+    )["report"]
+    keys = (
+        "seconds",
+        "mb_per_second",
+        "tokens_per_second",
+        "bytes_in",
+        "tokens_out",
+        "documents_read",
+        "documents_kept",
+    )
     return {"workers": job["workers"], **{k: report[k] for k in keys}}
 
 
@@ -177,9 +216,15 @@ def loader_rate(dataset: Path, seq_len: int, micro_batch: int, num_workers: int,
         stream.close()
     seconds = min(trial_seconds)
     tokens = batches * micro_batch * seq_len
-    return {"num_workers": num_workers, "windows": len(windows), "seconds": round(seconds, 4), "tokens_per_second": round(tokens / seconds, 1),
-            "batches_per_second": round(batches / seconds, 1), "startup_seconds": round(min(startups), 3),
-            "trial_seconds": [round(s, 4) for s in trial_seconds]}
+    return {
+        "num_workers": num_workers,
+        "windows": len(windows),
+        "seconds": round(seconds, 4),
+        "tokens_per_second": round(tokens / seconds, 1),
+        "batches_per_second": round(batches / seconds, 1),
+        "startup_seconds": round(min(startups), 3),
+        "trial_seconds": [round(s, 4) for s in trial_seconds],
+    }
 
 
 # -- provenance --------------------------------------------------------------------------------------
@@ -188,8 +233,12 @@ def git_revision() -> str:
     git = ["git", "-C", str(REPO)]
     try:
         head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        changes = subprocess.run(git + ["status", "--porcelain", "--", ".", ":!benchmarks/results"],
-                                 capture_output=True, text=True, check=True).stdout.strip()
+        changes = subprocess.run(
+            git + ["status", "--porcelain", "--", ".", ":!benchmarks/results"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("-dirty" if changes else "")
@@ -198,54 +247,101 @@ def git_revision() -> str:
 def hardware() -> dict:
     import torch
 
-    proc = {name: Path(f"/proc/{name}").read_text() if Path(f"/proc/{name}").is_file() else "" for name in ("cpuinfo", "meminfo")}
+    proc = {
+        name: Path(f"/proc/{name}").read_text() if Path(f"/proc/{name}").is_file() else ""
+        for name in ("cpuinfo", "meminfo")
+    }
     cpu = re.search(r"^model name\s*:\s*(.+)$", proc["cpuinfo"], re.M)
     ram = re.search(r"^MemTotal:\s*(\d+) kB", proc["meminfo"], re.M)
-    info = {"cpu": cpu.group(1).strip() if cpu else platform.processor() or "unknown", "cores": os.cpu_count(),
-            "ram_gib": round(int(ram.group(1)) / 2**20, 1) if ram else None, "platform": platform.platform(),
-            **({"gpu": torch.cuda.get_device_name(0)} if torch.cuda.is_available() else {})}
-    name = re.sub(r"\((r|tm)\)|@.*|\b(cpu|processor)\b", " ", info["cpu"].lower())  # "Intel(R) Xeon(R) CPU @ 2GHz" -> intel-xeon
+    info = {
+        "cpu": cpu.group(1).strip() if cpu else platform.processor() or "unknown",
+        "cores": os.cpu_count(),
+        "ram_gib": round(int(ram.group(1)) / 2**20, 1) if ram else None,
+        "platform": platform.platform(),
+        **({"gpu": torch.cuda.get_device_name(0)} if torch.cuda.is_available() else {}),
+    }
+    name = re.sub(
+        r"\((r|tm)\)|@.*|\b(cpu|processor)\b", " ", info["cpu"].lower()
+    )  # "Intel(R) Xeon(R) CPU @ 2GHz" -> intel-xeon
     info["slug"] = f"{re.sub(r'[^a-z0-9]+', '-', name).strip('-') or 'cpu'}-{info['cores']}c"
     return info
 
 
 def versions() -> dict:
-    import numpy, tokenizers, torch  # noqa: E401
+    import numpy  # noqa: E401
+    import tokenizers
+    import torch
 
     from dsllm import __version__
-    return {"python": platform.python_version(), "torch": torch.__version__, "tokenizers": tokenizers.__version__,
-            "numpy": numpy.__version__, "dsllm": __version__}
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "tokenizers": tokenizers.__version__,
+        "numpy": numpy.__version__,
+        "dsllm": __version__,
+    }
 
 
 # -- report ------------------------------------------------------------------------------------------
 def report_markdown(r: dict) -> str:
     c, hw, settings = r["corpus"], r["hardware"], r["settings"]
     plural = lambda n, word: f"{n} {word}{'s' if n != 1 else ''}"  # noqa: E731
-    lines = [f"# Data pipeline benchmark, {r['date'][:10]}, {hw['slug']}", "",
-             f"- command: `{r['command']}`", f"- git revision: `{r['git_revision']}`", f"- date: {r['date']}",
-             "- versions: " + ", ".join(f"{name} {version}" for name, version in r["versions"].items()),
-             f"- hardware: {hw['cpu']}, {hw['cores']} cores, {hw['ram_gib']} GiB RAM" + (f", {hw['gpu']}" if "gpu" in hw else ""),
-             f"- corpus: {c['source']} (x{c['repeat']}); {c['documents_encoded']:,} documents encoded, "
-             f"{c['text_bytes'] / 1e6:.1f} MB of cleaned text, {c['tokens']:,} tokens; tokenizer: {c['tokenizer']}",
-             f"- each number is the best of {plural(settings['trials'], 'trial')}; 1-minute load average "
-             f"{r['load_average_1min']['start']:.2f} at the start, {r['load_average_1min']['end']:.2f} at the end", "",
-             "## Tokenization: raw encode ceiling vs prepare", "",
-             f"| stage | parallelism | MB/s | tokens/s | seconds | share of raw encode (target >= {TARGET_PREPARE_SHARE}) |",
-             "|---|---|---:|---:|---:|---:|"]
-    lines += [f"| raw encode_batch_fast | {plural(e['threads'], 'thread')} | {e['mb_per_second']:.2f} | "
-              f"{e['tokens_per_second']:,.0f} | {e['seconds']:.2f} | 1.00 |" for e in r["encode"]]
-    lines += [f"| prepare end to end | {plural(p['workers'], 'worker')} | {p['mb_per_second']:.2f} | {p['tokens_per_second']:,.0f} | "
-              f"{p['seconds']:.2f} | {p['share_of_raw_encode']:.2f} |" for p in r["prepare"]]
-    lines += ["", "Raw encode MB/s counts cleaned UTF-8 text, prepare MB/s its input bytes (`bytes_in`; for JSONL the "
-              "escaped lines). The share compares seconds on the same documents: raw encode / prepare.", "",
-              f"## Loader: random windows ({settings['micro_batch']} x {settings['seq_len']} tokens a batch) vs training", "",
-              "| num_workers | tokens/s | batches/s | first batch s | " + " | ".join(
-                  f"x {k['tokens_per_second']:,} tokens/s" for k in CONSUMERS) + " |", "|---:|---:|---:|---:|" + "---:|" * len(CONSUMERS)]
-    lines += [f"| {row['num_workers']} | {row['tokens_per_second']:,.0f} | {row['batches_per_second']:,.0f} | "
-              f"{row['startup_seconds']:.2f} | " + " | ".join(f"{x:,.0f}" for x in row["headroom"]) + " |" for row in r["loader"]]
-    lines += ["", f"Headroom = loader rate / consumption, target >= {TARGET_LOADER_HEADROOM}; "
-              f"{settings['loader_batches']:,} batches timed after the first. Consumption per training process:", "",
-              "| consumer | tokens/s |", "|---|---:|"] + [f"| {k['name']} | {k['tokens_per_second']:,} |" for k in CONSUMERS]
+    lines = [
+        f"# Data pipeline benchmark, {r['date'][:10]}, {hw['slug']}",
+        "",
+        f"- command: `{r['command']}`",
+        f"- git revision: `{r['git_revision']}`",
+        f"- date: {r['date']}",
+        "- versions: " + ", ".join(f"{name} {version}" for name, version in r["versions"].items()),
+        f"- hardware: {hw['cpu']}, {hw['cores']} cores, {hw['ram_gib']} GiB RAM"
+        + (f", {hw['gpu']}" if "gpu" in hw else ""),
+        f"- corpus: {c['source']} (x{c['repeat']}); {c['documents_encoded']:,} documents encoded, "
+        f"{c['text_bytes'] / 1e6:.1f} MB of cleaned text, {c['tokens']:,} tokens; tokenizer: {c['tokenizer']}",
+        f"- each number is the best of {plural(settings['trials'], 'trial')}; 1-minute load average "
+        f"{r['load_average_1min']['start']:.2f} at the start, {r['load_average_1min']['end']:.2f} at the end",
+        "",
+        "## Tokenization: raw encode ceiling vs prepare",
+        "",
+        f"| stage | parallelism | MB/s | tokens/s | seconds | share of raw encode (target >= {TARGET_PREPARE_SHARE}) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| raw encode_batch_fast | {plural(e['threads'], 'thread')} | {e['mb_per_second']:.2f} | "
+        f"{e['tokens_per_second']:,.0f} | {e['seconds']:.2f} | 1.00 |"
+        for e in r["encode"]
+    ]
+    lines += [
+        f"| prepare end to end | {plural(p['workers'], 'worker')} | {p['mb_per_second']:.2f} | "
+        f"{p['tokens_per_second']:,.0f} | "
+        f"{p['seconds']:.2f} | {p['share_of_raw_encode']:.2f} |"
+        for p in r["prepare"]
+    ]
+    lines += [
+        "",
+        "Raw encode MB/s counts cleaned UTF-8 text, prepare MB/s its input bytes (`bytes_in`; for JSONL the "
+        "escaped lines). The share compares seconds on the same documents: raw encode / prepare.",
+        "",
+        f"## Loader: random windows ({settings['micro_batch']} x {settings['seq_len']} tokens a batch) vs training",
+        "",
+        "| num_workers | tokens/s | batches/s | first batch s | "
+        + " | ".join(f"x {k['tokens_per_second']:,} tokens/s" for k in CONSUMERS)
+        + " |",
+        "|---:|---:|---:|---:|" + "---:|" * len(CONSUMERS),
+    ]
+    lines += [
+        f"| {row['num_workers']} | {row['tokens_per_second']:,.0f} | {row['batches_per_second']:,.0f} | "
+        f"{row['startup_seconds']:.2f} | " + " | ".join(f"{x:,.0f}" for x in row["headroom"]) + " |"
+        for row in r["loader"]
+    ]
+    lines += [
+        "",
+        f"Headroom = loader rate / consumption, target >= {TARGET_LOADER_HEADROOM}; "
+        f"{settings['loader_batches']:,} batches timed after the first. Consumption per training process:",
+        "",
+        "| consumer | tokens/s |",
+        "|---|---:|",
+    ] + [f"| {k['name']} | {k['tokens_per_second']:,} |" for k in CONSUMERS]
     return "\n".join(lines) + "\n"
 
 
@@ -270,31 +366,65 @@ def main(argv=None) -> int:
         tokenizer, tokenizer_info = tokenizer_file(args, texts, work)
         texts_file = work / "cleaned.json"
         texts_file.write_text(json.dumps(texts), encoding="utf-8")
-        corpus = {"source": " ".join(args.input) if args.input else "Python standard library .py sources",
-                  "repeat": args.repeat, "cleaning": cleaning.describe(), "documents_encoded": len(texts), **tokenizer_info}
+        corpus = {
+            "source": " ".join(args.input) if args.input else "Python standard library .py sources",
+            "repeat": args.repeat,
+            "cleaning": cleaning.describe(),
+            "documents_encoded": len(texts),
+            **tokenizer_info,
+        }
         del texts
         print(f"timing raw encode and prepare at {parallel} threads/workers, {args.trials} trial(s)", file=sys.stderr)
         encode_runs, prepare_runs = {n: [] for n in parallel}, {n: [] for n in parallel}
         for _ in range(args.trials):  # interleaved, so that a slow spell of a noisy machine hits both alike
             for n in parallel:
-                encode_runs[n].append(in_fresh_process({"kind": "encode", "threads": n, "texts": str(texts_file),
-                                                        "tokenizer": tokenizer}, work))
-                prepare_runs[n].append(in_fresh_process({"kind": "prepare", "workers": n, "inputs": inputs, "tokenizer": tokenizer,
-                                                         "cleaning": cleaning.describe(), "output": str(work / f"data-{n}")}, work))
+                encode_runs[n].append(
+                    in_fresh_process(
+                        {"kind": "encode", "threads": n, "texts": str(texts_file), "tokenizer": tokenizer}, work
+                    )
+                )
+                prepare_runs[n].append(
+                    in_fresh_process(
+                        {
+                            "kind": "prepare",
+                            "workers": n,
+                            "inputs": inputs,
+                            "tokenizer": tokenizer,
+                            "cleaning": cleaning.describe(),
+                            "output": str(work / f"data-{n}"),
+                        },
+                        work,
+                    )
+                )
         encode, prepared = [best_of(encode_runs[n]) for n in parallel], [best_of(prepare_runs[n]) for n in parallel]
         for p, e in zip(prepared, encode):
             p["share_of_raw_encode"] = round(e["seconds"] / p["seconds"], 3)
         print(f"timing the loader at num_workers {args.loader_workers}", file=sys.stderr)
-        loader = [loader_rate(work / f"data-{parallel[-1]}", args.seq_len, args.micro_batch, n, args.loader_batches,
-                              args.trials) for n in args.loader_workers]
+        loader = [
+            loader_rate(
+                work / f"data-{parallel[-1]}", args.seq_len, args.micro_batch, n, args.loader_batches, args.trials
+            )
+            for n in args.loader_workers
+        ]
     for row in loader:
         row["headroom"] = [round(row["tokens_per_second"] / k["tokens_per_second"], 1) for k in CONSUMERS]
     corpus.update(text_bytes=encode[0]["text_bytes"], tokens=encode[0]["tokens"])
-    result = {"benchmark": "data_pipeline", "date": started.isoformat(timespec="seconds"),
-              "command": shlex.join(sys.orig_argv), "git_revision": git_revision(), "versions": versions(),
-              "hardware": hardware(), "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]}, "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-              "corpus": corpus, "encode": encode, "prepare": prepared, "loader": loader, "consumption": CONSUMERS,
-              "targets": {"prepare_share_of_raw_encode": TARGET_PREPARE_SHARE, "loader_headroom": TARGET_LOADER_HEADROOM}}
+    result = {
+        "benchmark": "data_pipeline",
+        "date": started.isoformat(timespec="seconds"),
+        "command": shlex.join(sys.orig_argv),
+        "git_revision": git_revision(),
+        "versions": versions(),
+        "hardware": hardware(),
+        "load_average_1min": {"start": load_at_start, "end": os.getloadavg()[0]},
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "corpus": corpus,
+        "encode": encode,
+        "prepare": prepared,
+        "loader": loader,
+        "consumption": CONSUMERS,
+        "targets": {"prepare_share_of_raw_encode": TARGET_PREPARE_SHARE, "loader_headroom": TARGET_LOADER_HEADROOM},
+    }
     markdown = report_markdown(result)
     stem = Path(args.results_dir) / f"{started:%Y-%m-%d}-data-pipeline-{result['hardware']['slug']}"
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -8,10 +8,11 @@ Prints (1) torch.profiler's operator table (CPU ops, and CUDA kernels on a GPU),
 (cProfile's own time per file: DeepSpeed's hooks, partitioning and bookkeeping show up here, not as operators),
 and (3) the step time, all over --steps steps after --warmup-steps. Same options as launch/pretrain.py otherwise.
 """
+
 from __future__ import annotations
 
-import cProfile
 import collections
+import cProfile
 import os
 import pstats
 import sys
@@ -40,8 +41,19 @@ def main(argv=None) -> int:
     steps, warmup, rows = mine.steps, mine.warmup_steps, mine.rows
     if min(steps, rows) < 1 or warmup < 0:
         raise UserError("--steps and --rows must be 1 or more, --warmup-steps 0 or more")
-    config = parse_train_args(argv + ["--out", os.path.join(REPO, ".cache", "profile-run"), "--resume", "none",
-                                      "--max-steps", str(steps + warmup + 1), "--loader-workers", "0"])
+    config = parse_train_args(
+        argv
+        + [
+            "--out",
+            os.path.join(REPO, ".cache", "profile-run"),
+            "--resume",
+            "none",
+            "--max-steps",
+            str(steps + warmup + 1),
+            "--loader-workers",
+            "0",
+        ]
+    )
     plan = preflight(config)
     device = init_distributed(plan)
     engine = build_engine(plan, device)
@@ -50,7 +62,8 @@ def main(argv=None) -> int:
     for _ in range(warmup):
         train_step(plan, engine, batches, device)
     activities = [torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    )
     python = cProfile.Profile()
     start = time.perf_counter()
     with torch.profiler.profile(activities=activities) as prof:
@@ -70,12 +83,16 @@ def main(argv=None) -> int:
             name = "(C functions: torch operators, collectives)" if filename == "~" else filename
             by_file[name.split(marker, 1)[-1] if marker in name else name] += own
         total = sum(by_file.values())
-        print(f"Python time by file (cProfile own time, ms per step; all files: {1000 * total / steps:.1f}; "
-              "profiling overhead included):")
+        print(
+            f"Python time by file (cProfile own time, ms per step; all files: {1000 * total / steps:.1f}; "
+            "profiling overhead included):"
+        )
         for name, own in by_file.most_common(rows):
             print(f"  {1000 * own / steps:8.2f}  {name}")
-        print(f"step: {1000 * seconds:.1f} ms with both profilers on ({plan.batch.global_size * plan.seq_len:,} "
-              f"tokens, ZeRO-{plan.zero_stage}, {plan.precision}, {plan.world_size} rank(s))")
+        print(
+            f"step: {1000 * seconds:.1f} ms with both profilers on ({plan.batch.global_size * plan.seq_len:,} "
+            f"tokens, ZeRO-{plan.zero_stage}, {plan.precision}, {plan.world_size} rank(s))"
+        )
     engine.destroy()
     return 0
 

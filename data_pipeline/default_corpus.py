@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Build (once, cached) the embedded default dataset from the Python standard library's sources."""
+
 import sys
 
 from dsllm.data.default_corpus import main

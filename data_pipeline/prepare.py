@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Clean and tokenize a corpus into DIR/{train,val}.{bin,idx}, tokenizer.json and meta.json."""
+
 import os
 import sys
 
@@ -8,8 +9,8 @@ import sys
 for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 
-from dsllm.errors import run_cli  # noqa: E402
 from dsllm.data.prepare import main  # noqa: E402
+from dsllm.errors import run_cli  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(run_cli(main))

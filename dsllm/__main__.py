@@ -1,12 +1,18 @@
 """`python -m dsllm COMMAND …`: one module per command verb."""
+
 import importlib
 import sys
 
 from dsllm.errors import USER_ERROR_EXIT, run_cli
 
-COMMANDS = {"evaluate": "dsllm.evaluation", "generate": "dsllm.generate", "export": "dsllm.export",
-            "consolidate": "dsllm.consolidate", "plan": "dsllm.plan",
-            "report": "dsllm.report"}
+COMMANDS = {
+    "evaluate": "dsllm.evaluation",
+    "generate": "dsllm.generate",
+    "export": "dsllm.export",
+    "consolidate": "dsllm.consolidate",
+    "plan": "dsllm.plan",
+    "report": "dsllm.report",
+}
 
 
 def main() -> int:

@@ -1,5 +1,6 @@
 """Model folders: our `config.json` + `model.safetensors` + `tokenizer.json`, what `generate`,
 `evaluate` and `export` load."""
+
 from __future__ import annotations
 
 import json
@@ -25,15 +26,18 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def save_model_dir(model: GPT, directory: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None,
-                   extra: dict | None = None) -> Path:
+def save_model_dir(
+    model: GPT, directory: str | os.PathLike, tokenizer_file: str | os.PathLike | None = None, extra: dict | None = None
+) -> Path:
     """Write the weights (fp32, safetensors), the model config and the tokenizer into `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     fp32 = GPT(model.config)
     fp32.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
     save_model(fp32, str(directory / WEIGHTS_FILE))
-    (directory / CONFIG_FILE).write_text(json.dumps({"model": model.config.to_dict(), **(extra or {})}, indent=2) + "\n")
+    (directory / CONFIG_FILE).write_text(
+        json.dumps({"model": model.config.to_dict(), **(extra or {})}, indent=2) + "\n"
+    )
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, directory / TOKENIZER_FILE)
     return directory
@@ -76,8 +80,10 @@ def require_model_states(checkpoint: Path, zero_stage: int, rank: int = 0) -> No
     """A one-line error naming the model-states file when it is gone (DeepSpeed's own is an empty assert)."""
     path = checkpoint / model_states_file(zero_stage, rank)
     if not path.is_file():
-        raise UserError(f"{path}: missing, so this checkpoint is incomplete; use another checkpoint of the run "
-                        "(or copy the file back)")
+        raise UserError(
+            f"{path}: missing, so this checkpoint is incomplete; use another checkpoint of the run "
+            "(or copy the file back)"
+        )
 
 
 def resolve_model_source(path: str | os.PathLike) -> tuple[Path, Path | None, Path]:
@@ -91,8 +97,10 @@ def resolve_model_source(path: str | os.PathLike) -> tuple[Path, Path | None, Pa
     done = complete_checkpoints(path / CHECKPOINTS_DIR)
     if done:
         return path / CONFIG_FILE, done[-1], path
-    raise UserError(f"{path}: no model here (needs {WEIGHTS_FILE}, or complete checkpoints under {CHECKPOINTS_DIR}/); "
-                    "pass a run folder, a checkpoints/stepNNNNNNNN folder or a model folder")
+    raise UserError(
+        f"{path}: no model here (needs {WEIGHTS_FILE}, or complete checkpoints under {CHECKPOINTS_DIR}/); "
+        "pass a run folder, a checkpoints/stepNNNNNNNN folder or a model folder"
+    )
 
 
 def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
@@ -107,15 +115,30 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") 
         else:
             missing, unexpected = model.load_state_dict(consolidated_state_dict(checkpoint), strict=False)
             missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_embeddings)]
-    except (RuntimeError, OSError, KeyError, ValueError, AssertionError, EOFError, pickle.UnpicklingError,
-            zipfile.BadZipFile, SafetensorError) as err:  # shapes of another model, or damaged files
+    except (
+        RuntimeError,
+        OSError,
+        KeyError,
+        ValueError,
+        AssertionError,
+        EOFError,
+        pickle.UnpicklingError,
+        zipfile.BadZipFile,
+        SafetensorError,
+    ) as err:  # shapes of another model, or damaged files
         first = str(err).strip().splitlines()
-        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else type(err).__name__)
-        raise UserError(f"{source}: cannot load these weights into the model of {config_path} ({detail[:200]}); "
-                        "they come from another model or the files are damaged") from None
+        detail = next(
+            (line.strip() for line in first if "size mismatch" in line), first[0] if first else type(err).__name__
+        )
+        raise UserError(
+            f"{source}: cannot load these weights into the model of {config_path} ({detail[:200]}); "
+            "they come from another model or the files are damaged"
+        ) from None
     if missing or unexpected:
-        raise UserError(f"{path}: weights do not fit {config_path} (missing {sorted(missing)[:3]}, unexpected "
-                        f"{sorted(unexpected)[:3]}); they come from another model")
+        raise UserError(
+            f"{path}: weights do not fit {config_path} (missing {sorted(missing)[:3]}, unexpected "
+            f"{sorted(unexpected)[:3]}); they come from another model"
+        )
     return model.to(device)
 
 
@@ -154,12 +177,21 @@ def save_rng(tag_dir: Path, rank: int) -> Path:
 
     version, python_state, gauss_next = random.getstate()
     algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    tensors = {"python": torch.tensor(python_state, dtype=torch.int64),
-               "numpy": torch.from_numpy(keys.astype(np.int64)), "torch": torch.get_rng_state()}
+    tensors = {
+        "python": torch.tensor(python_state, dtype=torch.int64),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         tensors["cuda"] = torch.cuda.get_rng_state()
-    meta = {"python_version": version, "python_gauss_next": gauss_next, "numpy_algorithm": algorithm,
-            "numpy_pos": int(pos), "numpy_has_gauss": int(has_gauss), "numpy_cached_gaussian": float(cached_gaussian)}
+    meta = {
+        "python_version": version,
+        "python_gauss_next": gauss_next,
+        "numpy_algorithm": algorithm,
+        "numpy_pos": int(pos),
+        "numpy_has_gauss": int(has_gauss),
+        "numpy_cached_gaussian": float(cached_gaussian),
+    }
     path = rng_file(tag_dir, rank)
     save_file(tensors, str(path), metadata={"dsllm_rng": json.dumps(meta)})
     return path
@@ -180,12 +212,21 @@ def load_rng(tag_dir: Path, rank: int) -> bool:
             meta = json.loads(f.metadata()["dsllm_rng"])
             tensors = {name: f.get_tensor(name) for name in f.keys()}
         random.setstate((meta["python_version"], tuple(tensors["python"].tolist()), meta["python_gauss_next"]))
-        np.random.set_state((meta["numpy_algorithm"], tensors["numpy"].numpy().astype(np.uint32), meta["numpy_pos"],
-                             meta["numpy_has_gauss"], meta["numpy_cached_gaussian"]))
+        np.random.set_state(
+            (
+                meta["numpy_algorithm"],
+                tensors["numpy"].numpy().astype(np.uint32),
+                meta["numpy_pos"],
+                meta["numpy_has_gauss"],
+                meta["numpy_cached_gaussian"],
+            )
+        )
         torch.set_rng_state(tensors["torch"])
     except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise UserError(f"{path}: not an RNG state written by dsllm ({str(err).strip()[:200]}); the checkpoint is "
-                        "damaged: resume from another one with --resume PATH") from None
+        raise UserError(
+            f"{path}: not an RNG state written by dsllm ({str(err).strip()[:200]}); the checkpoint is "
+            "damaged: resume from another one with --resume PATH"
+        ) from None
     if "cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["cuda"])
     return True

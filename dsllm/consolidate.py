@@ -1,5 +1,6 @@
 """`python -m dsllm consolidate --checkpoint PATH --output DIR`: one fp32 model folder (safetensors +
 config + tokenizer) from a training checkpoint of any ZeRO stage and world size (`zero_to_fp32`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,12 @@ from dsllm.tokenizer import TOKENIZER_FILE
 
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="python -m dsllm consolidate", description=__doc__)
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="checkpoints/stepNNNNNNNN folder, or a run folder (its newest complete checkpoint)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH",
+        help="checkpoints/stepNNNNNNNN folder, or a run folder (its newest complete checkpoint)",
+    )
     parser.add_argument("--output", required=True, metavar="DIR", help="model folder to write")
     args = parser.parse_args(argv)
     check_output_apart(args.output, "--output", model_inputs(args.checkpoint, "--checkpoint"))

@@ -4,6 +4,7 @@ We never generate the file. Fields set explicitly in the JSON win; a command-lin
 contradicts one is an error, as is batch arithmetic that does not add up or a ZeRO/feature
 combination DeepSpeed would reject late. Everything here runs before any rank starts work.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,7 +25,8 @@ _SCHEDULERS_WITH_AUTO = ("WarmupCosineLR", "WarmupDecayLR", "WarmupLR")
 DOCS = "https://www.deepspeed.ai/docs/config-json/"
 # The top-level keys DeepSpeed 0.19 reads (DeepSpeedConfig._initialize_params and the engine): any other key
 # would be ignored silently, so a misspelled one is refused with the nearest known key.
-TOP_LEVEL_KEYS = frozenset("""
+TOP_LEVEL_KEYS = frozenset(
+    """
     train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps managed_gradient_accumulation
     optimizer scheduler gradient_clipping zero_optimization zero_allow_untested_optimizer zero_force_ds_cpu_optimizer
     bf16 bfloat16 fp16 torch_autocast data_types communication_data_type seq_parallel_communication_data_type
@@ -32,12 +34,37 @@ TOP_LEVEL_KEYS = frozenset("""
     wall_clock_breakdown memory_breakdown dump_state disable_python_gc log_level activation_checkpointing
     comms_logger flops_profiler autotuning tensorboard wandb csv_monitor comet checkpoint datastates_ckpt aio
     pipeline data_efficiency dataloader_drop_last hybrid_engine weight_quantization compile timers tensor_parallel
-    expert_parallel use_data_before_expert_parallelism sequence_parallel_size vocabulary_size""".split())
+    expert_parallel use_data_before_expert_parallelism sequence_parallel_size vocabulary_size""".split()
+)
 # Sections that must be JSON objects ({...}); DeepSpeed fails with an AttributeError or TypeError otherwise.
-OBJECT_SECTIONS = ("optimizer", "scheduler", "zero_optimization", "bf16", "bfloat16", "fp16", "torch_autocast",
-                   "data_types", "activation_checkpointing", "comms_logger", "flops_profiler", "autotuning",
-                   "tensorboard", "wandb", "csv_monitor", "comet", "checkpoint", "datastates_ckpt", "aio", "pipeline",
-                   "data_efficiency", "hybrid_engine", "weight_quantization", "compile", "timers", "tensor_parallel")
+OBJECT_SECTIONS = (
+    "optimizer",
+    "scheduler",
+    "zero_optimization",
+    "bf16",
+    "bfloat16",
+    "fp16",
+    "torch_autocast",
+    "data_types",
+    "activation_checkpointing",
+    "comms_logger",
+    "flops_profiler",
+    "autotuning",
+    "tensorboard",
+    "wandb",
+    "csv_monitor",
+    "comet",
+    "checkpoint",
+    "datastates_ckpt",
+    "aio",
+    "pipeline",
+    "data_efficiency",
+    "hybrid_engine",
+    "weight_quantization",
+    "compile",
+    "timers",
+    "tensor_parallel",
+)
 # monitor section -> (module DeepSpeed imports for it, our setup.py extra)
 MONITORS = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "comet": ("comet_ml", "comet")}
 
@@ -49,6 +76,7 @@ class DSConfigError(UserError):
 @dataclasses.dataclass(frozen=True)
 class RunValues:
     """What our config contributes to the DeepSpeed JSON (None: not given on the command line)."""
+
     micro_batch_size: int | None
     grad_accum: int | None
     global_batch_size: int | None
@@ -93,23 +121,34 @@ def _explicit(value: Any) -> bool:
 
 def _merge(name: str, cli_flag: str, json_value: Any, cli_value: Any, where: str) -> Any:
     if _explicit(json_value) and cli_value is not None and json_value != cli_value:
-        raise DSConfigError(f"{cli_flag} {cli_value} contradicts {name} = {json_value} in {where}; "
-                            f"drop one, or set {name} to \"auto\"")
+        raise DSConfigError(
+            f'{cli_flag} {cli_value} contradicts {name} = {json_value} in {where}; drop one, or set {name} to "auto"'
+        )
     return json_value if _explicit(json_value) else cli_value
 
 
 def resolve_batch(config: dict, run: RunValues, world_size: int, where: str) -> Batch:
     """micro x accumulation x data-parallel world size = global batch, from whichever are given."""
-    micro = _merge("train_micro_batch_size_per_gpu", "--micro-batch-size", config.get("train_micro_batch_size_per_gpu"),
-                   run.micro_batch_size, where)
-    accum = _merge("gradient_accumulation_steps", "--grad-accum", config.get("gradient_accumulation_steps"),
-                   run.grad_accum, where)
-    total = _merge("train_batch_size", "--global-batch-size", config.get("train_batch_size"), run.global_batch_size,
-                   where)
-    for name, value in (("train_micro_batch_size_per_gpu", micro), ("gradient_accumulation_steps", accum),
-                        ("train_batch_size", total)):
+    micro = _merge(
+        "train_micro_batch_size_per_gpu",
+        "--micro-batch-size",
+        config.get("train_micro_batch_size_per_gpu"),
+        run.micro_batch_size,
+        where,
+    )
+    accum = _merge(
+        "gradient_accumulation_steps", "--grad-accum", config.get("gradient_accumulation_steps"), run.grad_accum, where
+    )
+    total = _merge(
+        "train_batch_size", "--global-batch-size", config.get("train_batch_size"), run.global_batch_size, where
+    )
+    for name, value in (
+        ("train_micro_batch_size_per_gpu", micro),
+        ("gradient_accumulation_steps", accum),
+        ("train_batch_size", total),
+    ):
         if value is not None and (not isinstance(value, int) or value < 1):
-            raise DSConfigError(f"{name} = {value!r} in {where}: must be a positive integer or \"auto\"")
+            raise DSConfigError(f'{name} = {value!r} in {where}: must be a positive integer or "auto"')
     if total is not None:
         if micro is None and accum is None:
             accum = 1
@@ -123,7 +162,8 @@ def resolve_batch(config: dict, run: RunValues, world_size: int, where: str) -> 
             raise DSConfigError(
                 f"batch arithmetic: train_batch_size {total} != train_micro_batch_size_per_gpu {micro} x "
                 f"gradient_accumulation_steps {accum} x data-parallel world size {world_size}; make train_batch_size "
-                f"a multiple of micro-batch x world size ({(micro or 1) * world_size}), or set it to \"auto\"")
+                f'a multiple of micro-batch x world size ({(micro or 1) * world_size}), or set it to "auto"'
+            )
     return Batch(micro or 8, accum or 1, world_size)
 
 
@@ -138,13 +178,21 @@ def resolve_precision(config: dict, requested: str, supports_bf16: bool, has_gpu
     if explicit is None and bf16 != AUTO and fp16 != AUTO:
         explicit = "fp32"
     if explicit and requested not in ("auto", explicit):
-        raise DSConfigError(f"--precision {requested} contradicts {where}, which sets {explicit}; "
-                            "drop one, or set bf16.enabled / fp16.enabled to \"auto\"")
+        raise DSConfigError(
+            f"--precision {requested} contradicts {where}, which sets {explicit}; "
+            'drop one, or set bf16.enabled / fp16.enabled to "auto"'
+        )
     # auto: bf16 on a GPU that has it, else fp16 on a GPU; fp32 on CPU, where bf16 measured 0.62x fp32's tokens/s
     # even with avx512_bf16 (benchmarks/results/2026-11-21-throughput-*)
-    precision = explicit or (requested if requested != "auto" else
-                             "bf16" if has_gpu and supports_bf16 and bf16 == AUTO else
-                             "fp16" if has_gpu and fp16 == AUTO else "fp32")
+    precision = explicit or (
+        requested
+        if requested != "auto"
+        else "bf16"
+        if has_gpu and supports_bf16 and bf16 == AUTO
+        else "fp16"
+        if has_gpu and fp16 == AUTO
+        else "fp32"
+    )
     if precision == "fp16" and not has_gpu:
         raise DSConfigError(f"fp16 is not supported on CPU ({where}); use bf16 or fp32 (--precision)")
     if precision == "bf16" and not supports_bf16:
@@ -159,21 +207,29 @@ def _check_zero(config: dict, where: str) -> int:
         raise DSConfigError(f"zero_optimization.stage = {stage!r} in {where}: use 0, 1, 2 or 3")
     for name in ("offload_param", "offload_optimizer"):
         if not isinstance(zero.get(name, {}), dict):
-            raise DSConfigError(f"{where}: zero_optimization.{name} is {_json(zero[name])}, but must be an object: "
-                                'write {"device": "cpu"} or remove it')
+            raise DSConfigError(
+                f"{where}: zero_optimization.{name} is {_json(zero[name])}, but must be an object: "
+                'write {"device": "cpu"} or remove it'
+            )
     offload_param = zero.get("offload_param", {}).get("device", "none")
     offload_optimizer = zero.get("offload_optimizer", {}).get("device", "none")
     if offload_param not in ("none", None) and stage != 3:
-        raise DSConfigError(f"zero_optimization.offload_param needs stage 3, {where} has stage {stage}; "
-                            "use ds_configs/zero3_offload.json or remove offload_param")
+        raise DSConfigError(
+            f"zero_optimization.offload_param needs stage 3, {where} has stage {stage}; "
+            "use ds_configs/zero3_offload.json or remove offload_param"
+        )
     if offload_optimizer not in ("none", None):
         if stage == 0:
-            raise DSConfigError(f"zero_optimization.offload_optimizer needs stage 1, 2 or 3, {where} has stage 0; "
-                                "use ds_configs/zero2_offload.json")
+            raise DSConfigError(
+                f"zero_optimization.offload_optimizer needs stage 1, 2 or 3, {where} has stage 0; "
+                "use ds_configs/zero2_offload.json"
+            )
         kind = config.get("optimizer", {}).get("type", "").lower()
         if kind not in ("adam", "adamw"):
-            raise DSConfigError(f"zero_optimization.offload_optimizer runs DeepSpeed's CPU Adam: set optimizer.type "
-                                f"to \"AdamW\" in {where} (it is {kind or 'missing'})")
+            raise DSConfigError(
+                f"zero_optimization.offload_optimizer runs DeepSpeed's CPU Adam: set optimizer.type "
+                f'to "AdamW" in {where} (it is {kind or "missing"})'
+            )
     if config.get("pipeline", {}).get("stages", 1) not in (1, "auto") and stage >= 2:
         raise DSConfigError(f"pipeline parallelism cannot run with ZeRO stage {stage} ({where}); use stage 0 or 1")
     return stage
@@ -216,7 +272,7 @@ def _fill_auto(config: dict, run: RunValues, batch: Batch, precision: str) -> No
 
 def _did_you_mean(word: str, known) -> str:
     close = difflib.get_close_matches(word, sorted(known), n=1, cutoff=0.6)
-    return f" (did you mean \"{close[0]}\"?)" if close else ""
+    return f' (did you mean "{close[0]}"?)' if close else ""
 
 
 def _json(value: Any) -> str:
@@ -229,11 +285,16 @@ def _sections_without_models() -> dict[str, set[str]]:
     from deepspeed.runtime.activation_checkpointing import config as checkpointing
 
     def fields(module, prefix: str) -> set[str]:
-        return {value for name, value in vars(module).items()
-                if name.startswith(prefix) and not name.endswith(("_DEFAULT", "_FORMAT")) and isinstance(value, str)}
+        return {
+            value
+            for name, value in vars(module).items()
+            if name.startswith(prefix) and not name.endswith(("_DEFAULT", "_FORMAT")) and isinstance(value, str)
+        }
 
-    return {"activation_checkpointing": fields(checkpointing, "ACT_CHKPT_") - {"activation_checkpointing"},
-            "flops_profiler": fields(profiler, "FLOPS_PROFILER_") - {"flops_profiler"}}
+    return {
+        "activation_checkpointing": fields(checkpointing, "ACT_CHKPT_") - {"activation_checkpointing"},
+        "flops_profiler": fields(profiler, "FLOPS_PROFILER_") - {"flops_profiler"},
+    }
 
 
 def _check_shape(config: dict, where: str) -> None:
@@ -245,35 +306,50 @@ def _check_shape(config: dict, where: str) -> None:
             reason = _REMOVED_TOP_LEVEL_CONFIG_KEYS[key].split(". ")[0]
             raise DSConfigError(f"{where}: {key}: {reason} in DeepSpeed 0.19; remove the key")
         if key not in TOP_LEVEL_KEYS:
-            raise DSConfigError(f"{where}: unknown top-level key \"{key}\"{_did_you_mean(key, TOP_LEVEL_KEYS)}; "
-                                f"DeepSpeed would ignore it: fix the spelling or remove it (keys: {DOCS})")
+            raise DSConfigError(
+                f'{where}: unknown top-level key "{key}"{_did_you_mean(key, TOP_LEVEL_KEYS)}; '
+                f"DeepSpeed would ignore it: fix the spelling or remove it (keys: {DOCS})"
+            )
     for key in OBJECT_SECTIONS:
         if key in config and not isinstance(config[key], dict):
-            example = ('{"type": "AdamW", "params": {...}}, or remove it for dsllm\'s AdamW' if key == "optimizer" else
-                       '{"type": "WarmupCosineLR", "params": {...}}, or remove it for dsllm\'s cosine schedule'
-                       if key == "scheduler" else '{"stage": 2}' if key == "zero_optimization" else
-                       f'{{"enabled": {_json(config[key]).lower() if isinstance(config[key], bool) else "true"}}}')
+            example = (
+                '{"type": "AdamW", "params": {...}}, or remove it for dsllm\'s AdamW'
+                if key == "optimizer"
+                else '{"type": "WarmupCosineLR", "params": {...}}, or remove it for dsllm\'s cosine schedule'
+                if key == "scheduler"
+                else '{"stage": 2}'
+                if key == "zero_optimization"
+                else f'{{"enabled": {_json(config[key]).lower() if isinstance(config[key], bool) else "true"}}}'
+            )
             raise DSConfigError(f"{where}: {key} is {_json(config[key])}, but must be an object: write {example}")
     for key, known in _sections_without_models().items():  # DeepSpeed reads these with dict.get: typos go unseen
         for field in config.get(key, {}):
             if field not in known:
-                raise DSConfigError(f"{where}: {key}.{field}: not a DeepSpeed field{_did_you_mean(field, known)}; "
-                                    f"fix the spelling or remove it (it takes {', '.join(sorted(known))})")
+                raise DSConfigError(
+                    f"{where}: {key}.{field}: not a DeepSpeed field{_did_you_mean(field, known)}; "
+                    f"fix the spelling or remove it (it takes {', '.join(sorted(known))})"
+                )
     for key in ("optimizer", "scheduler"):
         section = config.get(key)
         if section is None:
             continue
         if not isinstance(section.get("type"), str):
-            raise DSConfigError(f"{where}: {key}.type is {_json(section.get('type'))}: name the {key} as a string, "
-                                f"e.g. \"{'AdamW' if key == 'optimizer' else 'WarmupCosineLR'}\"")
+            raise DSConfigError(
+                f"{where}: {key}.type is {_json(section.get('type'))}: name the {key} as a string, "
+                f'e.g. "{"AdamW" if key == "optimizer" else "WarmupCosineLR"}"'
+            )
         if not isinstance(section.get("params", {}), dict):
-            raise DSConfigError(f"{where}: {key}.params is {_json(section['params'])}, but must be an object of "
-                                "the constructor's keyword arguments")
+            raise DSConfigError(
+                f"{where}: {key}.params is {_json(section['params'])}, but must be an object of "
+                "the constructor's keyword arguments"
+            )
         extra = set(section) - {"type", "params", "legacy_fusion"}
         if extra:
             name = sorted(extra)[0]
-            raise DSConfigError(f"{where}: {key}.{name}: not a {key} field{_did_you_mean(name, ['type', 'params'])}; "
-                                f"{key} takes \"type\" and \"params\" (move it into params)")
+            raise DSConfigError(
+                f"{where}: {key}.{name}: not a {key} field{_did_you_mean(name, ['type', 'params'])}; "
+                f'{key} takes "type" and "params" (move it into params)'
+            )
     _check_optimizer(config, where)  # types and parameter names now, values ("auto" included) once filled
     _check_scheduler(config, where)
 
@@ -299,19 +375,24 @@ def _optimizer_class(kind: str, params: dict, cpu_offload: bool):
             return torch.optim.AdamW, popped | {"foreach"}, set()
         if cpu_offload:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
+
             return DeepSpeedCPUAdam, popped, {"adamw_mode"}
         from deepspeed.ops.adam import FusedAdam
+
         return FusedAdam, popped, set()
     if name == "lamb":
         from deepspeed.ops.lamb import FusedLamb
+
         return FusedLamb, set(), {"max_grad_norm"}
     if name == "adagrad":
         if cpu_offload:
             from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
+
             return DeepSpeedCPUAdagrad, set(), set()
         return torch.optim.Adagrad, set(), set()
     if name == "lion":
         from deepspeed.ops.lion import DeepSpeedCPULion, FusedLion
+
         return (DeepSpeedCPULion if cpu_offload else FusedLion), set(), set()
     return None, set(), set()
 
@@ -319,8 +400,11 @@ def _optimizer_class(kind: str, params: dict, cpu_offload: bool):
 def _torch_optimizers() -> dict:
     import torch
 
-    return {n: c for n, c in vars(torch.optim).items() if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)
-            and c is not torch.optim.Optimizer}
+    return {
+        n: c
+        for n, c in vars(torch.optim).items()
+        if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
+    }
 
 
 def _check_optimizer(config: dict, where: str) -> None:
@@ -334,18 +418,32 @@ def _check_optimizer(config: dict, where: str) -> None:
     torch_optimizers = _torch_optimizers()
     if kind.lower() not in DEEPSPEED_OPTIMIZERS and kind not in torch_optimizers:
         known = ["Adam", "AdamW", "Lamb", "Adagrad", "Lion", "Muon", *sorted(torch_optimizers)]
-        ops = {"fusedadam": "AdamW", "deepspeedcpuadam": "AdamW", "cpuadam": "AdamW", "fusedlamb": "Lamb",
-               "fusedlion": "Lion", "deepspeedcpulion": "Lion", "deepspeedcpuadagrad": "Adagrad"}
-        hint = (f" (did you mean \"{ops[kind.lower()]}\"? DeepSpeed builds {kind} from it)" if kind.lower() in ops
-                else _did_you_mean(kind, known))
-        raise DSConfigError(f"{where}: optimizer.type \"{kind}\" is not an optimizer DeepSpeed builds"
-                            f"{hint}; use Adam, AdamW, Lamb, Adagrad, Lion, Muon (any case) "
-                            "or a torch.optim class name")
+        ops = {
+            "fusedadam": "AdamW",
+            "deepspeedcpuadam": "AdamW",
+            "cpuadam": "AdamW",
+            "fusedlamb": "Lamb",
+            "fusedlion": "Lion",
+            "deepspeedcpulion": "Lion",
+            "deepspeedcpuadagrad": "Adagrad",
+        }
+        hint = (
+            f' (did you mean "{ops[kind.lower()]}"? DeepSpeed builds {kind} from it)'
+            if kind.lower() in ops
+            else _did_you_mean(kind, known)
+        )
+        raise DSConfigError(
+            f'{where}: optimizer.type "{kind}" is not an optimizer DeepSpeed builds'
+            f"{hint}; use Adam, AdamW, Lamb, Adagrad, Lion, Muon (any case) "
+            "or a torch.optim class name"
+        )
     if kind.lower() in ("muadam", "muadamw", "musgd") and importlib.util.find_spec("mup") is None:
-        raise DSConfigError(f"{where}: optimizer.type \"{kind}\" needs the mup package; pip install mup, or use AdamW")
+        raise DSConfigError(f'{where}: optimizer.type "{kind}" needs the mup package; pip install mup, or use AdamW')
     if "max_grad_norm" in params:
-        raise DSConfigError(f"{where}: optimizer.params.max_grad_norm: DeepSpeed refuses it as an optimizer parameter; "
-                            "set the top-level \"gradient_clipping\" (or --grad-clip) instead")
+        raise DSConfigError(
+            f"{where}: optimizer.params.max_grad_norm: DeepSpeed refuses it as an optimizer parameter; "
+            'set the top-level "gradient_clipping" (or --grad-clip) instead'
+        )
     offload = config.get("zero_optimization", {}).get("offload_optimizer", {})
     cpu_offload = isinstance(offload, dict) and offload.get("device") in ("cpu", "nvme")
     cls, popped, passed = _optimizer_class(kind, params, cpu_offload)
@@ -355,24 +453,45 @@ def _check_optimizer(config: dict, where: str) -> None:
         accepted = (set(list(inspect.signature(cls).parameters)[1:]) | popped) - passed
         for name in params:
             if name not in accepted:
-                raise DSConfigError(f"{where}: optimizer.params.{name}: not a parameter of {kind} (DeepSpeed builds "
-                                    f"{cls.__name__}){_did_you_mean(name, accepted)}; it takes "
-                                    f"{', '.join(sorted(accepted))}")
+                raise DSConfigError(
+                    f"{where}: optimizer.params.{name}: not a parameter of {kind} (DeepSpeed builds "
+                    f"{cls.__name__}){_did_you_mean(name, accepted)}; it takes "
+                    f"{', '.join(sorted(accepted))}"
+                )
     p = "optimizer.params."
     if "lr" in params:
-        _check_value(where, p + "lr", params["lr"], _number(params["lr"]) and params["lr"] > 0,
-                     "the learning rate must be a finite number above 0")
+        _check_value(
+            where,
+            p + "lr",
+            params["lr"],
+            _number(params["lr"]) and params["lr"] > 0,
+            "the learning rate must be a finite number above 0",
+        )
     if "betas" in params:
         betas = params["betas"]
-        _check_value(where, p + "betas", betas, isinstance(betas, (list, tuple)) and len(betas) == 2
-                     and all(_number(b) and 0 <= b < 1 for b in betas),
-                     "must be a list of two numbers in [0, 1), e.g. [0.9, 0.95]")
+        _check_value(
+            where,
+            p + "betas",
+            betas,
+            isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas),
+            "must be a list of two numbers in [0, 1), e.g. [0.9, 0.95]",
+        )
     if "weight_decay" in params:
-        _check_value(where, p + "weight_decay", params["weight_decay"],
-                     _number(params["weight_decay"]) and params["weight_decay"] >= 0, "must be a finite number, 0 or more")
+        _check_value(
+            where,
+            p + "weight_decay",
+            params["weight_decay"],
+            _number(params["weight_decay"]) and params["weight_decay"] >= 0,
+            "must be a finite number, 0 or more",
+        )
     if "eps" in params:
-        _check_value(where, p + "eps", params["eps"], _number(params["eps"]) and params["eps"] > 0,
-                     "must be a finite number above 0, e.g. 1e-8")
+        _check_value(
+            where,
+            p + "eps",
+            params["eps"],
+            _number(params["eps"]) and params["eps"] > 0,
+            "must be a finite number above 0, e.g. 1e-8",
+        )
 
 
 def _scheduler_class(kind: str):
@@ -399,37 +518,66 @@ def _check_scheduler(config: dict, where: str) -> None:
     cls = _scheduler_class(kind)
     if cls is None:
         torch_names = [n for n in vars(torch.optim.lr_scheduler) if _scheduler_class(n)]
-        raise DSConfigError(f"{where}: scheduler.type \"{kind}\" is not a scheduler DeepSpeed builds"
-                            f"{_did_you_mean(kind, [*lr_schedules.VALID_LR_SCHEDULES, *torch_names])}; use one of "
-                            f"{', '.join(lr_schedules.VALID_LR_SCHEDULES)} or a torch.optim.lr_scheduler class name")
+        raise DSConfigError(
+            f'{where}: scheduler.type "{kind}" is not a scheduler DeepSpeed builds'
+            f"{_did_you_mean(kind, [*lr_schedules.VALID_LR_SCHEDULES, *torch_names])}; use one of "
+            f"{', '.join(lr_schedules.VALID_LR_SCHEDULES)} or a torch.optim.lr_scheduler class name"
+        )
     accepted = set(list(inspect.signature(cls).parameters)[1:])
     for name in params:
         if name not in accepted:
-            raise DSConfigError(f"{where}: scheduler.params.{name}: not a parameter of {kind}"
-                                f"{_did_you_mean(name, accepted)}; it takes {', '.join(sorted(accepted))}")
+            raise DSConfigError(
+                f"{where}: scheduler.params.{name}: not a parameter of {kind}"
+                f"{_did_you_mean(name, accepted)}; it takes {', '.join(sorted(accepted))}"
+            )
     p = "scheduler.params."
     if "warmup_num_steps" in params and kind in _SCHEDULERS_WITH_AUTO:
         steps = params["warmup_num_steps"]
-        _check_value(where, p + "warmup_num_steps", steps, isinstance(steps, int) and not isinstance(steps, bool)
-                     and steps >= 1, f"{kind} needs a whole number of 1 or more (DeepSpeed refuses 0 and warms up "
-                     "over at least 2 steps); set 1 for the shortest warmup, or \"auto\" for --warmup-steps")
+        _check_value(
+            where,
+            p + "warmup_num_steps",
+            steps,
+            isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
+            f"{kind} needs a whole number of 1 or more (DeepSpeed refuses 0 and warms up "
+            'over at least 2 steps); set 1 for the shortest warmup, or "auto" for --warmup-steps',
+        )
     if "total_num_steps" in params:
         steps = params["total_num_steps"]
-        _check_value(where, p + "total_num_steps", steps, isinstance(steps, int) and not isinstance(steps, bool)
-                     and steps >= 1, "must be a whole number of 1 or more, or \"auto\" for --max-steps")
+        _check_value(
+            where,
+            p + "total_num_steps",
+            steps,
+            isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
+            'must be a whole number of 1 or more, or "auto" for --max-steps',
+        )
     for name in ("cos_min_ratio", "warmup_min_ratio"):
         if name in params:
-            _check_value(where, p + name, params[name], _number(params[name]) and 0 <= params[name] <= 1,
-                         "must be a fraction of the peak learning rate in [0, 1]")
+            _check_value(
+                where,
+                p + name,
+                params[name],
+                _number(params[name]) and 0 <= params[name] <= 1,
+                "must be a fraction of the peak learning rate in [0, 1]",
+            )
     for name in ("warmup_min_lr", "warmup_max_lr"):
         values = params.get(name)
         if values is not None:
             values = values if isinstance(values, list) else [values]
-            _check_value(where, p + name, params[name], all(_number(v) and v >= 0 for v in values),
-                         "must be a finite learning rate, 0 or more")
+            _check_value(
+                where,
+                p + name,
+                params[name],
+                all(_number(v) and v >= 0 for v in values),
+                "must be a finite learning rate, 0 or more",
+            )
     if "warmup_type" in params:
-        _check_value(where, p + "warmup_type", params["warmup_type"], params["warmup_type"] in ("linear", "log"),
-                     "use \"linear\" or \"log\" (DeepSpeed silently falls back to log for anything else)")
+        _check_value(
+            where,
+            p + "warmup_type",
+            params["warmup_type"],
+            params["warmup_type"] in ("linear", "log"),
+            'use "linear" or "log" (DeepSpeed silently falls back to log for anything else)',
+        )
 
 
 def _pydantic_models() -> dict:
@@ -462,9 +610,15 @@ def _field_names(model_name: str, loc: tuple) -> list[str]:
 
 
 # DeepSpeed's pydantic model -> the JSON section it reads
-_MODEL_SECTIONS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16",
-                   "DeepSpeedFP16Config": "fp16", "CompileConfig": "compile", "HybridEngineConfig": "hybrid_engine",
-                   "WeightQuantConfig": "weight_quantization", "DeepSpeedMonitorConfig": ""}
+_MODEL_SECTIONS = {
+    "DeepSpeedZeroConfig": "zero_optimization",
+    "DeepSpeedBF16Config": "bf16",
+    "DeepSpeedFP16Config": "fp16",
+    "CompileConfig": "compile",
+    "HybridEngineConfig": "hybrid_engine",
+    "WeightQuantConfig": "weight_quantization",
+    "DeepSpeedMonitorConfig": "",
+}
 
 
 def _check_with_deepspeed(config: dict, where: str) -> None:
@@ -491,8 +645,10 @@ def _check_with_deepspeed(config: dict, where: str) -> None:
         path = ".".join(p for p in (section, *loc) if p)
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
-            fix = (f"not a DeepSpeed field{_did_you_mean(loc[-1], _field_names(err.title, loc[:-1]))}; "
-                   f"fix the spelling or remove it ({DOCS})")
+            fix = (
+                f"not a DeepSpeed field{_did_you_mean(loc[-1], _field_names(err.title, loc[:-1]))}; "
+                f"fix the spelling or remove it ({DOCS})"
+            )
         else:
             fix = f"{message} (got {_json(first.get('input'))}); fix the value ({DOCS})"
         raise DSConfigError(f"{where}: {path}: {fix}") from None
@@ -514,16 +670,23 @@ def _check_monitors(config: dict, where: str) -> None:
     monitors = get_monitor_config(config)
     for section, (module, extra) in MONITORS.items():
         if getattr(monitors, section).enabled and importlib.util.find_spec(module) is None:
-            raise DSConfigError(f"{where}: {section}.enabled is true but the {module} package is not installed; "
-                                f"pip install -e \".[{extra}]\", or set {section}.enabled to false")
+            raise DSConfigError(
+                f"{where}: {section}.enabled is true but the {module} package is not installed; "
+                f'pip install -e ".[{extra}]", or set {section}.enabled to false'
+            )
 
 
 def check_deepspeed_fields(config: dict, where: str) -> None:
     """Every field of a resolved config: ours for meaning, then DeepSpeed's own parser, then the monitors."""
     if "gradient_clipping" in config:
         clip = config["gradient_clipping"]
-        _check_value(where, "gradient_clipping", clip, _number(clip) and clip >= 0,
-                     "must be a finite number, 0 or more (0: no clipping)")
+        _check_value(
+            where,
+            "gradient_clipping",
+            clip,
+            _number(clip) and clip >= 0,
+            "must be a finite number, 0 or more (0: no clipping)",
+        )
     _check_optimizer(config, where)
     _check_scheduler(config, where)
     _check_with_deepspeed(config, where)
@@ -538,8 +701,9 @@ def _unresolved(value: Any, path: str = "") -> list[str]:
     return []
 
 
-def resolve_ds_config(raw: dict, run: RunValues, world_size: int, where: str, supports_bf16: bool,
-                      has_gpu: bool) -> tuple[dict, Batch, str, int]:
+def resolve_ds_config(
+    raw: dict, run: RunValues, world_size: int, where: str, supports_bf16: bool, has_gpu: bool
+) -> tuple[dict, Batch, str, int]:
     """Returns (the config to hand DeepSpeed, the batch, the precision, the ZeRO stage)."""
     config = copy.deepcopy(raw)
     _check_shape(config, where)
@@ -549,6 +713,6 @@ def resolve_ds_config(raw: dict, run: RunValues, world_size: int, where: str, su
     _fill_auto(config, run, batch, precision)
     left = _unresolved(config)
     if left:
-        raise DSConfigError(f"{where}: \"auto\" is not supported for {', '.join(left)}; set a value")
+        raise DSConfigError(f'{where}: "auto" is not supported for {", ".join(left)}; set a value')
     check_deepspeed_fields(config, where)
     return config, batch, precision, stage

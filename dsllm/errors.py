@@ -1,10 +1,11 @@
 """One exception type for user errors, and the command-line wrapper that prints it in one line."""
+
 from __future__ import annotations
 
 import argparse
 import math
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 USER_ERROR_EXIT = 2
 

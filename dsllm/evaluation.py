@@ -1,5 +1,6 @@
 """Validation: loss, perplexity and bits per byte over a fixed, deterministic set of windows (the trainer's
 evaluation, and `python -m dsllm evaluate` on one process), and multiple-choice accuracy by log-likelihood."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,29 +41,46 @@ def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, windows: TokenWindows, indices: list[int], micro_batch: int, device, byte_lengths: torch.Tensor,
-             rank: int = 0, world_size: int = 1) -> dict:
+def evaluate(
+    model,
+    windows: TokenWindows,
+    indices: list[int],
+    micro_batch: int,
+    device,
+    byte_lengths: torch.Tensor,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
     """Sum of target-token losses over the windows (sharded across ranks, then all-reduced)."""
     mine = indices[rank::world_size]
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
     # every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively)
     batches = math.ceil(len(indices) / world_size / micro_batch)
     for b in range(batches):
-        chunk = mine[b * micro_batch:(b + 1) * micro_batch]
+        chunk = mine[b * micro_batch : (b + 1) * micro_batch]
         rows = torch.stack([windows[i] for i in (chunk or mine[:1] or indices[:1])]).to(device)
         logits, _ = model(rows[:, :-1])
         if not chunk:
             continue
         targets = rows[:, 1:]
         nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
-        totals += torch.stack([nll.double(), torch.tensor(targets.numel(), dtype=torch.float64, device=device),
-                               byte_lengths.to(device)[targets].sum()])
+        totals += torch.stack(
+            [
+                nll.double(),
+                torch.tensor(targets.numel(), dtype=torch.float64, device=device),
+                byte_lengths.to(device)[targets].sum(),
+            ]
+        )
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         dist.all_reduce(totals)
     nll, tokens, n_bytes = totals.tolist()
     loss = nll / tokens
-    return {"val_loss": loss, "perplexity": math.exp(min(loss, 700)), "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
-            "tokens": int(tokens)}
+    return {
+        "val_loss": loss,
+        "perplexity": math.exp(min(loss, 700)),
+        "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
+        "tokens": int(tokens),
+    }
 
 
 # -- multiple choice (HellaSwag-style): which continuation does the model find most likely -----------------
@@ -87,7 +105,9 @@ def read_choices(path: str | os.PathLike) -> list[ChoiceExample]:
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
             raise UserError(f"{where}: 'choices' must be a list of at least two non-empty strings; {shape}")
         if type(label) is not int or not 0 <= label < len(choices):
-            raise UserError(f"{where}: 'label' is {label!r}; it must be an index into 'choices' (0..{len(choices) - 1})")
+            raise UserError(
+                f"{where}: 'label' is {label!r}; it must be an index into 'choices' (0..{len(choices) - 1})"
+            )
         examples.append(ChoiceExample(context, choices, label, where))
     if not examples:
         raise UserError(f"--choices {path}: no examples in the file; {shape}")
@@ -109,13 +129,13 @@ def choice_log_likelihoods(model, context: list[int], choices: list[list[int]], 
     rows = [context + choice for choice in choices]
     idx = torch.zeros(len(rows), max(map(len, rows)) - 1, dtype=torch.long)
     for r, row in enumerate(rows):
-        idx[r, :len(row) - 1] = torch.tensor(row[:-1])
+        idx[r, : len(row) - 1] = torch.tensor(row[:-1])
     logits, _ = model(idx.to(device))
     log_probs = logits.float().log_softmax(-1).cpu()
     scores = []
     for r, choice in enumerate(choices):
         first = len(context) - 1  # the position whose output predicts the choice's first token
-        scores.append(log_probs[r, first:first + len(choice)].gather(-1, torch.tensor(choice)[:, None]).sum().item())
+        scores.append(log_probs[r, first : first + len(choice)].gather(-1, torch.tensor(choice)[:, None]).sum().item())
     return scores
 
 
@@ -128,14 +148,19 @@ def score_choices(model, tokenizer: Tokenizer, examples: list[ChoiceExample], de
     for example in examples:
         choices = [tokenizer.encode(c).ids for c in example.choices]
         if max(map(len, choices)) > model.config.max_seq_len:
-            raise UserError(f"{example.where}: a choice is longer than the model's context "
-                            f"(model.max_seq_len = {model.config.max_seq_len} tokens); shorten it")
+            raise UserError(
+                f"{example.where}: a choice is longer than the model's context "
+                f"(model.max_seq_len = {model.config.max_seq_len} tokens); shorten it"
+            )
         scores = choice_log_likelihoods(model, start + tokenizer.encode(example.context).ids, choices, device)
         per_char = [s / len(c) for s, c in zip(scores, example.choices)]
         correct += max(range(len(scores)), key=scores.__getitem__) == example.label
         correct_norm += max(range(len(per_char)), key=per_char.__getitem__) == example.label
-    return {"choice_accuracy": correct / len(examples), "choice_accuracy_norm": correct_norm / len(examples),
-            "choice_examples": len(examples)}
+    return {
+        "choice_accuracy": correct / len(examples),
+        "choice_accuracy_norm": correct_norm / len(examples),
+        "choice_examples": len(examples),
+    }
 
 
 # -- `python -m dsllm evaluate` ------------------------------------------------------------------------------
@@ -144,13 +169,17 @@ def open_split(data: Path, split: str, tokenizer: Tokenizer, tokenizer_file: Pat
     if not data.is_dir():
         raise UserError(f"--data {data}: no such folder; pass a dataset made by data_pipeline/prepare.py")
     if not (data / f"{split}.idx").is_file():
-        raise UserError(f"--data {data}: no {split} split ({split}.idx); pass a folder made by "
-                        "data_pipeline/prepare.py and --split train or val")
+        raise UserError(
+            f"--data {data}: no {split} split ({split}.idx); pass a folder made by "
+            "data_pipeline/prepare.py and --split train or val"
+        )
     tokens = TokenFile(data / split)
     if tokens.header.tokenizer_hash != tokenizer_hash(tokenizer):
-        raise UserError(f"--data {data}: made with another tokenizer (hash {tokens.header.tokenizer_hash.hex()[:16]}) "
-                        f"than the model's {tokenizer_file} ({tokenizer_hash(tokenizer).hex()[:16]}); prepare the "
-                        f"data with data_pipeline/prepare.py --tokenizer {tokenizer_file}")
+        raise UserError(
+            f"--data {data}: made with another tokenizer (hash {tokens.header.tokenizer_hash.hex()[:16]}) "
+            f"than the model's {tokenizer_file} ({tokenizer_hash(tokenizer).hex()[:16]}); prepare the "
+            f"data with data_pipeline/prepare.py --tokenizer {tokenizer_file}"
+        )
     return tokens
 
 
@@ -164,20 +193,41 @@ def main(argv=None) -> int:
     from dsllm.checkpoint import WEIGHTS_FILE, load_model_dir, model_tokenizer, pick_device, resolve_model_source
     from dsllm.errors import ArgumentParser, positive
 
-    parser = ArgumentParser(prog="python -m dsllm evaluate", description="Validation loss, perplexity and bits per "
-                            "byte of a model on a token dataset (and multiple-choice accuracy), as one JSON object.")
-    parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                        help="run folder, checkpoints/stepNNNNNNNN folder (any ZeRO stage and world size), or model folder")
-    parser.add_argument("--data", metavar="DIR", help="dataset made by data_pipeline/prepare.py with the run's tokenizer")
+    parser = ArgumentParser(
+        prog="python -m dsllm evaluate",
+        description="Validation loss, perplexity and bits per "
+        "byte of a model on a token dataset (and multiple-choice accuracy), as one JSON object.",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN_DIR",
+        help="run folder, checkpoints/stepNNNNNNNN folder (any ZeRO stage and world size), or model folder",
+    )
+    parser.add_argument(
+        "--data", metavar="DIR", help="dataset made by data_pipeline/prepare.py with the run's tokenizer"
+    )
     parser.add_argument("--split", default="val", help="which split of --data (default %(default)s)")
-    parser.add_argument("--max-windows", type=positive, metavar="N",
-                        help="N windows spread evenly over the split, as the trainer's --eval-windows (default: all)")
-    parser.add_argument("--batch-size", type=positive, default=8, metavar="B",
-                        help="windows per forward pass (default %(default)s)")
-    parser.add_argument("--seq-len", type=positive, metavar="T",
-                        help="window length (default: the run's training --seq-len, else model.max_seq_len)")
-    parser.add_argument("--choices", metavar="FILE.jsonl",
-                        help='multiple choice: {"context": str, "choices": [str, ...], "label": int} a line')
+    parser.add_argument(
+        "--max-windows",
+        type=positive,
+        metavar="N",
+        help="N windows spread evenly over the split, as the trainer's --eval-windows (default: all)",
+    )
+    parser.add_argument(
+        "--batch-size", type=positive, default=8, metavar="B", help="windows per forward pass (default %(default)s)"
+    )
+    parser.add_argument(
+        "--seq-len",
+        type=positive,
+        metavar="T",
+        help="window length (default: the run's training --seq-len, else model.max_seq_len)",
+    )
+    parser.add_argument(
+        "--choices",
+        metavar="FILE.jsonl",
+        help='multiple choice: {"context": str, "choices": [str, ...], "label": int} a line',
+    )
     parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
     args = parser.parse_args(argv)
     if args.data is None and args.choices is None:
@@ -195,13 +245,25 @@ def main(argv=None) -> int:
         model.config.check_seq_len(seq_len)
         windows = TokenWindows(tokens, seq_len)
         if len(windows) == 0:
-            raise UserError(f"--data {args.data}: the {args.split} split has {tokens.num_tokens} tokens, not one window "
-                            f"of {seq_len + 1}; pass a shorter --seq-len")
+            raise UserError(
+                f"--data {args.data}: the {args.split} split has {tokens.num_tokens} tokens, not one window "
+                f"of {seq_len + 1}; pass a shorter --seq-len"
+            )
         indices = eval_indices(windows, args.max_windows or len(windows))
         scores = evaluate(model, windows, indices, args.batch_size, device, token_byte_lengths(tokenizer))
-        result.update({"data": str(args.data), "split": args.split, "seq_len": seq_len, "windows": len(indices),
-                       "windows_in_split": len(windows), "tokens": scores["tokens"], "loss": scores["val_loss"],
-                       "perplexity": scores["perplexity"], "bits_per_byte": scores["bits_per_byte"]})
+        result.update(
+            {
+                "data": str(args.data),
+                "split": args.split,
+                "seq_len": seq_len,
+                "windows": len(indices),
+                "windows_in_split": len(windows),
+                "tokens": scores["tokens"],
+                "loss": scores["val_loss"],
+                "perplexity": scores["perplexity"],
+                "bits_per_byte": scores["bits_per_byte"],
+            }
+        )
     if examples is not None:
         result.update({"choices": str(args.choices), **score_choices(model, tokenizer, examples, device)})
     print(json.dumps(result))

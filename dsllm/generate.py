@@ -5,14 +5,15 @@ Each prompt starts a document (it follows <|endoftext|>, as every document does 
 echoed, then its continuation streams until <|endoftext|> or --max-new-tokens. Several prompts run one
 after another, each under a `=== prompt I/N ===` line.
 """
+
 from __future__ import annotations
 
 import argparse
 import re
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from tokenizers import Tokenizer
 
@@ -41,7 +42,7 @@ class TextStream:
 
     def _write_up_to(self, text: str) -> None:
         if len(text) > len(self.text) and text.startswith(self.text):
-            self.write(text[len(self.text):])
+            self.write(text[len(self.text) :])
             self.text = text
 
 
@@ -83,28 +84,61 @@ def main(argv=None) -> int:
     from dsllm.errors import ArgumentParser, positive
     from dsllm.tokenizer import eot_id
 
-    parser = ArgumentParser(prog="python -m dsllm generate", epilog=__doc__.split("\n\n")[1],
-                            description="Text from a run's model, printed token by token as it is produced.")
-    parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR",
-                        help="run folder, checkpoints/stepNNNNNNNN folder (any ZeRO stage), or model folder")
+    parser = ArgumentParser(
+        prog="python -m dsllm generate",
+        epilog=__doc__.split("\n\n")[1],
+        description="Text from a run's model, printed token by token as it is produced.",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="RUN_DIR",
+        help="run folder, checkpoints/stepNNNNNNNN folder (any ZeRO stage), or model folder",
+    )
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt; repeat for more")
-    parser.add_argument("--prompt-file", action="append", default=[], metavar="FILE",
-                        help='one prompt a line; .jsonl: a JSON string or {"prompt": str} a line')
-    parser.add_argument("--max-new-tokens", type=positive, metavar="N",
-                        help=f"tokens to add (default: up to {DEFAULT_MAX_NEW_TOKENS}, as the model's context allows)")
-    parser.add_argument("--temperature", type=finite, default=0.8, metavar="T",
-                        help="0 is greedy; higher is more random (default %(default)s)")
+    parser.add_argument(
+        "--prompt-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help='one prompt a line; .jsonl: a JSON string or {"prompt": str} a line',
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=positive,
+        metavar="N",
+        help=f"tokens to add (default: up to {DEFAULT_MAX_NEW_TOKENS}, as the model's context allows)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=finite,
+        default=0.8,
+        metavar="T",
+        help="0 is greedy; higher is more random (default %(default)s)",
+    )
     parser.add_argument("--top-k", type=positive, metavar="K", help="sample among the K most likely tokens only")
-    parser.add_argument("--top-p", type=finite, metavar="P", help="nucleus sampling: the smallest set of tokens "
-                        "whose probability reaches P (0 < P <= 1)")
-    parser.add_argument("--seed", type=int, metavar="S", help="the same seed gives the same text (default: random, "
-                        "printed on stderr)")
-    parser.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template of "
-                        "launch/finetune.py (for fine-tuned models)")
-    parser.add_argument("--device", type=_device, default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--top-p",
+        type=finite,
+        metavar="P",
+        help="nucleus sampling: the smallest set of tokens whose probability reaches P (0 < P <= 1)",
+    )
+    parser.add_argument(
+        "--seed", type=int, metavar="S", help="the same seed gives the same text (default: random, printed on stderr)"
+    )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap each prompt in the chat template of launch/finetune.py (for fine-tuned models)",
+    )
+    parser.add_argument(
+        "--device", type=_device, default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N"
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.temperature <= MAX_TEMPERATURE:
-        parser.error(f"argument --temperature: {args.temperature:g} must be 0 (greedy) or more, at most {MAX_TEMPERATURE:g}")
+        parser.error(
+            f"argument --temperature: {args.temperature:g} must be 0 (greedy) or more, at most {MAX_TEMPERATURE:g}"
+        )
     if args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error(f"argument --top-p: {args.top_p} must be above 0 and at most 1")
 
@@ -125,11 +159,15 @@ def main(argv=None) -> int:
         room = context_len - len(context)
         which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
         if room < 1:
-            raise UserError(f"{which} is {len(context) - 1} tokens, which leaves no room in the model's context "
-                            f"(model.max_seq_len = {context_len}, one token goes to <|endoftext|>); shorten it")
+            raise UserError(
+                f"{which} is {len(context) - 1} tokens, which leaves no room in the model's context "
+                f"(model.max_seq_len = {context_len}, one token goes to <|endoftext|>); shorten it"
+            )
         if args.max_new_tokens is not None and args.max_new_tokens > room:
-            raise UserError(f"--max-new-tokens {args.max_new_tokens}: {which} ({len(context) - 1} tokens) leaves room "
-                            f"for {room} in the model's context (model.max_seq_len = {context_len}); pass at most {room}")
+            raise UserError(
+                f"--max-new-tokens {args.max_new_tokens}: {which} ({len(context) - 1} tokens) leaves room "
+                f"for {room} in the model's context (model.max_seq_len = {context_len}); pass at most {room}"
+            )
         budgets.append(args.max_new_tokens or min(DEFAULT_MAX_NEW_TOKENS, room))
     seed = args.seed
     if seed is None:
@@ -146,8 +184,17 @@ def main(argv=None) -> int:
             write(("\n" if i > 1 else "") + f"=== prompt {i}/{len(prompts)} ===\n")
         write(f"user: {prompt}\nassistant: " if args.chat else prompt)
         stream = TextStream(tokenizer, write)
-        model.generate([context], budget, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       eos_id=eos, seed=seed, vocab_size=vocab_size, on_token=lambda _, token: stream.add(token))
+        model.generate(
+            [context],
+            budget,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_id=eos,
+            seed=seed,
+            vocab_size=vocab_size,
+            on_token=lambda _, token, stream=stream: stream.add(token),
+        )
         stream.finish()
         write("\n")
     return 0

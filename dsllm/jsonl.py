@@ -1,12 +1,13 @@
 """Small JSONL inputs of the commands (`evaluate --choices`, `generate --prompt-file`): one JSON value a
 line, blank lines skipped, and every fault reported as `FILE:LINE`."""
+
 from __future__ import annotations
 
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from dsllm.errors import UserError
 
@@ -19,11 +20,14 @@ def parse_line(line: str, where: str, error: type[UserError] = UserError) -> obj
     except json.JSONDecodeError as err:
         raise error(f"{where}: malformed JSON ({err.msg} at column {err.colno}); fix or remove that line") from None
     except RecursionError:
-        raise error(f"{where}: JSON nested too deeply for Python's parser (over {sys.getrecursionlimit()} levels); "
-                    "flatten or remove that line") from None
+        raise error(
+            f"{where}: JSON nested too deeply for Python's parser (over {sys.getrecursionlimit()} levels); "
+            "flatten or remove that line"
+        ) from None
     except ValueError as err:  # int("9" * 5000): "Exceeds the limit (4300 digits) for integer string conversion"
-        raise error(f"{where}: a number too long to parse ({str(err).split(':')[0]}); write it as a string or "
-                    "remove that line") from None
+        raise error(
+            f"{where}: a number too long to parse ({str(err).split(':')[0]}); write it as a string or remove that line"
+        ) from None
 
 
 def read_jsonl(path: str | os.PathLike, option: str) -> Iterator[tuple[str, object]]:

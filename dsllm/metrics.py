@@ -1,5 +1,6 @@
 """Throughput, MFU and memory, and the run's log: one readable line on stdout, one JSON object per
 line in `metrics.jsonl`, and DeepSpeed's monitor (TensorBoard / CSV / W&B) when the JSON enables it."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,13 @@ import torch
 
 # Dense bf16 peak TFLOP/s per GPU (no sparsity). RTX 4090: fp32 accumulate, as training uses.
 PEAK_TFLOPS = {
-    "A100": 312.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0,
-    "RTX 4090": 165.0, "RTX 3090": 71.0,
+    "A100": 312.0,
+    "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "H200": 989.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
 }
 
 
@@ -44,13 +50,21 @@ def live_tensor_gib(device_type: str | None = None) -> float:
     from torch._subclasses.fake_tensor import FakeTensor
 
     def has_memory(obj) -> bool:  # a tensor with real storage: not sparse, meta, or a compiler's fake tensor
-        return (issubclass(type(obj), torch.Tensor) and not isinstance(obj, FakeTensor) and obj.layout is torch.strided
-                and not obj.is_meta and torch._C._has_storage(obj)
-                and (device_type is None or obj.device.type == device_type))
+        return (
+            issubclass(type(obj), torch.Tensor)
+            and not isinstance(obj, FakeTensor)
+            and obj.layout is torch.strided
+            and not obj.is_meta
+            and torch._C._has_storage(obj)
+            and (device_type is None or obj.device.type == device_type)
+        )
 
     gc.collect()
-    storages = {(t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
-                for t in gc.get_objects() if has_memory(t)}
+    storages = {
+        (t.device, t.untyped_storage().data_ptr()): t.untyped_storage().nbytes()
+        for t in gc.get_objects()
+        if has_memory(t)
+    }
     return sum(storages.values()) / 2**30
 
 
@@ -77,8 +91,11 @@ class MetricsLog:
             print(line, flush=True)
         if self.monitor is not None and getattr(self.monitor, "enabled", False):
             samples = record.get("samples", record["step"])
-            events = [(f"Train/{k}", v, samples) for k, v in record.items()
-                      if k in ("loss", "val_loss", "tokens_per_second", "mfu", "perplexity") and v is not None]
+            events = [
+                (f"Train/{k}", v, samples)
+                for k, v in record.items()
+                if k in ("loss", "val_loss", "tokens_per_second", "mfu", "perplexity") and v is not None
+            ]
             self.monitor.write_events(events)
 
     def close(self) -> None:
@@ -86,12 +103,21 @@ class MetricsLog:
             self._file.close()
 
 
-def format_step(step: int, max_steps: int, loss: float | None, lr: float, tokens_per_second: float,
-                mfu_value: float | None, memory: float, eta_seconds: float) -> str:
+def format_step(
+    step: int,
+    max_steps: int,
+    loss: float | None,
+    lr: float,
+    tokens_per_second: float,
+    mfu_value: float | None,
+    memory: float,
+    eta_seconds: float,
+) -> str:
     """One log line; `loss` None: every step since the last line was skipped (non-finite gradients)."""
     mfu_text = f"{100 * mfu_value:.1f}%" if mfu_value is not None else "n/a"
     eta = f"{int(eta_seconds // 3600)}:{int(eta_seconds % 3600 // 60):02d}:{int(eta_seconds % 60):02d}"
     loss_text = f"loss {loss:.4f}" if loss is not None else "skipped"
-    return (f"step {step:>6}/{max_steps} | {loss_text} | lr {lr:.3e} | {tokens_per_second:,.0f} tok/s | "
-            f"MFU {mfu_text} | mem {memory:.2f} GiB | ETA {eta}")
-
+    return (
+        f"step {step:>6}/{max_steps} | {loss_text} | lr {lr:.3e} | {tokens_per_second:,.0f} tok/s | "
+        f"MFU {mfu_text} | mem {memory:.2f} GiB | ETA {eta}"
+    )

@@ -4,11 +4,12 @@ token embedding (+ learned positions) -> N x [pre-norm attention + pre-norm MLP,
 -> final norm -> LM head. Attention runs through `scaled_dot_product_attention` (flash attention on
 GPU), with grouped-query heads and rotary or learned positions. `generate` decodes with a KV cache.
 """
+
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -62,8 +63,8 @@ class KVCache:
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
-        self.k[:, :, self.length:end] = k
-        self.v[:, :, self.length:end] = v
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
@@ -80,8 +81,9 @@ class Attention(nn.Module):
 
     def forward(self, x, rotary=None, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_heads * self.head_dim, self.kv_heads * self.head_dim,
-                                     self.kv_heads * self.head_dim], dim=-1)
+        q, k, v = self.qkv(x).split(
+            [self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1
+        )
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
         k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -89,9 +91,15 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.update(k, v)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.kv_heads != self.n_heads)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.kv_heads != self.n_heads,
+        )
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
 
 
@@ -131,7 +139,9 @@ class GPT(nn.Module):
         config.validate()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_embeddings = nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
+        self.pos_embeddings = (
+            nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
+        )
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = make_norm(config)
@@ -150,8 +160,15 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, caches: list[KVCache] | None = None, last_only: bool = False):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+        last_only: bool = False,
+    ):
         """idx [B, T] -> (logits [B, T, V] (or [B, 1, V] with last_only), mean cross-entropy or None).
         Targets of -100 are ignored. `positions`/`mask` are for generation (padding, cache); training
         uses positions 0..T-1 and the causal mask."""
@@ -189,10 +206,19 @@ class GPT(nn.Module):
         return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-                 seed: int | None = None, use_cache: bool = True, vocab_size: int | None = None,
-                 on_token: Callable[[int, int], None] | None = None) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        seed: int | None = None,
+        use_cache: bool = True,
+        vocab_size: int | None = None,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[list[int]]:
         """New tokens for each prompt (a batch of different lengths is left-padded). Temperature 0 is
         greedy; a row stops after `eos_id` (which is included). Seeded sampling is reproducible.
         `vocab_size`: the tokenizer's, when the embedding is padded beyond it (padding ids never come out).
@@ -200,13 +226,15 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed, use_cache,
-                                  vocab_size, on_token)
+            return self._generate(
+                prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed, use_cache, vocab_size, on_token
+            )
         finally:
             self.train(was_training)
 
-    def _generate(self, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed, use_cache, vocab_size,
-                  on_token):
+    def _generate(
+        self, prompts, max_new_tokens, temperature, top_k, top_p, eos_id, seed, use_cache, vocab_size, on_token
+    ):
         device = self.lm_head.weight.device
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -216,8 +244,8 @@ class GPT(nn.Module):
         idx = torch.zeros(B, total, dtype=torch.long, device=device)
         valid = torch.zeros(B, total, dtype=torch.bool, device=device)
         for row, p in enumerate(prompts):
-            idx[row, prompt_len - len(p):prompt_len] = torch.tensor(p, device=device)
-            valid[row, prompt_len - len(p):] = True
+            idx[row, prompt_len - len(p) : prompt_len] = torch.tensor(p, device=device)
+            valid[row, prompt_len - len(p) :] = True
         positions = (valid.long().cumsum(-1) - 1).clamp(min=0)
         # query i sees valid keys j <= i; a padding query sees itself, so no softmax row is empty
         causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()
@@ -225,20 +253,32 @@ class GPT(nn.Module):
         full_mask = full_mask[:, None]  # [B, 1, total, total]
         generator = torch.Generator(device=device)
         generator.manual_seed(seed if seed is not None else torch.seed())
-        caches = [KVCache(B, self.config.kv_heads, total, self.config.head_dim, self.lm_head.weight.dtype, device)
-                  for _ in self.blocks] if use_cache else None
+        caches = (
+            [
+                KVCache(B, self.config.kv_heads, total, self.config.head_dim, self.lm_head.weight.dtype, device)
+                for _ in self.blocks
+            ]
+            if use_cache
+            else None
+        )
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out: list[list[int]] = [[] for _ in range(B)]
         start = 0
         for end in range(prompt_len, total):
             if use_cache:
                 window = slice(start, end)
-                logits, _ = self(idx[:, window], positions=positions[:, window], mask=full_mask[:, :, window, :end],
-                                 caches=caches, last_only=True)
+                logits, _ = self(
+                    idx[:, window],
+                    positions=positions[:, window],
+                    mask=full_mask[:, :, window, :end],
+                    caches=caches,
+                    last_only=True,
+                )
                 start = end
             else:
-                logits, _ = self(idx[:, :end], positions=positions[:, :end], mask=full_mask[:, :, :end, :end],
-                                 last_only=True)
+                logits, _ = self(
+                    idx[:, :end], positions=positions[:, :end], mask=full_mask[:, :, :end, :end], last_only=True
+                )
             next_logits = logits[:, -1].float()
             if vocab_size is not None and vocab_size < next_logits.size(-1):
                 next_logits[:, vocab_size:] = float("-inf")
@@ -256,8 +296,9 @@ class GPT(nn.Module):
         return out
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-           generator: torch.Generator) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator: torch.Generator
+) -> torch.Tensor:
     """One token per row from logits [B, V]: greedy at temperature 0, else top-k, then top-p, then sample."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -287,7 +328,10 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     is counted (tied or not). 12*L*H*Q*T: attention scores and weighted values (H*Q = d_model),
     forward and backward, over a full T x T score matrix (causal masking not discounted)."""
     c = config
-    per_layer = (c.d_model * (c.n_heads + 2 * c.kv_heads) * c.head_dim + c.d_model * c.d_model
-                 + c.d_model * c.mlp_hidden_size * (3 if c.mlp == "swiglu" else 2))
+    per_layer = (
+        c.d_model * (c.n_heads + 2 * c.kv_heads) * c.head_dim
+        + c.d_model * c.d_model
+        + c.d_model * c.mlp_hidden_size * (3 if c.mlp == "swiglu" else 2)
+    )
     matmul_params = c.n_layers * per_layer + c.d_model * c.vocab_size
     return 6 * matmul_params + 12 * c.n_layers * c.d_model * seq_len

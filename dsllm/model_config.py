@@ -4,6 +4,7 @@
 Every combination is checked here, before any tensor is built; a bad one raises ConfigError naming
 the field and the fix.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,7 +71,9 @@ class ModelConfig:
         """Parameter count without building the model (a tied embedding/head counts once)."""
         d, hd = self.d_model, self.head_dim
         bias = int(self.bias)
-        attention = d * (self.n_heads + 2 * self.kv_heads) * hd + d * d + bias * ((self.n_heads + 2 * self.kv_heads) * hd + d)
+        attention = (
+            d * (self.n_heads + 2 * self.kv_heads) * hd + d * d + bias * ((self.n_heads + 2 * self.kv_heads) * hd + d)
+        )
         fc_out = self.mlp_hidden_size * (2 if self.mlp == "swiglu" else 1)
         mlp = d * fc_out + self.mlp_hidden_size * d + bias * (fc_out + d)
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
@@ -80,21 +83,31 @@ class ModelConfig:
 
     # -- checks -------------------------------------------------------------------------------------
     def validate(self) -> None:
-        for name, allowed in (("positions", POSITIONS), ("norm", NORMS), ("mlp", MLPS),
-                              ("activation_checkpointing", CHECKPOINTING)):
+        for name, allowed in (
+            ("positions", POSITIONS),
+            ("norm", NORMS),
+            ("mlp", MLPS),
+            ("activation_checkpointing", CHECKPOINTING),
+        ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name} = {getattr(self, name)!r}: unknown; use one of {', '.join(allowed)}")
         for name in ("vocab_size", "max_seq_len", "n_layers", "d_model", "n_heads", "mlp_multiple_of"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} = {getattr(self, name)!r}: must be a positive integer")
         if self.d_model % self.n_heads:
-            raise ConfigError(f"model.d_model = {self.d_model} is not divisible by model.n_heads = {self.n_heads}; "
-                              "pick heads that divide the hidden size")
+            raise ConfigError(
+                f"model.d_model = {self.d_model} is not divisible by model.n_heads = {self.n_heads}; "
+                "pick heads that divide the hidden size"
+            )
         if self.kv_heads < 1 or self.n_heads % self.kv_heads:
-            raise ConfigError(f"model.n_kv_heads = {self.n_kv_heads} does not divide model.n_heads = {self.n_heads}; "
-                              "use a divisor of n_heads (1 for MQA, n_heads for MHA)")
+            raise ConfigError(
+                f"model.n_kv_heads = {self.n_kv_heads} does not divide model.n_heads = {self.n_heads}; "
+                "use a divisor of n_heads (1 for MQA, n_heads for MHA)"
+            )
         if self.positions == "rope" and self.head_dim % 2:
-            raise ConfigError(f"model.positions = 'rope' needs an even head size, got d_model/n_heads = {self.head_dim}")
+            raise ConfigError(
+                f"model.positions = 'rope' needs an even head size, got d_model/n_heads = {self.head_dim}"
+            )
         if self.mlp_hidden is not None and self.mlp_hidden < 1:
             raise ConfigError(f"model.mlp_hidden = {self.mlp_hidden}: must be positive (or null for the default)")
         if not 0.0 <= self.dropout < 1.0:
@@ -106,26 +119,43 @@ class ModelConfig:
         """A training or generation length must fit the position table / RoPE cache."""
         if seq_len > self.max_seq_len:
             what = "learned positions allow" if self.positions == "learned" else "the rotary cache holds"
-            raise ConfigError(f"seq_len {seq_len} is longer than model.max_seq_len = {self.max_seq_len} ({what}); "
-                              f"use --seq-len {self.max_seq_len} or less, or raise model.max_seq_len")
+            raise ConfigError(
+                f"seq_len {seq_len} is longer than model.max_seq_len = {self.max_seq_len} ({what}); "
+                f"use --seq-len {self.max_seq_len} or less, or raise model.max_seq_len"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict, where: str = "model config") -> "ModelConfig":
+    def from_dict(cls, values: dict, where: str = "model config") -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"{where}: unknown field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}"
+            )
         return cls(**values)
 
 
-def _llama(d_model: int, n_layers: int, n_heads: int, n_kv_heads: int, max_seq_len: int = 2048,
-           mlp_hidden: int | None = None) -> dict:
-    return dict(vocab_size=32000, max_seq_len=max_seq_len, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
-                n_kv_heads=n_kv_heads, positions="rope", norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
-                mlp_hidden=mlp_hidden, bias=False, tie_embeddings=False)
+def _llama(
+    d_model: int, n_layers: int, n_heads: int, n_kv_heads: int, max_seq_len: int = 2048, mlp_hidden: int | None = None
+) -> dict:
+    return dict(
+        vocab_size=32000,
+        max_seq_len=max_seq_len,
+        n_layers=n_layers,
+        d_model=d_model,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        positions="rope",
+        norm="rmsnorm",
+        norm_eps=1e-5,
+        mlp="swiglu",
+        mlp_hidden=mlp_hidden,
+        bias=False,
+        tie_embeddings=False,
+    )
 
 
 def _gpt2(d_model: int, n_layers: int, n_heads: int) -> dict:
@@ -134,9 +164,20 @@ def _gpt2(d_model: int, n_layers: int, n_heads: int) -> dict:
 
 PRESETS: dict[str, dict] = {
     # CPU demo: llama-style, ~5M parameters at an 8k vocabulary
-    "tiny": dict(vocab_size=8192, max_seq_len=256, n_layers=4, d_model=256, n_heads=4, n_kv_heads=2,
-                 positions="rope", norm="rmsnorm", mlp="swiglu", mlp_multiple_of=64, bias=False,
-                 tie_embeddings=True),
+    "tiny": dict(
+        vocab_size=8192,
+        max_seq_len=256,
+        n_layers=4,
+        d_model=256,
+        n_heads=4,
+        n_kv_heads=2,
+        positions="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        mlp_multiple_of=64,
+        bias=False,
+        tie_embeddings=True,
+    ),
     # GPT-2 (learned positions, LayerNorm, GELU, biases, tied): 124M / 355M / 774M / 1.56B parameters
     "gpt2-124m": _gpt2(768, 12, 12),
     "gpt2-350m": _gpt2(1024, 24, 16),

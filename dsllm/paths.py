@@ -1,10 +1,11 @@
 """Outputs apart from inputs: every command that writes a folder refuses one that is, contains, or lies inside a
 path it reads, before it reads or writes anything (an export with --overwrite would otherwise delete its own run)."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from dsllm.errors import UserError
 
@@ -14,8 +15,9 @@ def real_path(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
 
 
-def check_output_apart(output: str | os.PathLike, output_flag: str,
-                       inputs: Iterable[tuple[str, str | os.PathLike]]) -> None:
+def check_output_apart(
+    output: str | os.PathLike, output_flag: str, inputs: Iterable[tuple[str, str | os.PathLike]]
+) -> None:
     """UserError when `output` is, contains or lies inside one of the (flag, path) inputs, symlinks resolved."""
     target = real_path(output)
     clashes = []
@@ -29,10 +31,15 @@ def check_output_apart(output: str | os.PathLike, output_flag: str,
             clashes.append((2, "contains", flag, path, source))
     if clashes:  # the closest one names the problem best
         _, relation, flag, path, source = min(clashes, key=lambda clash: clash[0])
-        resolved = " (symlinks resolved)" if (target, source) != (Path(os.path.abspath(output)),
-                                                                  Path(os.path.abspath(path))) else ""
-        raise UserError(f"{output_flag} {output} {relation} {path}{resolved}, which {flag} reads: an output must not "
-                        f"overlap an input; choose another {output_flag}")
+        resolved = (
+            " (symlinks resolved)"
+            if (target, source) != (Path(os.path.abspath(output)), Path(os.path.abspath(path)))
+            else ""
+        )
+        raise UserError(
+            f"{output_flag} {output} {relation} {path}{resolved}, which {flag} reads: an output must not "
+            f"overlap an input; choose another {output_flag}"
+        )
 
 
 def model_inputs(path: str | os.PathLike, flag: str) -> list[tuple[str, Path]]:

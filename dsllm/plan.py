@@ -9,6 +9,7 @@ per-layer count of Korthikanti et al. 2022 with flash attention, i.e. no s x s s
 checkpointing one block input per layer plus one block recomputed) + the logits and their fp32 loss copy.
 Expected tokens/s assumes an MFU (`--mfu`); the Chinchilla budget is 20 tokens per parameter.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,12 @@ class GPU:
 
 
 GPUS = {
-    "A100-40GB": GPU(40.0, "A100"), "A100-80GB": GPU(80.0, "A100"), "H100-SXM": GPU(79.6, "H100 SXM"),
-    "H100-PCIe": GPU(79.6, "H100 PCIe"), "H200": GPU(140.4, "H200"), "4090": GPU(24.0, "RTX 4090"),
+    "A100-40GB": GPU(40.0, "A100"),
+    "A100-80GB": GPU(80.0, "A100"),
+    "H100-SXM": GPU(79.6, "H100 SXM"),
+    "H100-PCIe": GPU(79.6, "H100 PCIe"),
+    "H200": GPU(140.4, "H200"),
+    "4090": GPU(24.0, "RTX 4090"),
     "3090": GPU(24.0, "RTX 3090"),
 }
 ALIASES = {"A100": "A100-80GB", "H100": "H100-SXM", "RTX4090": "4090", "RTX3090": "3090", "H100-80GB": "H100-SXM"}
@@ -50,8 +55,9 @@ def parse_gpus(spec: str) -> tuple[int, str]:
     match = re.fullmatch(r"(?:(\d+)\s*[xX*]\s*)?([A-Za-z0-9-]+)", spec.strip())
     table = {k.upper(): k for k in GPUS} | {k.upper(): v for k, v in ALIASES.items()}
     if not match or match.group(2).upper() not in table:
-        raise UserError(f"--gpus {spec!r}: unknown GPU kind; use COUNTxKIND with KIND one of {', '.join(GPUS)} "
-                        "(e.g. 8xA100-80GB)")
+        raise UserError(
+            f"--gpus {spec!r}: unknown GPU kind; use COUNTxKIND with KIND one of {', '.join(GPUS)} (e.g. 8xA100-80GB)"
+        )
     count = int(match.group(1) or 1)
     if count < 1:
         raise UserError(f"--gpus {spec!r}: the count must be 1 or more")
@@ -69,8 +75,10 @@ def model_for(spec: str) -> ModelConfig:
     except ValueError:
         raise UserError(f"--model {spec!r}: not a number, preset or JSON file") from None
     if not math.isfinite(target) or target > 1e15:  # 1e400 is inf: no layer count reaches it
-        raise UserError(f"--model {spec!r}: {target:g} parameters is beyond any model this plans (at most 1e15); "
-                        "pass e.g. 125M, 1.3e9 or 70B")
+        raise UserError(
+            f"--model {spec!r}: {target:g} parameters is beyond any model this plans (at most 1e15); "
+            "pass e.g. 125M, 1.3e9 or 70B"
+        )
     if target < 1e6:
         raise UserError(f"--model {spec!r}: {target:,.0f} parameters is below 1M; pass e.g. 125M, 1.3e9 or 7B")
     shapes = [resolve_model_config(name) for name in PRESETS if name.startswith("llama-")]
@@ -101,17 +109,20 @@ def model_state_gib(params: int, largest: int, config: str, gpus_per_node: int, 
         device = estimate_zero2_model_states_mem_needs(params, 1, 1, cpu_offload=False)[1]
         host = estimate_zero2_model_states_mem_needs(params, gpus_per_node, nodes, cpu_offload=False)[0]
     elif config.startswith("zero2"):
-        host, device = estimate_zero2_model_states_mem_needs(params, gpus_per_node, nodes,
-                                                             cpu_offload=config.endswith("offload"))
+        host, device = estimate_zero2_model_states_mem_needs(
+            params, gpus_per_node, nodes, cpu_offload=config.endswith("offload")
+        )
     else:
         offload = config.endswith("offload")
-        host, device, _ = estimate_zero3_model_states_mem_needs(params, largest, gpus_per_node, nodes, cpu_offload=offload,
-                                                                cpu_offload_params=offload, zero_init=False)
+        host, device, _ = estimate_zero3_model_states_mem_needs(
+            params, largest, gpus_per_node, nodes, cpu_offload=offload, cpu_offload_params=offload, zero_init=False
+        )
     return device / 2**30, host / 2**30
 
 
-def activation_gib(model: ModelConfig, micro_batch: int, seq_len: int, checkpointing: bool,
-                   bytes_per_value: int = BYTES_PER_ACTIVATION) -> float:
+def activation_gib(
+    model: ModelConfig, micro_batch: int, seq_len: int, checkpointing: bool, bytes_per_value: int = BYTES_PER_ACTIVATION
+) -> float:
     """Activations kept for backward for one micro batch. Per block, 34·s·b·h values (Korthikanti et al. 2022,
     flash attention: no s x s term) scaled by 2 bytes; with checkpointing each block keeps its input (2·s·b·h)
     and one block at a time is recomputed whole. Plus the logits, their fp32 copy for the loss and its gradient."""
@@ -122,8 +133,15 @@ def activation_gib(model: ModelConfig, micro_batch: int, seq_len: int, checkpoin
     return (blocks + logits) / 2**30
 
 
-def plan(model: ModelConfig, gpus: int, kind: str, nodes: int = 1, micro_batch: int = 1, seq_len: int | None = None,
-         mfu: float = 0.4) -> dict:
+def plan(
+    model: ModelConfig,
+    gpus: int,
+    kind: str,
+    nodes: int = 1,
+    micro_batch: int = 1,
+    seq_len: int | None = None,
+    mfu: float = 0.4,
+) -> dict:
     seq_len = seq_len or model.max_seq_len
     model.check_seq_len(seq_len)
     params, largest, gpu = model.num_parameters(), largest_layer_params(model), GPUS[kind]
@@ -138,42 +156,69 @@ def plan(model: ModelConfig, gpus: int, kind: str, nodes: int = 1, micro_batch: 
             total = device + activation_gib(model, micro_batch, seq_len, ckpt)
             room = usable - device
             per_sample = activation_gib(model, 1, seq_len, ckpt)
-            row[key] = {"gib_per_gpu": total, "fits": total <= usable,
-                        "largest_micro_batch": max(0, int(room // per_sample)) if room > 0 else 0}
+            row[key] = {
+                "gib_per_gpu": total,
+                "fits": total <= usable,
+                "largest_micro_batch": max(0, int(room // per_sample)) if room > 0 else 0,
+            }
         rows.append(row)
     flops = 6 * params + 12 * model.n_layers * model.d_model * seq_len  # PaLM, as dsllm.model.flops_per_token
     tokens_per_second = mfu * gpu.peak_tflops * 1e12 * world / flops
     budget = CHINCHILLA_TOKENS_PER_PARAM * params
     fitting = [r["config"] for r in rows if r["no_checkpointing"]["fits"] or r["checkpointing"]["fits"]]
-    return {"parameters": params, "model": model.to_dict(), "gpus_per_node": gpus, "nodes": nodes, "gpu": kind,
-            "gpu_memory_gib": gpu.memory_gib, "usable_gib": usable, "micro_batch": micro_batch, "seq_len": seq_len,
-            "configs": rows, "recommended": fitting[0] if fitting else None, "mfu_assumed": mfu,
-            "tokens_per_second": tokens_per_second, "chinchilla_tokens": budget,
-            "chinchilla_days": budget / tokens_per_second / 86400}
+    return {
+        "parameters": params,
+        "model": model.to_dict(),
+        "gpus_per_node": gpus,
+        "nodes": nodes,
+        "gpu": kind,
+        "gpu_memory_gib": gpu.memory_gib,
+        "usable_gib": usable,
+        "micro_batch": micro_batch,
+        "seq_len": seq_len,
+        "configs": rows,
+        "recommended": fitting[0] if fitting else None,
+        "mfu_assumed": mfu,
+        "tokens_per_second": tokens_per_second,
+        "chinchilla_tokens": budget,
+        "chinchilla_days": budget / tokens_per_second / 86400,
+    }
 
 
 def render(result: dict, name: str) -> str:
-    lines = [f"{name}: {result['parameters']:,} parameters on {result['nodes']} node(s) x {result['gpus_per_node']} "
-             f"{result['gpu']} ({result['gpu_memory_gib']:.0f} GiB, {result['usable_gib']:.1f} usable); micro batch "
-             f"{result['micro_batch']} x {result['seq_len']} tokens", "",
-             f"{'config':<14} {'states GiB':>10} {'host GiB/node':>13} {'total GiB':>10} {'fits':>5} {'max mb':>7}"
-             f" {'+ckpt GiB':>10} {'fits':>5} {'max mb':>7}"]
+    lines = [
+        f"{name}: {result['parameters']:,} parameters on {result['nodes']} node(s) x {result['gpus_per_node']} "
+        f"{result['gpu']} ({result['gpu_memory_gib']:.0f} GiB, {result['usable_gib']:.1f} usable); micro batch "
+        f"{result['micro_batch']} x {result['seq_len']} tokens",
+        "",
+        f"{'config':<14} {'states GiB':>10} {'host GiB/node':>13} {'total GiB':>10} {'fits':>5} {'max mb':>7}"
+        f" {'+ckpt GiB':>10} {'fits':>5} {'max mb':>7}",
+    ]
     for r in result["configs"]:
         a, b = r["no_checkpointing"], r["checkpointing"]
-        lines.append(f"{r['config']:<14} {r['model_states_gib']:>10.1f} {r['host_gib_per_node']:>13.1f} "
-                     f"{a['gib_per_gpu']:>10.1f} {'yes' if a['fits'] else 'no':>5} {a['largest_micro_batch']:>7} "
-                     f"{b['gib_per_gpu']:>10.1f} {'yes' if b['fits'] else 'no':>5} {b['largest_micro_batch']:>7}")
-    advice = (result["recommended"] + ".json" if result["recommended"] else
-              "none fits: more GPUs, a shorter --seq-len, or a smaller model")
-    lines += ["", f"recommended: {advice} (the first that fits, in order of speed)",
-              f"expected: {result['tokens_per_second']:,.0f} tokens/s at {100 * result['mfu_assumed']:.0f}% MFU; "
-              f"Chinchilla budget {result['chinchilla_tokens'] / 1e9:,.1f}B tokens in {result['chinchilla_days']:,.1f} days"]
+        lines.append(
+            f"{r['config']:<14} {r['model_states_gib']:>10.1f} {r['host_gib_per_node']:>13.1f} "
+            f"{a['gib_per_gpu']:>10.1f} {'yes' if a['fits'] else 'no':>5} {a['largest_micro_batch']:>7} "
+            f"{b['gib_per_gpu']:>10.1f} {'yes' if b['fits'] else 'no':>5} {b['largest_micro_batch']:>7}"
+        )
+    advice = (
+        result["recommended"] + ".json"
+        if result["recommended"]
+        else "none fits: more GPUs, a shorter --seq-len, or a smaller model"
+    )
+    lines += [
+        "",
+        f"recommended: {advice} (the first that fits, in order of speed)",
+        f"expected: {result['tokens_per_second']:,.0f} tokens/s at {100 * result['mfu_assumed']:.0f}% MFU; "
+        f"Chinchilla budget {result['chinchilla_tokens'] / 1e9:,.1f}B tokens in {result['chinchilla_days']:,.1f} days",
+    ]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(prog="python -m dsllm plan", description=__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="python -m dsllm plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="preset, model JSON, or parameter count (125M, 1.3e9, 7B)")
     p.add_argument("--gpus", required=True, help=f"COUNTxKIND per node, KIND one of {', '.join(GPUS)}")
     p.add_argument("--nodes", type=positive, default=1)

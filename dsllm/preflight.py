@@ -5,6 +5,7 @@ variables are set, and that the batch arithmetic holds for the whole world size.
 `python launch/preflight.py --hostfile H --data DIR --ds_config ds_configs/zero2.json [batch options]`
 runs `python -m dsllm.preflight --probe` on every host over ssh and compares the answers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,12 +51,25 @@ def probe(data: str | None) -> dict:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(i)
-            gpus.append({"name": torch.cuda.get_device_name(i), "free_gib": round(free / 2**30, 1),
-                         "total_gib": round(total / 2**30, 1)})
-    return {"code": code_hash(), "dsllm": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
-            "deepspeed": deepspeed.__version__, "executable": sys.executable, "root": str(ROOT),
-            "dataset": fingerprint, "gpus": gpus,
-            "nccl": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL_", "GLOO_"))}}
+            gpus.append(
+                {
+                    "name": torch.cuda.get_device_name(i),
+                    "free_gib": round(free / 2**30, 1),
+                    "total_gib": round(total / 2**30, 1),
+                }
+            )
+    return {
+        "code": code_hash(),
+        "dsllm": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "executable": sys.executable,
+        "root": str(ROOT),
+        "dataset": fingerprint,
+        "gpus": gpus,
+        "nccl": {k: v for k, v in sorted(os.environ.items()) if k.startswith(("NCCL_", "TORCH_NCCL_", "GLOO_"))},
+    }
 
 
 def read_hostfile(path: Path) -> list[tuple[str, int]]:
@@ -77,10 +91,15 @@ def read_hostfile(path: Path) -> list[tuple[str, int]]:
 
 
 def remote_probe(host: str, data: str | None, ssh: list[str]) -> dict:
-    remote = (f"cd {shlex.quote(str(ROOT))} && {shlex.quote(sys.executable)} -m dsllm.preflight --probe"
-              + (f" --data {shlex.quote(data)}" if data else ""))
-    proc = subprocess.run(["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", *ssh, host, remote],
-                          capture_output=True, text=True, timeout=120)
+    remote = f"cd {shlex.quote(str(ROOT))} && {shlex.quote(sys.executable)} -m dsllm.preflight --probe" + (
+        f" --data {shlex.quote(data)}" if data else ""
+    )
+    proc = subprocess.run(
+        ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", *ssh, host, remote],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if proc.returncode != 0:
         reason = (proc.stderr.strip().splitlines() or ["no answer"])[-1]
         raise ConnectionError(reason)
@@ -99,8 +118,11 @@ def check_hosts(hosts: list[tuple[str, int]], data: str | None, ssh: list[str], 
             continue
         for key in ("code", "python", "torch", "deepspeed", "dataset", "root"):
             if answer[key] != local[key]:
-                problems.append(f"{host}: {key} differs ({answer[key]} here {local[key]}); put the same "
-                                f"{'checkout' if key in ('code', 'root') else 'virtualenv' if key != 'dataset' else 'dataset'} on every host")
+                problems.append(
+                    f"{host}: {key} differs ({answer[key]} here {local[key]}); put the same "
+                    f"{'checkout' if key in ('code', 'root') else 'virtualenv' if key != 'dataset' else 'dataset'} "
+                    "on every host"
+                )
         if answer["gpus"] and len(answer["gpus"]) < slots:
             problems.append(f"{host}: hostfile says slots={slots} but it has {len(answer['gpus'])} GPUs")
         gpus = ", ".join(f"{g['free_gib']}/{g['total_gib']} GiB free" for g in answer["gpus"]) or "no GPU"
@@ -126,17 +148,22 @@ def main(argv=None) -> int:
         raise UserError("pass --hostfile and --ds_config (and --data) to check a multi-host launch")
     hosts = read_hostfile(Path(args.hostfile))
     world = sum(slots for _, slots in hosts)
-    ssh = (["-p", str(args.ssh_port)] if args.ssh_port else []) + [o for opt in args.ssh_option for o in shlex.split(opt)]
+    ssh = (["-p", str(args.ssh_port)] if args.ssh_port else []) + [
+        o for opt in args.ssh_option for o in shlex.split(opt)
+    ]
     print(f"pre-flight: {len(hosts)} host(s), world size {world}")
     print("NCCL/GLOO variables here: " + (", ".join(f"{k}={v}" for k, v in probe(None)["nccl"].items()) or "none set"))
     problems = check_hosts(hosts, args.data, ssh)
     from dsllm.ds_config import RunValues, load_ds_config, resolve_batch
 
-    run = RunValues(args.micro_batch_size, args.grad_accum, args.global_batch_size, 1e-3, 0.1, 1, 2, 0.1,
-                    (0.9, 0.95), 1.0, "auto")
+    run = RunValues(
+        args.micro_batch_size, args.grad_accum, args.global_batch_size, 1e-3, 0.1, 1, 2, 0.1, (0.9, 0.95), 1.0, "auto"
+    )
     try:
         batch = resolve_batch(load_ds_config(args.ds_config), run, world, args.ds_config)
-        print(f"batch: {batch.micro} per rank x {batch.accumulation} accumulation x {world} ranks = {batch.global_size}")
+        print(
+            f"batch: {batch.micro} per rank x {batch.accumulation} accumulation x {world} ranks = {batch.global_size}"
+        )
     except UserError as err:
         problems.append(str(err))
     if problems:

@@ -8,6 +8,7 @@ throughput.png: tokens/s (and MFU on a known GPU); attention.png: every head of 
 the tokens of a prompt (the run's model, the final weights or newest checkpoint). Rows of metrics.jsonl that a
 resumed run wrote again count once (the later one).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -61,10 +62,21 @@ def recorded_attention():
             T, S = scores.shape[-2:]
             scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T), float("-inf"))
         elif attn_mask is not None:
-            scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+            scores = (
+                scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+            )
         maps.append(scores.softmax(-1).cpu())
-        return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-                        enable_gqa=enable_gqa, **kwargs)
+        return original(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            is_causal=is_causal,
+            scale=scale,
+            enable_gqa=enable_gqa,
+            **kwargs,
+        )
 
     F.scaled_dot_product_attention = sdpa
     try:
@@ -86,6 +98,7 @@ def _plt():
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -112,8 +125,13 @@ def loss_figure(train: list[dict], evals: list[dict]):
     for ax, key, label, scale in ((axes[0], "step", "step", 1), (axes[1], "tokens", "tokens seen", tokens_per_step)):
         ax.plot([r.get(key, r["step"] * scale) for r in train], losses, label="training loss", lw=1.2)
         if evals:
-            ax.plot([r["step"] * scale for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss",
-                    lw=1.2)
+            ax.plot(
+                [r["step"] * scale for r in evals],
+                [r["val_loss"] for r in evals],
+                "o-",
+                label="validation loss",
+                lw=1.2,
+            )
         ax.set(xlabel=label, title=f"loss vs {label}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("cross-entropy (nats/token)")
@@ -161,20 +179,30 @@ def summary(run: Path, train: list[dict], evals: list[dict], images: list[str], 
     model, setup = config.get("model", {}), config.get("run", {})
     lines = [f"# Run report: {run.name}", ""]
     if model:
-        lines.append(f"- model: {model.get('n_layers')} layers, d_model {model.get('d_model')}, {model.get('n_heads')} "
-                     f"heads ({model.get('n_kv_heads') or model.get('n_heads')} KV), {model.get('positions')} positions, "
-                     f"{model.get('norm')}, {model.get('mlp')}, vocab {model.get('vocab_size')}")
+        lines.append(
+            f"- model: {model.get('n_layers')} layers, d_model {model.get('d_model')}, {model.get('n_heads')} "
+            f"heads ({model.get('n_kv_heads') or model.get('n_heads')} KV), {model.get('positions')} positions, "
+            f"{model.get('norm')}, {model.get('mlp')}, vocab {model.get('vocab_size')}"
+        )
     if setup:
-        lines.append(f"- run: {setup.get('world_size')} rank(s), ZeRO-{setup.get('zero_stage')}, {setup.get('precision')}, "
-                     f"global batch {setup.get('global_batch_size')} x {setup.get('seq_len')} tokens")
+        lines.append(
+            f"- run: {setup.get('world_size')} rank(s), ZeRO-{setup.get('zero_stage')}, {setup.get('precision')}, "
+            f"global batch {setup.get('global_batch_size')} x {setup.get('seq_len')} tokens"
+        )
     if train:
         last = train[-1]
         speeds = [r["tokens_per_second"] for r in train if r.get("tokens_per_second")]
         losses = [r for r in train if math.isfinite(training_loss(r))]
-        lines += [f"- trained: {last['step']:,} steps, {last.get('tokens', 0):,} tokens; " + (
-                  f"final training loss {training_loss(losses[-1]):.4f} at step {losses[-1]['step']:,} "
-                  f"(first logged {training_loss(losses[0]):.4f})" if losses else "no training loss logged"),
-                  f"- throughput: median {sorted(speeds)[len(speeds) // 2]:,.0f} tokens/s" if speeds else "- throughput: n/a"]
+        lines += [
+            f"- trained: {last['step']:,} steps, {last.get('tokens', 0):,} tokens; "
+            + (
+                f"final training loss {training_loss(losses[-1]):.4f} at step {losses[-1]['step']:,} "
+                f"(first logged {training_loss(losses[0]):.4f})"
+                if losses
+                else "no training loss logged"
+            ),
+            f"- throughput: median {sorted(speeds)[len(speeds) // 2]:,.0f} tokens/s" if speeds else "- throughput: n/a",
+        ]
         mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
         if mfus:
             lines[-1] += f", MFU {100 * sorted(mfus)[len(mfus) // 2]:.1f}%"
@@ -187,25 +215,37 @@ def summary(run: Path, train: list[dict], evals: list[dict], images: list[str], 
     if evals:
         best = min(evals, key=lambda r: r["val_loss"])
         final = evals[-1]
-        lines.append(f"- validation: final loss {final['val_loss']:.4f}, perplexity {final.get('perplexity', math.exp(final['val_loss'])):.2f}"
-                     + (f", {final['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in final else "")
-                     + f" at step {final['step']:,}; best {best['val_loss']:.4f} at step {best['step']:,}")
+        lines.append(
+            f"- validation: final loss {final['val_loss']:.4f}, "
+            f"perplexity {final.get('perplexity', math.exp(final['val_loss'])):.2f}"
+            + (f", {final['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in final else "")
+            + f" at step {final['step']:,}; best {best['val_loss']:.4f} at step {best['step']:,}"
+        )
     lines.append("")
-    titles = {"loss.png": "Loss", "lr.png": "Learning rate", "throughput.png": "Throughput",
-              "attention.png": f"Attention maps (layers x heads, {prompt_tokens} prompt tokens)"}
+    titles = {
+        "loss.png": "Loss",
+        "lr.png": "Learning rate",
+        "throughput.png": "Throughput",
+        "attention.png": f"Attention maps (layers x heads, {prompt_tokens} prompt tokens)",
+    }
     for image in images:
         lines += [f"## {titles[image]}", "", f"![{titles[image]}]({image})", ""]
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
-    parser = ArgumentParser(prog="python -m dsllm report", description=__doc__.split("\n\n")[0],
-                            epilog=__doc__.split("\n\n", 1)[1])
+    parser = ArgumentParser(
+        prog="python -m dsllm report", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1]
+    )
     parser.add_argument("run", metavar="RUN_DIR", help="a run folder (launch/pretrain.py --out)")
     parser.add_argument("--out", help="where the PNGs and summary.md go (default RUN_DIR/report)")
-    parser.add_argument("--prompt", help="text for the attention maps (default: the start of the run's sample text, "
-                        "else a fixed sentence)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=24, help="tokens shown in the attention maps (default %(default)s)")
+    parser.add_argument(
+        "--prompt",
+        help="text for the attention maps (default: the start of the run's sample text, else a fixed sentence)",
+    )
+    parser.add_argument(
+        "--max-prompt-tokens", type=int, default=24, help="tokens shown in the attention maps (default %(default)s)"
+    )
     parser.add_argument("--no-attention", action="store_true", help="skip the attention maps (no model is loaded)")
     args = parser.parse_args(argv)
     from dsllm.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE, WEIGHTS_FILE
@@ -218,8 +258,14 @@ def main(argv=None) -> int:
     if args.max_prompt_tokens < 2:
         raise UserError(f"--max-prompt-tokens {args.max_prompt_tokens}: must be 2 or more")
     out = Path(args.out) if args.out else run / "report"
-    check_output_apart(out, "--out", [("the report", run / name) for name in (METRICS_FILE, CONFIG_FILE, TOKENIZER_FILE,
-                                                                              WEIGHTS_FILE, CHECKPOINTS_DIR)])
+    check_output_apart(
+        out,
+        "--out",
+        [
+            ("the report", run / name)
+            for name in (METRICS_FILE, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, CHECKPOINTS_DIR)
+        ],
+    )
     train, evals = read_metrics(run)
     out.mkdir(parents=True, exist_ok=True)
     images = []
@@ -235,11 +281,13 @@ def main(argv=None) -> int:
         from dsllm.tokenizer import load_tokenizer
 
         if not (run / TOKENIZER_FILE).is_file():
-            raise UserError(f"{run}: no {TOKENIZER_FILE}; pass --no-attention, or a run folder made by launch/pretrain.py")
+            raise UserError(
+                f"{run}: no {TOKENIZER_FILE}; pass --no-attention, or a run folder made by launch/pretrain.py"
+            )
         tokenizer = load_tokenizer(run / TOKENIZER_FILE)
         model = load_model_dir(run)
         text = args.prompt or "The quick brown fox jumps over the lazy dog because it can."
-        ids = tokenizer.encode(text).ids[:min(args.max_prompt_tokens, model.config.max_seq_len)]
+        ids = tokenizer.encode(text).ids[: min(args.max_prompt_tokens, model.config.max_seq_len)]
         if len(ids) < 2:
             raise UserError(f"--prompt {text!r}: needs at least 2 tokens for an attention map")
         plot_attention(attention_maps(model, ids), [tokenizer.decode([i]) for i in ids], out / "attention.png")

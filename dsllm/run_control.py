@@ -5,6 +5,7 @@ Signals only set a flag. Every step the ranks agree (a tiny all-reduce on a CPU 
 them was asked to stop, so they all stop after the same step, save one checkpoint and exit with
 STOPPED_EXIT, which the Slurm script requeues and `supervise.py` understands.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -42,7 +43,7 @@ class StopRequest:
         self.signum = 0
         self._previous = {}
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         if _parent_is_deepspeed_launcher():
@@ -63,15 +64,18 @@ class StopRequest:
             return
         self.signal_name, self.signum = signal.Signals(signum).name, signum
         if self.rank == 0:
-            _say(f"{self.signal_name}: stopping after this step with a checkpoint (within --stop-grace "
-                 f"{self.grace:g} s)")
+            _say(
+                f"{self.signal_name}: stopping after this step with a checkpoint (within --stop-grace {self.grace:g} s)"
+            )
         timer = threading.Timer(self.grace, self._expire)
         timer.daemon = True
         timer.start()
 
     def _expire(self) -> None:
-        _say(f"rank {self.rank}: no checkpoint within --stop-grace {self.grace:g} s of {self.signal_name}; exiting "
-             "without one (resume with --resume auto continues from the last complete checkpoint)")
+        _say(
+            f"rank {self.rank}: no checkpoint within --stop-grace {self.grace:g} s of {self.signal_name}; exiting "
+            "without one (resume with --resume auto continues from the last complete checkpoint)"
+        )
         os._exit(STOPPED_EXIT)
 
     def _watch_launcher(self) -> None:
@@ -150,9 +154,11 @@ class Watchdog:
             time.sleep(min(1.0, self.timeout / 10))
             idle = time.monotonic() - self.last
             if self.armed and idle > self.timeout:
-                _say(f"error: rank {self.rank}: no progress for {idle:.0f} s (--collective-timeout "
-                     f"{self.timeout:g}): another rank hung or a collective stalled; ending the job. Resume with "
-                     "--resume auto (or run under launch/supervise.py)")
+                _say(
+                    f"error: rank {self.rank}: no progress for {idle:.0f} s (--collective-timeout "
+                    f"{self.timeout:g}): another rank hung or a collective stalled; ending the job. Resume with "
+                    "--resume auto (or run under launch/supervise.py)"
+                )
                 kill_local_peers()
                 os._exit(HUNG_EXIT)
 
@@ -188,7 +194,7 @@ class RunLock:
         self.path = Path(out) / LOCK_FILE
         self.fd: int | None = None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -201,11 +207,21 @@ class RunLock:
                 who = f"pid {who['pid']} on {who['host']}, since {who['since']}"
             except (ValueError, KeyError, TypeError):
                 who = "another process"
-            raise UserError(f"--out {self.path.parent}: another trainer is using this run folder ({who}); wait for it "
-                            "to finish or stop it, or choose another --out") from None
+            raise UserError(
+                f"--out {self.path.parent}: another trainer is using this run folder ({who}); wait for it "
+                "to finish or stop it, or choose another --out"
+            ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": datetime.datetime.now().isoformat(timespec="seconds")}).encode())
+        os.write(
+            fd,
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "since": datetime.datetime.now().isoformat(timespec="seconds"),
+                }
+            ).encode(),
+        )
         self.fd = fd
         return self
 

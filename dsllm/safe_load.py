@@ -8,6 +8,7 @@ DeepSpeed types below. A file that holds anything else is a UserError naming it,
 `python -m dsllm.safe_load universal --input_folder CKPT --output_folder OUT [--inject_missing_state]`
 runs DeepSpeed's `ds_to_universal` the same way (its worker processes are forked, so they inherit it).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,7 @@ import os
 import pickle
 import re
 import sys
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -33,10 +34,12 @@ def deepspeed_types() -> list[type]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    return [LossScaler,  # ZeRO 1-3 optimizer state "loss_scaler" (static scale 1 in fp32/bf16)
-            DynamicLossScaler,  # the same under fp16 (GPU only, so from DeepSpeed's source): numbers and a dtype
-            ZeroStageEnum,  # ZeRO 1-3 optimizer state "zero_stage"
-            fragment_address]  # ZeRO 1-2 "param_slice_mappings": (numel, start) of each parameter's slice
+    return [
+        LossScaler,  # ZeRO 1-3 optimizer state "loss_scaler" (static scale 1 in fp32/bf16)
+        DynamicLossScaler,  # the same under fp16 (GPU only, so from DeepSpeed's source): numbers and a dtype
+        ZeroStageEnum,  # ZeRO 1-3 optimizer state "zero_stage"
+        fragment_address,
+    ]  # ZeRO 1-2 "param_slice_mappings": (numel, start) of each parameter's slice
 
 
 def refusal(path, err: pickle.UnpicklingError) -> UserError:
@@ -45,8 +48,10 @@ def refusal(path, err: pickle.UnpicklingError) -> UserError:
     what = f"it calls {name.group(1)}" if name else "it uses pickle instructions a weights-only load refuses"
     if not isinstance(path, (str, os.PathLike)):  # an open file
         path = getattr(path, "name", path)
-    return UserError(f"{path}: holds objects other than tensors and plain data ({what}), so "
-                     "it was not loaded (it may be malicious); delete it and use a checkpoint from a source you trust")
+    return UserError(
+        f"{path}: holds objects other than tensors and plain data ({what}), so "
+        "it was not loaded (it may be malicious); delete it and use a checkpoint from a source you trust"
+    )
 
 
 @contextlib.contextmanager
@@ -93,8 +98,10 @@ def universal(argv: list[str]) -> int:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] != ["universal"]:
-        raise UserError("usage: python -m dsllm.safe_load universal --input_folder CKPT --output_folder OUT "
-                        "[--inject_missing_state]")
+        raise UserError(
+            "usage: python -m dsllm.safe_load universal --input_folder CKPT --output_folder OUT "
+            "[--inject_missing_state]"
+        )
     return universal(argv[1:])
 
 

@@ -5,6 +5,7 @@ it wraps `deepspeed …`, `mpirun …` or a plain `python launch/pretrain.py …
 SIGINT, SIGTERM and SIGUSR1 sent to the supervisor go to the whole job (its own process group): the
 trainer saves a checkpoint and exits, the supervisor waits until no process of the job is left and
 does not restart. A run stopped by diverging (exit 3) is not restarted either: it would diverge again."""
+
 from __future__ import annotations
 
 import os
@@ -96,21 +97,32 @@ def supervise(command: list[str], max_restarts: int, delay: float = 5.0, log=pri
             job = Job(command)
             code = job.wait()
             if received:
-                log(f"supervise: {signal.Signals(received[0]).name} passed to the job, which ended ({describe(code)}); "
-                    "not restarting" + ("" if code in (0, STOPPED_EXIT) else
-                                        " (the ranks' lines above say whether a checkpoint was written)"))
+                log(
+                    f"supervise: {signal.Signals(received[0]).name} passed to the job, which ended ({describe(code)}); "
+                    "not restarting"
+                    + (
+                        ""
+                        if code in (0, STOPPED_EXIT)
+                        else " (the ranks' lines above say whether a checkpoint was written)"
+                    )
+                )
                 return code if code >= 0 else 128 - code
             if code in NO_RETRY:
                 if code == DIVERGED_EXIT:
-                    log("supervise: the run diverged (exit code 3); not restarting, since resuming would diverge again. "
-                        f"Last healthy checkpoint: {last_healthy(command)}")
+                    log(
+                        "supervise: the run diverged (exit code 3); not restarting, "
+                        "since resuming would diverge again. "
+                        f"Last healthy checkpoint: {last_healthy(command)}"
+                    )
                 return code
             if attempt >= max_restarts:
                 log(f"supervise: the job failed ({describe(code)}) and --max-restarts {max_restarts} are used up")
                 return code
             attempt += 1
-            log(f"supervise: the job failed ({describe(code)}); restart {attempt}/{max_restarts} in {delay:g} s, "
-                "resuming from the newest complete checkpoint")
+            log(
+                f"supervise: the job failed ({describe(code)}); restart {attempt}/{max_restarts} in {delay:g} s, "
+                "resuming from the newest complete checkpoint"
+            )
             time.sleep(delay)
             if received:  # asked to stop between attempts
                 return 128 + received[0]
@@ -128,6 +140,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.max_restarts < 0:
         raise UserError(f"--max-restarts {args.max_restarts}: give 0 or more")
-    if "--resume" in args.command and args.command[args.command.index("--resume") + 1:][:1] != ["auto"]:
+    if "--resume" in args.command and args.command[args.command.index("--resume") + 1 :][:1] != ["auto"]:
         raise UserError("the supervised command must resume automatically: drop --resume or pass --resume auto")
-    return supervise(args.command, args.max_restarts, args.restart_delay, log=lambda m: print(m, file=sys.stderr, flush=True))
+    return supervise(
+        args.command, args.max_restarts, args.restart_delay, log=lambda m: print(m, file=sys.stderr, flush=True)
+    )

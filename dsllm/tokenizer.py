@@ -1,11 +1,12 @@
 """Byte-level BPE tokenizer: training (streaming), loading, and the hash stamped into datasets."""
+
 from __future__ import annotations
 
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -28,27 +29,44 @@ def new_byte_level_bpe() -> Tokenizer:
     where every character is one byte and none is a newline for `.` to miss; a UTF-8 character cut in two still
     round-trips, because the decoder joins the bytes of all tokens before decoding them."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.ByteLevel(add_prefix_space=False),
-        pre_tokenizers.Split(Regex(f".{{1,{MAX_PIECE_BYTES}}}"), behavior="isolated")])
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+            pre_tokenizers.Split(Regex(f".{{1,{MAX_PIECE_BYTES}}}"), behavior="isolated"),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2,
-                    show_progress: bool = True, require_full_vocab: bool = True) -> Tokenizer:
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int,
+    min_frequency: int = 2,
+    show_progress: bool = True,
+    require_full_vocab: bool = True,
+) -> Tokenizer:
     """Train byte-level BPE on a stream of texts. The vocabulary includes the 256 byte symbols and
     `<|endoftext|>` (id 0); a corpus too small to learn `vocab_size` tokens is a UserError."""
     if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
-        raise UserError(f"--vocab-size {vocab_size} is outside {MIN_VOCAB_SIZE}..{MAX_VOCAB_SIZE:,}: byte-level BPE "
-                        f"needs 256 byte symbols plus {EOT_TOKEN}, and the trainer allocates memory for the whole "
-                        "vocabulary up front (32000 and 50257 are common)")
+        raise UserError(
+            f"--vocab-size {vocab_size} is outside {MIN_VOCAB_SIZE}..{MAX_VOCAB_SIZE:,}: byte-level BPE "
+            f"needs 256 byte symbols plus {EOT_TOKEN}, and the trainer allocates memory for the whole "
+            "vocabulary up front (32000 and 50257 are common)"
+        )
     if not 1 <= min_frequency <= MAX_MIN_FREQUENCY:
-        raise UserError(f"--min-frequency {min_frequency} is outside 1..{MAX_MIN_FREQUENCY:,}: it is how often a pair "
-                        "must occur to be merged (the default is 2)")
+        raise UserError(
+            f"--min-frequency {min_frequency} is outside 1..{MAX_MIN_FREQUENCY:,}: it is how often a pair "
+            "must occur to be merged (the default is 2)"
+        )
     tokenizer = new_byte_level_bpe()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=show_progress,
-                                  special_tokens=[EOT_TOKEN], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        show_progress=show_progress,
+        special_tokens=[EOT_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     if require_full_vocab:
         check_full_vocab(tokenizer, vocab_size, min_frequency)
@@ -58,8 +76,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
 def check_full_vocab(tokenizer: Tokenizer, vocab_size: int, min_frequency: int) -> None:
     learned = tokenizer.get_vocab_size(with_added_tokens=True)
     if learned < vocab_size:
-        raise UserError(f"the corpus supports only {learned:,} tokens (at min frequency {min_frequency}), fewer than "
-                        f"--vocab-size {vocab_size:,}; use --vocab-size {learned} or less, or train on more text")
+        raise UserError(
+            f"the corpus supports only {learned:,} tokens (at min frequency {min_frequency}), fewer than "
+            f"--vocab-size {vocab_size:,}; use --vocab-size {learned} or less, or train on more text"
+        )
 
 
 def encode_as_text(tokenizer: Tokenizer, texts: list[str]) -> list[list[int]]:
@@ -94,11 +114,15 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     try:
         tokenizer = Tokenizer.from_file(str(file))
     except Exception as err:  # tokenizers raises a bare Exception for bad JSON
-        raise UserError(f"{file}: not a tokenizers JSON file ({str(err).splitlines()[0]}); "
-                        "train one with tokenizer/train_tokenizer.py") from None
+        raise UserError(
+            f"{file}: not a tokenizers JSON file ({str(err).splitlines()[0]}); "
+            "train one with tokenizer/train_tokenizer.py"
+        ) from None
     if tokenizer.token_to_id(EOT_TOKEN) is None:
-        raise UserError(f"{file}: the tokenizer has no {EOT_TOKEN} token, which ends every document; "
-                        "train one with tokenizer/train_tokenizer.py")
+        raise UserError(
+            f"{file}: the tokenizer has no {EOT_TOKEN} token, which ends every document; "
+            "train one with tokenizer/train_tokenizer.py"
+        )
     return tokenizer
 
 
@@ -125,15 +149,27 @@ def train_main(argv=None) -> int:
     """`python tokenizer/train_tokenizer.py --input PATH [PATH ...] --vocab-size N --output DIR`."""
     from tqdm import tqdm
 
-    from dsllm.data.cleaning import (CleaningReport, Deduplicator, add_cleaning_arguments, clean,
-                                     cleaning_config_from_args, document_hash, drop_reason)
+    from dsllm.data.cleaning import (
+        CleaningReport,
+        Deduplicator,
+        add_cleaning_arguments,
+        clean,
+        cleaning_config_from_args,
+        document_hash,
+        drop_reason,
+    )
     from dsllm.data.sources import CorpusReader, add_input_arguments
     from dsllm.errors import ArgumentParser
 
     parser = ArgumentParser(prog="train_tokenizer.py", description="Train a byte-level BPE tokenizer (streaming).")
     add_input_arguments(parser)
-    parser.add_argument("--vocab-size", type=int, required=True, metavar="N",
-                        help="tokens including the 256 bytes and <|endoftext|> (32000 and 50257 are common)")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        required=True,
+        metavar="N",
+        help="tokens including the 256 bytes and <|endoftext|> (32000 and 50257 are common)",
+    )
     parser.add_argument("--output", required=True, metavar="DIR", help="folder for tokenizer.json")
     parser.add_argument("--min-frequency", type=int, default=2, help="merge pairs seen at least this often")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR/tokenizer.json")
@@ -164,7 +200,9 @@ def train_main(argv=None) -> int:
     report.check_not_empty(args.input)
     check_full_vocab(tokenizer, args.vocab_size, args.min_frequency)
     path = save_tokenizer(tokenizer, args.output)
-    print(f"read {report.read:,} documents ({reader.stats.bytes_in:,} bytes; dropped {report.dropped_summary()}); "
-          f"trained {tokenizer.get_vocab_size(with_added_tokens=True):,} tokens -> {path} "
-          f"(hash {tokenizer_hash(tokenizer).hex()[:16]})")
+    print(
+        f"read {report.read:,} documents ({reader.stats.bytes_in:,} bytes; dropped {report.dropped_summary()}); "
+        f"trained {tokenizer.get_vocab_size(with_added_tokens=True):,} tokens -> {path} "
+        f"(hash {tokenizer_hash(tokenizer).hex()[:16]})"
+    )
     return 0

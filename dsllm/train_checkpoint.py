@@ -7,6 +7,7 @@ absent, and an existing one is never overwritten in place. `lineage.json` record
 resuming from an older checkpoint starts a new branch, and `--resume auto` follows the newest branch
 back through the checkpoints it descends from, never into an abandoned one.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -56,8 +57,11 @@ def complete_checkpoints(checkpoints: Path) -> list[Path]:
     """Tag folders that hold a marker (written last, inside the staging folder), oldest first."""
     if not Path(checkpoints).is_dir():
         return []
-    tags = [p for p in Path(checkpoints).iterdir()
-            if p.is_dir() and step_of(p) is not None and (p / COMPLETE_MARKER).is_file()]
+    tags = [
+        p
+        for p in Path(checkpoints).iterdir()
+        if p.is_dir() and step_of(p) is not None and (p / COMPLETE_MARKER).is_file()
+    ]
     return sorted(tags, key=step_of)
 
 
@@ -65,8 +69,11 @@ def complete_checkpoints(checkpoints: Path) -> list[Path]:
 def checkpoint_files(tag_dir: Path) -> list[str]:
     """Every file of a checkpoint folder (relative, sorted) except the marker."""
     tag_dir = Path(tag_dir)
-    return sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
-                  if p.is_file() and p.name not in (COMPLETE_MARKER, COMPLETE_MARKER + ".partial"))
+    return sorted(
+        str(p.relative_to(tag_dir))
+        for p in tag_dir.rglob("*")
+        if p.is_file() and p.name not in (COMPLETE_MARKER, COMPLETE_MARKER + ".partial")
+    )
 
 
 def sha256_file(path: Path) -> str:
@@ -126,8 +133,11 @@ def lineage_candidates(checkpoints: Path) -> list[Path]:
     markers = {p: read_marker(p) or {} for p in done}
     result, branch, limit = [], branches[-1], None
     while branch is not None:
-        result += [p for p in done[::-1] if markers[p].get("branch") == branch["id"]
-                   and (limit is None or step_of(p) <= limit) and p not in result]
+        result += [
+            p
+            for p in done[::-1]
+            if markers[p].get("branch") == branch["id"] and (limit is None or step_of(p) <= limit) and p not in result
+        ]
         fork = branch.get("forked_from")
         if fork is None:
             break
@@ -146,9 +156,13 @@ def start_branch(checkpoints: Path, forked_from: Path | None) -> str:
     branches = read_lineage(checkpoints) or []
     marker = read_marker(forked_from) if forked_from is not None else None
     inside = forked_from is not None and Path(forked_from).resolve().parent == checkpoints.resolve()
-    branch = {"id": uuid.uuid4().hex[:12], "parent": (marker or {}).get("branch"),
-              "forked_from": (Path(forked_from).name if inside else str(Path(forked_from).resolve()))
-              if forked_from is not None else None}
+    branch = {
+        "id": uuid.uuid4().hex[:12],
+        "parent": (marker or {}).get("branch"),
+        "forked_from": (Path(forked_from).name if inside else str(Path(forked_from).resolve()))
+        if forked_from is not None
+        else None,
+    }
     write_json_atomic(checkpoints / LINEAGE_FILE, {"branches": branches + [branch]})
     return branch["id"]
 
@@ -168,8 +182,10 @@ def resume_candidates(resume: str, run_dir: Path) -> tuple[list[Path], bool]:
         return lineage_candidates(checkpoints), False
     if resume == "none":
         if complete_checkpoints(checkpoints):
-            raise UserError(f"{checkpoints}: the run already has checkpoints; pass --resume auto to continue it, "
-                            "or choose a new --out")
+            raise UserError(
+                f"{checkpoints}: the run already has checkpoints; pass --resume auto to continue it, "
+                "or choose a new --out"
+            )
         return [], True
     path = Path(resume)
     if (path / COMPLETE_MARKER).is_file():
@@ -177,8 +193,10 @@ def resume_candidates(resume: str, run_dir: Path) -> tuple[list[Path], bool]:
     done = complete_checkpoints(path) or complete_checkpoints(path / CHECKPOINTS_DIR)
     if not done:
         hint = " (it is unfinished: a staging folder is never resumed)" if path.name.endswith(STAGING_SUFFIX) else ""
-        raise UserError(f"--resume {resume}: no complete checkpoint there{hint}; pass a checkpoints/stepNNNNNNNN folder, "
-                        "a run folder, auto or none")
+        raise UserError(
+            f"--resume {resume}: no complete checkpoint there{hint}; pass a checkpoints/stepNNNNNNNN folder, "
+            "a run folder, auto or none"
+        )
     return [done[-1]], True
 
 
@@ -199,7 +217,7 @@ def staging_dir(checkpoints: Path, step: int) -> Path:
 def commit(staging: Path, marker: dict) -> Path:
     """Write the marker into a finished staging folder and rename it into place (rank 0, after every rank
     wrote its files). A folder of the same name (a branch abandoned by a rollback) is replaced only now."""
-    final = staging.with_name(staging.name[:-len(STAGING_SUFFIX)])
+    final = staging.with_name(staging.name[: -len(STAGING_SUFFIX)])
     write_json_atomic(staging / COMPLETE_MARKER, marker)
     _fsync_dir(staging)
     _fault("marked", step_of(final))

@@ -1,5 +1,6 @@
 """The training run's options: one dataclass field each, parsed from the command line of
 `launch/pretrain.py`. Model options come as `--model PRESET_OR_JSON` plus `--model.FIELD VALUE`."""
+
 from __future__ import annotations
 
 import argparse
@@ -56,16 +57,32 @@ class TrainConfig:
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"{_flag(field.name)} {value}: not a finite number; pass a number")
-        at_least = {"max_steps": 1, "eval_interval": 1, "save_interval": 1, "log_interval": 1, "eval_windows": 1,
-                    "max_nonfinite_steps": 1, "keep_checkpoints": 1, "loader_workers": 0, "sample_tokens": 0,
-                    "seed": 0, "seq_len": 1, "micro_batch_size": 1, "grad_accum": 1, "global_batch_size": 1,
-                    "warmup_steps": 0}
+        at_least = {
+            "max_steps": 1,
+            "eval_interval": 1,
+            "save_interval": 1,
+            "log_interval": 1,
+            "eval_windows": 1,
+            "max_nonfinite_steps": 1,
+            "keep_checkpoints": 1,
+            "loader_workers": 0,
+            "sample_tokens": 0,
+            "seed": 0,
+            "seq_len": 1,
+            "micro_batch_size": 1,
+            "grad_accum": 1,
+            "global_batch_size": 1,
+            "warmup_steps": 0,
+        }
         for name, least in at_least.items():
             value = getattr(self, name)
             if value is not None and value < least:
                 raise UserError(f"{_flag(name)} {value}: must be {least} or more")
-        above_zero = {"lr": "the peak learning rate", "peak_tflops": "the device's peak TFLOPS",
-                      "collective_timeout": "the timeout in seconds"}
+        above_zero = {
+            "lr": "the peak learning rate",
+            "peak_tflops": "the device's peak TFLOPS",
+            "collective_timeout": "the timeout in seconds",
+        }
         for name, what in above_zero.items():
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -81,7 +98,9 @@ class TrainConfig:
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise UserError(f"--precision {self.precision}: use auto, bf16, fp16 or fp32")
         if self.warmup >= self.max_steps and self.max_steps > 1:
-            raise UserError(f"--warmup-steps {self.warmup} is not below --max-steps {self.max_steps}; shorten the warmup")
+            raise UserError(
+                f"--warmup-steps {self.warmup} is not below --max-steps {self.max_steps}; shorten the warmup"
+            )
 
 
 def _flag(name: str) -> str:
@@ -89,23 +108,30 @@ def _flag(name: str) -> str:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="pretrain.py", description="Pretrain a GPT on the DeepSpeed engine. Model options: "
-                            "--model PRESET_OR_JSON and --model.FIELD VALUE (e.g. --model.norm rmsnorm).")
+    parser = ArgumentParser(
+        prog="pretrain.py",
+        description="Pretrain a GPT on the DeepSpeed engine. Model options: "
+        "--model PRESET_OR_JSON and --model.FIELD VALUE (e.g. --model.norm rmsnorm).",
+    )
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
         if field.name == "model_overrides":
             continue
         flag = "--ds_config" if field.name == "ds_config" else _flag(field.name)
-        kind = next((t for t in (bool, int, float) if hints[field.name] == t or t in typing.get_args(hints[field.name])),
-                    str)
+        kind = next(
+            (t for t in (bool, int, float) if hints[field.name] == t or t in typing.get_args(hints[field.name])), str
+        )
         arg_type = {int: int, float: finite}.get(kind, str)
         if kind is bool:
             parser.add_argument(flag, dest=field.name, action="store_true", help=f"(default {field.default})")
         elif field.name == "ds_config":
-            parser.add_argument(flag, "--ds-config", dest="ds_config", required=True, help="DeepSpeed JSON (ds_configs/*.json)")
+            parser.add_argument(
+                flag, "--ds-config", dest="ds_config", required=True, help="DeepSpeed JSON (ds_configs/*.json)"
+            )
         else:
-            parser.add_argument(flag, dest=field.name, type=arg_type, default=field.default,
-                                help=f"(default {field.default})")
+            parser.add_argument(
+                flag, dest=field.name, type=arg_type, default=field.default, help=f"(default {field.default})"
+            )
     # the DeepSpeed launcher appends --local_rank=N
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser
@@ -119,7 +145,7 @@ def parse_train_args(argv: list[str] | None) -> TrainConfig:
     while i < len(argv):  # pull out --model.FIELD VALUE / --model.FIELD=VALUE
         arg = argv[i]
         if arg.startswith("--model."):
-            key, eq, value = arg[len("--model."):].partition("=")
+            key, eq, value = arg[len("--model.") :].partition("=")
             if not eq:
                 if i + 1 >= len(argv):
                     raise UserError(f"{arg}: needs a value, e.g. {arg} VALUE")
@@ -137,9 +163,11 @@ def parse_train_args(argv: list[str] | None) -> TrainConfig:
 
 def world_from_env() -> tuple[int, int, int]:
     """(rank, local rank, world size) as the launcher (or MPI) sets them; (0, 0, 1) for a plain run."""
-    for rank_var, local_var, size_var in (("RANK", "LOCAL_RANK", "WORLD_SIZE"),
-                                          ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
-                                          ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE")):
+    for rank_var, local_var, size_var in (
+        ("RANK", "LOCAL_RANK", "WORLD_SIZE"),
+        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
+        ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE"),
+    ):
         if rank_var in os.environ and size_var in os.environ:
             return int(os.environ[rank_var]), int(os.environ.get(local_var, 0)), int(os.environ[size_var])
     return 0, 0, 1

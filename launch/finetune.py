@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Instruction fine-tuning of a pretrained run:  deepspeed launch/finetune.py --ds_config ds_configs/zero2.json
 --init RUN_DIR --data sft.jsonl --out DIR  (also a plain `python launch/finetune.py ...`, one process)."""
+
 import os
 import sys
 

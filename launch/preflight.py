@@ -2,6 +2,7 @@
 """Check a multi-host launch before any rank trains: hosts reachable, same code/venv/dataset, free GPU
 memory, NCCL variables, batch arithmetic for the whole world size.
     python launch/preflight.py --hostfile hostfile --data data/ --ds_config ds_configs/zero2.json"""
+
 import sys
 
 from dsllm.errors import run_cli

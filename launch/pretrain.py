@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Pretrain a GPT on DeepSpeed:  deepspeed launch/pretrain.py --ds_config ds_configs/zero2.json [options]
 Also runs as a plain `python launch/pretrain.py ...` (one process). `--help` lists the options."""
+
 import os
 import sys
 

@@ -4,6 +4,7 @@
 Runs the table's cases with DSLLM_BAD_INPUTS_RECORD set, so each case records the line its command
 actually printed, and rewrites the README between `<!-- bad-inputs:start -->` and `<!-- bad-inputs:end -->`
 (appending the section when the markers are missing). A failing case leaves the README untouched."""
+
 from __future__ import annotations
 
 import json
@@ -23,10 +24,14 @@ def _cell(text: str) -> str:
 
 
 def render(records: list[dict]) -> str:
-    lines = ["Generated from `tests/test_bad_inputs.py` by `make bad-inputs-table`: each row is a test that runs the "
-             "command with one bad input and checks it ends with this one line on stderr and exit code 2, with "
-             "nothing written.", "",
-             "| bad input | command | answer (stderr, exit 2) |", "|---|---|---|"]
+    lines = [
+        "Generated from `tests/test_bad_inputs.py` by `make bad-inputs-table`: each row is a test that runs the "
+        "command with one bad input and checks it ends with this one line on stderr and exit code 2, with "
+        "nothing written.",
+        "",
+        "| bad input | command | answer (stderr, exit 2) |",
+        "|---|---|---|",
+    ]
     lines += [f"| {_cell(r['input'])} | `{_cell(r['command'])}` | `{_cell(r['answer'])}` |" for r in records]
     return "\n".join(lines)
 
@@ -46,9 +51,21 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         record = Path(tmp) / "cases.jsonl"
         env = {**os.environ, "DSLLM_BAD_INPUTS_RECORD": str(record), "DS_ACCELERATOR": "cpu"}
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               "tests/test_bad_inputs.py", "-k", "test_bad_input_is_one_line_and_exit_2"],
-                              cwd=ROOT, env=env)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "tests/test_bad_inputs.py",
+                "-k",
+                "test_bad_input_is_one_line_and_exit_2",
+            ],
+            cwd=ROOT,
+            env=env,
+        )
         if proc.returncode != 0:
             print("bad_inputs_table: a case failed; README.md left as it was", file=sys.stderr)
             return 1

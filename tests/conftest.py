@@ -1,4 +1,5 @@
 """Shared fixtures: a small synthetic corpus, a tokenizer trained on it, and a way to run the commands."""
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("the model reads tokens from memory mapped files while the optimizer steps through shards of "
-         "data and every rank keeps its own slice of the state until the checkpoint lands on disk").split()
+WORDS = (
+    "the model reads tokens from memory mapped files while the optimizer steps through shards of "
+    "data and every rank keeps its own slice of the state until the checkpoint lands on disk"
+).split()
 
 
 def make_documents(count: int, seed: int = 0, min_words: int = 12, max_words: int = 80) -> list[str]:
     rng = random.Random(seed)
-    return [f"doc {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words)))
-            for i in range(count)]
+    return [
+        f"doc {i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(min_words, max_words)))
+        for i in range(count)
+    ]
 
 
 def write_jsonl(path: Path, texts: list[str], key: str = "text") -> Path:
@@ -26,11 +31,19 @@ def write_jsonl(path: Path, texts: list[str], key: str = "text") -> Path:
     return path
 
 
-def run_script(script: str, *args: str, cwd: Path | None = None, check_rc: int | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *args: str, cwd: Path | None = None, check_rc: int | None = None
+) -> subprocess.CompletedProcess:
     """Run one of the project's commands the way a user does: `python SCRIPT ARGS`."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=600,
+    )
     if check_rc is not None:
         assert proc.returncode == check_rc, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
@@ -71,6 +84,14 @@ def dataset_dir(tmp_path_factory, corpus_jsonl, tokenizer_dir) -> Path:
     from dsllm.data.prepare import PrepareConfig, prepare
 
     out = tmp_path_factory.mktemp("dataset") / "data"
-    prepare(PrepareConfig(inputs=[str(corpus_jsonl)], tokenizer=str(tokenizer_dir), output=str(out),
-                          val_fraction=0.1, workers=1, progress=False))
+    prepare(
+        PrepareConfig(
+            inputs=[str(corpus_jsonl)],
+            tokenizer=str(tokenizer_dir),
+            output=str(out),
+            val_fraction=0.1,
+            workers=1,
+            progress=False,
+        )
+    )
     return out

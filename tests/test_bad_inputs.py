@@ -5,6 +5,7 @@ regenerate it.
 
 Most cases call the command's `main` in this process (the same code path as the script, fast); the
 cases marked `subprocess=True` run the real entry script."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,12 +18,11 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, assert_user_error
 from test_pretrain import SMALL_MODEL, env
 
@@ -44,12 +44,15 @@ class Case:
     command: str  # a key of COMMAND_MAINS
     args: tuple[str, ...]  # {tmp}, {data} and the names of `files` are filled in
     expect: tuple[str, ...]  # fragments of the one line on stderr
-    files: dict[str, Callable[[Path, Path], None]] = dataclasses.field(default_factory=dict)  # name -> writer(path, data)
+    files: dict[str, Callable[[Path, Path], None]] = dataclasses.field(
+        default_factory=dict
+    )  # name -> writer(path, data)
     subprocess: bool = False  # run the real script instead of its main() in this process
 
 
 def ds_json(**changes) -> Callable[[Path, Path], None]:
     """ds_configs/zero2.json with `a__b=value` set (value None for JSON null)."""
+
     def write(path: Path, _data: Path) -> None:
         config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
         for dotted, value in changes.items():
@@ -58,18 +61,39 @@ def ds_json(**changes) -> Callable[[Path, Path], None]:
                 node = node.setdefault(key, {})
             node[leaf] = value
         path.write_text(json.dumps(config))
+
     return write
 
 
 def pretrain_ds(name: str, bad_input: str, expect: tuple[str, ...], **changes) -> Case:
-    return Case(name, bad_input, PRETRAIN, ("--ds_config", "{ds.json}", "--data", "{data}", "--out", "{tmp}/out",
-                                            *SMALL_MODEL, "--seq-len", "32"), expect, {"ds.json": ds_json(**changes)})
+    return Case(
+        name,
+        bad_input,
+        PRETRAIN,
+        ("--ds_config", "{ds.json}", "--data", "{data}", "--out", "{tmp}/out", *SMALL_MODEL, "--seq-len", "32"),
+        expect,
+        {"ds.json": ds_json(**changes)},
+    )
 
 
 def pretrain_flag(flag: str, value: str, expect: tuple[str, ...]) -> Case:
-    return Case(f"pretrain{flag}-{value}", f"`{flag} {value}`", PRETRAIN,
-                ("--ds_config", str(ROOT / "ds_configs" / "zero2.json"), "--data", "{data}", "--out", "{tmp}/out",
-                 *SMALL_MODEL, flag, value), expect)
+    return Case(
+        f"pretrain{flag}-{value}",
+        f"`{flag} {value}`",
+        PRETRAIN,
+        (
+            "--ds_config",
+            str(ROOT / "ds_configs" / "zero2.json"),
+            "--data",
+            "{data}",
+            "--out",
+            "{tmp}/out",
+            *SMALL_MODEL,
+            flag,
+            value,
+        ),
+        expect,
+    )
 
 
 def jsonl_line(text: str) -> Callable[[Path, Path], None]:
@@ -89,6 +113,7 @@ def damaged_parquet(path: Path, _data: Path) -> None:
 
 def dataset_with_id(token_id: int) -> Callable[[Path, Path], None]:
     """A copy of the test dataset with one token id of train.bin replaced (the header is unchanged)."""
+
     def write(path: Path, data: Path) -> None:
         from dsllm.data.format import TokenFile
 
@@ -97,6 +122,7 @@ def dataset_with_id(token_id: int) -> Callable[[Path, Path], None]:
         tokens = np.memmap(path / "train.bin", dtype=TokenFile(path / "train").header.dtype, mode="r+")
         tokens[5] = token_id
         tokens.flush()
+
     return write
 
 
@@ -104,42 +130,102 @@ TOKENIZER_ARGS = ("--vocab-size", "300", "--output", "{tmp}/tok")
 PREPARE_ARGS = ("--tokenizer", "{tokenizer}", "--output", "{tmp}/prepared", "--workers", "1")
 CASES = [
     # -- the DeepSpeed JSON: DeepSpeed's own models, then our checks of meaning -----------------------------
-    pretrain_ds("zero-unknown-key", "unknown key inside `zero_optimization`", ("zero_optimization.stagee",
-                'did you mean "stage"'), zero_optimization__stagee=2),
-    pretrain_ds("zero-offload-device", '`offload_optimizer.device: "gpu"`', ("zero_optimization.offload_optimizer.device",
-                "'none', 'cpu' or 'nvme'"), zero_optimization__offload_optimizer={"device": "gpu"}),
+    pretrain_ds(
+        "zero-unknown-key",
+        "unknown key inside `zero_optimization`",
+        ("zero_optimization.stagee", 'did you mean "stage"'),
+        zero_optimization__stagee=2,
+    ),
+    pretrain_ds(
+        "zero-offload-device",
+        '`offload_optimizer.device: "gpu"`',
+        ("zero_optimization.offload_optimizer.device", "'none', 'cpu' or 'nvme'"),
+        zero_optimization__offload_optimizer={"device": "gpu"},
+    ),
     pretrain_ds("bf16-true", '`"bf16": true`', ("bf16 is true, but must be an object", '{"enabled": true}'), bf16=True),
-    pretrain_ds("optimizer-null", '`"optimizer": null`', ("optimizer is null", "remove it for dsllm's AdamW"),
-                optimizer=None),
-    pretrain_ds("betas-one", "`betas: [0.9]`", ("optimizer.params.betas = [0.9]", "two numbers in [0, 1)"),
-                optimizer__params__betas=[0.9]),
-    pretrain_ds("optimizer-param-typo", "misspelled optimizer param `weight_decy`",
-                ("optimizer.params.weight_decy", 'did you mean "weight_decay"'), optimizer__params__weight_decy=0.1),
-    pretrain_ds("optimizer-type", '`optimizer.type: "FusedAdam"`', ('did you mean "AdamW"',),
-                optimizer__type="FusedAdam"),
-    pretrain_ds("optimizer-lr-nan", "`optimizer.params.lr: NaN`", ("optimizer.params.lr = NaN", "finite"),
-                optimizer__params__lr=float("nan")),
-    pretrain_ds("optimizer-eps-zero", "`optimizer.params.eps: 0`", ("optimizer.params.eps = 0", "above 0"),
-                optimizer__params__eps=0),
-    pretrain_ds("cosine-warmup-zero", "WarmupCosineLR with `warmup_num_steps: 0`",
-                ("scheduler.params.warmup_num_steps = 0", "1 or more"), scheduler__params__warmup_num_steps=0),
-    pretrain_ds("cos-min-ratio", "`cos_min_ratio: 5`", ("scheduler.params.cos_min_ratio = 5", "[0, 1]"),
-                scheduler__params__cos_min_ratio=5),
-    pretrain_ds("scheduler-type", '`scheduler.type: "WarmupCosine"`', ('did you mean "WarmupCosineLR"',),
-                scheduler__type="WarmupCosine"),
-    pretrain_ds("scheduler-param", "`warmup_max_lr` for WarmupCosineLR", ("scheduler.params.warmup_max_lr",
-                "not a parameter of WarmupCosineLR"), scheduler__params__warmup_max_lr=0.1),
-    pretrain_ds("top-level-typo", "misspelled top-level key `gradient_clippin`",
-                ('unknown top-level key "gradient_clippin"', 'did you mean "gradient_clipping"'), gradient_clippin=1.0),
-    pretrain_ds("checkpointing-typo", "misspelled `activation_checkpointing.partition_activation`",
-                ("activation_checkpointing.partition_activation: not a DeepSpeed field",
-                 'did you mean "partition_activations"'), activation_checkpointing={"partition_activation": True}),
+    pretrain_ds(
+        "optimizer-null", '`"optimizer": null`', ("optimizer is null", "remove it for dsllm's AdamW"), optimizer=None
+    ),
+    pretrain_ds(
+        "betas-one",
+        "`betas: [0.9]`",
+        ("optimizer.params.betas = [0.9]", "two numbers in [0, 1)"),
+        optimizer__params__betas=[0.9],
+    ),
+    pretrain_ds(
+        "optimizer-param-typo",
+        "misspelled optimizer param `weight_decy`",
+        ("optimizer.params.weight_decy", 'did you mean "weight_decay"'),
+        optimizer__params__weight_decy=0.1,
+    ),
+    pretrain_ds(
+        "optimizer-type", '`optimizer.type: "FusedAdam"`', ('did you mean "AdamW"',), optimizer__type="FusedAdam"
+    ),
+    pretrain_ds(
+        "optimizer-lr-nan",
+        "`optimizer.params.lr: NaN`",
+        ("optimizer.params.lr = NaN", "finite"),
+        optimizer__params__lr=float("nan"),
+    ),
+    pretrain_ds(
+        "optimizer-eps-zero",
+        "`optimizer.params.eps: 0`",
+        ("optimizer.params.eps = 0", "above 0"),
+        optimizer__params__eps=0,
+    ),
+    pretrain_ds(
+        "cosine-warmup-zero",
+        "WarmupCosineLR with `warmup_num_steps: 0`",
+        ("scheduler.params.warmup_num_steps = 0", "1 or more"),
+        scheduler__params__warmup_num_steps=0,
+    ),
+    pretrain_ds(
+        "cos-min-ratio",
+        "`cos_min_ratio: 5`",
+        ("scheduler.params.cos_min_ratio = 5", "[0, 1]"),
+        scheduler__params__cos_min_ratio=5,
+    ),
+    pretrain_ds(
+        "scheduler-type",
+        '`scheduler.type: "WarmupCosine"`',
+        ('did you mean "WarmupCosineLR"',),
+        scheduler__type="WarmupCosine",
+    ),
+    pretrain_ds(
+        "scheduler-param",
+        "`warmup_max_lr` for WarmupCosineLR",
+        ("scheduler.params.warmup_max_lr", "not a parameter of WarmupCosineLR"),
+        scheduler__params__warmup_max_lr=0.1,
+    ),
+    pretrain_ds(
+        "top-level-typo",
+        "misspelled top-level key `gradient_clippin`",
+        ('unknown top-level key "gradient_clippin"', 'did you mean "gradient_clipping"'),
+        gradient_clippin=1.0,
+    ),
+    pretrain_ds(
+        "checkpointing-typo",
+        "misspelled `activation_checkpointing.partition_activation`",
+        (
+            "activation_checkpointing.partition_activation: not a DeepSpeed field",
+            'did you mean "partition_activations"',
+        ),
+        activation_checkpointing={"partition_activation": True},
+    ),
     pretrain_ds("grad-clip-negative", "`gradient_clipping: -1`", ("gradient_clipping = -1",), gradient_clipping=-1),
     pretrain_ds("fp16-loss-scale", "`fp16.loss_scale: -1`", ("fp16.loss_scale", "must be >= 0"), fp16__loss_scale=-1),
-    pretrain_ds("tensorboard-missing", "tensorboard monitor enabled, package missing",
-                ("tensorboard.enabled is true", 'pip install -e ".[tensorboard]"'), tensorboard__enabled=True),
-    pretrain_ds("removed-key", "`amp` (removed from DeepSpeed)", ("amp: NVIDIA Apex AMP integration has been removed",),
-                amp={"enabled": True}),
+    pretrain_ds(
+        "tensorboard-missing",
+        "tensorboard monitor enabled, package missing",
+        ("tensorboard.enabled is true", 'pip install -e ".[tensorboard]"'),
+        tensorboard__enabled=True,
+    ),
+    pretrain_ds(
+        "removed-key",
+        "`amp` (removed from DeepSpeed)",
+        ("amp: NVIDIA Apex AMP integration has been removed",),
+        amp={"enabled": True},
+    ),
     # -- the command line -------------------------------------------------------------------------------------
     pretrain_flag("--lr", "nan", ("--lr", "not a finite number")),
     pretrain_flag("--grad-clip", "inf", ("--grad-clip", "not a finite number")),
@@ -150,34 +236,96 @@ CASES = [
     pretrain_flag("--beta2", "1", ("--beta2 1.0", "[0, 1)")),
     pretrain_flag("--weight-decay", "-0.1", ("--weight-decay -0.1", "0 or more")),
     # -- the dataset --------------------------------------------------------------------------------------------
-    Case("token-id-past-vocab", "dataset with a token id past the tokenizer's vocabulary", PRETRAIN,
-         ("--ds_config", str(ROOT / "ds_configs" / "zero2.json"), "--data", "{bad_data}", "--out", "{tmp}/out",
-          *SMALL_MODEL, "--seq-len", "32"), ("train.bin: token id 310", "vocabulary size 300", "prepare.py"),
-         {"bad_data": dataset_with_id(310)}),
+    Case(
+        "token-id-past-vocab",
+        "dataset with a token id past the tokenizer's vocabulary",
+        PRETRAIN,
+        (
+            "--ds_config",
+            str(ROOT / "ds_configs" / "zero2.json"),
+            "--data",
+            "{bad_data}",
+            "--out",
+            "{tmp}/out",
+            *SMALL_MODEL,
+            "--seq-len",
+            "32",
+        ),
+        ("train.bin: token id 310", "vocabulary size 300", "prepare.py"),
+        {"bad_data": dataset_with_id(310)},
+    ),
     # -- corpus inputs ------------------------------------------------------------------------------------------
-    Case("jsonl-deep-nesting", "JSONL line with 100,000 nested `[`", "data_pipeline/prepare.py",
-         ("--input", "{deep.jsonl}", *PREPARE_ARGS), ("deep.jsonl:2:", "nested too deeply"),
-         {"deep.jsonl": jsonl_line('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}")}),
-    Case("jsonl-long-integer", "JSONL line with a 5,000-digit integer", "data_pipeline/prepare.py",
-         ("--input", "{big.jsonl}", *PREPARE_ARGS), ("big.jsonl:2:", "4300 digits"),
-         {"big.jsonl": jsonl_line('{"text": "x", "n": ' + "9" * 5000 + "}")}),
-    Case("parquet-corrupt-prepare", "Parquet file with a damaged page", "data_pipeline/prepare.py",
-         ("--input", "{bad.parquet}", *PREPARE_ARGS), ("bad.parquet: damaged Parquet data after row",),
-         {"bad.parquet": damaged_parquet}, subprocess=True),
-    Case("parquet-corrupt-tokenizer", "Parquet file with a damaged page", "tokenizer/train_tokenizer.py",
-         ("--input", "{bad.parquet}", *TOKENIZER_ARGS), ("bad.parquet: damaged Parquet data after row",),
-         {"bad.parquet": damaged_parquet}, subprocess=True),
+    Case(
+        "jsonl-deep-nesting",
+        "JSONL line with 100,000 nested `[`",
+        "data_pipeline/prepare.py",
+        ("--input", "{deep.jsonl}", *PREPARE_ARGS),
+        ("deep.jsonl:2:", "nested too deeply"),
+        {"deep.jsonl": jsonl_line('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}")},
+    ),
+    Case(
+        "jsonl-long-integer",
+        "JSONL line with a 5,000-digit integer",
+        "data_pipeline/prepare.py",
+        ("--input", "{big.jsonl}", *PREPARE_ARGS),
+        ("big.jsonl:2:", "4300 digits"),
+        {"big.jsonl": jsonl_line('{"text": "x", "n": ' + "9" * 5000 + "}")},
+    ),
+    Case(
+        "parquet-corrupt-prepare",
+        "Parquet file with a damaged page",
+        "data_pipeline/prepare.py",
+        ("--input", "{bad.parquet}", *PREPARE_ARGS),
+        ("bad.parquet: damaged Parquet data after row",),
+        {"bad.parquet": damaged_parquet},
+        subprocess=True,
+    ),
+    Case(
+        "parquet-corrupt-tokenizer",
+        "Parquet file with a damaged page",
+        "tokenizer/train_tokenizer.py",
+        ("--input", "{bad.parquet}", *TOKENIZER_ARGS),
+        ("bad.parquet: damaged Parquet data after row",),
+        {"bad.parquet": damaged_parquet},
+        subprocess=True,
+    ),
     # -- generate and plan --------------------------------------------------------------------------------------
-    Case("temperature-huge", "`--temperature 1e300`", "python -m dsllm generate",
-         ("--checkpoint", "{tmp}", "--temperature", "1e300"), ("--temperature", "must be 0 (greedy) or more, at most 100")),
-    Case("temperature-nan", "`--temperature nan`", "python -m dsllm generate",
-         ("--checkpoint", "{tmp}", "--temperature", "nan"), ("--temperature", "not a finite number")),
-    Case("top-p-2", "`--top-p 2`", "python -m dsllm generate", ("--checkpoint", "{tmp}", "--top-p", "2"),
-         ("--top-p", "at most 1")),
-    Case("device-meta", "`--device meta`", "python -m dsllm generate", ("--checkpoint", "{tmp}", "--device", "meta"),
-         ("--device", "use auto, cpu, cuda or cuda:N")),
-    Case("plan-1e400", "`--model 1e400`", "python -m dsllm plan", ("--model", "1e400", "--gpus", "8xA100"),
-         ("--model '1e400'", "at most 1e15"), subprocess=True),
+    Case(
+        "temperature-huge",
+        "`--temperature 1e300`",
+        "python -m dsllm generate",
+        ("--checkpoint", "{tmp}", "--temperature", "1e300"),
+        ("--temperature", "must be 0 (greedy) or more, at most 100"),
+    ),
+    Case(
+        "temperature-nan",
+        "`--temperature nan`",
+        "python -m dsllm generate",
+        ("--checkpoint", "{tmp}", "--temperature", "nan"),
+        ("--temperature", "not a finite number"),
+    ),
+    Case(
+        "top-p-2",
+        "`--top-p 2`",
+        "python -m dsllm generate",
+        ("--checkpoint", "{tmp}", "--top-p", "2"),
+        ("--top-p", "at most 1"),
+    ),
+    Case(
+        "device-meta",
+        "`--device meta`",
+        "python -m dsllm generate",
+        ("--checkpoint", "{tmp}", "--device", "meta"),
+        ("--device", "use auto, cpu, cuda or cuda:N"),
+    ),
+    Case(
+        "plan-1e400",
+        "`--model 1e400`",
+        "python -m dsllm plan",
+        ("--model", "1e400", "--gpus", "8xA100"),
+        ("--model '1e400'", "at most 1e15"),
+        subprocess=True,
+    ),
 ]
 
 

@@ -1,4 +1,5 @@
 """benchmarks/data_pipeline.py: the CI-sized run (`--quick`) writes a dated .md and .json with every field."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,13 @@ SCRIPT = ROOT / "benchmarks" / "data_pipeline.py"
 
 
 def run_benchmark(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
 
 
 def test_quick_run_writes_dated_results_with_positive_rates(tmp_path):

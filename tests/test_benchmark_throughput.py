@@ -1,6 +1,7 @@
 """benchmarks/throughput.py: the sweep's points and variants, and a --quick run on 1 and 2 ranks through the
 trainer's own step, with results files and provenance. Timings on a shared CI machine are noise: only their
 presence and sign are checked; memory is not timing and is checked against the ZeRO-2 target."""
+
 import importlib.util
 import json
 import os
@@ -8,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -21,23 +21,59 @@ def load_benchmark():
 
 def test_sweep_points_and_variants():
     bench = load_benchmark()
-    args = bench.parse_args(["--model", "tiny", "gpt2-124m", "--seq-len", "64", "128", "--micro-batch-size", "2",
-                             "--checkpointing", "both", "--ranks", "1", "2", "--stages", "2", "0", "--compile", "both",
-                             "--offload"])
+    args = bench.parse_args(
+        [
+            "--model",
+            "tiny",
+            "gpt2-124m",
+            "--seq-len",
+            "64",
+            "128",
+            "--micro-batch-size",
+            "2",
+            "--checkpointing",
+            "both",
+            "--ranks",
+            "1",
+            "2",
+            "--stages",
+            "2",
+            "0",
+            "--compile",
+            "both",
+            "--offload",
+        ]
+    )
     points = bench.points(args)
     assert len(points) == 2 * 2 * 1 * 2 * 2
     assert {(p["model"], p["seq_len"], p["checkpointing"], p["ranks"]) for p in points} == {
-        (m, t, c, r) for m in ("tiny", "gpt2-124m") for t in (64, 128) for c in (False, True) for r in (1, 2)}
-    assert bench.variants(args) == ["plain", "plain+compile", "zero0", "zero0+compile", "zero2", "zero2+compile",
-                                    "zero2_offload", "zero2_offload+compile", "zero3_offload", "zero3_offload+compile"]
+        (m, t, c, r) for m in ("tiny", "gpt2-124m") for t in (64, 128) for c in (False, True) for r in (1, 2)
+    }
+    assert bench.variants(args) == [
+        "plain",
+        "plain+compile",
+        "zero0",
+        "zero0+compile",
+        "zero2",
+        "zero2+compile",
+        "zero2_offload",
+        "zero2_offload+compile",
+        "zero3_offload",
+        "zero3_offload+compile",
+    ]
     args = bench.parse_args(["--quick", "--no-plain", "--compile", "on"])
     assert bench.variants(args) == ["zero0+compile", "zero2+compile"]
     assert args.seq_len == [32] and args.model_overrides == bench.QUICK_MODEL
 
 
-@pytest.mark.parametrize("argv, message", [(["--seq-len", "0"], "--seq-len 0: must be 1 or more"),
-                                           (["--tag", "a b"], "--tag 'a b': use letters"),
-                                           (["--checkpointing", "maybe"], "--checkpointing: invalid choice")])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seq-len", "0"], "--seq-len 0: must be 1 or more"),
+        (["--tag", "a b"], "--tag 'a b': use letters"),
+        (["--checkpointing", "maybe"], "--checkpointing: invalid choice"),
+    ],
+)
 def test_bad_options_are_one_line_errors(argv, message):
     proc = subprocess.run([sys.executable, "benchmarks/throughput.py", *argv], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
@@ -46,9 +82,29 @@ def test_bad_options_are_one_line_errors(argv, message):
 def test_quick_throughput_benchmark_on_one_and_two_ranks(tmp_path):
     cache = os.environ.get("TORCH_EXTENSIONS_DIR") or str(ROOT / ".cache" / "torch_extensions")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": cache}
-    proc = subprocess.run([sys.executable, "benchmarks/throughput.py", "--quick", "--model.n_layers", "2", "--ranks", "1",
-                           "2", "--precision", "bf16", "--tag", "smoke", "--results-dir", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/throughput.py",
+            "--quick",
+            "--model.n_layers",
+            "2",
+            "--ranks",
+            "1",
+            "2",
+            "--precision",
+            "bf16",
+            "--tag",
+            "smoke",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     [json_file] = tmp_path.glob("*-throughput-*-smoke.json")
     md_file, png_file = json_file.with_suffix(".md"), json_file.with_suffix(".png")
@@ -84,7 +140,7 @@ def test_quick_throughput_benchmark_on_one_and_two_ranks(tmp_path):
     markdown = md_file.read_text()
     assert f"git revision: `{result['git_revision']}`" in markdown
     assert "benchmarks/throughput.py --quick" in markdown and result["versions"]["deepspeed"] in markdown
-    for (ranks, name) in rows:
+    for ranks, name in rows:
         assert f"x{ranks} | {name} | {1 if name == 'plain' else ranks} |" in markdown
     assert "| zero2 | 2 |" in markdown.split("Model-state memory per rank")[1]
     assert "| plain |" in proc.stdout  # the table on stdout

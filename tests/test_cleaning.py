@@ -1,15 +1,26 @@
 """Cleaning: each step does its job, can be switched off, and keeps code intact."""
+
 import dataclasses
 
-from dsllm.data.cleaning import (CleaningConfig, Deduplicator, clean, document_hash, drop_reason, normalize_unicode,
-                                 normalize_whitespace, strip_html)
+from dsllm.data.cleaning import (
+    CleaningConfig,
+    Deduplicator,
+    clean,
+    document_hash,
+    drop_reason,
+    normalize_unicode,
+    normalize_whitespace,
+    strip_html,
+)
 
 ALL_ON = CleaningConfig()
 
 
 def test_strip_html_tags_scripts_comments_and_entities():
-    page = ("<!DOCTYPE html><html><head><style>p {color: red}</style><script>var a = 1 < 2;</script></head>"
-            "<body><!-- nav --><h1>Title</h1><p>Fish &amp; chips &lt;3 &#8364;5</p><div>next<br/>line</div></body></html>")
+    page = (
+        "<!DOCTYPE html><html><head><style>p {color: red}</style><script>var a = 1 < 2;</script></head>"
+        "<body><!-- nav --><h1>Title</h1><p>Fish &amp; chips &lt;3 &#8364;5</p><div>next<br/>line</div></body></html>"
+    )
     text = strip_html(page)
     assert "color" not in text and "var a" not in text and "nav" not in text and "<" not in text.replace("<3", "")
     assert normalize_whitespace(text) == "Title\n\nFish & chips <3 €5\n\nnext\nline"
@@ -72,10 +83,26 @@ def test_control_characters_removed_in_ascii_and_non_ascii_text():
 
 
 def test_whitespace_same_with_and_without_non_ascii_text():
-    texts = ["a\x0bb\x0cc", "a  \nb\t\nc", "a\n\nb", "a\n\n\nb\n\n\n\n\n\nc", "a\r\n\r\n\r\nb\rc", "  a", "x" * 40,
-             "def f():\n    pass\n\n\nclass A:\n\tpass"]
-    expected = ["a\nb\nc", "a\nb\nc", "a\n\nb", "a\n\nb\n\nc", "a\n\nb\nc", "a", "x" * 40,
-                "def f():\n    pass\n\nclass A:\n\tpass"]
+    texts = [
+        "a\x0bb\x0cc",
+        "a  \nb\t\nc",
+        "a\n\nb",
+        "a\n\n\nb\n\n\n\n\n\nc",
+        "a\r\n\r\n\r\nb\rc",
+        "  a",
+        "x" * 40,
+        "def f():\n    pass\n\n\nclass A:\n\tpass",
+    ]
+    expected = [
+        "a\nb\nc",
+        "a\nb\nc",
+        "a\n\nb",
+        "a\n\nb\n\nc",
+        "a\n\nb\nc",
+        "a",
+        "x" * 40,
+        "def f():\n    pass\n\nclass A:\n\tpass",
+    ]
     for text, want in zip(texts, expected):
         assert normalize_whitespace(text) == want, repr(text)
         assert normalize_whitespace(text + NON_ASCII) == want + NON_ASCII, repr(text)

@@ -1,9 +1,11 @@
 """The embedded default corpus: the running Python's own standard library, built once and cached."""
+
 import json
 import sysconfig
 from pathlib import Path
 
 from conftest import run_script
+
 from dsllm.data.default_corpus import build_default_dataset, stdlib_sources
 from dsllm.data.validate import validate_dataset
 from dsllm.tokenizer import load_tokenizer
@@ -35,6 +37,14 @@ def test_build_once_then_reuse(tmp_path):
 
 
 def test_command_builds_and_validates(tmp_path):
-    proc = run_script("data_pipeline/default_corpus.py", "--cache-dir", tmp_path, "--vocab-size", 500,
-                      "--max-bytes", 200_000, check_rc=0)
+    proc = run_script(
+        "data_pipeline/default_corpus.py",
+        "--cache-dir",
+        tmp_path,
+        "--vocab-size",
+        500,
+        "--max-bytes",
+        200_000,
+        check_rc=0,
+    )
     assert "standard-library files" in proc.stdout and ": OK (vocab 500" in proc.stdout

@@ -1,14 +1,26 @@
 """Filling and checking the DeepSpeed JSON (pure functions; the trainer tests run them for real)."""
+
 import json
 
 import pytest
-
 from conftest import ROOT
+
 from dsllm.ds_config import DSConfigError, RunValues, resolve_batch, resolve_ds_config
 
-RUN = RunValues(micro_batch_size=None, grad_accum=None, global_batch_size=None, lr=6e-4, min_lr_ratio=0.1,
-                warmup_steps=10, max_steps=100, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0, precision="auto",
-                hidden_size=768)
+RUN = RunValues(
+    micro_batch_size=None,
+    grad_accum=None,
+    global_batch_size=None,
+    lr=6e-4,
+    min_lr_ratio=0.1,
+    warmup_steps=10,
+    max_steps=100,
+    weight_decay=0.1,
+    betas=(0.9, 0.95),
+    grad_clip=1.0,
+    precision="auto",
+    hidden_size=768,
+)
 
 
 def load(name):
@@ -24,11 +36,17 @@ def test_every_shipped_config_resolves_completely():
         assert config["scheduler"]["params"]["total_num_steps"] == 100
         assert config["scheduler"]["params"]["warmup_num_steps"] == 10
         assert config["scheduler"]["params"]["cos_min_ratio"] == 0.1
-        assert config["gradient_clipping"] == 1.0 and config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
+        assert (
+            config["gradient_clipping"] == 1.0
+            and config["bf16"]["enabled"] is True
+            and config["fp16"]["enabled"] is False
+        )
         assert stage == config["zero_optimization"]["stage"]
         if stage == 3:  # buckets sized to the model (d_model 768), not DeepSpeed's fixed 5e8 elements
             zero = config["zero_optimization"]
-            assert zero["reduce_bucket_size"] == 768 * 768 and zero["stage3_prefetch_bucket_size"] == int(0.9 * 768 * 768)
+            assert zero["reduce_bucket_size"] == 768 * 768 and zero["stage3_prefetch_bucket_size"] == int(
+                0.9 * 768 * 768
+            )
             assert zero["stage3_param_persistence_threshold"] == 7680
 
 
@@ -41,21 +59,32 @@ def test_auto_precision_is_fp32_on_cpu_and_bf16_on_request():
 
 
 def test_fp16_on_a_gpu_without_bf16_keeps_loss_scaling():
-    config, _, precision, _ = resolve_ds_config(load("zero2.json"), RUN, 8, "zero2.json", supports_bf16=False, has_gpu=True)
+    config, _, precision, _ = resolve_ds_config(
+        load("zero2.json"), RUN, 8, "zero2.json", supports_bf16=False, has_gpu=True
+    )
     assert precision == "fp16" and config["fp16"]["enabled"] is True and config["bf16"]["enabled"] is False
     assert config["fp16"]["loss_scale"] == 0 and config["fp16"]["initial_scale_power"] == 16  # dynamic scaling
-    config, _, precision, _ = resolve_ds_config(load("zero3.json"), RunValues(**{**RUN.__dict__, "precision": "fp16"}),
-                                                1, "zero3.json", supports_bf16=True, has_gpu=True)
+    config, _, precision, _ = resolve_ds_config(
+        load("zero3.json"),
+        RunValues(**{**RUN.__dict__, "precision": "fp16"}),
+        1,
+        "zero3.json",
+        supports_bf16=True,
+        has_gpu=True,
+    )
     assert precision == "fp16" and config["fp16"]["enabled"] is True
 
 
-@pytest.mark.parametrize("given, world, expected", [
-    (dict(), 4, (8, 1)),
-    (dict(micro_batch_size=2, grad_accum=4), 2, (2, 4)),
-    (dict(global_batch_size=64), 4, (16, 1)),
-    (dict(global_batch_size=64, micro_batch_size=4), 4, (4, 4)),
-    (dict(global_batch_size=64, grad_accum=2), 4, (8, 2)),
-])
+@pytest.mark.parametrize(
+    "given, world, expected",
+    [
+        (dict(), 4, (8, 1)),
+        (dict(micro_batch_size=2, grad_accum=4), 2, (2, 4)),
+        (dict(global_batch_size=64), 4, (16, 1)),
+        (dict(global_batch_size=64, micro_batch_size=4), 4, (4, 4)),
+        (dict(global_batch_size=64, grad_accum=2), 4, (8, 2)),
+    ],
+)
 def test_batch_is_derived_from_whatever_is_given(given, world, expected):
     batch = resolve_batch({}, RunValues(**{**RUN.__dict__, **given}), world, "x.json")
     assert (batch.micro, batch.accumulation) == expected

@@ -1,6 +1,7 @@
 """`python -m dsllm evaluate` and `generate` on a real run (ZeRO-2, 2 ranks, fp32): evaluate reproduces the
 trainer's validation numbers from the sharded checkpoint and from the consolidated weights; generate is
 the model's own `generate`, streamed; bad input is one line and exit 2."""
+
 import io
 import json
 import math
@@ -10,7 +11,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, assert_user_error
 from test_pretrain import env, pretrain
 
@@ -20,8 +20,21 @@ STEPS = 40
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, dataset_dir):
     out = tmp_path_factory.mktemp("evaluate") / "run"
-    pretrain(dataset_dir, out, "--max-steps", STEPS, "--micro-batch-size", 4, "--precision", "fp32",
-             "--eval-interval", STEPS, "--save-interval", STEPS, ranks=2)
+    pretrain(
+        dataset_dir,
+        out,
+        "--max-steps",
+        STEPS,
+        "--micro-batch-size",
+        4,
+        "--precision",
+        "fp32",
+        "--eval-interval",
+        STEPS,
+        "--save-interval",
+        STEPS,
+        ranks=2,
+    )
     return out
 
 
@@ -34,8 +47,14 @@ def model_and_tokenizer(run_dir):
 
 
 def dsllm(*args, expect=0):
-    proc = subprocess.run([sys.executable, "-m", "dsllm", *map(str, args)], cwd=ROOT, env=env(), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsllm", *map(str, args)],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if expect is not None:
         assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -77,8 +96,9 @@ def test_sharded_checkpoint_consolidated_and_model_folder_agree(run_dir, dataset
     assert numbers[0]["windows"] == results[0]["windows_in_split"] > 8
     # a model folder does not know the run's seq_len: its windows are model.max_seq_len long unless told
     assert evaluate("--checkpoint", tmp_path / "model", "--data", dataset_dir, "--max-windows", 2)["seq_len"] == 64
-    train = evaluate("--checkpoint", run_dir, "--data", dataset_dir, "--split", "train", "--max-windows", 4,
-                     "--seq-len", 64)
+    train = evaluate(
+        "--checkpoint", run_dir, "--data", dataset_dir, "--split", "train", "--max-windows", 4, "--seq-len", 64
+    )
     assert train["split"] == "train" and train["tokens"] == 4 * 64
 
 
@@ -88,8 +108,11 @@ def test_choice_scores_are_the_models_log_likelihoods(run_dir, model_and_tokeniz
     examples = [
         {"context": "doc 7: the model reads", "choices": [" tokens from memory", " qzx vjk wpf yyq"], "label": 0},
         {"context": "doc 12: every rank keeps its own", "choices": [" xq zzv kj", " slice of the state"], "label": 1},
-        {"context": "doc 3: the optimizer steps", "choices": [" through shards of data", " jjj qqq xxx zzz"],
-         "label": 0},
+        {
+            "context": "doc 3: the optimizer steps",
+            "choices": [" through shards of data", " jjj qqq xxx zzz"],
+            "label": 0,
+        },
         {"context": "doc 40: until the checkpoint lands on", "choices": [" vvq zkx", " disk"], "label": 1},
     ]
     (tmp_path / "choices.jsonl").write_text("".join(json.dumps(e) + "\n\n" for e in examples))
@@ -116,35 +139,58 @@ def test_evaluate_refuses_bad_input(run_dir, dataset_dir, tmp_path, corpus_jsonl
     from dsllm.tokenizer import save_tokenizer, train_tokenizer
 
     save_tokenizer(train_tokenizer(corpus_texts[:200], vocab_size=280, show_progress=False), tmp_path / "tok")
-    prepare(PrepareConfig(inputs=[str(corpus_jsonl)], tokenizer=str(tmp_path / "tok"), output=str(tmp_path / "other"),
-                          val_fraction=0.1, workers=1, progress=False))
+    prepare(
+        PrepareConfig(
+            inputs=[str(corpus_jsonl)],
+            tokenizer=str(tmp_path / "tok"),
+            output=str(tmp_path / "other"),
+            val_fraction=0.1,
+            workers=1,
+            progress=False,
+        )
+    )
     proc = dsllm("evaluate", "--checkpoint", run_dir, "--data", tmp_path / "other", expect=None)
     assert_user_error(proc, "made with another tokenizer", str(run_dir / "tokenizer.json"), "--tokenizer")
 
-    assert_user_error(dsllm("evaluate", "--checkpoint", tmp_path / "missing", "--data", dataset_dir, expect=None),
-                      "missing: no model here")
+    assert_user_error(
+        dsllm("evaluate", "--checkpoint", tmp_path / "missing", "--data", dataset_dir, expect=None),
+        "missing: no model here",
+    )
     (tmp_path / "no_weights").mkdir()  # a run killed before its first checkpoint
     for name in ("config.json", "tokenizer.json"):
         shutil.copy(run_dir / name, tmp_path / "no_weights" / name)
-    assert_user_error(dsllm("evaluate", "--checkpoint", tmp_path / "no_weights", "--data", dataset_dir, expect=None),
-                      "no_weights: no model here", "checkpoints")
-    assert_user_error(dsllm("evaluate", "--checkpoint", run_dir, "--data", dataset_dir, "--split", "test", expect=None),
-                      "no test split")
-    assert_user_error(dsllm("evaluate", "--checkpoint", run_dir, "--data", dataset_dir, "--seq-len", 65, expect=None),
-                      "longer than model.max_seq_len = 64")
-    assert_user_error(dsllm("evaluate", "--checkpoint", run_dir, "--data", dataset_dir, "--max-windows", 0,
-                            expect=None), "--max-windows", "must be 1 or more")
+    assert_user_error(
+        dsllm("evaluate", "--checkpoint", tmp_path / "no_weights", "--data", dataset_dir, expect=None),
+        "no_weights: no model here",
+        "checkpoints",
+    )
+    assert_user_error(
+        dsllm("evaluate", "--checkpoint", run_dir, "--data", dataset_dir, "--split", "test", expect=None),
+        "no test split",
+    )
+    assert_user_error(
+        dsllm("evaluate", "--checkpoint", run_dir, "--data", dataset_dir, "--seq-len", 65, expect=None),
+        "longer than model.max_seq_len = 64",
+    )
+    assert_user_error(
+        dsllm("evaluate", "--checkpoint", run_dir, "--data", dataset_dir, "--max-windows", 0, expect=None),
+        "--max-windows",
+        "must be 1 or more",
+    )
     assert_user_error(dsllm("evaluate", "--checkpoint", run_dir, expect=None), "pass --data DIR, --choices")
 
     good = json.dumps({"context": "doc 1:", "choices": [" the", " model"], "label": 0})
-    for lines, fragment in [([good, '{"context": "doc 1:", "choices": [" a", " b"], "label": 0'], "malformed JSON"),
-                            ([good, json.dumps({"context": "x", "choices": [" a"], "label": 0})], "at least two"),
-                            ([good, json.dumps({"context": "x", "choices": [" a", " b"], "label": 2})], "'label' is 2"),
-                            ([good, json.dumps(["x", [" a", " b"], 0])], "not an object")]:
+    for lines, fragment in [
+        ([good, '{"context": "doc 1:", "choices": [" a", " b"], "label": 0'], "malformed JSON"),
+        ([good, json.dumps({"context": "x", "choices": [" a"], "label": 0})], "at least two"),
+        ([good, json.dumps({"context": "x", "choices": [" a", " b"], "label": 2})], "'label' is 2"),
+        ([good, json.dumps(["x", [" a", " b"], 0])], "not an object"),
+    ]:
         path = tmp_path / "bad.jsonl"
         path.write_text("\n".join(lines) + "\n")
-        assert_user_error(dsllm("evaluate", "--checkpoint", run_dir, "--choices", path, expect=None),
-                          f"{path}:2:", fragment)
+        assert_user_error(
+            dsllm("evaluate", "--checkpoint", run_dir, "--choices", path, expect=None), f"{path}:2:", fragment
+        )
 
 
 def test_weights_of_another_model_or_damaged_files_are_refused(run_dir, dataset_dir, tmp_path):
@@ -153,8 +199,12 @@ def test_weights_of_another_model_or_damaged_files_are_refused(run_dir, dataset_
     config = json.loads((other / "config.json").read_text())
     config["model"]["d_model"] = 2 * config["model"]["d_model"]
     (other / "config.json").write_text(json.dumps(config))
-    assert_user_error(dsllm("evaluate", "--checkpoint", other, "--data", dataset_dir, expect=None),
-                      "cannot load these weights", "size mismatch", "another model")
+    assert_user_error(
+        dsllm("evaluate", "--checkpoint", other, "--data", dataset_dir, expect=None),
+        "cannot load these weights",
+        "size mismatch",
+        "another model",
+    )
     damaged = tmp_path / "damaged"  # no final weights, and the newest checkpoint's optimizer shards cut short
     shutil.copytree(run_dir, damaged)
     (damaged / "model.safetensors").unlink()
@@ -162,34 +212,68 @@ def test_weights_of_another_model_or_damaged_files_are_refused(run_dir, dataset_
     assert shards
     for shard in shards:
         shard.write_bytes(shard.read_bytes()[:1000])
-    assert_user_error(dsllm("generate", "--checkpoint", damaged, "--prompt", "doc", expect=None),
-                      "cannot load these weights", "damaged")
+    assert_user_error(
+        dsllm("generate", "--checkpoint", damaged, "--prompt", "doc", expect=None),
+        "cannot load these weights",
+        "damaged",
+    )
 
 
 # -- generate --------------------------------------------------------------------------------------------
 def model_greedy(model, tokenizer, prompt: str, new_tokens: int) -> str:
     eot = tokenizer.token_to_id("<|endoftext|>")
-    ids = model.generate([[eot] + tokenizer.encode(prompt).ids], new_tokens, temperature=0, eos_id=eot,
-                         vocab_size=tokenizer.get_vocab_size(with_added_tokens=True))[0]
+    ids = model.generate(
+        [[eot] + tokenizer.encode(prompt).ids],
+        new_tokens,
+        temperature=0,
+        eos_id=eot,
+        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+    )[0]
     return prompt + tokenizer.decode(ids) + "\n"
 
 
 def test_greedy_generation_is_the_models_own(run_dir, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     expected = model_greedy(model, tokenizer, "doc 5: the", 20)
-    greedy = dsllm("generate", "--checkpoint", run_dir, "--prompt", "doc 5: the", "--max-new-tokens", 20,
-                   "--temperature", 0).stdout
+    greedy = dsllm(
+        "generate", "--checkpoint", run_dir, "--prompt", "doc 5: the", "--max-new-tokens", 20, "--temperature", 0
+    ).stdout
     assert greedy == expected and len(expected) > len("doc 5: the\n") + 10
-    top_k_1 = dsllm("generate", "--checkpoint", run_dir, "--prompt", "doc 5: the", "--max-new-tokens", 20,
-                    "--temperature", 1.5, "--top-k", 1, "--seed", 4).stdout
+    top_k_1 = dsllm(
+        "generate",
+        "--checkpoint",
+        run_dir,
+        "--prompt",
+        "doc 5: the",
+        "--max-new-tokens",
+        20,
+        "--temperature",
+        1.5,
+        "--top-k",
+        1,
+        "--seed",
+        4,
+    ).stdout
     assert top_k_1 == expected
 
 
 def test_seeds_reproduce_and_prompts_run_in_turn(run_dir, tmp_path):
     def sample(*prompts, seed=7):
         args = [a for p in prompts for a in ("--prompt", p)]
-        return dsllm("generate", "--checkpoint", run_dir, *args, "--max-new-tokens", 24, "--temperature", 1.5,
-                     "--top-p", 0.95, "--seed", seed)
+        return dsllm(
+            "generate",
+            "--checkpoint",
+            run_dir,
+            *args,
+            "--max-new-tokens",
+            24,
+            "--temperature",
+            1.5,
+            "--top-p",
+            0.95,
+            "--seed",
+            seed,
+        )
 
     first = sample("doc 9:")
     assert not first.stderr.strip()  # the seed was given, so nothing to report
@@ -201,8 +285,21 @@ def test_seeds_reproduce_and_prompts_run_in_turn(run_dir, tmp_path):
     (tmp_path / "prompts.txt").write_text("doc 9:\n\nthe model\n")
     (tmp_path / "prompts.jsonl").write_text('"doc 9:"\n{"prompt": "the model"}\n')
     for file in ("prompts.txt", "prompts.jsonl"):
-        proc = dsllm("generate", "--checkpoint", run_dir, "--prompt-file", tmp_path / file, "--max-new-tokens", 24,
-                     "--temperature", 1.5, "--top-p", 0.95, "--seed", 7)
+        proc = dsllm(
+            "generate",
+            "--checkpoint",
+            run_dir,
+            "--prompt-file",
+            tmp_path / file,
+            "--max-new-tokens",
+            24,
+            "--temperature",
+            1.5,
+            "--top-p",
+            0.95,
+            "--seed",
+            7,
+        )
         assert proc.stdout == both
     unseeded = dsllm("generate", "--checkpoint", run_dir, "--max-new-tokens", 8)  # no prompt: from <|endoftext|>
     seed = unseeded.stderr.split()[1]
@@ -228,17 +325,39 @@ def test_tokens_stream_as_they_are_produced(run_dir, model_and_tokenizer, monkey
 
     recorder = Recorder()
     monkeypatch.setattr(sys, "stdout", recorder)
-    assert generate.main(["--checkpoint", str(run_dir), "--prompt", "doc 5: the", "--max-new-tokens", "20",
-                          "--temperature", "0"]) == 0
+    assert (
+        generate.main(
+            ["--checkpoint", str(run_dir), "--prompt", "doc 5: the", "--max-new-tokens", "20", "--temperature", "0"]
+        )
+        == 0
+    )
     monkeypatch.undo()
     model, tokenizer = model_and_tokenizer
     assert recorder.getvalue() == model_greedy(model, tokenizer, "doc 5: the", 20)
-    assert recorder.pieces[0] == "doc 5: the" and len(recorder.pieces) >= 10 and recorder.flushed == len(recorder.pieces)
+    assert (
+        recorder.pieces[0] == "doc 5: the" and len(recorder.pieces) >= 10 and recorder.flushed == len(recorder.pieces)
+    )
 
     # the same through a pipe, read while the command runs
-    proc = subprocess.Popen([sys.executable, "-m", "dsllm", "generate", "--checkpoint", str(run_dir), "--prompt",
-                             "doc 5: the", "--max-new-tokens", "20", "--temperature", "0"], cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dsllm",
+            "generate",
+            "--checkpoint",
+            str(run_dir),
+            "--prompt",
+            "doc 5: the",
+            "--max-new-tokens",
+            "20",
+            "--temperature",
+            "0",
+        ],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+    )
     chunks = []
     while chunk := proc.stdout.read1(4096):
         chunks.append(chunk)

@@ -1,15 +1,16 @@
 """Hugging Face export: transformers' logits equal ours for every family (the peer toolkits' most
 reported failure is gibberish after conversion)."""
+
 import json
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import ROOT, assert_user_error
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import ROOT, assert_user_error
 from dsllm.checkpoint import load_model_dir, save_model_dir
 from dsllm.export import export_hf
 from dsllm.model import GPT
@@ -81,14 +82,20 @@ def test_tokenizer_loads_with_autotokenizer(tmp_path, tokenizer_dir):
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == hf_tok.eos_token_id
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(norm="rmsnorm"), r"model.norm = 'rmsnorm' has no Hugging Face equivalent .*GPT2LMHeadModel needs norm = 'layernorm'"),
-    (dict(mlp="swiglu"), r"model.mlp = 'swiglu' .*GPT2LMHeadModel needs mlp = 'gelu'"),
-    (dict(bias=False), r"model.bias = False .*GPT2LMHeadModel needs bias = True"),
-    (dict(n_kv_heads=2), r"model.n_kv_heads = 2 .*no grouped-query attention"),
-    (dict(positions="rope"), r"model.norm = 'layernorm' .*LlamaForCausalLM needs norm = 'rmsnorm'"),
-    (dict(positions="rope", norm="rmsnorm"), r"model.mlp = 'gelu' .*LlamaForCausalLM needs mlp = 'swiglu'"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (
+            dict(norm="rmsnorm"),
+            r"model.norm = 'rmsnorm' has no Hugging Face equivalent .*GPT2LMHeadModel needs norm = 'layernorm'",
+        ),
+        (dict(mlp="swiglu"), r"model.mlp = 'swiglu' .*GPT2LMHeadModel needs mlp = 'gelu'"),
+        (dict(bias=False), r"model.bias = False .*GPT2LMHeadModel needs bias = True"),
+        (dict(n_kv_heads=2), r"model.n_kv_heads = 2 .*no grouped-query attention"),
+        (dict(positions="rope"), r"model.norm = 'layernorm' .*LlamaForCausalLM needs norm = 'rmsnorm'"),
+        (dict(positions="rope", norm="rmsnorm"), r"model.mlp = 'gelu' .*LlamaForCausalLM needs mlp = 'swiglu'"),
+    ],
+)
 def test_combinations_without_an_hf_equivalent_are_refused(tmp_path, tokenizer_dir, fields, message):
     with pytest.raises(ConfigError, match=message):
         export_hf(random_model(fields), tokenizer_dir / "tokenizer.json", tmp_path / "hf")
@@ -103,8 +110,22 @@ def test_command_exports_a_model_folder(tmp_path, tokenizer_dir):
     assert torch.equal(model(idx)[0], reloaded(idx)[0])
 
     def export(*extra):
-        return subprocess.run([sys.executable, "-m", "dsllm", "export", "--checkpoint", str(tmp_path / "run"),
-                               "--output", str(tmp_path / "hf"), *extra], capture_output=True, text=True, cwd=ROOT)
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "dsllm",
+                "export",
+                "--checkpoint",
+                str(tmp_path / "run"),
+                "--output",
+                str(tmp_path / "hf"),
+                *extra,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
 
     proc = export()
     assert proc.returncode == 0, proc.stderr
@@ -112,8 +133,21 @@ def test_command_exports_a_model_folder(tmp_path, tokenizer_dir):
     assert max_logit_diff(model, tmp_path / "hf")[0] < 1e-4
     assert_user_error(export(), "exists and is not empty", "--overwrite")
     assert export("--overwrite").returncode == 0
-    proc = subprocess.run([sys.executable, "-m", "dsllm", "export", "--checkpoint", str(tmp_path / "nothing"),
-                           "--output", str(tmp_path / "hf2")], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsllm",
+            "export",
+            "--checkpoint",
+            str(tmp_path / "nothing"),
+            "--output",
+            str(tmp_path / "hf2"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert_user_error(proc, "nothing: no model here")
 
 
@@ -133,16 +167,29 @@ def test_export_and_consolidate_refuse_an_output_over_their_input(tmp_path, toke
     before = snapshot(tmp_path)
 
     def dsllm(command, checkpoint, output, *extra):
-        return subprocess.run([sys.executable, "-m", "dsllm", command, "--checkpoint", str(checkpoint),
-                               "--output", str(output), *extra], capture_output=True, text=True, cwd=ROOT)
+        return subprocess.run(
+            [sys.executable, "-m", "dsllm", command, "--checkpoint", str(checkpoint), "--output", str(output), *extra],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
 
-    for checkpoint, output, relation in ((run, run, "contains"), (run, tmp_path / "link", "contains"),
-                                         (tag, tag / "hf", "lies inside"), (run, tmp_path, "contains")):
-        assert_user_error(dsllm("export", checkpoint, output, "--overwrite"), f"--output {output} {relation} ",
-                          "which --checkpoint reads", "choose another --output")
+    for checkpoint, output, relation in (
+        (run, run, "contains"),
+        (run, tmp_path / "link", "contains"),
+        (tag, tag / "hf", "lies inside"),
+        (run, tmp_path, "contains"),
+    ):
+        assert_user_error(
+            dsllm("export", checkpoint, output, "--overwrite"),
+            f"--output {output} {relation} ",
+            "which --checkpoint reads",
+            "choose another --output",
+        )
     for checkpoint, output, relation in ((run, run, "contains"), (tag, tag, "is")):
-        assert_user_error(dsllm("consolidate", checkpoint, output), f"--output {output} {relation} ",
-                          "which --checkpoint reads")
+        assert_user_error(
+            dsllm("consolidate", checkpoint, output), f"--output {output} {relation} ", "which --checkpoint reads"
+        )
     assert snapshot(tmp_path) == before
     proc = dsllm("export", run, run / "hf")  # a new folder inside the run reads none of it: allowed
     assert proc.returncode == 0, proc.stderr

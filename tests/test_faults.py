@@ -1,5 +1,6 @@
 """Faults: a rank killed with SIGKILL ends the whole job quickly with a message naming the rank, and
 launch/supervise.py restarts the job, which resumes from its last checkpoint to the same losses."""
+
 import json
 import subprocess
 import sys
@@ -7,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 from test_pretrain import command, env, pretrain, train_records
 
@@ -18,8 +18,9 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, limit: float = 3
     deadline = time.time() + limit
     metrics = out / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any("loss" in line and json.loads(line)["step"] >= step
-                                    for line in metrics.read_text().splitlines()):
+        if metrics.exists() and any(
+            "loss" in line and json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()
+        ):
             return
         time.sleep(0.05)
     raise AssertionError(f"step {step} never came")
@@ -29,8 +30,9 @@ def rank_process(proc: subprocess.Popen, local_rank: int):
     """The rank among the descendants of a process this test started (never a process found by name)."""
     import psutil
 
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
-             if f"--local_rank={local_rank}" in p.cmdline()]
+    ranks = [
+        p for p in psutil.Process(proc.pid).children(recursive=True) if f"--local_rank={local_rank}" in p.cmdline()
+    ]
     assert len(ranks) == 1, f"expected one rank {local_rank} under pid {proc.pid}, found {ranks}"
     return ranks[0]
 
@@ -41,8 +43,14 @@ def kill_rank(proc: subprocess.Popen, local_rank: int, sig: int = 9) -> None:
 
 def test_a_dead_rank_ends_the_job_and_the_log_names_it(dataset_dir, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(command(dataset_dir, out, *ARGS[:1], 100000, *ARGS[2:], ranks=2), cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        command(dataset_dir, out, *ARGS[:1], 100000, *ARGS[2:], ranks=2),
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     wait_for_step(out, 3, proc)
     killed = time.time()
     kill_rank(proc, 1)
@@ -55,9 +63,19 @@ def test_a_dead_rank_ends_the_job_and_the_log_names_it(dataset_dir, tmp_path):
 def test_supervisor_restarts_and_the_run_resumes_exactly(dataset_dir, tmp_path):
     pretrain(dataset_dir, tmp_path / "whole", *ARGS, ranks=2)
     out = tmp_path / "run"
-    supervised = [sys.executable, "launch/supervise.py", "--max-restarts", "2", "--restart-delay", "0.5", "--",
-                  *command(dataset_dir, out, *ARGS, ranks=2)]
-    proc = subprocess.Popen(supervised, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    supervised = [
+        sys.executable,
+        "launch/supervise.py",
+        "--max-restarts",
+        "2",
+        "--restart-delay",
+        "0.5",
+        "--",
+        *command(dataset_dir, out, *ARGS, ranks=2),
+    ]
+    proc = subprocess.Popen(
+        supervised, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     wait_for_step(out, 7, proc)
     kill_rank(proc, 1)  # the injected failure
     output, _ = proc.communicate(timeout=600)
@@ -78,9 +96,24 @@ def test_supervisor_gives_up_after_max_restarts_and_never_retries_user_errors(tm
     assert messages[-1] == "supervise: the job failed (exit code 7) and --max-restarts 2 are used up"
     assert len(messages) == 3
     messages.clear()
-    assert supervise([sys.executable, "-c", "import sys; sys.exit(2)"], max_restarts=5, delay=0,
-                     log=messages.append) == 2
+    assert (
+        supervise([sys.executable, "-c", "import sys; sys.exit(2)"], max_restarts=5, delay=0, log=messages.append) == 2
+    )
     assert messages == []
-    proc = subprocess.run([sys.executable, "launch/supervise.py", "--max-restarts", "1", "--", "python",
-                           "launch/pretrain.py", "--resume", "none"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "launch/supervise.py",
+            "--max-restarts",
+            "1",
+            "--",
+            "python",
+            "launch/pretrain.py",
+            "--resume",
+            "none",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2 and "must resume automatically" in proc.stderr

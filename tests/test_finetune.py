@@ -1,6 +1,7 @@
 """launch/finetune.py: supervised fine-tuning of a pretrained run under the DeepSpeed launcher. Packing keeps
 attention inside each example, the loss counts reply tokens only, and a task the pretrained model cannot do
 (reversing short strings) goes from no exact matches to most of them."""
+
 import dataclasses
 import json
 import random
@@ -9,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, assert_user_error
 from test_pretrain import VENV_BIN, env, free_port, pretrain
 
@@ -21,7 +21,9 @@ def reversal_task(path, count, seed=0):
             letters = " ".join(rng.choice("abcdefgh") for _ in range(rng.randint(3, 5)))
             if letters not in seen:
                 seen.add(letters)
-                f.write(json.dumps({"prompt": "reverse: " + letters, "response": " ".join(letters.split()[::-1])}) + "\n")
+                f.write(
+                    json.dumps({"prompt": "reverse: " + letters, "response": " ".join(letters.split()[::-1])}) + "\n"
+                )
     return path
 
 
@@ -33,15 +35,32 @@ def pretrained(tmp_path_factory):
 
     data = build_default_dataset(max_bytes=300_000, vocab_size=1000, log=lambda message: None)
     out = tmp_path_factory.mktemp("sft") / "base"
-    pretrain(data, out, "--max-steps", 20, "--seq-len", 64, "--precision", "fp32", "--sample-tokens", 0, ds="zero0.json")
+    pretrain(
+        data, out, "--max-steps", 20, "--seq-len", 64, "--precision", "fp32", "--sample-tokens", 0, ds="zero0.json"
+    )
     return out
 
 
 def finetune(init, data, out, *args, ranks=1, ds="zero2.json", expect=0):
-    script = ["launch/finetune.py", "--ds_config", f"ds_configs/{ds}", "--init", str(init), "--data", str(data),
-              "--out", str(out), "--precision", "fp32", *map(str, args)]
-    cmd = [sys.executable, *script] if ranks == 1 else [
-        str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), *script]
+    script = [
+        "launch/finetune.py",
+        "--ds_config",
+        f"ds_configs/{ds}",
+        "--init",
+        str(init),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--precision",
+        "fp32",
+        *map(str, args),
+    ]
+    cmd = (
+        [sys.executable, *script]
+        if ranks == 1
+        else [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), *script]
+    )
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     if expect is not None:
         assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -51,8 +70,23 @@ def finetune(init, data, out, *args, ranks=1, ds="zero2.json", expect=0):
 def test_reversal_is_learned_only_by_fine_tuning(tmp_path, pretrained):
     data = reversal_task(tmp_path / "reverse.jsonl", 2000)
     out = tmp_path / "sft"
-    proc = finetune(pretrained, data, out, "--max-steps", 1000, "--lr", "1e-2", "--warmup-steps", 30,
-                    "--micro-batch-size", 32, "--log-interval", 100, "--eval-examples", 100)
+    proc = finetune(
+        pretrained,
+        data,
+        out,
+        "--max-steps",
+        1000,
+        "--lr",
+        "1e-2",
+        "--warmup-steps",
+        30,
+        "--micro-batch-size",
+        32,
+        "--log-interval",
+        100,
+        "--eval-examples",
+        100,
+    )
     summary = json.loads((out / "finetune.json").read_text())
     # measured (2026-11-29, this base): 0.00 before; after 1,000 steps 1.00 on seeds 1234 and 7, 0.04 on seed 11
     # (0.85 at 700 steps on 1234). Learning comes as a phase change whose step varies by seed; at micro batch 16
@@ -62,9 +96,26 @@ def test_reversal_is_learned_only_by_fine_tuning(tmp_path, pretrained):
     assert summary["train_examples"] == 1900 and summary["val_examples"] == 100 and summary["truncated"] == 0
     assert "before: val loss" in proc.stdout and "after: val loss" in proc.stdout
     # the result is a model folder the other commands take; generate --chat wraps prompts in the same template
-    answer = subprocess.run([sys.executable, "-m", "dsllm", "generate", "--checkpoint", str(out), "--chat", "--prompt",
-                             "reverse: a b c d", "--temperature", "0"], cwd=ROOT, env=env(), capture_output=True,
-                            text=True, timeout=300)
+    answer = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsllm",
+            "generate",
+            "--checkpoint",
+            str(out),
+            "--chat",
+            "--prompt",
+            "reverse: a b c d",
+            "--temperature",
+            "0",
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert answer.returncode == 0, answer.stderr
     assert answer.stdout == "user: reverse: a b c d\nassistant: d c b a\n"
 
@@ -72,8 +123,23 @@ def test_reversal_is_learned_only_by_fine_tuning(tmp_path, pretrained):
 def test_two_ranks_zero3_from_a_pretrained_run(tmp_path, pretrained):
     data = reversal_task(tmp_path / "reverse.jsonl", 200)
     out = tmp_path / "sft"
-    proc = finetune(pretrained, data, out, "--max-steps", 20, "--lr", "3e-3", "--micro-batch-size", 4,
-                    "--log-interval", 10, "--eval-examples", 4, ranks=2, ds="zero3.json")
+    proc = finetune(
+        pretrained,
+        data,
+        out,
+        "--max-steps",
+        20,
+        "--lr",
+        "3e-3",
+        "--micro-batch-size",
+        4,
+        "--log-interval",
+        10,
+        "--eval-examples",
+        4,
+        ranks=2,
+        ds="zero3.json",
+    )
     assert "2 rank(s), ZeRO-3" in proc.stdout and proc.stdout.count("fine-tuned model:") == 1
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and losses[1] < losses[0]
@@ -94,10 +160,16 @@ def test_packing_keeps_attention_inside_each_example(pretrained):
     torch.manual_seed(0)
     model = GPT(dataclasses.replace(base.config, max_seq_len=128)).eval()
     eot = eot_id(tokenizer)
-    conversations = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
-                     [{"role": "system", "content": "x"}, {"role": "user", "content": "a"},
-                      {"role": "assistant", "content": "dsllm"}, {"role": "user", "content": "b"},
-                      {"role": "assistant", "content": "no"}]]
+    conversations = [
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        [
+            {"role": "system", "content": "x"},
+            {"role": "user", "content": "a"},
+            {"role": "assistant", "content": "dsllm"},
+            {"role": "user", "content": "b"},
+            {"role": "assistant", "content": "no"},
+        ],
+    ]
     examples = [tokenize(m, tokenizer, eot) for m in conversations]
     assert sum(len(ids) - 1 for ids, _ in examples) <= 120
     packed = pack(examples, 128)
@@ -108,21 +180,24 @@ def test_packing_keeps_attention_inside_each_example(pretrained):
         start = 0
         for ids, trained in examples:
             alone, _ = model(torch.tensor([ids[:-1]]))
-            torch.testing.assert_close(logits[0, start:start + len(ids) - 1], alone[0], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(logits[0, start : start + len(ids) - 1], alone[0], rtol=1e-4, atol=1e-4)
             expected = [t if keep else -100 for t, keep in zip(ids[1:], trained[1:])]  # replies (and their EOT)
-            assert batch["targets"][0, start:start + len(ids) - 1].tolist() == expected
+            assert batch["targets"][0, start : start + len(ids) - 1].tolist() == expected
             start += len(ids) - 1
         assert (batch["targets"][0, start:] == -100).all() and (packed.segments[0, start:] == -1).all()
     reply = tokenizer.decode([t for t in batch["targets"][0].tolist() if t not in (-100, eot)])
     assert reply == "hellodsllmno"  # only assistant text is trained
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n', "reverse.jsonl:2: malformed JSON"),
-    ('{"prompt": "a", "answer": "b"}\n', 'reverse.jsonl:1: expected {"prompt": str, "response": str}'),
-    ('{"messages": [{"role": "user", "content": "a"}]}\n', "reverse.jsonl:1: no assistant message"),
-    ('{"messages": [{"role": "robot", "content": "a"}]}\n', "reverse.jsonl:1: \"messages\" must be a list"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompt": "a", "response": "b"}\n{"prompt": "a"\n', "reverse.jsonl:2: malformed JSON"),
+        ('{"prompt": "a", "answer": "b"}\n', 'reverse.jsonl:1: expected {"prompt": str, "response": str}'),
+        ('{"messages": [{"role": "user", "content": "a"}]}\n', "reverse.jsonl:1: no assistant message"),
+        ('{"messages": [{"role": "robot", "content": "a"}]}\n', 'reverse.jsonl:1: "messages" must be a list'),
+    ],
+)
 def test_bad_data_is_one_line(tmp_path, pretrained, content, message):
     (tmp_path / "reverse.jsonl").write_text(content)
     proc = finetune(pretrained, tmp_path / "reverse.jsonl", tmp_path / "out", expect=2)
@@ -154,10 +229,12 @@ def test_out_over_the_pretrained_run_or_the_data_is_refused(tmp_path, model_fold
     data = reversal_task(tmp_path / "data" / "reverse.jsonl", 10)
     (tmp_path / "link").symlink_to(model_folder)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    for out, fragments in ((model_folder, ("contains", "config.json, which --init reads")),
-                           (tmp_path / "link", ("contains", "(symlinks resolved), which --init reads")),
-                           (tmp_path / "data", ("contains", "reverse.jsonl, which --data reads")),
-                           (model_folder / "model.safetensors" / "x", ("lies inside", "which --init reads"))):
+    for out, fragments in (
+        (model_folder, ("contains", "config.json, which --init reads")),
+        (tmp_path / "link", ("contains", "(symlinks resolved), which --init reads")),
+        (tmp_path / "data", ("contains", "reverse.jsonl, which --data reads")),
+        (model_folder / "model.safetensors" / "x", ("lies inside", "which --init reads")),
+    ):
         proc = finetune(model_folder, data, out, expect=2)
         assert_user_error(proc, f"--out {out} ", *fragments, "choose another --out")
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
@@ -170,12 +247,15 @@ def test_a_literal_endoftext_in_an_example_is_text(model_folder):
 
     tokenizer = load_tokenizer(model_folder)
     eot = eot_id(tokenizer)
-    messages = [{"role": "user", "content": "split <|endoftext|> here?"},
-                {"role": "assistant", "content": "no<|endoftext|>never"}]
+    messages = [
+        {"role": "user", "content": "split <|endoftext|> here?"},
+        {"role": "assistant", "content": "no<|endoftext|>never"},
+    ]
     ids, trained = tokenize(messages, tokenizer, eot)
     assert [i for i, token in enumerate(ids) if token == eot] == [0, len(ids) - 1]  # the template's two only
     assert tokenizer.decode(ids[1:], skip_special_tokens=False) == (
-        "<|user|>\nsplit <|endoftext|> here?\n<|assistant|>\nno<|endoftext|>never<|endoftext|>")
+        "<|user|>\nsplit <|endoftext|> here?\n<|assistant|>\nno<|endoftext|>never<|endoftext|>"
+    )
     reply = [token for token, keep in zip(ids, trained) if keep]
     assert tokenizer.decode(reply, skip_special_tokens=False) == "no<|endoftext|>never<|endoftext|>"
     assert tokenizer.encode_special_tokens is False  # the caller's tokenizer is left as it was

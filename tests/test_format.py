@@ -1,9 +1,18 @@
 """The token file format: one module defines it; the writer and the reader agree on every field."""
+
 import numpy as np
 import pytest
 
-from dsllm.data.format import (HEADER_SIZE, MAGIC, TokenFile, TokenFileError, TokenFileWriter, dtype_for_vocab,
-                               paths_for, read_header)
+from dsllm.data.format import (
+    HEADER_SIZE,
+    MAGIC,
+    TokenFile,
+    TokenFileError,
+    TokenFileWriter,
+    dtype_for_vocab,
+    paths_for,
+    read_header,
+)
 from dsllm.errors import UserError
 
 

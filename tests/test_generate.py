@@ -1,4 +1,5 @@
 """generate(): the KV cache changes nothing but speed; sampling options behave; batches pad correctly."""
+
 import pytest
 import torch
 
@@ -7,8 +8,19 @@ from dsllm.model_config import ModelConfig
 
 CONFIGS = {
     "learned": dict(vocab_size=61, max_seq_len=48, n_layers=2, d_model=32, n_heads=4),
-    "rope_gqa": dict(vocab_size=61, max_seq_len=48, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2,
-                     positions="rope", norm="rmsnorm", mlp="swiglu", mlp_multiple_of=16, bias=False),
+    "rope_gqa": dict(
+        vocab_size=61,
+        max_seq_len=48,
+        n_layers=2,
+        d_model=32,
+        n_heads=4,
+        n_kv_heads=2,
+        positions="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        mlp_multiple_of=16,
+        bias=False,
+    ),
 }
 
 
@@ -38,9 +50,9 @@ def test_greedy_matches_argmax_of_a_plain_forward_and_batching_pads_correctly(ki
     for _ in range(10):  # the textbook loop: full forward, argmax of the last position
         logits, _ = model(torch.tensor([tokens]))
         tokens.append(int(logits[0, -1].argmax()))
-    assert model.generate([prompt], 10, temperature=0)[0] == tokens[len(prompt):]
+    assert model.generate([prompt], 10, temperature=0)[0] == tokens[len(prompt) :]
     batch = model.generate([[2, 7, 1, 8, 2, 8, 1, 8], prompt], 10, temperature=0)  # prompt is left-padded
-    assert batch[1] == tokens[len(prompt):]
+    assert batch[1] == tokens[len(prompt) :]
 
 
 def test_top_k_1_equals_greedy_and_seeds_reproduce():
@@ -58,7 +70,7 @@ def test_stops_at_end_of_text():
     free = model.generate([[1, 2]], 20, temperature=0)[0]
     eos = free[5]
     stopped = model.generate([[1, 2], [3]], 20, temperature=0, eos_id=eos)
-    assert stopped[0] == free[:free.index(eos) + 1]
+    assert stopped[0] == free[: free.index(eos) + 1]
     assert eos not in stopped[1][:-1] and (stopped[1][-1] == eos or len(stopped[1]) == 20)
 
 

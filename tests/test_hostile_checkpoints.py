@@ -1,6 +1,7 @@
 """Loading a checkpoint never runs code. A pickle whose payload would create a file, put in place of a checkpoint
 file, is refused by every command that reads that file (exit 2, one line naming it) and the payload never runs;
 the untouched checkpoints still load through every command."""
+
 import hashlib
 import json
 import os
@@ -12,7 +13,6 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, assert_user_error
 from test_pretrain import command, env, pretrain
 
@@ -93,14 +93,37 @@ def user_command(name, run_dir, data, tmp):
     """Each command as a user runs it on a run folder or its checkpoint, writing under `tmp`."""
     tag = run_dir / "checkpoints" / STEP
     if name == "finetune":
-        return [sys.executable, "launch/finetune.py", "--ds_config", "ds_configs/zero0.json", "--init", tag,
-                "--data", sft_data(tmp / "sft.jsonl"), "--out", tmp / "sft", "--precision", "fp32", "--max-steps", 1,
-                "--val-fraction", 0, "--micro-batch-size", 2, "--seq-len", 32]
-    return dsllm(*{"evaluate": ("evaluate", "--checkpoint", tag, "--data", data, "--max-windows", 2),
-                   "generate": ("generate", "--checkpoint", tag, "--prompt", "doc", "--max-new-tokens", 2, "--seed", 0),
-                   "export": ("export", "--checkpoint", tag, "--output", tmp / "hf"),
-                   "consolidate": ("consolidate", "--checkpoint", run_dir, "--output", tmp / "model"),
-                   "report": ("report", run_dir, "--out", tmp / "report")}[name])
+        return [
+            sys.executable,
+            "launch/finetune.py",
+            "--ds_config",
+            "ds_configs/zero0.json",
+            "--init",
+            tag,
+            "--data",
+            sft_data(tmp / "sft.jsonl"),
+            "--out",
+            tmp / "sft",
+            "--precision",
+            "fp32",
+            "--max-steps",
+            1,
+            "--val-fraction",
+            0,
+            "--micro-batch-size",
+            2,
+            "--seq-len",
+            32,
+        ]
+    return dsllm(
+        *{
+            "evaluate": ("evaluate", "--checkpoint", tag, "--data", data, "--max-windows", 2),
+            "generate": ("generate", "--checkpoint", tag, "--prompt", "doc", "--max-new-tokens", 2, "--seed", 0),
+            "export": ("export", "--checkpoint", tag, "--output", tmp / "hf"),
+            "consolidate": ("consolidate", "--checkpoint", run_dir, "--output", tmp / "model"),
+            "report": ("report", run_dir, "--out", tmp / "report"),
+        }[name]
+    )
 
 
 LIGHT = ["evaluate", "generate", "export", "consolidate", "report"]  # each reads the whole checkpoint in one process

@@ -1,25 +1,33 @@
 """The launch scripts: each builds the command its cluster kind needs (DRY_RUN=1 prints it), and the
 Slurm script really runs: a stand-in `scontrol` and `srun` start one launcher per "node" here."""
+
 import os
 import subprocess
-
 
 from conftest import ROOT
 from test_pretrain import SMALL_MODEL, VENV_BIN, env, free_port, train_records
 
 
 def dry_run(script, *args, **variables):
-    proc = subprocess.run(["bash", f"launch/{script}", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "DRY_RUN": "1", **variables}, timeout=60)
+    proc = subprocess.run(
+        ["bash", f"launch/{script}", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DRY_RUN": "1", **variables},
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 
 
 def test_single_node_scripts():
     assert dry_run("single_node_a100.sh", "--max-steps", 5) == (
-        "deepspeed --num_gpus 8 launch/pretrain.py --ds_config ds_configs/zero2.json --max-steps 5")
+        "deepspeed --num_gpus 8 launch/pretrain.py --ds_config ds_configs/zero2.json --max-steps 5"
+    )
     assert dry_run("single_node_4090.sh", "--x", NUM_GPUS="2") == (
-        "deepspeed --num_gpus 2 launch/pretrain.py --ds_config ds_configs/zero2.json --x")
+        "deepspeed --num_gpus 2 launch/pretrain.py --ds_config ds_configs/zero2.json --x"
+    )
     assert "--ds_config ds_configs/zero3_offload.json" in dry_run("single_node_4090.sh", OFFLOAD="1", NUM_GPUS="4")
     assert dry_run("single_node_4090.sh").startswith("deepspeed --num_gpus 1 ")  # no nvidia-smi here: one GPU
     env_lines = (ROOT / "launch" / "single_node_4090.sh").read_text()
@@ -31,15 +39,21 @@ def test_multi_node_scripts(tmp_path):
     hostfile.write_text("# cluster\nnode-a slots=8\nnode-b slots=8\n")
     assert dry_run("multinode_hostfile.sh", hostfile, "--y") == (
         f"deepspeed --hostfile {hostfile} --master_addr node-a --master_port 29500 launch/pretrain.py "
-        "--ds_config ds_configs/zero2.json --y")
+        "--ds_config ds_configs/zero2.json --y"
+    )
     mpi = dry_run("multinode_mpi.sh", hostfile, "--y")
     assert mpi.startswith(f"mpirun -np 16 --hostfile {hostfile} --map-by ppr:8:node")
     assert mpi.endswith("launch/pretrain.py --ds_config ds_configs/zero2.json --y")
 
 
 def test_every_variable_a_script_sets_is_explained():
-    for script in ("single_node_a100.sh", "single_node_4090.sh", "multinode_hostfile.sh", "multinode_mpi.sh",
-                   "slurm.sbatch"):
+    for script in (
+        "single_node_a100.sh",
+        "single_node_4090.sh",
+        "multinode_hostfile.sh",
+        "multinode_mpi.sh",
+        "slurm.sbatch",
+    ):
         for line in (ROOT / "launch" / script).read_text().splitlines():
             if line.startswith("export "):
                 assert "  # " in line, f"{script}: {line}"
@@ -50,18 +64,51 @@ def test_slurm_script_runs_one_launcher_per_node(dataset_dir, tmp_path):
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf '127.0.0.1\\nlocalhost\\n'\n")
     # srun: run the per-node command once per node, as Slurm would on each allocated host
-    (bin_dir / "srun").write_text('#!/bin/bash\nfor i in 0 1; do SLURM_NODEID=$i "${@: -3}" & done\nwait -n && wait -n\n')
+    (bin_dir / "srun").write_text(
+        '#!/bin/bash\nfor i in 0 1; do SLURM_NODEID=$i "${@: -3}" & done\nwait -n && wait -n\n'
+    )
     for shim in ("scontrol", "srun"):
         os.chmod(bin_dir / shim, 0o755)
     out = tmp_path / "run"
-    variables = {**env(), "PATH": f"{bin_dir}:{VENV_BIN}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
-                 "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "2",
-                 "SLURM_SUBMIT_DIR": str(ROOT), "GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port()),
-                 "HOSTFILE": str(tmp_path / "hostfile.42")}
-    args = ["--data", dataset_dir, "--out", out, *SMALL_MODEL, "--seq-len", 32, "--max-steps", 4,
-            "--micro-batch-size", 4, "--precision", "fp32", "--sample-tokens", 0, "--log-interval", 1]
-    proc = subprocess.run(["bash", "launch/slurm.sbatch", *map(str, args)], cwd=ROOT, env=variables,
-                          capture_output=True, text=True, timeout=600)
+    variables = {
+        **env(),
+        "PATH": f"{bin_dir}:{VENV_BIN}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "42",
+        "SLURM_JOB_NODELIST": "node[1-2]",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_CPUS_PER_TASK": "2",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "GPUS_PER_NODE": "1",
+        "MASTER_PORT": str(free_port()),
+        "HOSTFILE": str(tmp_path / "hostfile.42"),
+    }
+    args = [
+        "--data",
+        dataset_dir,
+        "--out",
+        out,
+        *SMALL_MODEL,
+        "--seq-len",
+        32,
+        "--max-steps",
+        4,
+        "--micro-batch-size",
+        4,
+        "--precision",
+        "fp32",
+        "--sample-tokens",
+        0,
+        "--log-interval",
+        1,
+    ]
+    proc = subprocess.run(
+        ["bash", "launch/slurm.sbatch", *map(str, args)],
+        cwd=ROOT,
+        env=variables,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "hostfile.42").read_text() == "127.0.0.1 slots=1\nlocalhost slots=1\n"
     assert "--loader-workers 1" in proc.stdout + proc.stderr
@@ -77,15 +124,28 @@ def test_slurm_script_requeues_a_run_stopped_with_a_checkpoint(tmp_path):
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 75\n")  # every rank saved on SIGUSR1 and exited with 75
     for shim in ("scontrol", "srun"):
         os.chmod(bin_dir / shim, 0o755)
-    variables = {**env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42",
-                 "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1", "SLURM_SUBMIT_DIR": str(ROOT),
-                 "HOSTFILE": str(tmp_path / "hostfile.42")}
-    proc = subprocess.run(["bash", "launch/slurm.sbatch", "--max-steps", "4"], cwd=ROOT, env=variables,
-                          capture_output=True, text=True, timeout=60)
+    variables = {
+        **env(),
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "42",
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_SUBMIT_DIR": str(ROOT),
+        "HOSTFILE": str(tmp_path / "hostfile.42"),
+    }
+    proc = subprocess.run(
+        ["bash", "launch/slurm.sbatch", "--max-steps", "4"],
+        cwd=ROOT,
+        env=variables,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 75, proc.stderr
     assert "requeue 42" in calls.read_text() and "requeueing job 42" in proc.stderr
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # a failure is not requeued
     calls.unlink()
-    proc = subprocess.run(["bash", "launch/slurm.sbatch"], cwd=ROOT, env=variables, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        ["bash", "launch/slurm.sbatch"], cwd=ROOT, env=variables, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 1 and "requeue" not in calls.read_text()

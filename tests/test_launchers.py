@@ -1,6 +1,7 @@
 """The other multi-host launch paths, as far as a real cluster goes: MPI (plain `mpirun` with rank
 discovery through mpi4py, and `deepspeed --launcher openmpi`) and the hostfile + pdsh path over ssh
 to an sshd this test starts on loopback with a throwaway key. Each must match one host, two ranks."""
+
 import json
 import os
 import shutil
@@ -8,7 +9,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import ROOT
 from test_pretrain import VENV_BIN, command, env, free_port, train_records
 
@@ -18,8 +18,9 @@ ARGS = ["--max-steps", 4, "--micro-batch-size", 4, "--precision", "fp32", "--sav
 @pytest.fixture(scope="module")
 def reference(dataset_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
-    subprocess.run(command(dataset_dir, out, *ARGS, ranks=2), cwd=ROOT, env=env(), check=True, capture_output=True,
-                   timeout=600)
+    subprocess.run(
+        command(dataset_dir, out, *ARGS, ranks=2), cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600
+    )
     return train_records(out)
 
 
@@ -44,8 +45,17 @@ def test_plain_mpirun_discovers_ranks_through_mpi4py(dataset_dir, tmp_path, refe
     out = tmp_path / "run"
     train = command(dataset_dir, out, *ARGS)
     variables = ["DS_ACCELERATOR", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR"]
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2",
-           *[arg for name in variables for arg in ("-x", name)], "-x", f"MASTER_PORT={free_port()}", *train]
+    cmd = [
+        "mpirun",
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        "2",
+        *[arg for name in variables for arg in ("-x", name)],
+        "-x",
+        f"MASTER_PORT={free_port()}",
+        *train,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "on 2 rank(s)" in proc.stdout
@@ -57,10 +67,21 @@ def test_deepspeed_launcher_with_openmpi(dataset_dir, tmp_path, reference):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("localhost slots=2\n")
     out = tmp_path / "run"
-    cmd = [str(VENV_BIN / "deepspeed"), "--hostfile", str(hostfile), "--launcher", "openmpi", "--force_multi",
-           "--no_ssh_check", "--launcher_args=--allow-run-as-root --oversubscribe", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()),
-           *command(dataset_dir, out, *ARGS)[1:]]
+    cmd = [
+        str(VENV_BIN / "deepspeed"),
+        "--hostfile",
+        str(hostfile),
+        "--launcher",
+        "openmpi",
+        "--force_multi",
+        "--no_ssh_check",
+        "--launcher_args=--allow-run-as-root --oversubscribe",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *command(dataset_dir, out, *ARGS)[1:],
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert_same_losses(out, reference)
@@ -81,13 +102,46 @@ def sshd(tmp_path):
     os.chmod(keys / "authorized_keys", 0o600)
     os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
     port = free_port()
-    daemon = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", "/dev/null", "-p", str(port), "-h", str(keys / "host"),
-                               "-o", "ListenAddress=127.0.0.1", "-o", f"AuthorizedKeysFile={keys / 'authorized_keys'}",
-                               "-o", "StrictModes=no", "-o", "PermitRootLogin=prohibit-password",
-                               "-o", f"PidFile={keys / 'sshd.pid'}", "-o", "UsePAM=no"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    client = ["-i", str(keys / "user"), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-              "-o", "LogLevel=ERROR", "-o", "BatchMode=yes"]
+    daemon = subprocess.Popen(
+        [
+            "/usr/sbin/sshd",
+            "-D",
+            "-e",
+            "-f",
+            "/dev/null",
+            "-p",
+            str(port),
+            "-h",
+            str(keys / "host"),
+            "-o",
+            "ListenAddress=127.0.0.1",
+            "-o",
+            f"AuthorizedKeysFile={keys / 'authorized_keys'}",
+            "-o",
+            "StrictModes=no",
+            "-o",
+            "PermitRootLogin=prohibit-password",
+            "-o",
+            f"PidFile={keys / 'sshd.pid'}",
+            "-o",
+            "UsePAM=no",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    client = [
+        "-i",
+        str(keys / "user"),
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+        "-o",
+        "LogLevel=ERROR",
+        "-o",
+        "BatchMode=yes",
+    ]
     for _ in range(50):
         if subprocess.run(["ssh", "-p", str(port), *client, "127.0.0.1", "true"], capture_output=True).returncode == 0:
             break
@@ -105,11 +159,24 @@ def test_hostfile_pdsh_over_ssh(dataset_dir, tmp_path, reference, sshd):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
     ds_env = tmp_path / "deepspeed_env"  # what every remote rank must see, as a .deepspeed_env file
-    ds_env.write_text("".join(f"{k}={env()[k]}\n" for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR")))
+    ds_env.write_text(
+        "".join(f"{k}={env()[k]}\n" for k in ("DS_ACCELERATOR", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR"))
+    )
     out = tmp_path / "run"
     # --no_ssh_check: the launcher's reachability probe runs plain `ssh host` (no key option); pdsh gets the key
-    cmd = [str(VENV_BIN / "deepspeed"), "--hostfile", str(hostfile), "--master_addr", "127.0.0.1", "--no_ssh_check",
-           "--master_port", str(free_port()), "--ssh_port", str(sshd["port"]), *command(dataset_dir, out, *ARGS)[1:]]
+    cmd = [
+        str(VENV_BIN / "deepspeed"),
+        "--hostfile",
+        str(hostfile),
+        "--master_addr",
+        "127.0.0.1",
+        "--no_ssh_check",
+        "--master_port",
+        str(free_port()),
+        "--ssh_port",
+        str(sshd["port"]),
+        *command(dataset_dir, out, *ARGS)[1:],
+    ]
     run_env = {**env(), "DS_ENV_FILE": str(ds_env), "PDSH_SSH_ARGS_APPEND": " ".join(sshd["client"])}
     proc = subprocess.run(cmd, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -123,9 +190,23 @@ def test_preflight_checks_every_host(dataset_dir, tmp_path, sshd):
     hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
 
     def preflight(*args):
-        return subprocess.run([str(VENV_BIN / "python"), "launch/preflight.py", "--hostfile", str(hostfile),
-                               "--data", str(dataset_dir), *ssh, *map(str, args)], cwd=ROOT, env=env(),
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [
+                str(VENV_BIN / "python"),
+                "launch/preflight.py",
+                "--hostfile",
+                str(hostfile),
+                "--data",
+                str(dataset_dir),
+                *ssh,
+                *map(str, args),
+            ],
+            cwd=ROOT,
+            env=env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     proc = preflight("--ds_config", "ds_configs/zero2.json", "--micro-batch-size", 4)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -140,4 +221,7 @@ def test_preflight_checks_every_host(dataset_dir, tmp_path, sshd):
     assert proc.returncode == 2
     line = proc.stderr.strip()
     assert "pre-flight found 2 problem(s)" in line and "127.0.0.2: not reachable over ssh" in line
-    assert "train_batch_size 12 != train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 1 x data-parallel world size 2" in line
+    assert (
+        "train_batch_size 12 != train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 1 "
+        "x data-parallel world size 2" in line
+    )

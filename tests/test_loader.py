@@ -1,5 +1,6 @@
 """Training reads: windows from the memory map, and a sample order that survives any world size,
 worker count and resume."""
+
 import itertools
 
 import numpy as np
@@ -24,7 +25,7 @@ def test_windows_are_seq_len_plus_one_slices_of_the_stream(windows):
     for i in (0, 1, len(windows) - 1):
         w = windows[i]
         assert w.dtype == torch.int64 and w.shape == (SEQ + 1,)
-        assert w.tolist() == tokens[i * SEQ:i * SEQ + SEQ + 1].tolist()
+        assert w.tolist() == tokens[i * SEQ : i * SEQ + SEQ + 1].tolist()
     assert windows[1][0] == windows[0][-1]  # consecutive windows share the boundary token (input/target shift)
     with pytest.raises(IndexError):
         windows[len(windows)]
@@ -54,8 +55,10 @@ def test_order_is_a_pure_function_of_seed_fingerprint_seq_len_and_index():
 
 def steps(world_size, micro_batch, accumulation, step_count, windows, num_workers=0):
     """The set of windows each optimizer step sees, gathered over all ranks and micro-batches."""
-    loaders = [iter(ResumableLoader(windows, micro_batch, seed=3, rank=r, world_size=world_size,
-                                    num_workers=num_workers)) for r in range(world_size)]
+    loaders = [
+        iter(ResumableLoader(windows, micro_batch, seed=3, rank=r, world_size=world_size, num_workers=num_workers))
+        for r in range(world_size)
+    ]
     per_step = []
     for _ in range(step_count):
         seen = []
@@ -109,8 +112,9 @@ def test_resume_on_changed_data_is_a_loud_error(windows, dataset_dir):
 def test_memory_map_survives_fork_after_use(dataset_dir):
     tf = TokenFile(dataset_dir / "train")
     parent_view = tf.tokens[:5].tolist()  # opened in the parent before the loader forks
-    loader = torch.utils.data.DataLoader(TokenWindows(tf, SEQ), batch_size=2, num_workers=2,
-                                         multiprocessing_context="fork")
+    loader = torch.utils.data.DataLoader(
+        TokenWindows(tf, SEQ), batch_size=2, num_workers=2, multiprocessing_context="fork"
+    )
     batch = next(iter(loader))
     assert batch[0, :5].tolist() == parent_view
 

@@ -1,4 +1,5 @@
 """The GPT model: options, presets, parameter counts, FLOPs, checkpointing, and config-time errors."""
+
 import dataclasses
 
 import pytest
@@ -70,8 +71,12 @@ def test_weight_tying_and_init():
 
 def test_gpt2_presets_match_published_sizes():
     # GPT-2 as released: 124M / 355M / 774M / 1558M with vocab 50,257 and tied embeddings
-    expected = {"gpt2-124m": 124_439_808, "gpt2-350m": 354_823_168, "gpt2-774m": 774_030_080,
-                "gpt2-1.5b": 1_557_611_200}
+    expected = {
+        "gpt2-124m": 124_439_808,
+        "gpt2-350m": 354_823_168,
+        "gpt2-774m": 774_030_080,
+        "gpt2-1.5b": 1_557_611_200,
+    }
     for name, count in expected.items():
         assert resolve_model_config(name).num_parameters() == count, name
     assert count_parameters(GPT(resolve_model_config("gpt2-124m"))) == 124_439_808
@@ -93,8 +98,10 @@ def test_llama_preset_sizes_are_what_their_names_say():
 
 
 def test_overrides_and_json_files(tmp_path):
-    config = resolve_model_config("gpt2-124m", {"norm": "rmsnorm", "n_layers": "6", "dropout": "0.1",
-                                                "tie_embeddings": "false", "n_kv_heads": "null"})
+    config = resolve_model_config(
+        "gpt2-124m",
+        {"norm": "rmsnorm", "n_layers": "6", "dropout": "0.1", "tie_embeddings": "false", "n_kv_heads": "null"},
+    )
     assert (config.norm, config.n_layers, config.dropout, config.tie_embeddings) == ("rmsnorm", 6, 0.1, False)
     path = tmp_path / "m.json"
     path.write_text('{"model": {"d_model": 64, "n_heads": 2, "n_layers": 1, "vocab_size": 50}}')
@@ -107,16 +114,19 @@ def test_overrides_and_json_files(tmp_path):
         resolve_model_config("tiny", {"n_layers": "six"})
 
 
-@pytest.mark.parametrize("fields, message", [
-    (dict(d_model=30, n_heads=4), r"model.d_model = 30 is not divisible by model.n_heads = 4"),
-    (dict(n_heads=4, n_kv_heads=3), r"model.n_kv_heads = 3 does not divide model.n_heads = 4"),
-    (dict(norm="batchnorm"), r"model.norm = 'batchnorm': unknown; use one of layernorm, rmsnorm"),
-    (dict(positions="alibi"), r"model.positions = 'alibi': unknown"),
-    (dict(mlp="relu"), r"model.mlp = 'relu': unknown"),
-    (dict(activation_checkpointing="yes"), r"model.activation_checkpointing = 'yes': unknown"),
-    (dict(positions="rope", d_model=36, n_heads=4), r"needs an even head size"),
-    (dict(dropout=1.5), r"model.dropout = 1.5"),
-])
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(d_model=30, n_heads=4), r"model.d_model = 30 is not divisible by model.n_heads = 4"),
+        (dict(n_heads=4, n_kv_heads=3), r"model.n_kv_heads = 3 does not divide model.n_heads = 4"),
+        (dict(norm="batchnorm"), r"model.norm = 'batchnorm': unknown; use one of layernorm, rmsnorm"),
+        (dict(positions="alibi"), r"model.positions = 'alibi': unknown"),
+        (dict(mlp="relu"), r"model.mlp = 'relu': unknown"),
+        (dict(activation_checkpointing="yes"), r"model.activation_checkpointing = 'yes': unknown"),
+        (dict(positions="rope", d_model=36, n_heads=4), r"needs an even head size"),
+        (dict(dropout=1.5), r"model.dropout = 1.5"),
+    ],
+)
 def test_invalid_combinations_fail_at_config_time(fields, message, monkeypatch):
     built = []
     monkeypatch.setattr(torch.nn.Linear, "__init__", lambda *a, **k: built.append(1))
@@ -127,7 +137,9 @@ def test_invalid_combinations_fail_at_config_time(fields, message, monkeypatch):
 
 def test_sequence_longer_than_positions_allow():
     config = ModelConfig(**SMALL)
-    with pytest.raises(ConfigError, match=r"seq_len 33 is longer than model.max_seq_len = 32 \(learned positions allow\)"):
+    with pytest.raises(
+        ConfigError, match=r"seq_len 33 is longer than model.max_seq_len = 32 \(learned positions allow\)"
+    ):
         config.check_seq_len(33)
     with pytest.raises(ConfigError, match="seq_len 40"):
         GPT(config)(torch.zeros(1, 40, dtype=torch.long))
@@ -144,9 +156,13 @@ def test_rmsnorm_and_rotary():
     assert torch.allclose(rotated[:, :, 0], q[:, :, 0])  # position 0 is not rotated
     # relative positions: <R(m) q, R(n) k> depends only on m - n (here 3-1 == 4-2)
     k = torch.randn(1, 2, 1, 8)
+
     def score(m, n):
-        return (apply_rotary(q[:, :, :1], cos[:, :, m:m + 1], sin[:, :, m:m + 1])
-                * apply_rotary(k, cos[:, :, n:n + 1], sin[:, :, n:n + 1])).sum()
+        return (
+            apply_rotary(q[:, :, :1], cos[:, :, m : m + 1], sin[:, :, m : m + 1])
+            * apply_rotary(k, cos[:, :, n : n + 1], sin[:, :, n : n + 1])
+        ).sum()
+
     assert torch.allclose(score(3, 1), score(4, 2), atol=1e-5)
     assert not torch.allclose(score(3, 1), score(3, 2), atol=1e-3)
 

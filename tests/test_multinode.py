@@ -1,13 +1,13 @@
 """Two hosts on one machine: network namespaces joined by a veth pair (made here), each running its
 own DeepSpeed launcher (`--no_ssh --node_rank i`), must train to the same losses as one host with
 two ranks. Where the sandbox refuses namespaces, the test says so in its skip reason."""
+
 import os
 import shutil
 import subprocess
 import uuid
 
 import pytest
-
 from conftest import ROOT
 from test_pretrain import VENV_BIN, command, env, free_port, train_records
 
@@ -27,13 +27,18 @@ def two_hosts():
     names, interfaces = [f"dsllm-{tag}-h{i}" for i in range(2)], [f"dl{tag}a", f"dl{tag}b"]
     subnet = 100 + int(tag[:2], 16) % 100
     addresses = [f"10.213.{subnet}.1", f"10.213.{subnet}.2"]
-    steps = [("ip", "netns", "add", names[0]), ("ip", "netns", "add", names[1]),
-             ("ip", "link", "add", interfaces[0], "type", "veth", "peer", "name", interfaces[1])]
+    steps = [
+        ("ip", "netns", "add", names[0]),
+        ("ip", "netns", "add", names[1]),
+        ("ip", "link", "add", interfaces[0], "type", "veth", "peer", "name", interfaces[1]),
+    ]
     for i in range(2):
-        steps += [("ip", "link", "set", interfaces[i], "netns", names[i]),
-                  ("ip", "-n", names[i], "addr", "add", f"{addresses[i]}/24", "dev", interfaces[i]),
-                  ("ip", "-n", names[i], "link", "set", interfaces[i], "up"),
-                  ("ip", "-n", names[i], "link", "set", "lo", "up")]
+        steps += [
+            ("ip", "link", "set", interfaces[i], "netns", names[i]),
+            ("ip", "-n", names[i], "addr", "add", f"{addresses[i]}/24", "dev", interfaces[i]),
+            ("ip", "-n", names[i], "link", "set", interfaces[i], "up"),
+            ("ip", "-n", names[i], "link", "set", "lo", "up"),
+        ]
     try:
         for step in steps:
             result = sh(*step)
@@ -47,20 +52,40 @@ def two_hosts():
 
 def test_two_hosts_train_like_one_host_with_two_ranks(dataset_dir, tmp_path, two_hosts):
     single = tmp_path / "single"
-    subprocess.run(command(dataset_dir, single, *ARGS, ranks=2), cwd=ROOT, env=env(), check=True, capture_output=True,
-                   timeout=600)
+    subprocess.run(
+        command(dataset_dir, single, *ARGS, ranks=2), cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600
+    )
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{address} slots=1\n" for address in two_hosts["addresses"]))
     out, port = tmp_path / "multi", free_port()
     train_args = command(dataset_dir, out, *ARGS)[1:]  # launch/pretrain.py and its options
     launchers = []
     for rank, (name, interface) in enumerate(zip(two_hosts["names"], two_hosts["interfaces"])):
-        launcher = ["ip", "netns", "exec", name, str(VENV_BIN / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh",
-                    "--num_nodes", "2", "--node_rank", str(rank), "--master_addr", two_hosts["addresses"][0],
-                    "--master_port", str(port), *train_args]
+        launcher = [
+            "ip",
+            "netns",
+            "exec",
+            name,
+            str(VENV_BIN / "deepspeed"),
+            "--hostfile",
+            str(hostfile),
+            "--no_ssh",
+            "--num_nodes",
+            "2",
+            "--node_rank",
+            str(rank),
+            "--master_addr",
+            two_hosts["addresses"][0],
+            "--master_port",
+            str(port),
+            *train_args,
+        ]
         node_env = {**env(), "GLOO_SOCKET_IFNAME": interface}  # gloo talks over this host's own interface
-        launchers.append(subprocess.Popen(launcher, cwd=ROOT, env=node_env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True))
+        launchers.append(
+            subprocess.Popen(
+                launcher, cwd=ROOT, env=node_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
+        )
     outputs = [p.communicate(timeout=600)[0] for p in launchers]
     assert [p.returncode for p in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "on 2 rank(s)" in outputs[0]

@@ -1,5 +1,6 @@
 """Non-finite losses: the update is skipped and counted on every ZeRO stage and precision; K in a row
 abort the run (exit 3) with the last good checkpoint kept."""
+
 import json
 import math
 import subprocess
@@ -7,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
 from test_pretrain import SMALL_MODEL, env
 
@@ -32,18 +32,57 @@ sys.exit(main(sys.argv[2:]))
 
 def train(tmp_path, dataset_dir, ds, precision, bad_steps, *args):
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(sorted(bad_steps)),
-                           "--ds_config", str(ROOT / "ds_configs" / ds), "--data", str(dataset_dir), "--out", str(out),
-                           *SMALL_MODEL, "--seq-len", "32", "--micro-batch-size", "4", "--lr", "3e-3",
-                           "--eval-windows", "4", "--sample-tokens", "0", "--loader-workers", "0", "--log-interval", "1",
-                           "--precision", precision, *map(str, args)],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            DRIVER,
+            json.dumps(sorted(bad_steps)),
+            "--ds_config",
+            str(ROOT / "ds_configs" / ds),
+            "--data",
+            str(dataset_dir),
+            "--out",
+            str(out),
+            *SMALL_MODEL,
+            "--seq-len",
+            "32",
+            "--micro-batch-size",
+            "4",
+            "--lr",
+            "3e-3",
+            "--eval-windows",
+            "4",
+            "--sample-tokens",
+            "0",
+            "--loader-workers",
+            "0",
+            "--log-interval",
+            "1",
+            "--precision",
+            precision,
+            *map(str, args),
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()] if out.exists() else []
     return proc, out, [r for r in lines if "loss" in r]
 
 
-@pytest.mark.parametrize("ds, precision", [("zero0.json", "fp32"), ("zero0.json", "bf16"), ("zero2.json", "fp32"),
-                                           ("zero2.json", "bf16"), ("zero3.json", "bf16")])
+@pytest.mark.parametrize(
+    "ds, precision",
+    [
+        ("zero0.json", "fp32"),
+        ("zero0.json", "bf16"),
+        ("zero2.json", "fp32"),
+        ("zero2.json", "bf16"),
+        ("zero3.json", "bf16"),
+    ],
+)
 def test_transient_nan_is_skipped(tmp_path, dataset_dir, ds, precision):
     proc, out, records = train(tmp_path, dataset_dir, ds, precision, {3, 4}, "--max-steps", 8, "--save-interval", 8)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -62,8 +101,19 @@ def test_transient_nan_is_skipped(tmp_path, dataset_dir, ds, precision):
 
 
 def test_nan_streak_aborts_and_keeps_the_last_good_checkpoint(tmp_path, dataset_dir):
-    proc, out, _ = train(tmp_path, dataset_dir, "zero2.json", "fp32", range(5, 100), "--max-steps", 20,
-                         "--save-interval", 2, "--max-nonfinite-steps", 3)
+    proc, out, _ = train(
+        tmp_path,
+        dataset_dir,
+        "zero2.json",
+        "fp32",
+        range(5, 100),
+        "--max-steps",
+        20,
+        "--save-interval",
+        2,
+        "--max-nonfinite-steps",
+        3,
+    )
     err = [line for line in proc.stderr.strip().splitlines() if line.startswith("error")]
     assert proc.returncode == 3 and len(err) == 1, proc.stderr[-3000:]
     assert "3 non-finite losses in a row at step 7" in err[0] and "step00000004" in err[0] and "--lr" in err[0]

@@ -1,19 +1,26 @@
 """python -m dsllm plan: DeepSpeed's estimators for model states, activations, the fitting config, the largest
 micro batch, the Chinchilla budget; bad input is one line and exit 2."""
+
 import json
 import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from dsllm.model_config import resolve_model_config
 from dsllm.plan import activation_gib, model_for, parse_gpus
 
 
 def plan(*args, expect=0):
-    proc = subprocess.run([sys.executable, "-m", "dsllm", "plan", *args], cwd=ROOT, capture_output=True, text=True,
-                          env={"DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin"}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsllm", "plan", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={"DS_ACCELERATOR": "cpu", "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
     assert proc.returncode == expect, proc.stderr
     return proc
 
@@ -69,15 +76,18 @@ def test_activations_scale_with_batch_and_sequence():
     assert one == pytest.approx(12 * 34 * sbh / 2**30 + logits)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "gpt2-124m", "--gpus", "8xV100"], "--gpus '8xV100': unknown GPU kind"),
-    (["--model", "gpt2-124m", "--gpus", "0xA100"], "the count must be 1 or more"),
-    (["--model", "gpt9", "--gpus", "A100"], "unknown preset"),
-    (["--model", "1000", "--gpus", "A100"], "below 1M"),
-    (["--model", "gpt2-124m", "--gpus", "A100", "--seq-len", "4096"], "4096"),
-    (["--model", "gpt2-124m", "--gpus", "A100", "--mfu", "2"], "--mfu 2.0: must be in (0, 1]"),
-    (["--model", "gpt2-124m"], "--gpus"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "gpt2-124m", "--gpus", "8xV100"], "--gpus '8xV100': unknown GPU kind"),
+        (["--model", "gpt2-124m", "--gpus", "0xA100"], "the count must be 1 or more"),
+        (["--model", "gpt9", "--gpus", "A100"], "unknown preset"),
+        (["--model", "1000", "--gpus", "A100"], "below 1M"),
+        (["--model", "gpt2-124m", "--gpus", "A100", "--seq-len", "4096"], "4096"),
+        (["--model", "gpt2-124m", "--gpus", "A100", "--mfu", "2"], "--mfu 2.0: must be in (0, 1]"),
+        (["--model", "gpt2-124m"], "--gpus"),
+    ],
+)
 def test_bad_input_is_one_line(args, message):
     proc = plan(*args, expect=2)
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

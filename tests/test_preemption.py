@@ -4,6 +4,7 @@ no process behind, and the resumed run reproduces the uninterrupted one; a SIGST
 within --collective-timeout + 30 s; SIGKILL during a save never leaves a checkpoint that --resume auto
 trusts; a rollback starts a branch that --resume auto follows; a diverging run never writes or names a
 checkpoint with non-finite weights; a second trainer on the same --out is refused."""
+
 import json
 import os
 import random
@@ -15,20 +16,39 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from conftest import ROOT
 from test_faults import rank_process
 from test_pretrain import command, env, pretrain, train_records
 
 STEPS = 30
-ARGS = ["--max-steps", STEPS, "--micro-batch-size", 4, "--save-interval", 1000, "--eval-interval", 1000,
-        "--precision", "fp32", "--stop-grace", 60]
+ARGS = [
+    "--max-steps",
+    STEPS,
+    "--micro-batch-size",
+    4,
+    "--save-interval",
+    1000,
+    "--eval-interval",
+    1000,
+    "--precision",
+    "fp32",
+    "--stop-grace",
+    60,
+]
 
 
 def start(cmd, **kwargs) -> subprocess.Popen:
     """In a session of its own, so the test can tell when every process of the job is gone."""
-    return subprocess.Popen(cmd, cwd=ROOT, env={**env(), **kwargs.pop("env", {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**env(), **kwargs.pop("env", {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
 
 
 def wait_for_step(out: Path, step: int, proc: subprocess.Popen, limit: float = 300) -> None:
@@ -68,8 +88,9 @@ def finish(proc: subprocess.Popen, limit: float) -> tuple[str, float]:
 
 def complete_steps(out: Path) -> list[int]:
     checkpoints = out / "checkpoints"
-    return sorted(int(p.name[4:]) for p in checkpoints.iterdir()
-                  if p.name[4:].isdigit() and (p / "dsllm_complete.json").is_file())
+    return sorted(
+        int(p.name[4:]) for p in checkpoints.iterdir() if p.name[4:].isdigit() and (p / "dsllm_complete.json").is_file()
+    )
 
 
 def assert_same_curve(whole: Path, resumed: Path) -> None:
@@ -87,8 +108,9 @@ def whole_2_ranks(dataset_dir, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("target", ["launcher", "supervise", "rank"])
-def test_sigterm_saves_the_current_step_leaves_no_process_and_resumes_exactly(target, dataset_dir, whole_2_ranks,
-                                                                              tmp_path):
+def test_sigterm_saves_the_current_step_leaves_no_process_and_resumes_exactly(
+    target, dataset_dir, whole_2_ranks, tmp_path
+):
     out = tmp_path / "run"
     cmd = command(dataset_dir, out, *ARGS, ranks=2)
     if target == "supervise":
@@ -118,8 +140,9 @@ def test_sigterm_saves_the_current_step_leaves_no_process_and_resumes_exactly(ta
 def test_a_stopped_rank_ends_the_job_within_the_collective_timeout(ds, dataset_dir, tmp_path):
     timeout = 15
     out = tmp_path / "run"
-    proc = start(command(dataset_dir, out, *ARGS[:1], 100000, *ARGS[2:], "--collective-timeout", timeout, ranks=2,
-                         ds=ds))
+    proc = start(
+        command(dataset_dir, out, *ARGS[:1], 100000, *ARGS[2:], "--collective-timeout", timeout, ranks=2, ds=ds)
+    )
     wait_for_step(out, 3, proc)
     rank = rank_process(proc, 1)
     rank.send_signal(signal.SIGSTOP)
@@ -132,31 +155,44 @@ def test_a_stopped_rank_ends_the_job_within_the_collective_timeout(ds, dataset_d
     assert time.time() - stopped < timeout + 30, output[-3000:]
     assert proc.returncode != 0
     # whichever comes first says so: our watchdog (no step for the timeout) or gloo's own collective timeout
-    assert ("no progress for" in output or "a collective failed because another rank died, hung past" in output) \
-        and "--collective-timeout" in output, output[-3000:]
+    assert (
+        "no progress for" in output or "a collective failed because another rank died, hung past" in output
+    ) and "--collective-timeout" in output, output[-3000:]
 
 
 def test_a_second_trainer_on_the_same_run_is_refused_and_a_dead_ones_lock_is_not(dataset_dir, tmp_path):
     out = tmp_path / "run"
     first = start(command(dataset_dir, out, *ARGS[:1], 100000, *ARGS[2:]))
     wait_for_step(out, 1, first)
-    second = subprocess.run(command(dataset_dir, out, *ARGS), cwd=ROOT, env=env(), capture_output=True, text=True,
-                            timeout=300)
+    second = subprocess.run(
+        command(dataset_dir, out, *ARGS), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300
+    )
     assert second.returncode == 2
     lines = second.stderr.strip().splitlines()
     assert len(lines) == 1 and "another trainer is using this run folder" in lines[0], second.stderr
     assert f"pid {first.pid}" in lines[0]
     first.kill()  # a crash: the lock dies with its process
     finish(first, 60)
-    pretrain(dataset_dir, out, "--max-steps", 2, "--micro-batch-size", 4, "--precision", "fp32",
-             "--resume", "none")
+    pretrain(dataset_dir, out, "--max-steps", 2, "--micro-batch-size", 4, "--precision", "fp32", "--resume", "none")
 
 
 def test_kill_during_saves_and_resaves_after_a_rollback_never_loses_the_branch(dataset_dir, tmp_path):
     """SIGKILL at each moment of the save protocol (files written / marker in / old folder moved aside): the
     torn save is never resumed from, and after a rollback --resume auto stays on the branch the user chose."""
-    args = ["--max-steps", 12, "--micro-batch-size", 4, "--save-interval", 4, "--eval-interval", 1000,
-            "--precision", "fp32", "--keep-checkpoints", 5]
+    args = [
+        "--max-steps",
+        12,
+        "--micro-batch-size",
+        4,
+        "--save-interval",
+        4,
+        "--eval-interval",
+        1000,
+        "--precision",
+        "fp32",
+        "--keep-checkpoints",
+        5,
+    ]
     whole = tmp_path / "whole"
     pretrain(dataset_dir, whole, *args)
     out = tmp_path / "run"
@@ -167,8 +203,10 @@ def test_kill_during_saves_and_resaves_after_a_rollback_never_loses_the_branch(d
     pretrain(dataset_dir, out, *args)
     assert complete_steps(out) == [4, 8, 12]
     # roll back to step 4; the re-save of step 8 (over the abandoned branch's) dies as the old folder moves aside
-    proc = start(command(dataset_dir, out, *args, "--resume", out / "checkpoints" / "step00000004"),
-                 env={"DSLLM_FAULT": "kill_in_save:8:replaced"})
+    proc = start(
+        command(dataset_dir, out, *args, "--resume", out / "checkpoints" / "step00000004"),
+        env={"DSLLM_FAULT": "kill_in_save:8:replaced"},
+    )
     output, _ = finish(proc, 300)
     assert "starts a new branch" in output
     assert complete_steps(out) == [4, 12]  # the abandoned step 12 stays for the user; auto must not take it
@@ -184,8 +222,18 @@ def test_kill_during_saves_and_resaves_after_a_rollback_never_loses_the_branch(d
 
 
 def test_a_damaged_newest_checkpoint_gives_way_to_the_one_before(dataset_dir, tmp_path):
-    args = ["--max-steps", 8, "--micro-batch-size", 4, "--save-interval", 4, "--eval-interval", 1000,
-            "--precision", "fp32"]
+    args = [
+        "--max-steps",
+        8,
+        "--micro-batch-size",
+        4,
+        "--save-interval",
+        4,
+        "--eval-interval",
+        1000,
+        "--precision",
+        "fp32",
+    ]
     out = tmp_path / "run"
     pretrain(dataset_dir, out, *args)
     states = out / "checkpoints" / "step00000008" / "mp_rank_00_model_states.pt"
@@ -203,15 +251,34 @@ def test_a_diverging_run_never_writes_or_names_a_non_finite_checkpoint_and_super
     from dsllm.checkpoint import load_model_dir
 
     out = tmp_path / "run"
-    cmd = command(dataset_dir, out, "--max-steps", 20, "--micro-batch-size", 4, "--save-interval", 1,
-                  "--eval-interval", 1, "--precision", "fp32", "--lr", "1e8", "--warmup-steps", 0, ds="zero0.json")
+    cmd = command(
+        dataset_dir,
+        out,
+        "--max-steps",
+        20,
+        "--micro-batch-size",
+        4,
+        "--save-interval",
+        1,
+        "--eval-interval",
+        1,
+        "--precision",
+        "fp32",
+        "--lr",
+        "1e8",
+        "--warmup-steps",
+        0,
+        ds="zero0.json",
+    )
     proc = start([sys.executable, "launch/supervise.py", "--max-restarts", "3", "--restart-delay", "0", "--", *cmd])
     output, _ = finish(proc, 300)
     assert proc.returncode == 3, output[-3000:]
     assert "Last healthy checkpoint:" in output and "not restarting" in output and output.count(" parameters on ") == 1
     named = output.split("Last healthy checkpoint: ")[1].split(". ")[0]
-    assert f"supervise: the run diverged (exit code 3); not restarting, since resuming would diverge again. " \
-           f"Last healthy checkpoint: {named}" in output
+    assert (
+        f"supervise: the run diverged (exit code 3); not restarting, since resuming would diverge again. "
+        f"Last healthy checkpoint: {named}" in output
+    )
     for step in complete_steps(out):
         model = load_model_dir(out / "checkpoints" / f"step{step:08d}")
         assert all(p.isfinite().all() for p in model.parameters()), step
@@ -223,14 +290,26 @@ def test_sigkill_at_random_moments_during_saves(dataset_dir, tmp_path):
     --resume auto resumes from a complete checkpoint and the loss curve is the uninterrupted one.
     DSLLM_KILL_TRIALS sets the number of kills (3 here; the issue's 20 were run by hand)."""
     trials = int(os.environ.get("DSLLM_KILL_TRIALS", 3))
-    args = ["--max-steps", STEPS, "--micro-batch-size", 4, "--save-interval", 1, "--eval-interval", 1000,
-            "--precision", "fp32", "--keep-checkpoints", 2]
+    args = [
+        "--max-steps",
+        STEPS,
+        "--micro-batch-size",
+        4,
+        "--save-interval",
+        1,
+        "--eval-interval",
+        1000,
+        "--precision",
+        "fp32",
+        "--keep-checkpoints",
+        2,
+    ]
     whole = tmp_path / "whole"
     pretrain(dataset_dir, whole, *args)
     out = tmp_path / "run"
     rng = random.Random(int(os.environ.get("DSLLM_KILL_SEED", 0)))
     metrics = out / "metrics.jsonl"
-    for trial in range(trials):
+    for _ in range(trials):
         logged = len(metrics.read_text().splitlines()) if metrics.exists() else 0
         proc = start(command(dataset_dir, out, *args))
         while proc.poll() is None and (not metrics.exists() or len(metrics.read_text().splitlines()) < logged + 2):

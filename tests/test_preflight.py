@@ -1,13 +1,14 @@
 """Pre-flight: every mismatch between data, model and DeepSpeed JSON is one line naming the field and
 the fix, exit 2, before any rank starts work (nothing is written to --out)."""
+
 import json
 import subprocess
 
 import pytest
-
 from conftest import ROOT
-from dsllm.trainer import main
 from test_pretrain import SMALL_MODEL, VENV_BIN, env, free_port
+
+from dsllm.trainer import main
 
 
 def write_ds(tmp_path, name="ds.json", **changes):
@@ -25,8 +26,18 @@ def write_ds(tmp_path, name="ds.json", **changes):
 
 def run_main(capsys, tmp_path, dataset_dir, *args, ds=None):
     out = tmp_path / "out"
-    argv = ["--ds_config", str(ds or ROOT / "ds_configs" / "zero2.json"), "--data", str(dataset_dir), "--out", str(out),
-            *SMALL_MODEL, "--seq-len", "32", *map(str, args)]
+    argv = [
+        "--ds_config",
+        str(ds or ROOT / "ds_configs" / "zero2.json"),
+        "--data",
+        str(dataset_dir),
+        "--out",
+        str(out),
+        *SMALL_MODEL,
+        "--seq-len",
+        "32",
+        *map(str, args),
+    ]
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
@@ -34,18 +45,27 @@ def run_main(capsys, tmp_path, dataset_dir, *args, ds=None):
     return err[0]
 
 
-@pytest.mark.parametrize("case, fragments", [
-    ("missing_json", ["--ds_config", "nope.json: no such file"]),
-    ("bad_json", ["bad.json:1:", "invalid JSON"]),
-    ("batch", ["batch arithmetic: train_batch_size 10 != train_micro_batch_size_per_gpu 4 x gradient_accumulation_steps 1 x data-parallel world size 1"]),
-    ("cli_vs_json", ["--micro-batch-size 2 contradicts train_micro_batch_size_per_gpu = 4"]),
-    ("offload_param_stage2", ["offload_param needs stage 3", "zero3_offload.json"]),
-    ("offload_optimizer_stage0", ["offload_optimizer needs stage 1, 2 or 3"]),
-    ("offload_sgd", ["optimizer.type", "CPU Adam"]),
-    ("fp16_cpu", ["fp16 is not supported on CPU", "use bf16 or fp32"]),
-    ("precision_vs_json", ["--precision bf16 contradicts", "sets fp32"]),
-    ("auto_unsupported", ["\"auto\" is not supported for zero_optimization.allgather_bucket_size"]),
-])
+@pytest.mark.parametrize(
+    "case, fragments",
+    [
+        ("missing_json", ["--ds_config", "nope.json: no such file"]),
+        ("bad_json", ["bad.json:1:", "invalid JSON"]),
+        (
+            "batch",
+            [
+                "batch arithmetic: train_batch_size 10 != train_micro_batch_size_per_gpu 4 x "
+                "gradient_accumulation_steps 1 x data-parallel world size 1"
+            ],
+        ),
+        ("cli_vs_json", ["--micro-batch-size 2 contradicts train_micro_batch_size_per_gpu = 4"]),
+        ("offload_param_stage2", ["offload_param needs stage 3", "zero3_offload.json"]),
+        ("offload_optimizer_stage0", ["offload_optimizer needs stage 1, 2 or 3"]),
+        ("offload_sgd", ["optimizer.type", "CPU Adam"]),
+        ("fp16_cpu", ["fp16 is not supported on CPU", "use bf16 or fp32"]),
+        ("precision_vs_json", ["--precision bf16 contradicts", "sets fp32"]),
+        ("auto_unsupported", ['"auto" is not supported for zero_optimization.allgather_bucket_size']),
+    ],
+)
 def test_deepspeed_json_errors(capsys, tmp_path, dataset_dir, case, fragments):
     args, ds = [], None
     if case == "missing_json":
@@ -62,8 +82,11 @@ def test_deepspeed_json_errors(capsys, tmp_path, dataset_dir, case, fragments):
     elif case == "offload_optimizer_stage0":
         ds = write_ds(tmp_path, zero_optimization={"stage": 0, "offload_optimizer": {"device": "cpu"}})
     elif case == "offload_sgd":
-        ds = write_ds(tmp_path, zero_optimization__offload_optimizer={"device": "cpu"},
-                      optimizer={"type": "SGD", "params": {"lr": 0.1}})
+        ds = write_ds(
+            tmp_path,
+            zero_optimization__offload_optimizer={"device": "cpu"},
+            optimizer={"type": "SGD", "params": {"lr": 0.1}},
+        )
     elif case == "fp16_cpu":
         args = ["--precision", "fp16"]
     elif case == "precision_vs_json":
@@ -75,15 +98,18 @@ def test_deepspeed_json_errors(capsys, tmp_path, dataset_dir, case, fragments):
         assert fragment in line, line
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["--model", "gpt5"], ["--model 'gpt5': unknown preset"]),
-    (["--model.n_layer", "3"], ["--model.n_layer: unknown model field"]),
-    (["--model.vocab_size", "100"], ["--model.vocab_size 100 is smaller than the dataset's vocabulary (300)"]),
-    (["--seq-len", "100"], ["seq_len 100 is longer than model.max_seq_len = 64", "--seq-len 64"]),
-    (["--model.n_kv_heads", "3"], ["model.n_kv_heads = 3 does not divide model.n_heads = 4"]),
-    (["--max-steps", "0"], ["--max-steps 0: must be 1 or more"]),
-    (["--resume", "/nowhere"], ["--resume /nowhere: no complete checkpoint there"]),
-])
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--model", "gpt5"], ["--model 'gpt5': unknown preset"]),
+        (["--model.n_layer", "3"], ["--model.n_layer: unknown model field"]),
+        (["--model.vocab_size", "100"], ["--model.vocab_size 100 is smaller than the dataset's vocabulary (300)"]),
+        (["--seq-len", "100"], ["seq_len 100 is longer than model.max_seq_len = 64", "--seq-len 64"]),
+        (["--model.n_kv_heads", "3"], ["model.n_kv_heads = 3 does not divide model.n_heads = 4"]),
+        (["--max-steps", "0"], ["--max-steps 0: must be 1 or more"]),
+        (["--resume", "/nowhere"], ["--resume /nowhere: no complete checkpoint there"]),
+    ],
+)
 def test_model_and_run_errors(capsys, tmp_path, dataset_dir, args, fragments):
     line = run_main(capsys, tmp_path, dataset_dir, *args)
     for fragment in fragments:
@@ -100,25 +126,58 @@ def test_data_errors(capsys, tmp_path, dataset_dir):
 def test_batch_error_under_the_launcher_with_two_ranks(tmp_path, dataset_dir):
     """Both ranks find the fault before the process group exists; the user reads it once."""
     ds = write_ds(tmp_path, train_batch_size=12, train_micro_batch_size_per_gpu=4)
-    proc = subprocess.run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                           "launch/pretrain.py", "--ds_config", str(ds), "--data", str(dataset_dir),
-                           "--out", str(tmp_path / "out"), *SMALL_MODEL, "--seq-len", "32"],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            str(VENV_BIN / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "launch/pretrain.py",
+            "--ds_config",
+            str(ds),
+            "--data",
+            str(dataset_dir),
+            "--out",
+            str(tmp_path / "out"),
+            *SMALL_MODEL,
+            "--seq-len",
+            "32",
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if line.startswith("error:")]
-    assert errors == ["error: batch arithmetic: train_batch_size 12 != train_micro_batch_size_per_gpu 4 x "
-                      "gradient_accumulation_steps 1 x data-parallel world size 2; make train_batch_size a multiple of "
-                      "micro-batch x world size (8), or set it to \"auto\""], proc.stderr[-2000:]
+    assert errors == [
+        "error: batch arithmetic: train_batch_size 12 != train_micro_batch_size_per_gpu 4 x "
+        "gradient_accumulation_steps 1 x data-parallel world size 2; make train_batch_size a multiple of "
+        'micro-batch x world size (8), or set it to "auto"'
+    ], proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
 
 
 def test_plain_python_exit_code_and_help():
-    proc = subprocess.run(["python", "launch/pretrain.py", "--ds_config", "ds_configs/zero2.json", "--model", "gpt5"],
-                          cwd=ROOT, env={**env(), "PATH": f"{VENV_BIN}:{env()['PATH']}"}, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        ["python", "launch/pretrain.py", "--ds_config", "ds_configs/zero2.json", "--model", "gpt5"],
+        cwd=ROOT,
+        env={**env(), "PATH": f"{VENV_BIN}:{env()['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --model 'gpt5': unknown preset; use one of tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, "
-        "llama-125m, llama-350m, llama-1.3b, llama-3b, llama-7b or a JSON file"]
-    help_text = subprocess.run(["python", "launch/pretrain.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                               env={**env(), "PATH": f"{VENV_BIN}:{env()['PATH']}"}).stdout
+        "llama-125m, llama-350m, llama-1.3b, llama-3b, llama-7b or a JSON file"
+    ]
+    help_text = subprocess.run(
+        ["python", "launch/pretrain.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**env(), "PATH": f"{VENV_BIN}:{env()['PATH']}"},
+    ).stdout
     assert "--ds_config" in help_text and "--max-steps" in help_text and "--model.FIELD" in help_text

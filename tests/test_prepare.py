@@ -1,4 +1,5 @@
 """data_pipeline/prepare.py end to end: documents in -> token files -> the same cleaned text back."""
+
 import json
 import re
 import signal
@@ -7,9 +8,9 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT, assert_user_error, make_documents, run_script, write_jsonl
 from tokenizers import Tokenizer
 
-from conftest import ROOT, assert_user_error, make_documents, run_script, write_jsonl
 from dsllm.data.cleaning import CleaningConfig, clean
 from dsllm.data.format import TokenFile
 from dsllm.data.prepare import PrepareConfig, prepare
@@ -31,8 +32,13 @@ def decoded_documents(directory, split):
 
 
 def run_prepare(tmp_path, inputs, tokenizer_dir, name="out", **kwargs):
-    config = PrepareConfig(inputs=[str(p) for p in inputs], tokenizer=str(tokenizer_dir), output=str(tmp_path / name),
-                           progress=False, **{"workers": 1, **kwargs})
+    config = PrepareConfig(
+        inputs=[str(p) for p in inputs],
+        tokenizer=str(tokenizer_dir),
+        output=str(tmp_path / name),
+        progress=False,
+        **{"workers": 1, **kwargs},
+    )
     return prepare(config), tmp_path / name
 
 
@@ -64,8 +70,14 @@ def test_round_trip_equals_cleaned_text_with_report(tmp_path, tokenizer_dir):
     assert on_disk == meta
     assert on_disk["inputs"] == [str(tmp_path / "c.jsonl")]
     assert on_disk["tokenizer"]["hash"] == validate_dataset(out)["tokenizer_hash"]
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json", "train.bin", "train.idx",
-                                                    "val.bin", "val.idx"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "meta.json",
+        "tokenizer.json",
+        "train.bin",
+        "train.idx",
+        "val.bin",
+        "val.idx",
+    ]
 
 
 def test_worker_count_does_not_change_the_output(tmp_path, corpus_jsonl, tokenizer_dir):
@@ -102,8 +114,18 @@ def test_tiny_corpus_still_gets_a_validation_document(tmp_path, tokenizer_dir):
 
 def test_cli_writes_a_dataset_that_validates(tmp_path, corpus_jsonl, tokenizer_dir):
     out = tmp_path / "ds"
-    proc = run_script(SCRIPT, "--input", corpus_jsonl, "--tokenizer", tokenizer_dir / "tokenizer.json",
-                      "--output", out, "--workers", 2, check_rc=0)
+    proc = run_script(
+        SCRIPT,
+        "--input",
+        corpus_jsonl,
+        "--tokenizer",
+        tokenizer_dir / "tokenizer.json",
+        "--output",
+        out,
+        "--workers",
+        2,
+        check_rc=0,
+    )
     assert "documents  read 400" in proc.stdout and "tokens/s" in proc.stdout and "MB/s" in proc.stdout
     proc = run_script("data_pipeline/validate.py", out, check_rc=0)
     assert "OK" in proc.stdout and "train" in proc.stdout and "mean" in proc.stdout
@@ -118,8 +140,19 @@ def test_existing_dataset_is_refused_unless_overwrite(tmp_path, corpus_jsonl, to
     assert_user_error(proc, str(out), "already holds a dataset", "--overwrite")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     write_jsonl(tmp_path / "other.jsonl", make_documents(50, seed=9))
-    run_script(SCRIPT, "--input", tmp_path / "other.jsonl", "--tokenizer", tokenizer_dir, "--output", out,
-               "--overwrite", "--val-fraction", 0, check_rc=0)
+    run_script(
+        SCRIPT,
+        "--input",
+        tmp_path / "other.jsonl",
+        "--tokenizer",
+        tokenizer_dir,
+        "--output",
+        out,
+        "--overwrite",
+        "--val-fraction",
+        0,
+        check_rc=0,
+    )
     assert json.loads((out / "meta.json").read_text())["report"]["documents_read"] == 50
     assert not (out / "val.bin").exists() and (out / "NOTES.txt").read_text() == "mine"
     validate_dataset(out)
@@ -146,9 +179,23 @@ def start_big_prepare(tmp_path, tokenizer_dir, workers: int, **popen) -> tuple:
         for chunk in range(40):
             f.writelines(json.dumps({"text": t}) + "\n" for t in make_documents(2000, seed=chunk, max_words=150))
     out = tmp_path / "ds"
-    proc = subprocess.Popen([sys.executable, str(ROOT / SCRIPT), "--input", str(big), "--tokenizer", str(tokenizer_dir),
-                             "--output", str(out), "--workers", str(workers)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, **popen)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / SCRIPT),
+            "--input",
+            str(big),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--output",
+            str(out),
+            "--workers",
+            str(workers),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **popen,
+    )
     return proc, out
 
 
@@ -170,8 +217,19 @@ def test_killed_run_never_leaves_a_valid_looking_dataset(tmp_path, tokenizer_dir
     validate_dataset(out)
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "all_filtered", "malformed", "missing_key", "unknown_ext",
-                                  "bad_tokenizer", "bad_val_fraction"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing",
+        "empty",
+        "all_filtered",
+        "malformed",
+        "missing_key",
+        "unknown_ext",
+        "bad_tokenizer",
+        "bad_val_fraction",
+    ],
+)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, tokenizer_dir, case):
     inputs, tokenizer, extra = tmp_path / "c.jsonl", tokenizer_dir, []
     if case == "missing":
@@ -205,19 +263,50 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, tokenizer_dir
 
 
 def test_invalid_utf8_is_counted_not_fatal(tmp_path, tokenizer_dir):
-    (tmp_path / "c.jsonl").write_bytes(b'{"text": "caf\xe9 caf\xe9 and more words to pass the length filter"}\n'
-                                       b'{"text": "a clean document that is long enough to be kept"}\n')
-    proc = run_script(SCRIPT, "--input", tmp_path / "c.jsonl", "--tokenizer", tokenizer_dir, "--output",
-                      tmp_path / "out", "--val-fraction", 0, check_rc=0)
+    (tmp_path / "c.jsonl").write_bytes(
+        b'{"text": "caf\xe9 caf\xe9 and more words to pass the length filter"}\n'
+        b'{"text": "a clean document that is long enough to be kept"}\n'
+    )
+    proc = run_script(
+        SCRIPT,
+        "--input",
+        tmp_path / "c.jsonl",
+        "--tokenizer",
+        tokenizer_dir,
+        "--output",
+        tmp_path / "out",
+        "--val-fraction",
+        0,
+        check_rc=0,
+    )
     assert "2 invalid UTF-8 bytes replaced in 1 documents" in proc.stdout
     assert decoded_documents(tmp_path / "out", "train")[0].startswith("caf\ufffd caf\ufffd")
 
 
 def _peak_rss_kib(tmp_path, corpus, tokenizer_dir, name):
-    driver = ("import resource, sys; from dsllm.data.prepare import main; main(sys.argv[1:]); "
-              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    proc = subprocess.run([sys.executable, "-c", driver, "--input", str(corpus), "--tokenizer", str(tokenizer_dir),
-                           "--output", str(tmp_path / name), "--workers", "2"], capture_output=True, text=True, timeout=600)
+    driver = (
+        "import resource, sys; from dsllm.data.prepare import main; main(sys.argv[1:]); "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            driver,
+            "--input",
+            str(corpus),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--output",
+            str(tmp_path / name),
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     main_kib, worker_kib = map(int, proc.stdout.strip().splitlines()[-1].split())
     return main_kib, worker_kib
@@ -235,7 +324,10 @@ def test_memory_stays_bounded_as_the_corpus_grows(tmp_path, tokenizer_dir):
     small_main, small_workers = _peak_rss_kib(tmp_path, tmp_path / "small.jsonl", tokenizer_dir, "s")
     big_main, big_workers = _peak_rss_kib(tmp_path, tmp_path / "big.jsonl", tokenizer_dir, "b")
     extra_corpus_kib = (big_bytes - small_bytes) / 1024
-    print(f"peak RSS main {small_main} -> {big_main} KiB, workers {small_workers} -> {big_workers} KiB, corpus +{extra_corpus_kib:.0f} KiB")
+    print(
+        f"peak RSS main {small_main} -> {big_main} KiB, workers {small_workers} -> {big_workers} KiB, "
+        f"corpus +{extra_corpus_kib:.0f} KiB"
+    )
     # Holding the corpus (or its tokens) in memory would add at least its size; streaming adds a fraction.
     assert big_main - small_main < 0.2 * extra_corpus_kib, (small_main, big_main, extra_corpus_kib)
     assert big_workers - small_workers < 0.2 * extra_corpus_kib, (small_workers, big_workers, extra_corpus_kib)
@@ -249,17 +341,24 @@ def test_a_killed_worker_is_one_line_and_leaves_no_dataset(tmp_path, tokenizer_d
     proc, out = start_big_prepare(tmp_path, tokenizer_dir, workers=2, text=True)
     workers, deadline = [], time.time() + 120  # hang guard
     while len(workers) < 2 and proc.poll() is None and time.time() < deadline:
-        workers = [child for child in psutil.Process(proc.pid).children()  # spawned pool workers, not the tracker
-                   if "--multiprocessing-fork" in child.cmdline() and "spawn_main" in " ".join(child.cmdline())]
+        workers = [
+            child
+            for child in psutil.Process(proc.pid).children()  # spawned pool workers, not the tracker
+            if "--multiprocessing-fork" in child.cmdline() and "spawn_main" in " ".join(child.cmdline())
+        ]
         time.sleep(0.05)
     while not list(out.glob(".partial-*/train.bin")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert len(workers) == 2 and proc.poll() is None, "prepare finished before a worker could be killed"
     workers[0].send_signal(signal.SIGKILL)
     stdout, stderr = proc.communicate(timeout=120)
-    line = assert_user_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
-                             " while tokenizing documents ", "big.jsonl", "most likely out of memory",
-                             "fewer --workers (this run had 2)")
+    line = assert_user_error(
+        subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
+        " while tokenizing documents ",
+        "big.jsonl",
+        "most likely out of memory",
+        "fewer --workers (this run had 2)",
+    )
     # the worker is named when the pool still knew it (CI once saw it gone from the pool's table): never another
     assert f"worker process {workers[0].pid} was killed by SIGKILL" in line or "a worker process died" in line, line
     assert re.search(r"documents [\d,]+-[\d,]+ \(", line), line
@@ -275,11 +374,13 @@ def test_output_over_an_input_or_the_tokenizer_is_refused(tmp_path, tokenizer_di
     (tok / "tokenizer.json").write_bytes((tokenizer_dir / "tokenizer.json").read_bytes())
     (tmp_path / "link").symlink_to(corpus)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    for output, fragments in ((corpus, ["is", "which --input reads"]),
-                              (corpus / "ds", ["lies inside", "which --input reads"]),
-                              (tmp_path / "link" / "ds", ["lies inside", "(symlinks resolved), which --input reads"]),
-                              (tmp_path, ["contains", "which --input reads"]),
-                              (tok, ["contains", "tokenizer.json, which --tokenizer reads"])):
+    for output, fragments in (
+        (corpus, ["is", "which --input reads"]),
+        (corpus / "ds", ["lies inside", "which --input reads"]),
+        (tmp_path / "link" / "ds", ["lies inside", "(symlinks resolved), which --input reads"]),
+        (tmp_path, ["contains", "which --input reads"]),
+        (tok, ["contains", "tokenizer.json, which --tokenizer reads"]),
+    ):
         proc = run_script(SCRIPT, "--input", corpus, "--tokenizer", tok, "--output", output, "--overwrite")
         assert_user_error(proc, f"--output {output} ", *fragments, "choose another --output")
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

@@ -1,5 +1,6 @@
 """launch/pretrain.py on the real DeepSpeed engine (CPU, gloo): every config, 1 and 2 ranks, equal
 losses across world sizes, bit-exact resume after SIGKILL (also during a save), pre-flight errors."""
+
 import json
 import os
 import signal
@@ -10,12 +11,25 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 CONFIGS = ["zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"]
-SMALL_MODEL = ["--model", "tiny", "--model.n_layers", "2", "--model.d_model", "64", "--model.n_heads", "4",
-               "--model.n_kv_heads", "2", "--model.max_seq_len", "64", "--model.mlp_multiple_of", "32"]
+SMALL_MODEL = [
+    "--model",
+    "tiny",
+    "--model.n_layers",
+    "2",
+    "--model.d_model",
+    "64",
+    "--model.n_heads",
+    "4",
+    "--model.n_kv_heads",
+    "2",
+    "--model.max_seq_len",
+    "64",
+    "--model.mlp_multiple_of",
+    "32",
+]
 VENV_BIN = Path(sys.executable).parent
 
 
@@ -31,17 +45,38 @@ def env() -> dict:
 
 
 def command(data, out, *args, ranks=1, ds="zero2.json"):
-    train_args = ["launch/pretrain.py", "--ds_config", f"ds_configs/{ds}", "--data", str(data), "--out", str(out),
-                  *SMALL_MODEL, "--seq-len", "32", "--lr", "3e-3", "--eval-windows", "8", "--sample-tokens", "8",
-                  "--loader-workers", "0", "--log-interval", "1", *map(str, args)]
+    train_args = [
+        "launch/pretrain.py",
+        "--ds_config",
+        f"ds_configs/{ds}",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *SMALL_MODEL,
+        "--seq-len",
+        "32",
+        "--lr",
+        "3e-3",
+        "--eval-windows",
+        "8",
+        "--sample-tokens",
+        "8",
+        "--loader-workers",
+        "0",
+        "--log-interval",
+        "1",
+        *map(str, args),
+    ]
     if ranks == 1:
         return [sys.executable, *train_args]
     return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), *train_args]
 
 
 def pretrain(data, out, *args, ranks=1, ds="zero2.json", expect=0):
-    proc = subprocess.run(command(data, out, *args, ranks=ranks, ds=ds), cwd=ROOT, env=env(), capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        command(data, out, *args, ranks=ranks, ds=ds), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600
+    )
     if expect is not None:
         assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -62,14 +97,28 @@ def train_records(out):
 def test_every_config_trains(dataset_dir, tmp_path, ds, ranks):
     out = tmp_path / "run"
     precision = "bf16" if ranks == 2 else "fp32"  # auto is fp32 on CPU: both precisions on every config
-    proc = pretrain(dataset_dir, out, "--max-steps", 12, "--micro-batch-size", 4, "--eval-interval", 6,
-                    "--save-interval", 6, "--precision", precision, ranks=ranks, ds=ds)
+    proc = pretrain(
+        dataset_dir,
+        out,
+        "--max-steps",
+        12,
+        "--micro-batch-size",
+        4,
+        "--eval-interval",
+        6,
+        "--save-interval",
+        6,
+        "--precision",
+        precision,
+        ranks=ranks,
+        ds=ds,
+    )
     records = train_records(out)
     assert sorted(records) == list(range(1, 13))
     assert all(0 <= r["data_wait_fraction"] < 1 for r in records.values())
     first, last = records[1]["loss"], sum(records[s]["loss"] for s in (10, 11, 12)) / 3
     assert last < first - 0.5, (first, last)
-    stage = json.loads((ROOT / 'ds_configs' / ds).read_text())['zero_optimization']['stage']
+    stage = json.loads((ROOT / "ds_configs" / ds).read_text())["zero_optimization"]["stage"]
     assert f"on {ranks} rank(s), ZeRO-{stage}, {precision}," in proc.stdout
     assert "final validation loss" in proc.stdout and "sample:" in proc.stdout
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
@@ -77,7 +126,9 @@ def test_every_config_trains(dataset_dir, tmp_path, ds, ranks):
     assert all(e["bits_per_byte"] > 0 and e["perplexity"] > 1 for e in evals)
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step"))
     assert checkpoints == ["step00000006", "step00000012"]
-    assert (out / "model.safetensors").is_file() and json.loads((out / "config.json").read_text())["run"]["world_size"] == ranks
+    assert (out / "model.safetensors").is_file() and json.loads((out / "config.json").read_text())["run"][
+        "world_size"
+    ] == ranks
 
 
 def test_two_ranks_zero2_equal_one_rank_zero0(dataset_dir, tmp_path):
@@ -93,8 +144,19 @@ def test_two_ranks_zero2_equal_one_rank_zero0(dataset_dir, tmp_path):
         assert b[step]["lr"] == pytest.approx(a[step]["lr"], rel=1e-9)
     # gradient accumulation: 1 rank x 4 micro x 2 steps is the same global batch too
     acc = tmp_path / "acc"
-    pretrain(dataset_dir, acc, "--max-steps", 8, "--micro-batch-size", 4, "--grad-accum", 2, "--precision", "fp32",
-             ds="zero1.json")
+    pretrain(
+        dataset_dir,
+        acc,
+        "--max-steps",
+        8,
+        "--micro-batch-size",
+        4,
+        "--grad-accum",
+        2,
+        "--precision",
+        "fp32",
+        ds="zero1.json",
+    )
     c = train_records(acc)
     assert all(c[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5) for s in range(1, 9))
 
@@ -117,8 +179,18 @@ def test_compile_trains_like_eager_and_saves_eager_names(dataset_dir, tmp_path):
 
     runs = {}
     for name, extra in (("eager", []), ("compiled", ["--compile"])):
-        pretrain(dataset_dir, tmp_path / name, "--max-steps", 4, "--save-interval", 4, "--precision", "fp32",
-                 *extra, ds="zero2.json")
+        pretrain(
+            dataset_dir,
+            tmp_path / name,
+            "--max-steps",
+            4,
+            "--save-interval",
+            4,
+            "--precision",
+            "fp32",
+            *extra,
+            ds="zero2.json",
+        )
         runs[name] = train_records(tmp_path / name)
         with safe_open(str(tmp_path / name / "model.safetensors"), "pt") as weights:
             runs[name + "_keys"] = sorted(weights.keys())
@@ -129,13 +201,22 @@ def test_compile_trains_like_eager_and_saves_eager_names(dataset_dir, tmp_path):
 
 
 def run_until_killed(cmd, out, kill_after_step, **popen):
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=popen.pop("env", env()), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True, **popen)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=popen.pop("env", env()),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        **popen,
+    )
     deadline = time.time() + 300
     metrics = Path(out) / "metrics.jsonl"
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(json.loads(line).get("step", 0) >= kill_after_step and "loss" in line
-                                    for line in metrics.read_text().splitlines()):
+        if metrics.exists() and any(
+            json.loads(line).get("step", 0) >= kill_after_step and "loss" in line
+            for line in metrics.read_text().splitlines()
+        ):
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.02)
@@ -145,8 +226,18 @@ def run_until_killed(cmd, out, kill_after_step, **popen):
 
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_sigkill_then_resume_auto_is_exact(dataset_dir, tmp_path, ranks):
-    args = ["--max-steps", 12, "--micro-batch-size", 4, "--save-interval", 3, "--eval-interval", 100,
-            "--precision", "fp32"]
+    args = [
+        "--max-steps",
+        12,
+        "--micro-batch-size",
+        4,
+        "--save-interval",
+        3,
+        "--eval-interval",
+        100,
+        "--precision",
+        "fp32",
+    ]
     pretrain(dataset_dir, tmp_path / "whole", *args, ranks=ranks)
     reference = train_records(tmp_path / "whole")
     out = tmp_path / "killed"
@@ -167,8 +258,14 @@ def test_kill_during_save_resumes_from_the_last_complete_checkpoint(dataset_dir,
     args = ["--max-steps", 9, "--micro-batch-size", 4, "--save-interval", 3, "--precision", "fp32"]
     pretrain(dataset_dir, tmp_path / "whole", *args)
     out = tmp_path / "run"
-    proc = subprocess.run(command(dataset_dir, out, *args), cwd=ROOT, env={**env(), "DSLLM_FAULT": "kill_in_save:6"},
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        command(dataset_dir, out, *args),
+        cwd=ROOT,
+        env={**env(), "DSLLM_FAULT": "kill_in_save:6"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == -signal.SIGKILL
     staging = out / "checkpoints" / "step00000006.staging"  # DeepSpeed's files are there, our marker is not
     assert staging.is_dir() and not (staging / "dsllm_complete.json").exists()
@@ -187,8 +284,17 @@ def test_resume_refuses_another_dataset(dataset_dir, tmp_path, corpus_jsonl, tok
     out = tmp_path / "run"
     pretrain(dataset_dir, out, "--max-steps", 3, "--micro-batch-size", 4, "--save-interval", 3)
     other = tmp_path / "other"
-    prepare(PrepareConfig(inputs=[str(corpus_jsonl)], tokenizer=str(tokenizer_dir), output=str(other),
-                          val_fraction=0.2, seed=99, workers=1, progress=False))
+    prepare(
+        PrepareConfig(
+            inputs=[str(corpus_jsonl)],
+            tokenizer=str(tokenizer_dir),
+            output=str(other),
+            val_fraction=0.2,
+            seed=99,
+            workers=1,
+            progress=False,
+        )
+    )
     proc = pretrain(other, out, "--max-steps", 6, "--micro-batch-size", 4, expect=2)
     assert "trained on dataset" in proc.stderr and "resuming would silently change the data" in proc.stderr
 
@@ -197,10 +303,20 @@ def test_make_pretrain_runs_the_main_job(tmp_path):
     """`make pretrain` is the README's first command: the deepspeed launcher on the default corpus."""
     venv = Path(sys.executable).parent.parent
     out = tmp_path / "run"
-    proc = subprocess.run(["make", "pretrain", f"VENV={venv}",
-                           f"PRETRAIN_ARGS=--max-steps 6 --log-interval 3 --eval-interval 6 --eval-windows 4 "
-                           f"--out {out} --sample-tokens 16"],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            "make",
+            "pretrain",
+            f"VENV={venv}",
+            f"PRETRAIN_ARGS=--max-steps 6 --log-interval 3 --eval-interval 6 --eval-windows 4 "
+            f"--out {out} --sample-tokens 16",
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "deepspeed launch/pretrain.py --ds_config ds_configs/zero2.json" in proc.stdout
     assert "final validation loss" in proc.stdout and "sample:" in proc.stdout

@@ -1,5 +1,6 @@
 """python -m dsllm report RUN_DIR: loss / lr / throughput plots and attention maps of a real run, a summary
 whose numbers are the run's own; the recorded attention weights reproduce the attention kernel's output."""
+
 import json
 import math
 import subprocess
@@ -8,17 +9,23 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ROOT, assert_user_error
-from dsllm.report import read_metrics, recorded_attention
 from test_pretrain import env, pretrain
+
+from dsllm.report import read_metrics, recorded_attention
 
 PNG = b"\x89PNG"
 
 
 def report(*args, expect=0):
-    proc = subprocess.run([sys.executable, "-m", "dsllm", "report", *map(str, args)], cwd=ROOT, env=env(),
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsllm", "report", *map(str, args)],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     return proc
 
@@ -61,10 +68,12 @@ def test_recorded_attention_reproduces_the_kernel():
 def test_resumed_lines_count_once_and_damage_is_named(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    lines = [{"step": 1, "loss": 5.0, "lr": 1e-3, "tokens": 10, "tokens_per_second": 100.0},
-             {"step": 2, "loss": 4.0, "lr": 1e-3, "tokens": 20, "tokens_per_second": 100.0},
-             {"step": 2, "loss": 3.5, "lr": 1e-3, "tokens": 20, "tokens_per_second": 90.0},  # written again on resume
-             {"step": 2, "val_loss": 3.9, "perplexity": math.exp(3.9)}]
+    lines = [
+        {"step": 1, "loss": 5.0, "lr": 1e-3, "tokens": 10, "tokens_per_second": 100.0},
+        {"step": 2, "loss": 4.0, "lr": 1e-3, "tokens": 20, "tokens_per_second": 100.0},
+        {"step": 2, "loss": 3.5, "lr": 1e-3, "tokens": 20, "tokens_per_second": 90.0},  # written again on resume
+        {"step": 2, "val_loss": 3.9, "perplexity": math.exp(3.9)},
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     train, evals = read_metrics(run)
     assert [r["loss"] for r in train] == [5.0, 3.5] and evals[0]["val_loss"] == 3.9
@@ -75,10 +84,13 @@ def test_resumed_lines_count_once_and_damage_is_named(tmp_path):
     assert f"{run / 'metrics.jsonl'}:2: not a metrics record" in proc.stderr and len(proc.stderr.splitlines()) == 1
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda p: None, "no such run folder"),
-    (lambda p: p.mkdir(), "no metrics.jsonl"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: None, "no such run folder"),
+        (lambda p: p.mkdir(), "no metrics.jsonl"),
+    ],
+)
 def test_bad_run_folder_is_one_line(tmp_path, make, message):
     make(tmp_path / "run")
     proc = report(tmp_path / "run", expect=2)
@@ -91,12 +103,14 @@ def test_skipped_windows_are_gaps_not_zeros(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    lines = [{"step": 10, "loss": 5.0, "lr": 1e-3, "tokens": 100, "tokens_per_second": 50.0, "skipped_steps": 0},
-             {"step": 20, "skipped": True, "lr": 1e-3, "tokens": 200, "tokens_per_second": 50.0, "skipped_steps": 10},
-             {"step": 30, "loss": None, "lr": 1e-3, "tokens": 300, "tokens_per_second": 50.0, "skipped_steps": 20},
-             {"step": 40, "loss": 3.0, "lr": 1e-3, "tokens": 400, "tokens_per_second": 50.0, "skipped_steps": 20},
-             {"step": 40, "val_loss": 3.2, "perplexity": math.exp(3.2)},
-             {"step": 50, "skipped": True, "lr": 1e-3, "tokens": 500, "tokens_per_second": 50.0, "skipped_steps": 30}]
+    lines = [
+        {"step": 10, "loss": 5.0, "lr": 1e-3, "tokens": 100, "tokens_per_second": 50.0, "skipped_steps": 0},
+        {"step": 20, "skipped": True, "lr": 1e-3, "tokens": 200, "tokens_per_second": 50.0, "skipped_steps": 10},
+        {"step": 30, "loss": None, "lr": 1e-3, "tokens": 300, "tokens_per_second": 50.0, "skipped_steps": 20},
+        {"step": 40, "loss": 3.0, "lr": 1e-3, "tokens": 400, "tokens_per_second": 50.0, "skipped_steps": 20},
+        {"step": 40, "val_loss": 3.2, "perplexity": math.exp(3.2)},
+        {"step": 50, "skipped": True, "lr": 1e-3, "tokens": 500, "tokens_per_second": 50.0, "skipped_steps": 30},
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     train, evals = read_metrics(run)
     assert [r["step"] for r in train] == [10, 20, 30, 40, 50]
@@ -120,9 +134,12 @@ def test_out_over_the_run_is_refused(tmp_path):
     (run / "checkpoints").mkdir()
     (tmp_path / "link").symlink_to(run)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    for out, relation, path in ((run, "contains", run / "metrics.jsonl"), (tmp_path, "contains", run / "metrics.jsonl"),
-                                (tmp_path / "link", "contains", run / "metrics.jsonl"),
-                                (run / "checkpoints" / "r", "lies inside", run / "checkpoints")):
+    for out, relation, path in (
+        (run, "contains", run / "metrics.jsonl"),
+        (tmp_path, "contains", run / "metrics.jsonl"),
+        (tmp_path / "link", "contains", run / "metrics.jsonl"),
+        (run / "checkpoints" / "r", "lies inside", run / "checkpoints"),
+    ):
         proc = report(run, "--no-attention", "--out", out, expect=2)
         assert_user_error(proc, f"--out {out} {relation} {path}", "which the report reads", "choose another --out")
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

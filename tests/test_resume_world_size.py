@@ -1,10 +1,10 @@
 """Resume on another world size or ZeRO stage through DeepSpeed's universal checkpoint: the loss
 curve, learning-rate schedule, step count and data position continue."""
+
 import json
 import shutil
 
 import pytest
-
 from test_pretrain import pretrain, train_records
 
 ARGS = ["--max-steps", 8, "--save-interval", 4, "--eval-interval", 100, "--precision", "fp32"]
@@ -19,12 +19,15 @@ def checkpoint_at_step_4(source, target):
     (target / "metrics.jsonl").write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] <= 4))
 
 
-@pytest.mark.parametrize("saved, resumed", [
-    ((2, "zero2.json"), (1, "zero2.json")),
-    ((1, "zero2.json"), (2, "zero2.json")),
-    ((2, "zero2.json"), (2, "zero1.json")),
-    ((2, "zero0.json"), (1, "zero0.json")),  # ZeRO-0 holds whole state: a plain load
-])
+@pytest.mark.parametrize(
+    "saved, resumed",
+    [
+        ((2, "zero2.json"), (1, "zero2.json")),
+        ((1, "zero2.json"), (2, "zero2.json")),
+        ((2, "zero2.json"), (2, "zero1.json")),
+        ((2, "zero0.json"), (1, "zero0.json")),  # ZeRO-0 holds whole state: a plain load
+    ],
+)
 def test_curve_continues(dataset_dir, tmp_path, saved, resumed):
     """Same global batch (8) on both sides; fp32 losses agree to 1e-5 relative (float summation order
     differs between world sizes; measured differences are ~1e-7)."""
@@ -33,8 +36,9 @@ def test_curve_continues(dataset_dir, tmp_path, saved, resumed):
     pretrain(dataset_dir, whole, *ARGS, "--micro-batch-size", 8 // saved_ranks, ranks=saved_ranks, ds=saved_ds)
     out = tmp_path / "resumed"
     checkpoint_at_step_4(whole, out)
-    proc = pretrain(dataset_dir, out, *ARGS, "--micro-batch-size", 8 // resumed_ranks, ranks=resumed_ranks,
-                    ds=resumed_ds)
+    proc = pretrain(
+        dataset_dir, out, *ARGS, "--micro-batch-size", 8 // resumed_ranks, ranks=resumed_ranks, ds=resumed_ds
+    )
     universal = saved != resumed and saved_ds != "zero0.json"
     assert ("through a universal checkpoint" in proc.stdout) == universal
     assert "at step 4 (32 samples consumed)" in proc.stdout
@@ -43,7 +47,10 @@ def test_curve_continues(dataset_dir, tmp_path, saved, resumed):
         assert continued[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5), step
         assert continued[step]["lr"] == pytest.approx(reference[step]["lr"], rel=1e-9)
         assert continued[step]["samples"] == reference[step]["samples"]
-    assert json.loads((out / "checkpoints" / "step00000008" / "dsllm_complete.json").read_text())["world_size"] == resumed_ranks
+    assert (
+        json.loads((out / "checkpoints" / "step00000008" / "dsllm_complete.json").read_text())["world_size"]
+        == resumed_ranks
+    )
 
 
 def test_zero2_to_zero3_is_refused_with_what_to_do(dataset_dir, tmp_path):
@@ -63,25 +70,74 @@ def test_consolidate_and_export_from_any_checkpoint(dataset_dir, tmp_path, ranks
     import sys
 
     import torch
+    from conftest import ROOT
     from safetensors.torch import load_file
 
-    from conftest import ROOT
-
     out = tmp_path / "run"
-    pretrain(dataset_dir, out, "--max-steps", 4, "--save-interval", 2, "--micro-batch-size", 8 // ranks,
-             "--precision", "fp32", ranks=ranks, ds=ds)
+    pretrain(
+        dataset_dir,
+        out,
+        "--max-steps",
+        4,
+        "--save-interval",
+        2,
+        "--micro-batch-size",
+        8 // ranks,
+        "--precision",
+        "fp32",
+        ranks=ranks,
+        ds=ds,
+    )
     final = load_file(out / "model.safetensors")
     merged = tmp_path / "merged"
-    proc = subprocess.run([sys.executable, "-m", "dsllm", "consolidate", "--checkpoint",
-                           str(out / "checkpoints" / "step00000004"), "--output", str(merged)],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsllm",
+            "consolidate",
+            "--checkpoint",
+            str(out / "checkpoints" / "step00000004"),
+            "--output",
+            str(merged),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     weights = load_file(merged / "model.safetensors")
     assert weights.keys() == final.keys() and all(torch.equal(weights[k], final[k]) for k in final)
     earlier = tmp_path / "earlier"
-    subprocess.run([sys.executable, "-m", "dsllm", "consolidate", "--checkpoint", str(out / "checkpoints" / "step00000002"),
-                    "--output", str(earlier)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsllm",
+            "consolidate",
+            "--checkpoint",
+            str(out / "checkpoints" / "step00000002"),
+            "--output",
+            str(earlier),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     assert not torch.equal(load_file(earlier / "model.safetensors")["norm.weight"], final["norm.weight"])
-    proc = subprocess.run([sys.executable, "-m", "dsllm", "export", "--checkpoint", str(out / "checkpoints" / "step00000002"),
-                           "--output", str(tmp_path / "hf")], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dsllm",
+            "export",
+            "--checkpoint",
+            str(out / "checkpoints" / "step00000002"),
+            "--output",
+            str(tmp_path / "hf"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0 and "LlamaForCausalLM" in proc.stdout, proc.stderr[-2000:]

@@ -1,4 +1,5 @@
 """The shared reader: every input format gives the same documents; bad input is a one-line UserError."""
+
 import gzip
 import json
 
@@ -6,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-
 from conftest import write_jsonl
+
 from dsllm.data.sources import CorpusReader, InputError
 
 TEXTS = ["first document\nwith two lines", "second: ünïcödé 😀", "third <b>bold</b>"]
@@ -57,8 +58,12 @@ def test_datasets_save_to_disk_folder_and_dict(tmp_path):
 
     datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(tmp_path / "single"))
     assert read(tmp_path / "single")[0] == TEXTS
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TEXTS[:2]}),
-                               "test": datasets.Dataset.from_dict({"text": TEXTS[2:]})})
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict({"text": TEXTS[:2]}),
+            "test": datasets.Dataset.from_dict({"text": TEXTS[2:]}),
+        }
+    )
     dd.save_to_disk(str(tmp_path / "dict"))
     assert sorted(read(tmp_path / "dict")[0]) == sorted(TEXTS)
 

@@ -1,11 +1,12 @@
 """tokenizer/train_tokenizer.py: byte-level BPE that round-trips any text, and one-line errors."""
+
 import json
 import subprocess
 import sys
 
+from conftest import ROOT, assert_user_error, run_script, write_jsonl
 from tokenizers import Tokenizer, decoders
 
-from conftest import ROOT, assert_user_error, run_script, write_jsonl
 from dsllm.tokenizer import EOT_TOKEN, MAX_PIECE_BYTES, load_tokenizer, tokenizer_hash, train_tokenizer
 
 SCRIPT = "tokenizer/train_tokenizer.py"
@@ -52,8 +53,17 @@ def test_vocab_outside_the_format(tmp_path, corpus_jsonl):
 
 def test_min_frequency_out_of_range(tmp_path, corpus_jsonl):
     for frequency in (-5, 0, 2**64):
-        proc = run_script(SCRIPT, "--input", corpus_jsonl, "--vocab-size", 300, "--min-frequency", frequency,
-                          "--output", tmp_path / "tok")
+        proc = run_script(
+            SCRIPT,
+            "--input",
+            corpus_jsonl,
+            "--vocab-size",
+            300,
+            "--min-frequency",
+            frequency,
+            "--output",
+            tmp_path / "tok",
+        )
         assert_user_error(proc, f"--min-frequency {frequency} is outside 1..")
     assert not (tmp_path / "tok").exists()
 
@@ -61,8 +71,16 @@ def test_min_frequency_out_of_range(tmp_path, corpus_jsonl):
 def test_a_megabyte_without_whitespace_trains_and_round_trips(tmp_path):
     """One long run without whitespace (a minified or base64 blob) made BPE training quadratic: 1 MB never ended."""
     (tmp_path / "blob.txt").write_text("ab" * 500_000)
-    command = [sys.executable, str(ROOT / SCRIPT), "--input", str(tmp_path / "blob.txt"), "--vocab-size", "260",
-               "--output", str(tmp_path / "tok")]
+    command = [
+        sys.executable,
+        str(ROOT / SCRIPT),
+        "--input",
+        str(tmp_path / "blob.txt"),
+        "--vocab-size",
+        "260",
+        "--output",
+        str(tmp_path / "tok"),
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=180)  # a hang guard, not a timing
     assert proc.returncode == 0, proc.stderr
     tok = load_tokenizer(tmp_path / "tok")
@@ -96,16 +114,23 @@ def test_refuses_to_overwrite_without_flag(tmp_path, corpus_jsonl):
 
 def test_empty_and_fully_filtered_corpora(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
-    assert_user_error(run_script(SCRIPT, "--input", tmp_path / "empty.jsonl", "--vocab-size", 300,
-                                 "--output", tmp_path / "t"), "corpus is empty")
+    assert_user_error(
+        run_script(SCRIPT, "--input", tmp_path / "empty.jsonl", "--vocab-size", 300, "--output", tmp_path / "t"),
+        "corpus is empty",
+    )
     write_jsonl(tmp_path / "short.jsonl", ["tiny", "also tiny"])
-    assert_user_error(run_script(SCRIPT, "--input", tmp_path / "short.jsonl", "--vocab-size", 300,
-                                 "--output", tmp_path / "t"), "all 2 documents were dropped", "2 too short",
-                      "--min-chars")
+    assert_user_error(
+        run_script(SCRIPT, "--input", tmp_path / "short.jsonl", "--vocab-size", 300, "--output", tmp_path / "t"),
+        "all 2 documents were dropped",
+        "2 too short",
+        "--min-chars",
+    )
     assert not (tmp_path / "t").exists()
 
 
 def test_bad_arguments_are_one_line(tmp_path):
     assert_user_error(run_script(SCRIPT, "--vocab-size", 300), "required: --input")
-    assert_user_error(run_script(SCRIPT, "--input", tmp_path / "missing.txt", "--vocab-size", 300,
-                                 "--output", tmp_path / "t"), "missing.txt: no such file")
+    assert_user_error(
+        run_script(SCRIPT, "--input", tmp_path / "missing.txt", "--vocab-size", 300, "--output", tmp_path / "t"),
+        "missing.txt: no such file",
+    )

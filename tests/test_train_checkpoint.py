@@ -1,14 +1,27 @@
 """Training checkpoints on disk (pure file logic; tests/test_preemption.py runs the trainer for real):
 staging folders never count, markers carry sizes and checksums, prune keeps the lineage, and --resume auto
 after a rollback follows the branch the user chose."""
+
 import json
 
 import pytest
 
 from dsllm.errors import UserError
-from dsllm.train_checkpoint import (COMPLETE_MARKER, LINEAGE_FILE, commit, complete_checkpoints, file_digests,
-                                    lineage_candidates, prune, remove_leftovers, resume_candidates, size_problem,
-                                    checksum_problem, staging_dir, start_branch)
+from dsllm.train_checkpoint import (
+    COMPLETE_MARKER,
+    LINEAGE_FILE,
+    checksum_problem,
+    commit,
+    complete_checkpoints,
+    file_digests,
+    lineage_candidates,
+    prune,
+    remove_leftovers,
+    resume_candidates,
+    size_problem,
+    staging_dir,
+    start_branch,
+)
 
 
 def save(checkpoints, step, branch, payload=b"weights"):

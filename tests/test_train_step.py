@@ -1,12 +1,12 @@
 """dsllm.trainer.train_step, the step the training loop and the throughput benchmark share: it makes no host
 sync of its own (no .item() / .tolist() / .cpu() per step) except on ZeRO-0 fp32, the one configuration where
 DeepSpeed has no non-finite check and the loop must read the loss flag before stepping."""
+
 import json
 import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 from test_pretrain import SMALL_MODEL, env
 
@@ -24,7 +24,8 @@ ds, data, out, precision, *model = sys.argv[1:]
 overrides = dict(zip(model[2::2], model[3::2]))  # after "--model tiny": --model.FIELD VALUE pairs
 overrides = {k.removeprefix("--model."): v for k, v in overrides.items()}
 config = TrainConfig(ds_config=ds, data=data, out=out, model="tiny", model_overrides=overrides, seq_len=32,
-                     micro_batch_size=2, grad_accum=2, max_steps=10, resume="none", loader_workers=0, precision=precision)
+                     micro_batch_size=2, grad_accum=2, max_steps=10, resume="none", loader_workers=0,
+                     precision=precision)
 plan = preflight(config)
 device = init_distributed(plan)
 engine = build_engine(plan, device)
@@ -50,12 +51,28 @@ dist.destroy_process_group()
 """
 
 
-@pytest.mark.parametrize("ds, precision, expected_syncs", [("zero2.json", "fp32", 0), ("zero0.json", "bf16", 0),
-                                                           ("zero3.json", "fp32", 0), ("zero0.json", "fp32", 3)])
+@pytest.mark.parametrize(
+    "ds, precision, expected_syncs",
+    [("zero2.json", "fp32", 0), ("zero0.json", "bf16", 0), ("zero3.json", "fp32", 0), ("zero0.json", "fp32", 3)],
+)
 def test_train_step_makes_no_host_sync_of_its_own(tmp_path, dataset_dir, ds, precision, expected_syncs):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "ds_configs" / ds), str(dataset_dir),
-                           str(tmp_path / "run"), precision, *SMALL_MODEL], cwd=ROOT, env=env(), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SCRIPT,
+            str(ROOT / "ds_configs" / ds),
+            str(dataset_dir),
+            str(tmp_path / "run"),
+            precision,
+            *SMALL_MODEL,
+        ],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["applied"] == [True, True, True] and all(0 < loss < 20 for loss in result["losses"])

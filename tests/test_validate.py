@@ -1,10 +1,11 @@
 """data_pipeline/validate.py: a sound dataset passes; each kind of damage is named in one line, exit 2."""
+
 import shutil
 
 import numpy as np
 import pytest
-
 from conftest import assert_user_error, run_script
+
 from dsllm.data.format import HEADER_SIZE
 from dsllm.tokenizer import save_tokenizer, train_tokenizer
 
@@ -42,7 +43,9 @@ def test_token_id_beyond_vocabulary(dataset):
     tokens = np.fromfile(dataset / "train.bin", dtype=np.uint16)
     tokens[17] = 300  # vocab is 300: ids 0..299
     tokens.tofile(dataset / "train.bin")
-    assert_user_error(run_script(SCRIPT, dataset), "train.bin: token id 300 at position 17", ">= the vocabulary size 300")
+    assert_user_error(
+        run_script(SCRIPT, dataset), "train.bin: token id 300 at position 17", ">= the vocabulary size 300"
+    )
 
 
 def test_changed_token_inside_vocabulary_breaks_the_content_hash(dataset):
@@ -61,15 +64,18 @@ def test_idx_and_bin_from_different_datasets(dataset, tmp_path, tokenizer_dir):
     writer.add_documents(np.full(n, 7, dtype=np.uint16), np.array([n]))
     writer.close()
     shutil.copyfile(tmp_path / "other.bin", dataset / "train.bin")
-    assert_user_error(run_script(SCRIPT, dataset), "train.bin: document 0 does not end with the end-of-text id",
-                      "do not belong together")
+    assert_user_error(
+        run_script(SCRIPT, dataset),
+        "train.bin: document 0 does not end with the end-of-text id",
+        "do not belong together",
+    )
     shutil.copyfile(dataset / "val.bin", dataset / "train.bin")
     assert_user_error(run_script(SCRIPT, dataset), "train.bin", "different datasets")
 
 
 def test_offsets_damaged(dataset):
     data = bytearray((dataset / "train.idx").read_bytes())
-    data[HEADER_SIZE + 8:HEADER_SIZE + 16] = np.int64(10**9).tobytes()
+    data[HEADER_SIZE + 8 : HEADER_SIZE + 16] = np.int64(10**9).tobytes()
     (dataset / "train.idx").write_bytes(bytes(data))
     assert_user_error(run_script(SCRIPT, dataset), "train.idx", "the index is damaged")
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """Train a byte-level BPE tokenizer: --input PATH [PATH ...] --vocab-size N --output DIR."""
+
 import sys
 
 from dsllm.errors import run_cli

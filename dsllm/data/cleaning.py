@@ -4,6 +4,7 @@ Order: strip HTML -> unicode (NFC, control characters) -> whitespace -> length; 
 removal uses the hash of the cleaned text and happens in the process that writes (it needs the
 global set of hashes). Whitespace normalisation keeps indentation, so code survives it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,8 +16,10 @@ import unicodedata
 from dsllm.errors import UserError
 
 # Tags that end a line of text: replaced by a newline so words on either side do not merge.
-_BLOCK_TAGS = ("address|article|aside|blockquote|br|dd|div|dl|dt|fieldset|figcaption|figure|footer|form|h[1-6]|"
-               "header|hr|li|main|nav|ol|p|pre|section|table|tbody|td|tfoot|th|thead|tr|ul")
+_BLOCK_TAGS = (
+    "address|article|aside|blockquote|br|dd|div|dl|dt|fieldset|figcaption|figure|footer|form|h[1-6]|"
+    "header|hr|li|main|nav|ol|p|pre|section|table|tbody|td|tfoot|th|thead|tr|ul"
+)
 _SCRIPT_STYLE = re.compile(r"<(script|style|noscript)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 _COMMENT = re.compile(r"<!--.*?-->|<!DOCTYPE[^>]*>", re.IGNORECASE | re.DOTALL)
 _BLOCK_TAG = re.compile(rf"</?(?:{_BLOCK_TAGS})\b[^<>]*>", re.IGNORECASE)
@@ -36,8 +39,10 @@ def _detector(table: dict) -> tuple[tuple[str, ...], re.Pattern]:
     """Whether a text holds a key of a translate table: most texts hold none, and a search is far cheaper
     than a translate (which copies the text). ASCII texts check the table's ASCII characters one by one
     (`in` on a one-byte string is a memchr, ~10x faster than a regex); other texts use a character class."""
-    return (tuple(chr(c) for c in table if c < 0x80),
-            re.compile("[" + "".join(re.escape(chr(c)) for c in sorted(table)) + "]"))
+    return (
+        tuple(chr(c) for c in table if c < 0x80),
+        re.compile("[" + "".join(re.escape(chr(c)) for c in sorted(table)) + "]"),
+    )
 
 
 _CONTROL_ASCII, _CONTROL_CHARS = _detector(_CONTROL)
@@ -141,8 +146,10 @@ class CleaningReport:
         if self.read == 0:
             raise UserError(f"{names}: the corpus is empty (no documents read); check the input files")
         if self.kept == 0:
-            raise UserError(f"{names}: all {self.read} documents were dropped by cleaning ({self.dropped_summary()}); "
-                            "lower --min-chars or turn off the step that drops them")
+            raise UserError(
+                f"{names}: all {self.read} documents were dropped by cleaning ({self.dropped_summary()}); "
+                "lower --min-chars or turn off the step that drops them"
+            )
 
 
 class Deduplicator:
@@ -164,19 +171,41 @@ class Deduplicator:
 def add_cleaning_arguments(parser) -> None:
     """The cleaning switches, shared by the tokenizer trainer and `prepare`."""
     group = parser.add_argument_group("cleaning (every step is on by default)")
-    group.add_argument("--no-strip-html", dest="strip_html", action="store_false",
-                       help="keep HTML tags and entities (turn off for code corpora)")
-    group.add_argument("--no-normalize-unicode", dest="normalize_unicode", action="store_false",
-                       help="skip NFC normalisation and control-character removal")
-    group.add_argument("--no-normalize-whitespace", dest="normalize_whitespace", action="store_false",
-                       help="keep line breaks, trailing spaces and blank-line runs as they are")
+    group.add_argument(
+        "--no-strip-html",
+        dest="strip_html",
+        action="store_false",
+        help="keep HTML tags and entities (turn off for code corpora)",
+    )
+    group.add_argument(
+        "--no-normalize-unicode",
+        dest="normalize_unicode",
+        action="store_false",
+        help="skip NFC normalisation and control-character removal",
+    )
+    group.add_argument(
+        "--no-normalize-whitespace",
+        dest="normalize_whitespace",
+        action="store_false",
+        help="keep line breaks, trailing spaces and blank-line runs as they are",
+    )
     group.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep exact duplicate documents")
-    group.add_argument("--min-chars", type=int, default=CleaningConfig.min_chars, metavar="N",
-                       help="drop documents shorter than N characters after cleaning (default %(default)s; 0 keeps all non-empty)")
+    group.add_argument(
+        "--min-chars",
+        type=int,
+        default=CleaningConfig.min_chars,
+        metavar="N",
+        help="drop documents shorter than N characters after cleaning (default %(default)s; 0 keeps all non-empty)",
+    )
 
 
 def cleaning_config_from_args(args) -> CleaningConfig:
     if args.min_chars < 0:
         raise UserError(f"--min-chars is {args.min_chars}; give 0 or more")
-    return CleaningConfig(strip_html=args.strip_html, normalize_unicode=args.normalize_unicode,
-                          normalize_whitespace=args.normalize_whitespace, dedup=args.dedup, min_chars=args.min_chars)
+    return CleaningConfig(
+        strip_html=args.strip_html,
+        normalize_unicode=args.normalize_unicode,
+        normalize_whitespace=args.normalize_whitespace,
+        dedup=args.dedup,
+        min_chars=args.min_chars,
+    )

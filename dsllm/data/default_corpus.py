@@ -1,6 +1,7 @@
 """The embedded default corpus: the Python standard library's own `.py` sources (found through
 `sysconfig`, present in every Python install), made into a tokenizer and a train/val dataset once and
 cached. Nothing is downloaded; nothing outside the running Python is read."""
+
 from __future__ import annotations
 
 import contextlib
@@ -43,8 +44,10 @@ def stdlib_sources(max_bytes: int | None = None) -> list[Path]:
         files.append(path)
         total += size
     if not files:
-        raise UserError(f"{root}: no standard-library sources found; this Python install ships without them, "
-                        "pass --data with a prepared dataset instead")
+        raise UserError(
+            f"{root}: no standard-library sources found; this Python install ships without them, "
+            "pass --data with a prepared dataset instead"
+        )
     return files
 
 
@@ -70,8 +73,13 @@ def _lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_default_dataset(cache_dir: str | os.PathLike | None = None, vocab_size: int = DEFAULT_VOCAB_SIZE,
-                          max_bytes: int | None = None, workers: int | None = None, log=print) -> Path:
+def build_default_dataset(
+    cache_dir: str | os.PathLike | None = None,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    max_bytes: int | None = None,
+    workers: int | None = None,
+    log=print,
+) -> Path:
     """Build (or reuse) the default dataset; returns its folder. Cached by Python version and recipe."""
     files = stdlib_sources(max_bytes)
     listing = "\n".join(f"{p}:{p.stat().st_size}" for p in files)
@@ -91,15 +99,23 @@ def build_default_dataset(cache_dir: str | os.PathLike | None = None, vocab_size
         tokenizer_dir = home / "tokenizer"
         if not (tokenizer_dir / TOKENIZER_FILE).is_file():
             log(f"default corpus: training a {vocab_size:,}-token byte-level BPE tokenizer")
-            from dsllm.data.sources import CorpusReader
             from dsllm.data.cleaning import clean
+            from dsllm.data.sources import CorpusReader
 
             texts = (clean(t, CODE_CLEANING) for t in CorpusReader([corpus]))
             save_tokenizer(train_tokenizer(texts, vocab_size, show_progress=False), tokenizer_dir)
         log("default corpus: tokenizing into train/val token files")
-        prepare(PrepareConfig(inputs=[str(corpus)], tokenizer=str(tokenizer_dir), output=str(dataset),
-                              val_fraction=VAL_FRACTION, workers=workers or os.cpu_count() or 1,
-                              cleaning=CODE_CLEANING, overwrite=True))
+        prepare(
+            PrepareConfig(
+                inputs=[str(corpus)],
+                tokenizer=str(tokenizer_dir),
+                output=str(dataset),
+                val_fraction=VAL_FRACTION,
+                workers=workers or os.cpu_count() or 1,
+                cleaning=CODE_CLEANING,
+                overwrite=True,
+            )
+        )
     return dataset
 
 
@@ -109,7 +125,9 @@ def main(argv=None) -> int:
     from dsllm.errors import ArgumentParser
 
     parser = ArgumentParser(prog="default_corpus.py", description=__doc__)
-    parser.add_argument("--cache-dir", default=None, help="where to build it (default $DSLLM_CACHE_DIR or ~/.cache/dsllm)")
+    parser.add_argument(
+        "--cache-dir", default=None, help="where to build it (default $DSLLM_CACHE_DIR or ~/.cache/dsllm)"
+    )
     parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
     parser.add_argument("--max-bytes", type=int, default=None, help="use only the first N bytes of sources")
     args = parser.parse_args(argv)

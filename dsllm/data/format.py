@@ -13,14 +13,15 @@
 `.bin` is the concatenated token ids, nothing else. Every document ends with the end-of-text id.
 The writer (`TokenFileWriter`) and the reader (`TokenFile`) both use only what is defined here.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import struct
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,10 @@ class TokenFileError(UserError):
 def dtype_for_vocab(vocab_size: int) -> np.dtype:
     """uint16 while every id fits (vocab <= 65,536), else uint32."""
     if not 0 < vocab_size <= MAX_VOCAB_SIZE:
-        raise UserError(f"vocabulary size {vocab_size} is outside 1..{MAX_VOCAB_SIZE:,}: the token format stores ids as uint32 at most")
+        raise UserError(
+            f"vocabulary size {vocab_size} is outside 1..{MAX_VOCAB_SIZE:,}: "
+            "the token format stores ids as uint32 at most"
+        )
     return DTYPE_CODES[1] if vocab_size <= 2**16 else DTYPE_CODES[2]
 
 
@@ -52,7 +56,7 @@ def _dtype_code(dtype: np.dtype) -> int:
     return next(code for code, dt in DTYPE_CODES.items() if dt == dtype)
 
 
-def new_content_hasher() -> "hashlib._Hash":
+def new_content_hasher() -> hashlib._Hash:
     """One hasher for the token bytes and one for the offset bytes make the content hash (see below)."""
     return hashlib.blake2b(digest_size=32)
 
@@ -78,8 +82,16 @@ class IndexHeader:
     content_hash: bytes
 
     def pack(self) -> bytes:
-        return _HEADER.pack(MAGIC, self.version, _dtype_code(self.dtype), self.vocab_size, self.document_count,
-                            self.token_count, self.tokenizer_hash, self.content_hash)
+        return _HEADER.pack(
+            MAGIC,
+            self.version,
+            _dtype_code(self.dtype),
+            self.vocab_size,
+            self.document_count,
+            self.token_count,
+            self.tokenizer_hash,
+            self.content_hash,
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -103,11 +115,15 @@ def read_header(idx_path: str | os.PathLike) -> IndexHeader:
     with open(idx_path, "rb") as f:
         raw = f.read(HEADER_SIZE)
     if len(raw) < HEADER_SIZE or raw[:8] != MAGIC:
-        raise TokenFileError(f"{idx_path}: wrong magic, not a dsllm token index; re-create it with data_pipeline/prepare.py")
+        raise TokenFileError(
+            f"{idx_path}: wrong magic, not a dsllm token index; re-create it with data_pipeline/prepare.py"
+        )
     magic, version, code, vocab, docs, tokens, tok_hash, content_hash = _HEADER.unpack(raw)
     if version != FORMAT_VERSION:
-        raise TokenFileError(f"{idx_path}: format version {version}, this dsllm reads version {FORMAT_VERSION}; "
-                             "re-create the dataset with this version's data_pipeline/prepare.py")
+        raise TokenFileError(
+            f"{idx_path}: format version {version}, this dsllm reads version {FORMAT_VERSION}; "
+            "re-create the dataset with this version's data_pipeline/prepare.py"
+        )
     if code not in DTYPE_CODES:
         raise TokenFileError(f"{idx_path}: unknown dtype code {code} in header (file damaged); re-create the dataset")
     return IndexHeader(version, DTYPE_CODES[code], vocab, docs, tokens, tok_hash, content_hash)
@@ -117,14 +133,18 @@ def check_sizes(prefix: str | os.PathLike, header: IndexHeader) -> None:
     """The cheap consistency checks: both files exist and have exactly the sizes the header implies."""
     bin_path, idx_path = paths_for(prefix)
     if idx_path.stat().st_size != header.idx_size:
-        raise TokenFileError(f"{idx_path}: {idx_path.stat().st_size} bytes, but the header's {header.document_count} documents "
-                             f"need {header.idx_size}; the file is truncated or damaged, re-create the dataset")
+        raise TokenFileError(
+            f"{idx_path}: {idx_path.stat().st_size} bytes, but the header's {header.document_count} documents "
+            f"need {header.idx_size}; the file is truncated or damaged, re-create the dataset"
+        )
     if not bin_path.is_file():
         raise TokenFileError(f"{bin_path}: missing (its index {idx_path.name} exists); re-create the dataset")
     if bin_path.stat().st_size != header.bin_size:
-        raise TokenFileError(f"{bin_path}: {bin_path.stat().st_size} bytes, but {idx_path.name} says {header.token_count} "
-                             f"{header.dtype.name} tokens ({header.bin_size} bytes): truncated, or .bin and .idx come from "
-                             "different datasets; re-create the dataset")
+        raise TokenFileError(
+            f"{bin_path}: {bin_path.stat().st_size} bytes, but {idx_path.name} says {header.token_count} "
+            f"{header.dtype.name} tokens ({header.bin_size} bytes): truncated, or .bin and .idx come from "
+            "different datasets; re-create the dataset"
+        )
 
 
 class TokenFile:
@@ -141,10 +161,10 @@ class TokenFile:
     def _open(self) -> tuple[np.ndarray, np.ndarray]:
         if self._maps is None or self._maps[0] != os.getpid():
             h = self.header
-            tokens = (np.memmap(self.bin_path, dtype=h.dtype, mode="r") if h.token_count
-                      else np.zeros(0, dtype=h.dtype))
-            offsets = np.memmap(self.idx_path, dtype=OFFSET_DTYPE, mode="r", offset=HEADER_SIZE,
-                                shape=(h.document_count + 1,))
+            tokens = np.memmap(self.bin_path, dtype=h.dtype, mode="r") if h.token_count else np.zeros(0, dtype=h.dtype)
+            offsets = np.memmap(
+                self.idx_path, dtype=OFFSET_DTYPE, mode="r", offset=HEADER_SIZE, shape=(h.document_count + 1,)
+            )
             self._maps = (os.getpid(), tokens, offsets)
         return self._maps[1], self._maps[2]
 
@@ -180,7 +200,7 @@ class TokenFile:
 
     def document(self, i: int) -> np.ndarray:
         offsets = self.offsets
-        return self.tokens[offsets[i]:offsets[i + 1]]
+        return self.tokens[offsets[i] : offsets[i + 1]]
 
     @property
     def _max_id_cache(self) -> Path:
@@ -198,7 +218,7 @@ class TokenFile:
             pass  # no cache, or a stale or damaged one: compute it
         tokens, largest = self.tokens, -1
         for start in range(0, self.num_tokens, _MAX_ID_CHUNK):
-            largest = max(largest, int(tokens[start:start + _MAX_ID_CHUNK].max()))
+            largest = max(largest, int(tokens[start : start + _MAX_ID_CHUNK].max()))
         try:  # written whole under a temporary name, so a reader never sees half a file
             fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=cache.name, suffix=".tmp")
         except OSError:
@@ -248,8 +268,15 @@ class TokenFileWriter:
         self.token_count = int(ends[-1])
 
     def close(self) -> IndexHeader:
-        header = IndexHeader(FORMAT_VERSION, self.dtype, self.vocab_size, self.document_count, self.token_count,
-                             self.tokenizer_hash, content_hash(self._token_hash, self._offset_hash))
+        header = IndexHeader(
+            FORMAT_VERSION,
+            self.dtype,
+            self.vocab_size,
+            self.document_count,
+            self.token_count,
+            self.tokenizer_hash,
+            content_hash(self._token_hash, self._offset_hash),
+        )
         self._idx.seek(0)
         self._idx.write(header.pack())
         for f in (self._bin, self._idx):

@@ -1,8 +1,9 @@
 """Training data: fixed-length token windows from a memory-mapped dataset, and a resumable loader."""
+
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ class TokenWindows(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"window {index} outside 0..{len(self) - 1}")
         start = index * self.seq_len
-        window = self.file.tokens[start:start + self.seq_len + 1]
+        window = self.file.tokens[start : start + self.seq_len + 1]
         return torch.from_numpy(window.astype(np.int64))
 
     def order(self, seed: int) -> WindowOrder:
@@ -41,8 +42,16 @@ class ResumableLoader:
     handed to the training loop, not what loader workers prefetched, so `state_dict()` taken after a
     step resumes exactly at the next sample."""
 
-    def __init__(self, windows: TokenWindows, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, pin_memory: bool = False):
+    def __init__(
+        self,
+        windows: TokenWindows,
+        micro_batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ):
         self.windows, self.micro_batch_size, self.world_size = windows, micro_batch_size, world_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.sampler = WindowSampler(windows.order(seed), rank, world_size)
@@ -52,9 +61,15 @@ class ResumableLoader:
         return self.sampler.consumed_samples
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        loader = DataLoader(self.windows, batch_size=self.micro_batch_size, sampler=self.sampler,
-                            num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+        loader = DataLoader(
+            self.windows,
+            batch_size=self.micro_batch_size,
+            sampler=self.sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            prefetch_factor=4 if self.num_workers else None,
+        )
         for batch in loader:
             self.sampler.consumed_samples += self.micro_batch_size * self.world_size
             yield batch
@@ -64,4 +79,3 @@ class ResumableLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.sampler.load_state_dict(state)
-

@@ -5,6 +5,7 @@ At most `2 x workers` batches are in flight, so memory stays bounded whatever th
 dedup set grows by ~60 bytes per unique document). Output is staged in `OUT/.partial-<pid>/` and
 moved into place only when complete, `meta.json` last: an interrupted run leaves no valid dataset.
 """
+
 from __future__ import annotations
 
 import collections
@@ -18,10 +19,10 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -32,8 +33,14 @@ from dsllm.data.format import FORMAT_VERSION, IndexHeader, TokenFileWriter, path
 from dsllm.data.sources import CorpusReader, add_input_arguments
 from dsllm.errors import UserError
 from dsllm.paths import check_output_apart
-from dsllm.tokenizer import (TOKENIZER_FILE, encode_as_text, eot_id, load_tokenizer, resolve_tokenizer_file,
-                             tokenizer_hash)
+from dsllm.tokenizer import (
+    TOKENIZER_FILE,
+    encode_as_text,
+    eot_id,
+    load_tokenizer,
+    resolve_tokenizer_file,
+    tokenizer_hash,
+)
 
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
@@ -119,7 +126,7 @@ def _clean_and_tokenize(texts: list[str]) -> _BatchResult:
     ends = np.cumsum(lengths)
     tokens[ends - 1] = eot
     for doc, end in zip(ids, ends):
-        tokens[end - 1 - len(doc):end - 1] = doc
+        tokens[end - 1 - len(doc) : end - 1] = doc
     return _BatchResult(reasons, [document_hash(t) for t in kept], lengths, tokens)
 
 
@@ -152,23 +159,32 @@ def _killed_worker_error(processes: dict, in_flight: list[_Batch], workers: int)
     """One line for a worker that died (the OOM killer's SIGKILL, most often): which process, which documents were
     being tokenized, and the fix. The pool then stops the other workers (SIGTERM), so the first death is the one
     that is not SIGTERM. `processes`: the pool's workers as seen while it ran (a broken pool forgets them)."""
-    ended = [(pid, process.exitcode) for pid, process in processes.items()
-             if process.exitcode not in (None, 0, -signal.SIGTERM)]  # SIGTERM: the pool stopping the others
+    ended = [
+        (pid, process.exitcode)
+        for pid, process in processes.items()
+        if process.exitcode not in (None, 0, -signal.SIGTERM)
+    ]  # SIGTERM: the pool stopping the others
     if ended and ended[0][1] < 0:
         who = f"worker process {ended[0][0]} was killed by {signal.Signals(-ended[0][1]).name}"
     elif ended:
         who = f"worker process {ended[0][0]} exited with code {ended[0][1]}"
     else:
         who = "a worker process died"
-    files = in_flight[0].files[0] if in_flight[0].files[0] == in_flight[-1].files[1] else (
-        f"{in_flight[0].files[0]} to {in_flight[-1].files[1]}")
-    return UserError(f"prepare: {who} while tokenizing documents {in_flight[0].first:,}-{in_flight[-1].last:,} "
-                     f"({files}), most likely out of memory; --output was left as it was: run again with fewer "
-                     f"--workers (this run had {workers}) or with more memory")
+    files = (
+        in_flight[0].files[0]
+        if in_flight[0].files[0] == in_flight[-1].files[1]
+        else (f"{in_flight[0].files[0]} to {in_flight[-1].files[1]}")
+    )
+    return UserError(
+        f"prepare: {who} while tokenizing documents {in_flight[0].first:,}-{in_flight[-1].last:,} "
+        f"({files}), most likely out of memory; --output was left as it was: run again with fewer "
+        f"--workers (this run had {workers}) or with more memory"
+    )
 
 
-def _process(batches: Iterator[_Batch], workers: int, tokenizer_json: str,
-             cleaning: CleaningConfig) -> Iterator[tuple[int, _BatchResult]]:
+def _process(
+    batches: Iterator[_Batch], workers: int, tokenizer_json: str, cleaning: CleaningConfig
+) -> Iterator[tuple[int, _BatchResult]]:
     """Results in input order, with at most 2 x workers batches in flight (bounded memory)."""
     if workers == 1:
         _init_worker(tokenizer_json, cleaning)
@@ -176,9 +192,12 @@ def _process(batches: Iterator[_Batch], workers: int, tokenizer_json: str,
             yield len(batch.texts), _clean_and_tokenize(batch.texts)
         return
     context = multiprocessing.get_context("spawn")  # no forked copies of the reader's state or threads
-    with _single_threaded_blas_for_children(), \
-            ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                initargs=(tokenizer_json, cleaning)) as pool:
+    with (
+        _single_threaded_blas_for_children(),
+        ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_init_worker, initargs=(tokenizer_json, cleaning)
+        ) as pool,
+    ):
         pending: collections.deque = collections.deque()
         processes: dict = {}
 
@@ -227,7 +246,7 @@ class _SplitWriter:
         if self.held is not None:
             self._write(*self.held)
         last = len(digests) - 1
-        self.held = (str(split_of[-1]), tokens[tokens.size - lengths[last]:].copy())
+        self.held = (str(split_of[-1]), tokens[tokens.size - lengths[last] :].copy())
         doc_of_token = np.repeat(np.arange(len(digests)), lengths)
         for name, writer in self.writers.items():
             chosen = split_of == name
@@ -289,8 +308,10 @@ def prepare(config: PrepareConfig) -> dict:
     check_output_apart(output, "--output", [("--input", p) for p in config.inputs] + [("--tokenizer", tokenizer_file)])
     existing = _existing_dataset(output) if output.is_dir() else []
     if existing and not config.overwrite:
-        raise UserError(f"{output}: already holds a dataset ({', '.join(existing)}); pass --overwrite to replace it "
-                        "or choose another --output")
+        raise UserError(
+            f"{output}: already holds a dataset ({', '.join(existing)}); pass --overwrite to replace it "
+            "or choose another --output"
+        )
     if output.exists() and not output.is_dir():
         raise UserError(f"{output}: exists and is not a folder; choose another --output")
     reader = CorpusReader(config.inputs, text_key=config.text_key, split_lines=config.split_lines)
@@ -319,19 +340,26 @@ def prepare(config: PrepareConfig) -> dict:
                 report.dropped["duplicate"] += keep.count(False)
                 if not all(keep):
                     keep_tokens = np.repeat(np.array(keep, dtype=bool), result.lengths)
-                    result = _BatchResult([], [d for d, k in zip(result.hashes, keep) if k],
-                                          result.lengths[np.array(keep, dtype=bool)], result.tokens[keep_tokens])
+                    result = _BatchResult(
+                        [],
+                        [d for d, k in zip(result.hashes, keep) if k],
+                        result.lengths[np.array(keep, dtype=bool)],
+                        result.tokens[keep_tokens],
+                    )
                 report.kept += len(result.hashes)
                 tokens_out += int(result.lengths.sum())
                 splits.add(result.hashes, result.lengths, result.tokens)
                 bar.update(size)
-                bar.set_postfix_str(f"{reader.stats.bytes_in / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s",
-                                    refresh=False)
+                bar.set_postfix_str(
+                    f"{reader.stats.bytes_in / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s", refresh=False
+                )
         report.check_not_empty(config.inputs)
         headers = splits.close()
         if "val" in headers and headers["val"].document_count == 0:
-            raise UserError(f"only {report.kept} document is left after cleaning, too few for a validation split; "
-                            "pass --val-fraction 0, add documents, or use --split-lines for a one-document text file")
+            raise UserError(
+                f"only {report.kept} document is left after cleaning, too few for a validation split; "
+                "pass --val-fraction 0, add documents, or use --split-lines for a one-document text file"
+            )
         shutil.copyfile(tokenizer_file, stage / TOKENIZER_FILE)
         seconds = time.perf_counter() - started
         meta = _metadata(config, reader, report, headers, vocab_size, tok_hash, eot_id(tokenizer), tokens_out, seconds)
@@ -365,12 +393,25 @@ def _metadata(config, reader, report, headers, vocab_size, tok_hash, eot, tokens
         "workers": config.workers,
         "cleaning": config.cleaning.describe(),
         "tokenizer": {"file": TOKENIZER_FILE, "hash": tok_hash.hex(), "vocab_size": vocab_size, "eot_id": eot},
-        "splits": {name: {"documents": h.document_count, "tokens": h.token_count, "dtype": h.dtype.name,
-                          "fingerprint": h.fingerprint} for name, h in headers.items()},
-        "report": {**report.as_dict(), "bytes_in": stats.bytes_in, "replaced_bytes": stats.replaced_bytes,
-                   "documents_with_replacements": stats.documents_with_replacements, "tokens_out": tokens_out,
-                   "seconds": round(seconds, 3), "mb_per_second": round(stats.bytes_in / 1e6 / seconds, 3),
-                   "tokens_per_second": round(tokens_out / seconds, 1)},
+        "splits": {
+            name: {
+                "documents": h.document_count,
+                "tokens": h.token_count,
+                "dtype": h.dtype.name,
+                "fingerprint": h.fingerprint,
+            }
+            for name, h in headers.items()
+        },
+        "report": {
+            **report.as_dict(),
+            "bytes_in": stats.bytes_in,
+            "replaced_bytes": stats.replaced_bytes,
+            "documents_with_replacements": stats.documents_with_replacements,
+            "tokens_out": tokens_out,
+            "seconds": round(seconds, 3),
+            "mb_per_second": round(stats.bytes_in / 1e6 / seconds, 3),
+            "tokens_per_second": round(tokens_out / seconds, 1),
+        },
     }
 
 
@@ -386,8 +427,10 @@ def format_report(meta: dict) -> str:
     ]
     for name, split in meta["splits"].items():
         lines.append(f"{name:<10} {split['documents']:,} documents, {split['tokens']:,} tokens ({split['dtype']})")
-    lines.append(f"speed      {r['mb_per_second']:.2f} MB/s, {r['tokens_per_second']:,.0f} tokens/s "
-                 f"in {r['seconds']:.1f} s with {meta['workers']} workers")
+    lines.append(
+        f"speed      {r['mb_per_second']:.2f} MB/s, {r['tokens_per_second']:,.0f} tokens/s "
+        f"in {r['seconds']:.1f} s with {meta['workers']} workers"
+    )
     return "\n".join(lines)
 
 
@@ -400,17 +443,35 @@ def main(argv=None) -> int:
     add_input_arguments(parser)
     parser.add_argument("--tokenizer", required=True, metavar="DIR_OR_FILE", help="tokenizer.json or its folder")
     parser.add_argument("--output", required=True, metavar="DIR", help="dataset folder to write")
-    parser.add_argument("--val-fraction", type=float, default=PrepareConfig.val_fraction,
-                        help="share of documents for validation (default %(default)s; 0: none)")
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=PrepareConfig.val_fraction,
+        help="share of documents for validation (default %(default)s; 0: none)",
+    )
     parser.add_argument("--seed", type=int, default=PrepareConfig.seed, help="seed of the train/val split")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     add_cleaning_arguments(parser)
     args = parser.parse_args(argv)
-    meta = prepare(PrepareConfig(inputs=args.input, tokenizer=args.tokenizer, output=args.output,
-                                 val_fraction=args.val_fraction, seed=args.seed, workers=args.workers,
-                                 text_key=args.text_key, split_lines=args.split_lines,
-                                 cleaning=cleaning_config_from_args(args), overwrite=args.overwrite))
+    meta = prepare(
+        PrepareConfig(
+            inputs=args.input,
+            tokenizer=args.tokenizer,
+            output=args.output,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            workers=args.workers,
+            text_key=args.text_key,
+            split_lines=args.split_lines,
+            cleaning=cleaning_config_from_args(args),
+            overwrite=args.overwrite,
+        )
+    )
     print(format_report(meta))
-    print(f"wrote {args.output}: " + ", ".join(f"{name}.bin/.idx" for name in meta["splits"]) + ", tokenizer.json, meta.json")
+    print(
+        f"wrote {args.output}: "
+        + ", ".join(f"{name}.bin/.idx" for name in meta["splits"])
+        + ", tokenizer.json, meta.json"
+    )
     return 0

@@ -5,10 +5,11 @@ keyed Feistel network over [0, N) (cycle-walking): O(1) memory, no shuffle array
 any world size or loader worker count. Rank r of W takes global samples r, r+W, r+2W, ... from the
 consumed-samples position, so every optimizer step sees the same global batch whatever W is.
 """
+
 from __future__ import annotations
 
 import hashlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from dsllm.errors import UserError
 
@@ -22,7 +23,7 @@ class DataFingerprintError(UserError):
 
 def _round_keys(seed: int, fingerprint: str, seq_len: int, epoch: int) -> list[int]:
     digest = hashlib.blake2b(f"{seed}|{fingerprint}|{seq_len}|{epoch}".encode(), digest_size=8 * _ROUNDS).digest()
-    return [int.from_bytes(digest[8 * r:8 * r + 8], "little") for r in range(_ROUNDS)]
+    return [int.from_bytes(digest[8 * r : 8 * r + 8], "little") for r in range(_ROUNDS)]
 
 
 class WindowOrder:
@@ -30,8 +31,10 @@ class WindowOrder:
 
     def __init__(self, num_windows: int, fingerprint: str, seq_len: int, seed: int):
         if num_windows < 1:
-            raise UserError(f"dataset {fingerprint[:12]} has no full window of {seq_len + 1} tokens; "
-                            "use a shorter --seq-len or more data")
+            raise UserError(
+                f"dataset {fingerprint[:12]} has no full window of {seq_len + 1} tokens; "
+                "use a shorter --seq-len or more data"
+            )
         self.num_windows, self.fingerprint, self.seq_len, self.seed = num_windows, fingerprint, seq_len, seed
         self._half_bits = max(1, ((num_windows - 1).bit_length() + 1) // 2)
         self._mask = (1 << self._half_bits) - 1
@@ -73,17 +76,24 @@ class WindowSampler:
 
     def state_dict(self) -> dict:
         o = self.order
-        return {"consumed_samples": self.consumed_samples, "fingerprint": o.fingerprint, "seq_len": o.seq_len,
-                "seed": o.seed, "num_windows": o.num_windows}
+        return {
+            "consumed_samples": self.consumed_samples,
+            "fingerprint": o.fingerprint,
+            "seq_len": o.seq_len,
+            "seed": o.seed,
+            "num_windows": o.num_windows,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         o = self.order
         if state["fingerprint"] != o.fingerprint:
             raise DataFingerprintError(
                 f"the checkpoint was trained on dataset {state['fingerprint']}, but --data is {o.fingerprint}: "
-                "resuming would silently change the data; pass the original dataset or start a new run")
+                "resuming would silently change the data; pass the original dataset or start a new run"
+            )
         if state["seq_len"] != o.seq_len or state["seed"] != o.seed:
             raise DataFingerprintError(
                 f"the checkpoint used seq_len {state['seq_len']} and data seed {state['seed']}, this run "
-                f"{o.seq_len} and {o.seed}: the sample order would change; use the checkpoint's values")
+                f"{o.seq_len} and {o.seed}: the sample order would change; use the checkpoint's values"
+            )
         self.consumed_samples = int(state["consumed_samples"])

@@ -4,6 +4,7 @@ Formats: `.txt` (one document per file, or one per line with `split_lines`), `.j
 `.jsonl.zst`, `.parquet` (streamed by row group), folders saved with `datasets.save_to_disk`, and
 folders of these. Everything streams: memory does not grow with the corpus.
 """
+
 from __future__ import annotations
 
 import codecs
@@ -11,8 +12,8 @@ import dataclasses
 import gzip
 import io
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from dsllm.errors import UserError
 from dsllm.jsonl import parse_line
@@ -78,9 +79,16 @@ def _expand(path: Path, skipped: list[str], seen: set[str]) -> list[tuple[Path, 
 
 def add_input_arguments(parser) -> None:
     """`--input`, `--text-key`, `--split-lines`: shared by the tokenizer trainer and `prepare`."""
-    parser.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                        help="files or folders: .txt .jsonl .jsonl.gz .jsonl.zst .parquet, save_to_disk folders")
-    parser.add_argument("--text-key", default="text", help="JSONL field / Parquet column with the text (default %(default)s)")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH",
+        help="files or folders: .txt .jsonl .jsonl.gz .jsonl.zst .parquet, save_to_disk folders",
+    )
+    parser.add_argument(
+        "--text-key", default="text", help="JSONL field / Parquet column with the text (default %(default)s)"
+    )
     parser.add_argument("--split-lines", action="store_true", help=".txt files: one document per line")
 
 
@@ -109,18 +117,28 @@ class CorpusReader:
             if not path.exists():
                 raise InputError(f"{path}: no such file or folder; check the --input path")
             if input_kind(path) is None:
-                raise InputError(f"{path}: unknown input type; use one of {', '.join(sorted(EXTENSIONS))}, "
-                                 "a datasets.save_to_disk folder, or a folder of these")
+                raise InputError(
+                    f"{path}: unknown input type; use one of {', '.join(sorted(EXTENSIONS))}, "
+                    "a datasets.save_to_disk folder, or a folder of these"
+                )
             given_before = os.path.realpath(path) in seen  # the same input twice is read once
             expanded = _expand(path, self.stats.skipped_files, seen)
             if not expanded and not given_before:
-                raise InputError(f"{path}: folder holds no readable input ({', '.join(sorted(EXTENSIONS))} files "
-                                 "or save_to_disk folders)")
+                raise InputError(
+                    f"{path}: folder holds no readable input ({', '.join(sorted(EXTENSIONS))} files "
+                    "or save_to_disk folders)"
+                )
             self.files += expanded
 
     def __iter__(self) -> Iterator[str]:
-        readers = {".txt": self._read_txt, ".jsonl": self._read_jsonl, ".jsonl.gz": self._read_jsonl,
-                   ".jsonl.zst": self._read_jsonl, ".parquet": self._read_parquet, "hf": self._read_hf}
+        readers = {
+            ".txt": self._read_txt,
+            ".jsonl": self._read_jsonl,
+            ".jsonl.gz": self._read_jsonl,
+            ".jsonl.zst": self._read_jsonl,
+            ".parquet": self._read_parquet,
+            "hf": self._read_hf,
+        }
         for path, kind in self.files:
             self.stats.files += 1
             for text in readers[kind](path):
@@ -156,8 +174,9 @@ class CorpusReader:
             import zstandard
 
             raw = open(path, "rb")
-            return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True,
-                                                                               closefd=True))
+            return io.BufferedReader(
+                zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+            )
         return open(path, "rb")
 
     def _read_jsonl(self, path: Path) -> Iterator[str]:
@@ -170,14 +189,18 @@ class CorpusReader:
                     record = parse_line(self._decode(line), f"{path}:{lineno}", InputError)
                     if not isinstance(record, dict) or key not in record:
                         fields = ", ".join(record) if isinstance(record, dict) else type(record).__name__
-                        raise InputError(f"{path}:{lineno}: no '{key}' field (found: {fields}); "
-                                         "pass --text-key with the field that holds the text")
+                        raise InputError(
+                            f"{path}:{lineno}: no '{key}' field (found: {fields}); "
+                            "pass --text-key with the field that holds the text"
+                        )
                     text = record[key]
                     if text is None:
                         text = ""
                     if not isinstance(text, str):
-                        raise InputError(f"{path}:{lineno}: field '{key}' is {type(text).__name__}, not text; "
-                                         "pass --text-key with the field that holds the text")
+                        raise InputError(
+                            f"{path}:{lineno}: field '{key}' is {type(text).__name__}, not text; "
+                            "pass --text-key with the field that holds the text"
+                        )
                     if b"\\ud" in line or b"\\uD" in line:  # JSON may escape lone surrogates, which no tokenizer takes
                         text = text.encode("utf-8", "replace").decode("utf-8")
                     yield text
@@ -193,16 +216,20 @@ class CorpusReader:
                 yield "" if value is None else self._decode(value)
             return
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            raise InputError(f"{path}: column '{self.text_key}' has type {column.type}, not text; "
-                             "pass --text-key with the column that holds the text")
+            raise InputError(
+                f"{path}: column '{self.text_key}' has type {column.type}, not text; "
+                "pass --text-key with the column that holds the text"
+            )
         self.stats.bytes_in += int(pc.sum(pc.binary_length(column)).as_py() or 0)
         for value in column.to_pylist():
             yield "" if value is None else value
 
     def _check_column(self, path: Path, names: list[str]) -> None:
         if self.text_key not in names:
-            raise InputError(f"{path}: no '{self.text_key}' column (found: {', '.join(names)}); "
-                             "pass --text-key with the column that holds the text")
+            raise InputError(
+                f"{path}: no '{self.text_key}' column (found: {', '.join(names)}); "
+                "pass --text-key with the column that holds the text"
+            )
 
     def _read_parquet(self, path: Path) -> Iterator[str]:
         import pyarrow as pa
@@ -220,8 +247,10 @@ class CorpusReader:
             except StopIteration:
                 return
             except (OSError, pa.ArrowException) as err:
-                raise InputError(f"{path}: damaged Parquet data after row {rows:,} ({str(err).rstrip('.')}); "
-                                 "re-create or re-download the file") from None
+                raise InputError(
+                    f"{path}: damaged Parquet data after row {rows:,} ({str(err).rstrip('.')}); "
+                    "re-create or re-download the file"
+                ) from None
             rows += batch.num_rows
             yield from self._arrow_texts(path, batch.column(0))
 
