@@ -1,4 +1,6 @@
-"""Byte-level BPE tokenizer: training (streaming), loading, and the hash stamped into datasets."""
+"""Byte-level BPE tokenizer: training (streaming), loading, and the hash stamped into datasets.
+
+The library only: the command that reads a corpus and trains one is `dsllm/data/train_tokenizer.py`."""
 
 from __future__ import annotations
 
@@ -143,66 +145,3 @@ def save_tokenizer(tokenizer: Tokenizer, output_dir: str | os.PathLike) -> Path:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return target
-
-
-def train_main(argv=None) -> int:
-    """`python tokenizer/train_tokenizer.py --input PATH [PATH ...] --vocab-size N --output DIR`."""
-    from tqdm import tqdm
-
-    from dsllm.data.cleaning import (
-        CleaningReport,
-        Deduplicator,
-        add_cleaning_arguments,
-        clean,
-        cleaning_config_from_args,
-        document_hash,
-        drop_reason,
-    )
-    from dsllm.data.sources import CorpusReader, add_input_arguments
-    from dsllm.errors import ArgumentParser
-
-    parser = ArgumentParser(prog="train_tokenizer.py", description="Train a byte-level BPE tokenizer (streaming).")
-    add_input_arguments(parser)
-    parser.add_argument(
-        "--vocab-size",
-        type=int,
-        required=True,
-        metavar="N",
-        help="tokens including the 256 bytes and <|endoftext|> (32000 and 50257 are common)",
-    )
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder for tokenizer.json")
-    parser.add_argument("--min-frequency", type=int, default=2, help="merge pairs seen at least this often")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DIR/tokenizer.json")
-    add_cleaning_arguments(parser)
-    args = parser.parse_args(argv)
-
-    target = Path(args.output) / TOKENIZER_FILE
-    if target.exists() and not args.overwrite:
-        raise UserError(f"{target}: already exists; pass --overwrite to replace it or choose another --output")
-    cleaning = cleaning_config_from_args(args)
-    reader = CorpusReader(args.input, text_key=args.text_key, split_lines=args.split_lines)
-    report, dedup = CleaningReport(), Deduplicator(cleaning.dedup)
-
-    def cleaned_texts():
-        for text in tqdm(reader, desc="reading", unit="doc", disable=None):
-            report.read += 1
-            text = clean(text, cleaning)
-            reason = drop_reason(text, cleaning)
-            if reason is None and dedup.is_duplicate(document_hash(text)):
-                reason = "duplicate"
-            if reason is not None:
-                report.dropped[reason] += 1
-                continue
-            report.kept += 1
-            yield text
-
-    tokenizer = train_tokenizer(cleaned_texts(), args.vocab_size, args.min_frequency, require_full_vocab=False)
-    report.check_not_empty(args.input)
-    check_full_vocab(tokenizer, args.vocab_size, args.min_frequency)
-    path = save_tokenizer(tokenizer, args.output)
-    print(
-        f"read {report.read:,} documents ({reader.stats.bytes_in:,} bytes; dropped {report.dropped_summary()}); "
-        f"trained {tokenizer.get_vocab_size(with_added_tokens=True):,} tokens -> {path} "
-        f"(hash {tokenizer_hash(tokenizer).hex()[:16]})"
-    )
-    return 0

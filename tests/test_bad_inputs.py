@@ -31,7 +31,7 @@ PRETRAIN = "launch/pretrain.py"
 COMMAND_MAINS = {  # the command as a user types it -> (module, main function) it runs
     PRETRAIN: ("dsllm.trainer", "main"),
     "data_pipeline/prepare.py": ("dsllm.data.prepare", "main"),
-    "tokenizer/train_tokenizer.py": ("dsllm.tokenizer", "train_main"),
+    "tokenizer/train_tokenizer.py": ("dsllm.data.train_tokenizer", "main"),
     "python -m dsllm generate": ("dsllm.generate", "main"),
     "python -m dsllm plan": ("dsllm.plan", "main"),
 }

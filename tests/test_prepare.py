@@ -386,3 +386,67 @@ def test_output_over_an_input_or_the_tokenizer_is_refused(tmp_path, tokenizer_di
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     assert not (corpus / "ds").exists()
     run_script(SCRIPT, "--input", corpus, "--tokenizer", tok / "tokenizer.json", "--output", tok / "ds", check_rc=0)
+
+
+def test_folder_reads_markdown_and_reports_what_it_skipped(tmp_path, tokenizer_dir):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    texts = make_documents(12, seed=4)
+    for i, text in enumerate(texts):
+        (corpus / ("sub" if i % 3 == 0 else ".") / f"doc{i:02d}{('.md', '.rst', '.txt')[i % 3]}").write_text(text)
+    for name in ("setup.py", "sub/util.py", "sub/notes.html", "Makefile"):
+        (corpus / name).write_text("not a document, but long enough to pass the filter")
+    args = ["--input", corpus, "--tokenizer", tokenizer_dir, "--output", tmp_path / "ds", "--val-fraction", 0]
+    proc = run_script(SCRIPT, *args, check_rc=0)
+    skipped_line = "skipped 4 files: 2 .py, 1 (no extension), 1 .html; pass them as .txt/.md or convert them"
+    assert proc.stdout.splitlines()[0] == skipped_line
+    assert "documents  read 12 |" in proc.stdout
+    assert sorted(decoded_documents(tmp_path / "ds", "train")) == sorted(texts)
+    meta = json.loads((tmp_path / "ds" / "meta.json").read_text())
+    assert meta["files_read"] == 12
+    assert sorted(meta["files_skipped"]) == sorted(
+        str(corpus / n) for n in ("setup.py", "sub/util.py", "sub/notes.html", "Makefile")
+    )
+
+
+def test_folder_without_readable_files_is_one_line_naming_what_it_found(tmp_path, tokenizer_dir):
+    (tmp_path / "site").mkdir()
+    for name in ("index.html", "about.html", "style.css"):
+        (tmp_path / "site" / name).write_text("<p>x</p>")
+    proc = run_script(SCRIPT, "--input", tmp_path / "site", "--tokenizer", tokenizer_dir, "--output", tmp_path / "ds")
+    assert_user_error(proc, "site: folder holds no readable input (found 2 .html, 1 .css)", ".md", "convert them")
+    assert not (tmp_path / "ds").exists()
+
+
+DATA_COMMANDS = {  # module -> the script a user runs by path
+    "dsllm.data.prepare": "data_pipeline/prepare.py",
+    "dsllm.data.validate": "data_pipeline/validate.py",
+    "dsllm.data.default_corpus": "data_pipeline/default_corpus.py",
+    "dsllm.data.train_tokenizer": "tokenizer/train_tokenizer.py",
+}
+_PARSER_PROBE = """
+import argparse, importlib, inspect, json, sys
+module = importlib.import_module(sys.argv[1])
+parser = module.build_parser()
+actions = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+heavy = ("torch", "transformers", "deepspeed", "matplotlib", "pyarrow", "datasets")
+print(json.dumps({
+    "heavy": [name for name in heavy if name in sys.modules],
+    "options": [(a.option_strings or [a.metavar or a.dest])[0] for a in actions],
+    "without_help": [a.dest for a in actions if not (a.help or "").strip()],
+    "main_params": list(inspect.signature(module.main).parameters),
+}))
+"""
+
+
+@pytest.mark.parametrize("module", list(DATA_COMMANDS))
+def test_data_command_parsers_are_light_and_every_option_has_help(module):
+    """--help in well under 2 s: no torch (or another heavy import) when the parser is built, in a fresh process."""
+    probe = subprocess.run([sys.executable, "-c", _PARSER_PROBE, module], capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr
+    found = json.loads(probe.stdout)
+    assert found["heavy"] == [] and found["without_help"] == [] and found["main_params"] == ["argv"], found
+    assert found["options"]
+    proc = run_script(DATA_COMMANDS[module], "--help", check_rc=0)
+    for option in found["options"]:
+        assert option in proc.stdout, (option, proc.stdout)

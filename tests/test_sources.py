@@ -9,7 +9,7 @@ import pytest
 import zstandard
 from conftest import write_jsonl
 
-from dsllm.data.sources import CorpusReader, InputError
+from dsllm.data.sources import CorpusReader, InputError, count_by_extension, skipped_summary
 
 TEXTS = ["first document\nwith two lines", "second: ünïcödé 😀", "third <b>bold</b>"]
 
@@ -73,11 +73,42 @@ def test_folder_of_mixed_inputs_in_sorted_order(tmp_path):
     (tmp_path / "a.txt").write_text("from txt")
     write_jsonl(tmp_path / "b" / "c.jsonl", ["from jsonl"])
     pq.write_table(pa.table({"text": ["from parquet"]}), tmp_path / "b" / "d.parquet")
-    (tmp_path / "notes.md").write_text("not an input")
+    (tmp_path / "notes.py").write_text("not an input")
     (tmp_path / ".hidden.txt").write_text("hidden")
     docs, stats = read(tmp_path)
     assert docs == ["from txt", "from jsonl", "from parquet"]
-    assert stats.files == 3 and stats.skipped_files == [str(tmp_path / "notes.md")]
+    assert stats.files == 3 and stats.skipped_files == [str(tmp_path / "notes.py")]
+
+
+def test_markdown_rst_and_text_files_are_read_as_text(tmp_path):
+    """A folder of .md docs used to yield nothing: only .txt was text."""
+    for name in ("a.md", "b.rst", "c.text", "d.TXT", "e.MD"):
+        (tmp_path / name).write_text(f"# from {name}\n\nbody of {name}\n")
+    docs, stats = read(tmp_path)
+    assert docs == [f"# from {name}\n\nbody of {name}\n" for name in ("a.md", "b.rst", "c.text", "d.TXT", "e.MD")]
+    assert stats.files == 5 and stats.skipped_files == []
+    docs, _ = read(tmp_path / "a.md", tmp_path / "b.rst", split_lines=True)
+    assert docs == ["# from a.md", "body of a.md", "# from b.rst", "body of b.rst"]
+
+
+def test_skipped_files_are_counted_by_extension_in_one_line(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "keep.md").write_text("kept")
+    for i in range(4):
+        (tmp_path / "docs" / f"m{i}.py").write_text("x = 1")
+    (tmp_path / "page.html").write_text("<p>x</p>")
+    (tmp_path / "PAGE2.HTML").write_text("<p>x</p>")
+    (tmp_path / "LICENSE").write_text("MIT")
+    (tmp_path / ".gitignore").write_text("*.pyc")  # hidden files are not inputs and not counted
+    reader = CorpusReader([tmp_path])
+    assert [str(p) for p, _ in reader.files] == [str(tmp_path / "docs" / "keep.md")]
+    assert skipped_summary(reader.stats.skipped_files) == (
+        "skipped 7 files: 4 .py, 2 .html, 1 (no extension); pass them as .txt/.md or convert them"
+    )
+    assert skipped_summary([str(tmp_path / "one.py")]) == "skipped 1 file: 1 .py; pass them as .txt/.md or convert them"
+    assert skipped_summary([]) is None
+    many = [f"f{i}.{ext}" for i, ext in enumerate("abcdefgh") for _ in range(i + 1)]  # 8 extensions, 36 files
+    assert count_by_extension(many) == "8 .h, 7 .g, 6 .f, 5 .e, 4 .d, 3 .c, 3 files of 2 other extensions"
 
 
 def test_invalid_utf8_is_replaced_and_counted(tmp_path):
@@ -124,11 +155,30 @@ def test_missing_unknown_and_empty_inputs_fail_before_reading(tmp_path):
     with pytest.raises(InputError, match="no such file or folder"):
         CorpusReader([tmp_path / "nope.jsonl"])
     (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(InputError, match=r"data\.csv: unknown input type; use one of"):
+    with pytest.raises(
+        InputError, match=r"data\.csv: unknown input type \(\.csv\); use \.jsonl .* \.md .*rename it to"
+    ):
         CorpusReader([tmp_path / "data.csv"])
+    (tmp_path / "README").write_text("no extension")
+    with pytest.raises(InputError, match=r"README: unknown input type \(\(no extension\)\)"):
+        CorpusReader([tmp_path / "README"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InputError, match="folder holds no readable input"):
+    with pytest.raises(InputError, match=r"empty: folder holds no readable input \(found no files\)"):
         CorpusReader([tmp_path / "empty"])
+
+
+def test_folder_without_readable_files_names_what_it_found(tmp_path):
+    (tmp_path / "src" / "pkg").mkdir(parents=True)
+    for name in ("a.py", "b.py", "pkg/c.py", "index.html", "Makefile"):
+        (tmp_path / "src" / name).write_text("content")
+    with pytest.raises(InputError) as caught:
+        CorpusReader([tmp_path / "src"])
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"{tmp_path / 'src'}: folder holds no readable input (found 3 .py, 1 (no extension), 1 .html)"
+    )
+    assert ".txt" in message and ".md" in message and "pass them as .txt/.md or convert them" in message
 
 
 def test_damaged_gzip_is_a_user_error(tmp_path):

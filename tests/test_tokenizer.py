@@ -1,10 +1,11 @@
 """tokenizer/train_tokenizer.py: byte-level BPE that round-trips any text, and one-line errors."""
 
+import ast
 import json
 import subprocess
 import sys
 
-from conftest import ROOT, assert_user_error, run_script, write_jsonl
+from conftest import ROOT, assert_user_error, make_documents, run_script, write_jsonl
 from tokenizers import Tokenizer, decoders
 
 from dsllm.tokenizer import EOT_TOKEN, MAX_PIECE_BYTES, load_tokenizer, tokenizer_hash, train_tokenizer
@@ -14,7 +15,8 @@ SCRIPT = "tokenizer/train_tokenizer.py"
 
 def test_train_from_jsonl_and_round_trip(tmp_path, corpus_jsonl):
     proc = run_script(SCRIPT, "--input", corpus_jsonl, "--vocab-size", 320, "--output", tmp_path / "tok", check_rc=0)
-    assert "trained 320 tokens" in proc.stdout
+    assert "read 400 documents from 1 file (" in proc.stdout and "trained 320 tokens" in proc.stdout
+    assert "skipped" not in proc.stdout  # a file given by path: nothing to skip
     tok = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
     assert tok.get_vocab_size() == 320 and tok.token_to_id(EOT_TOKEN) == 0
     spec = json.loads(tok.to_str())
@@ -134,3 +136,52 @@ def test_bad_arguments_are_one_line(tmp_path):
         run_script(SCRIPT, "--input", tmp_path / "missing.txt", "--vocab-size", 300, "--output", tmp_path / "t"),
         "missing.txt: no such file",
     )
+
+
+def test_folder_of_markdown_and_rst_is_read_and_other_files_are_reported(tmp_path):
+    """A folder of 2,705 files trained on 50 of them without a word: .md and .rst were skipped silently."""
+    corpus = tmp_path / "docs"
+    (corpus / "guide").mkdir(parents=True)
+    texts = make_documents(40, seed=7)
+    names = []
+    for i, text in enumerate(texts):
+        name = ("guide/" if i % 2 else "") + f"page{i:02d}" + (".md", ".rst", ".text", ".txt")[i % 4]
+        (corpus / name).write_text(text)
+        names.append(name)
+    for i in range(5):
+        (corpus / "guide" / f"tool{i}.py").write_text("print('not a document')\n" * 10)
+    (corpus / "index.html").write_text("<p>skipped</p>")
+    (corpus / "LICENSE").write_text("MIT License, skipped")
+    proc = run_script(SCRIPT, "--input", corpus, "--vocab-size", 280, "--output", tmp_path / "tok", check_rc=0)
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] == "skipped 7 files: 5 .py, 1 (no extension), 1 .html; pass them as .txt/.md or convert them"
+    assert "read 40 documents from 40 files" in lines[-1] and "trained 280 tokens" in lines[-1]
+    expected = train_tokenizer([(corpus / n).read_text() for n in sorted(names)], vocab_size=280, show_progress=False)
+    assert tokenizer_hash(load_tokenizer(tmp_path / "tok")) == tokenizer_hash(expected)  # the same documents, cleaned
+
+
+def test_unknown_extensions_are_one_line_errors(tmp_path):
+    (tmp_path / "corpus.csv").write_text("text\nhello\n")
+    assert_user_error(
+        run_script(SCRIPT, "--input", tmp_path / "corpus.csv", "--vocab-size", 300, "--output", tmp_path / "t"),
+        "corpus.csv: unknown input type (.csv)",
+        "rename it to .txt",
+    )
+    (tmp_path / "code").mkdir()
+    for name in ("a.py", "b.py", "c.html"):
+        (tmp_path / "code" / name).write_text("x = 1")
+    assert_user_error(
+        run_script(SCRIPT, "--input", tmp_path / "code", "--vocab-size", 300, "--output", tmp_path / "t"),
+        "code: folder holds no readable input (found 2 .py, 1 .html)",
+        "pass them as .txt/.md or convert them",
+    )
+    assert not (tmp_path / "t").exists()
+
+
+def test_the_library_does_not_import_the_data_layer():
+    """dsllm.tokenizer sits below dsllm.data: the command that reads corpora lives in dsllm/data/train_tokenizer.py."""
+    tree = ast.parse((ROOT / "dsllm" / "tokenizer.py").read_text())
+    imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    assert not [name for name in imported if name and name.startswith("dsllm.data")], imported
+    assert "from dsllm.data.train_tokenizer import main" in (ROOT / SCRIPT).read_text()

@@ -3,8 +3,8 @@
 
 import sys
 
+from dsllm.data.train_tokenizer import main
 from dsllm.errors import run_cli
-from dsllm.tokenizer import train_main
 
 if __name__ == "__main__":
-    sys.exit(run_cli(train_main))
+    sys.exit(run_cli(main))

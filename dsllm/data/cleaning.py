@@ -195,7 +195,7 @@ def add_cleaning_arguments(parser) -> None:
         type=int,
         default=CleaningConfig.min_chars,
         metavar="N",
-        help="drop documents shorter than N characters after cleaning (default %(default)s; 0 keeps all non-empty)",
+        help="drop documents shorter than N characters after cleaning; 0 keeps every non-empty one",
     )
 
 

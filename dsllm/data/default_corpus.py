@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dsllm.data.cleaning import CleaningConfig
 from dsllm.data.prepare import META_FILE, PrepareConfig, prepare
-from dsllm.errors import UserError
+from dsllm.errors import ArgumentParser, UserError
 from dsllm.tokenizer import TOKENIZER_FILE, save_tokenizer, train_tokenizer
 
 RECIPE_VERSION = 2  # 2: the tokenizer cuts whitespace-free runs into 128-byte pieces
@@ -119,18 +119,32 @@ def build_default_dataset(
     return dataset
 
 
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="default_corpus.py", description=__doc__)
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help="where to build and cache it (default: $DSLLM_CACHE_DIR, else ~/.cache/dsllm)",
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, metavar="N", help="tokens of the tokenizer trained on it"
+    )
+    parser.add_argument(
+        "--max-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use only the first N bytes of standard-library sources, in sorted order (default: all of them)",
+    )
+    return parser
+
+
 def main(argv=None) -> int:
     """`python data_pipeline/default_corpus.py`: build the default dataset and print where it is."""
     from dsllm.data.validate import format_summary, validate_dataset
-    from dsllm.errors import ArgumentParser
 
-    parser = ArgumentParser(prog="default_corpus.py", description=__doc__)
-    parser.add_argument(
-        "--cache-dir", default=None, help="where to build it (default $DSLLM_CACHE_DIR or ~/.cache/dsllm)"
-    )
-    parser.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
-    parser.add_argument("--max-bytes", type=int, default=None, help="use only the first N bytes of sources")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     dataset = build_default_dataset(args.cache_dir, args.vocab_size, args.max_bytes)
     print(format_summary(validate_dataset(dataset)))
     return 0

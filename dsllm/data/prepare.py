@@ -19,7 +19,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -28,10 +28,19 @@ import numpy as np
 from tqdm import tqdm
 
 from dsllm import __version__
-from dsllm.data.cleaning import CleaningConfig, CleaningReport, Deduplicator, clean, document_hash, drop_reason
+from dsllm.data.cleaning import (
+    CleaningConfig,
+    CleaningReport,
+    Deduplicator,
+    add_cleaning_arguments,
+    clean,
+    cleaning_config_from_args,
+    document_hash,
+    drop_reason,
+)
 from dsllm.data.format import FORMAT_VERSION, IndexHeader, TokenFileWriter, paths_for
-from dsllm.data.sources import CorpusReader, add_input_arguments
-from dsllm.errors import UserError
+from dsllm.data.sources import CorpusReader, add_input_arguments, skipped_summary
+from dsllm.errors import ArgumentParser, UserError
 from dsllm.paths import check_output_apart
 from dsllm.tokenizer import (
     TOKENIZER_FILE,
@@ -299,8 +308,9 @@ def _commit(stage: Path, output: Path, files: list[str]) -> None:
         os.replace(stage / name, output / name)
 
 
-def prepare(config: PrepareConfig) -> dict:
-    """Run the data stage; returns the metadata written to `meta.json`."""
+def prepare(config: PrepareConfig, log: Callable[[str], None] | None = None) -> dict:
+    """Run the data stage; returns the metadata written to `meta.json`. `log` gets the line on the files that
+    input folders held but that are not inputs (skipped), before any work starts."""
     config.check()
     started = time.perf_counter()
     output = Path(config.output)
@@ -315,6 +325,9 @@ def prepare(config: PrepareConfig) -> dict:
     if output.exists() and not output.is_dir():
         raise UserError(f"{output}: exists and is not a folder; choose another --output")
     reader = CorpusReader(config.inputs, text_key=config.text_key, split_lines=config.split_lines)
+    skipped = skipped_summary(reader.stats.skipped_files)
+    if skipped and log is not None:
+        log(skipped)
     tokenizer = load_tokenizer(tokenizer_file)
     vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     tok_hash = tokenizer_hash(tokenizer)
@@ -434,26 +447,38 @@ def format_report(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    """`python data_pipeline/prepare.py --input PATH [PATH ...] --tokenizer DIR_OR_FILE --output DIR`."""
-    from dsllm.data.cleaning import add_cleaning_arguments, cleaning_config_from_args
-    from dsllm.errors import ArgumentParser
-
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="prepare.py", description="Clean and tokenize a corpus into train/val token files.")
     add_input_arguments(parser)
-    parser.add_argument("--tokenizer", required=True, metavar="DIR_OR_FILE", help="tokenizer.json or its folder")
+    parser.add_argument(
+        "--tokenizer", required=True, metavar="DIR_OR_FILE", help="tokenizer.json, or the folder that holds it"
+    )
     parser.add_argument("--output", required=True, metavar="DIR", help="dataset folder to write")
     parser.add_argument(
         "--val-fraction",
         type=float,
         default=PrepareConfig.val_fraction,
-        help="share of documents for validation (default %(default)s; 0: none)",
+        metavar="F",
+        help="share of documents for the validation split, in [0, 1); 0 writes no val split",
     )
-    parser.add_argument("--seed", type=int, default=PrepareConfig.seed, help="seed of the train/val split")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: cores)")
+    parser.add_argument(
+        "--seed", type=int, default=PrepareConfig.seed, help="seed of the train/val split (same seed, same split)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="processes that clean and tokenize (default: one per core)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
     add_cleaning_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    """`python data_pipeline/prepare.py --input PATH [PATH ...] --tokenizer DIR_OR_FILE --output DIR`."""
+    args = build_parser().parse_args(argv)
     meta = prepare(
         PrepareConfig(
             inputs=args.input,
@@ -461,12 +486,13 @@ def main(argv=None) -> int:
             output=args.output,
             val_fraction=args.val_fraction,
             seed=args.seed,
-            workers=args.workers,
+            workers=args.workers if args.workers is not None else os.cpu_count() or 1,
             text_key=args.text_key,
             split_lines=args.split_lines,
             cleaning=cleaning_config_from_args(args),
             overwrite=args.overwrite,
-        )
+        ),
+        log=lambda line: print(line, flush=True),
     )
     print(format_report(meta))
     print(

@@ -1,13 +1,15 @@
 """The one reader of every input format: tokenizer training and `prepare` both read text through it.
 
-Formats: `.txt` (one document per file, or one per line with `split_lines`), `.jsonl`, `.jsonl.gz`,
-`.jsonl.zst`, `.parquet` (streamed by row group), folders saved with `datasets.save_to_disk`, and
-folders of these. Everything streams: memory does not grow with the corpus.
+Formats: plain text (`.txt`, `.text`, `.md`, `.rst`: one document per file, or one per line with
+`split_lines`), `.jsonl`, `.jsonl.gz`, `.jsonl.zst`, `.parquet` (streamed by row group), folders saved
+with `datasets.save_to_disk`, and folders of these. Other files in a folder are skipped and counted by
+extension (`skipped_summary`). Everything streams: memory does not grow with the corpus.
 """
 
 from __future__ import annotations
 
 import codecs
+import collections
 import dataclasses
 import gzip
 import io
@@ -18,7 +20,11 @@ from pathlib import Path
 from dsllm.errors import UserError
 from dsllm.jsonl import parse_line
 
-EXTENSIONS = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet", ".txt")
+TEXT_EXTENSIONS = (".txt", ".text", ".md", ".rst")  # read as plain text, one document per file
+EXTENSIONS = (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet", *TEXT_EXTENSIONS)
+READABLE = ".jsonl .jsonl.gz .jsonl.zst .parquet .txt .text .md .rst files or datasets.save_to_disk folders"
+SKIPPED_FIX = "pass them as .txt/.md or convert them"
+NO_EXTENSION = "(no extension)"
 HF_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 _BATCH_ROWS = 1024
 
@@ -53,7 +59,31 @@ def input_kind(path: Path) -> str | None:
     if path.is_dir():
         return "hf" if any((path / m).is_file() for m in HF_DATASET_MARKERS) else "folder"
     name = path.name.lower()
-    return next((ext for ext in EXTENSIONS if name.endswith(ext)), None)
+    kind = next((ext for ext in EXTENSIONS if name.endswith(ext)), None)
+    return "text" if kind in TEXT_EXTENSIONS else kind
+
+
+def extension(path: str | os.PathLike) -> str:
+    """The last suffix, lower-cased (`.PY` and `.py` count together), or NO_EXTENSION."""
+    return Path(path).suffix.lower() or NO_EXTENSION
+
+
+def count_by_extension(paths: list[str], shown: int = 6) -> str:
+    """`2,400 .py, 200 .html, 55 (no extension)`: the most common extensions first; beyond `shown`, one total."""
+    counts = sorted(collections.Counter(extension(p) for p in paths).items(), key=lambda item: (-item[1], item[0]))
+    parts = [f"{n:,} {ext}" for ext, n in counts[:shown]]
+    if len(counts) > shown:
+        rest = counts[shown:]
+        parts.append(f"{sum(n for _, n in rest):,} files of {len(rest)} other extensions")
+    return ", ".join(parts)
+
+
+def skipped_summary(skipped: list[str]) -> str | None:
+    """One line on the files a folder held that are not inputs, or None when there were none."""
+    if not skipped:
+        return None
+    files = "file" if len(skipped) == 1 else "files"
+    return f"skipped {len(skipped):,} {files}: {count_by_extension(skipped)}; {SKIPPED_FIX}"
 
 
 def _expand(path: Path, skipped: list[str], seen: set[str]) -> list[tuple[Path, str]]:
@@ -84,12 +114,14 @@ def add_input_arguments(parser) -> None:
         nargs="+",
         required=True,
         metavar="PATH",
-        help="files or folders: .txt .jsonl .jsonl.gz .jsonl.zst .parquet, save_to_disk folders",
+        help="files or folders: .jsonl .jsonl.gz .jsonl.zst .parquet, text (.txt .text .md .rst), save_to_disk folders",
     )
+    parser.add_argument("--text-key", default="text", help="the JSONL field or Parquet/datasets column with the text")
     parser.add_argument(
-        "--text-key", default="text", help="JSONL field / Parquet column with the text (default %(default)s)"
+        "--split-lines",
+        action="store_true",
+        help="text files (.txt .text .md .rst): one document per line, not per file",
     )
-    parser.add_argument("--split-lines", action="store_true", help=".txt files: one document per line")
 
 
 def _stream_errors() -> tuple[type[BaseException], ...]:
@@ -118,21 +150,28 @@ class CorpusReader:
                 raise InputError(f"{path}: no such file or folder; check the --input path")
             if input_kind(path) is None:
                 raise InputError(
-                    f"{path}: unknown input type; use one of {', '.join(sorted(EXTENSIONS))}, "
-                    "a datasets.save_to_disk folder, or a folder of these"
+                    f"{path}: unknown input type ({extension(path)}); use {READABLE}, or a folder of these "
+                    "(plain text: rename it to .txt)"
                 )
             given_before = os.path.realpath(path) in seen  # the same input twice is read once
+            skipped_before = len(self.stats.skipped_files)
             expanded = _expand(path, self.stats.skipped_files, seen)
             if not expanded and not given_before:
+                skipped = self.stats.skipped_files[skipped_before:]
+                if not skipped:
+                    raise InputError(
+                        f"{path}: folder holds no readable input (found no files); put {READABLE} in it "
+                        "or pass another --input"
+                    )
                 raise InputError(
-                    f"{path}: folder holds no readable input ({', '.join(sorted(EXTENSIONS))} files "
-                    "or save_to_disk folders)"
+                    f"{path}: folder holds no readable input (found {count_by_extension(skipped)}); "
+                    f"{SKIPPED_FIX} (readable: {READABLE})"
                 )
             self.files += expanded
 
     def __iter__(self) -> Iterator[str]:
         readers = {
-            ".txt": self._read_txt,
+            "text": self._read_text,
             ".jsonl": self._read_jsonl,
             ".jsonl.gz": self._read_jsonl,
             ".jsonl.zst": self._read_jsonl,
@@ -158,7 +197,7 @@ class CorpusReader:
             return text
 
     # -- formats ------------------------------------------------------------------------------------
-    def _read_txt(self, path: Path) -> Iterator[str]:
+    def _read_text(self, path: Path) -> Iterator[str]:
         with open(path, "rb") as f:
             if not self.split_lines:
                 yield self._decode(f.read())

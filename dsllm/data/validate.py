@@ -9,7 +9,7 @@ import numpy as np
 
 from dsllm.data.format import TokenFile, TokenFileError, content_hash, new_content_hasher
 from dsllm.data.prepare import META_FILE
-from dsllm.errors import UserError
+from dsllm.errors import ArgumentParser, UserError
 from dsllm.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer, tokenizer_hash
 
 _CHUNK_TOKENS = 1 << 24
@@ -128,12 +128,14 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    """`python data_pipeline/validate.py DIR`: exit 0 and a summary when sound, exit 2 naming the fault."""
-    from dsllm.errors import ArgumentParser
-
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="validate.py", description="Check a prepared token dataset end to end.")
     parser.add_argument("directory", metavar="DIR", help="dataset folder written by data_pipeline/prepare.py")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    """`python data_pipeline/validate.py DIR`: exit 0 and a summary when sound, exit 2 naming the fault."""
+    args = build_parser().parse_args(argv)
     print(format_summary(validate_dataset(args.directory)))
     return 0
