@@ -7,23 +7,26 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from tokenizers import Tokenizer
-
-from dsllm.data.format import TokenFile
-from dsllm.data.loader import TokenWindows
-from dsllm.errors import UserError
+from dsllm.errors import ArgumentParser, UserError, positive
 from dsllm.jsonl import read_jsonl
 from dsllm.tokenizer import eot_id, tokenizer_hash
+
+if TYPE_CHECKING:  # torch and numpy load inside the functions, so `--help` answers at once
+    import torch
+    from tokenizers import Tokenizer
+
+    from dsllm.data.format import TokenFile
+    from dsllm.data.loader import TokenWindows
 
 
 def eval_indices(windows: TokenWindows, count: int) -> list[int]:
     """`count` windows spread evenly over the split (all of them when there are fewer)."""
+    import numpy as np
+
     n = len(windows)
     if count >= n:
         return list(range(n))
@@ -33,6 +36,8 @@ def eval_indices(windows: TokenWindows, count: int) -> list[int]:
 def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
     """UTF-8 bytes each id stands for. Byte-level BPE writes one character per byte; special tokens
     (end-of-text) count as 0 bytes, since they are separators, not text."""
+    import torch
+
     lengths = torch.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=torch.float64)
     special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
     for token, index in tokenizer.get_vocab(with_added_tokens=True).items():
@@ -40,7 +45,6 @@ def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
     return lengths
 
 
-@torch.no_grad()
 def evaluate(
     model,
     windows: TokenWindows,
@@ -50,27 +54,35 @@ def evaluate(
     byte_lengths: torch.Tensor,
     rank: int = 0,
     world_size: int = 1,
+    progress: bool = False,
 ) -> dict:
-    """Sum of target-token losses over the windows (sharded across ranks, then all-reduced)."""
+    """Sum of target-token losses over the windows (sharded across ranks, then all-reduced). `progress`: a bar on
+    stderr when it is a terminal (the command's; the trainer's evaluation stays silent)."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
     mine = indices[rank::world_size]
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
     # every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively)
     batches = math.ceil(len(indices) / world_size / micro_batch)
-    for b in range(batches):
-        chunk = mine[b * micro_batch : (b + 1) * micro_batch]
-        rows = torch.stack([windows[i] for i in (chunk or mine[:1] or indices[:1])]).to(device)
-        logits, _ = model(rows[:, :-1])
-        if not chunk:
-            continue
-        targets = rows[:, 1:]
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
-        totals += torch.stack(
-            [
-                nll.double(),
-                torch.tensor(targets.numel(), dtype=torch.float64, device=device),
-                byte_lengths.to(device)[targets].sum(),
-            ]
-        )
+    with torch.no_grad():
+        for b in tqdm(range(batches), desc="evaluating", unit="batch", disable=None if progress else True):
+            chunk = mine[b * micro_batch : (b + 1) * micro_batch]
+            rows = torch.stack([windows[i] for i in (chunk or mine[:1] or indices[:1])]).to(device)
+            logits, _ = model(rows[:, :-1])
+            if not chunk:
+                continue
+            targets = rows[:, 1:]
+            nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+            totals += torch.stack(
+                [
+                    nll.double(),
+                    torch.tensor(targets.numel(), dtype=torch.float64, device=device),
+                    byte_lengths.to(device)[targets].sum(),
+                ]
+            )
     if dist.is_available() and dist.is_initialized() and world_size > 1:
         dist.all_reduce(totals)
     nll, tokens, n_bytes = totals.tolist()
@@ -118,10 +130,11 @@ def _kind(value) -> str:
     return "missing" if value is None else type(value).__name__
 
 
-@torch.no_grad()
 def choice_log_likelihoods(model, context: list[int], choices: list[list[int]], device) -> list[float]:
     """Sum of log p(choice tokens | context) for each choice, in one right-padded batch (padding comes after
     every scored position, so the causal mask keeps it out). The context is cut from the left to fit."""
+    import torch
+
     keep = model.config.max_seq_len + 1 - max(map(len, choices))
     context = context[-keep:] if keep > 0 else []
     if not context:
@@ -130,7 +143,8 @@ def choice_log_likelihoods(model, context: list[int], choices: list[list[int]], 
     idx = torch.zeros(len(rows), max(map(len, rows)) - 1, dtype=torch.long)
     for r, row in enumerate(rows):
         idx[r, : len(row) - 1] = torch.tensor(row[:-1])
-    logits, _ = model(idx.to(device))
+    with torch.no_grad():
+        logits, _ = model(idx.to(device))
     log_probs = logits.float().log_softmax(-1).cpu()
     scores = []
     for r, choice in enumerate(choices):
@@ -139,20 +153,42 @@ def choice_log_likelihoods(model, context: list[int], choices: list[list[int]], 
     return scores
 
 
-def score_choices(model, tokenizer: Tokenizer, examples: list[ChoiceExample], device) -> dict:
-    """Accuracy by the summed log-likelihood of each choice, and by it per character of the choice (as
-    lm-evaluation-harness's acc_norm). A context starts a document: it follows <|endoftext|>, as in training.
-    Context and choice are tokenized apart, so a choice that continues a sentence should start with a space."""
+def encode_choices(
+    tokenizer: Tokenizer, examples: list[ChoiceExample], max_seq_len: int
+) -> list[tuple[list[int], list[list[int]]]]:
+    """(context, choices) token ids of each example. A context starts a document: it follows <|endoftext|>, as in
+    training. Context and choice are tokenized apart, so a choice that continues a sentence should start with a
+    space. A choice longer than the model's context is a UserError at its FILE:LINE, before anything is scored."""
     start = [eot_id(tokenizer)]
-    correct = correct_norm = 0
+    encoded = []
     for example in examples:
         choices = [tokenizer.encode(c).ids for c in example.choices]
-        if max(map(len, choices)) > model.config.max_seq_len:
+        if max(map(len, choices)) > max_seq_len:
             raise UserError(
                 f"{example.where}: a choice is longer than the model's context "
-                f"(model.max_seq_len = {model.config.max_seq_len} tokens); shorten it"
+                f"(model.max_seq_len = {max_seq_len} tokens); shorten it"
             )
-        scores = choice_log_likelihoods(model, start + tokenizer.encode(example.context).ids, choices, device)
+        encoded.append((start + tokenizer.encode(example.context).ids, choices))
+    return encoded
+
+
+def score_choices(
+    model,
+    examples: list[ChoiceExample],
+    encoded: list[tuple[list[int], list[list[int]]]],
+    device,
+    progress: bool = False,
+) -> dict:
+    """Accuracy by the summed log-likelihood of each choice, and by it per character of the choice (as
+    lm-evaluation-harness's acc_norm); `encoded` is `encode_choices(...)` of the examples."""
+    from tqdm import tqdm
+
+    correct = correct_norm = 0
+    pairs = zip(examples, encoded)
+    for example, (context, choices) in tqdm(
+        pairs, total=len(examples), desc="scoring", unit="example", disable=None if progress else True
+    ):
+        scores = choice_log_likelihoods(model, context, choices, device)
         per_char = [s / len(c) for s, c in zip(scores, example.choices)]
         correct += max(range(len(scores)), key=scores.__getitem__) == example.label
         correct_norm += max(range(len(per_char)), key=per_char.__getitem__) == example.label
@@ -166,6 +202,8 @@ def score_choices(model, tokenizer: Tokenizer, examples: list[ChoiceExample], de
 # -- `python -m dsllm evaluate` ------------------------------------------------------------------------------
 def open_split(data: Path, split: str, tokenizer: Tokenizer, tokenizer_file: Path) -> TokenFile:
     """The split's token file, refused when it was made with another tokenizer than the model's."""
+    from dsllm.data.format import TokenFile
+
     if not data.is_dir():
         raise UserError(f"--data {data}: no such folder; pass a dataset made by data_pipeline/prepare.py")
     if not (data / f"{split}.idx").is_file():
@@ -188,50 +226,66 @@ def run_seq_len(config_file: Path) -> int | None:
     return (json.loads(config_file.read_text()).get("run") or {}).get("seq_len")
 
 
-def main(argv=None) -> int:
-    """`python -m dsllm evaluate --checkpoint RUN_DIR --data DIR [--split val] [--choices FILE.jsonl]`."""
-    from dsllm.checkpoint import WEIGHTS_FILE, load_model_dir, model_tokenizer, pick_device, resolve_model_source
-    from dsllm.errors import ArgumentParser, positive
-
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m dsllm evaluate",
-        description="Validation loss, perplexity and bits per "
-        "byte of a model on a token dataset (and multiple-choice accuracy), as one JSON object.",
+        description="Validation loss, perplexity and bits per byte of a model on a token dataset (and "
+        "multiple-choice accuracy), printed as one JSON object on stdout; progress goes to stderr.",
     )
     parser.add_argument(
         "--checkpoint",
         required=True,
         metavar="RUN_DIR",
-        help="run folder, checkpoints/stepNNNNNNNN folder (any ZeRO stage and world size), or model folder",
+        help="the model to evaluate: a run folder (its final weights, else its newest checkpoint), a "
+        "checkpoints/stepNNNNNNNN folder (any ZeRO stage and world size), or a model folder",
     )
     parser.add_argument(
-        "--data", metavar="DIR", help="dataset made by data_pipeline/prepare.py with the run's tokenizer"
+        "--data",
+        metavar="DIR",
+        help="token dataset made by data_pipeline/prepare.py with the model's tokenizer (loss, perplexity, bits "
+        "per byte); --data, --choices or both",
     )
-    parser.add_argument("--split", default="val", help="which split of --data (default %(default)s)")
+    parser.add_argument("--split", default="val", metavar="NAME", help="which split of --data to score: val or train")
     parser.add_argument(
         "--max-windows",
         type=positive,
         metavar="N",
-        help="N windows spread evenly over the split, as the trainer's --eval-windows (default: all)",
+        help="score N windows spread evenly over the split, as the trainer's --eval-windows (default: all)",
     )
     parser.add_argument(
-        "--batch-size", type=positive, default=8, metavar="B", help="windows per forward pass (default %(default)s)"
+        "--batch-size", type=positive, default=8, metavar="B", help="windows per forward pass; lower it to save memory"
     )
     parser.add_argument(
         "--seq-len",
         type=positive,
         metavar="T",
-        help="window length (default: the run's training --seq-len, else model.max_seq_len)",
+        help="tokens per window (default: the run's training --seq-len, else model.max_seq_len)",
     )
     parser.add_argument(
         "--choices",
         metavar="FILE.jsonl",
-        help='multiple choice: {"context": str, "choices": [str, ...], "label": int} a line',
+        help='multiple-choice accuracy over a file of {"context": str, "choices": [str, ...], "label": int} a line',
     )
-    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--device", default="auto", help="where to run: auto (cuda when available, else cpu), cpu, cuda or cuda:N"
+    )
+    return parser
+
+
+def say(text: str) -> None:
+    """A progress line on stderr (stdout holds only the JSON result)."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    """`python -m dsllm evaluate --checkpoint RUN_DIR --data DIR [--split val] [--choices FILE.jsonl]`."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.data is None and args.choices is None:
         parser.error("nothing to evaluate; pass --data DIR, --choices FILE.jsonl, or both")
+    # the heavy imports (torch) come after parsing, so --help and a bad option answer at once
+    from dsllm.checkpoint import WEIGHTS_FILE, load_model_dir, model_tokenizer, pick_device, resolve_model_source
+    from dsllm.data.loader import TokenWindows
 
     config_file, checkpoint, home = resolve_model_source(args.checkpoint)
     tokenizer, tokenizer_file = model_tokenizer(home)
@@ -240,6 +294,7 @@ def main(argv=None) -> int:
     device = pick_device(args.device)
     model = load_model_dir(args.checkpoint, device).eval()
     result: dict = {"checkpoint": str(checkpoint or home / WEIGHTS_FILE)}
+    # every check comes before the first line of progress, so a refusal stays one line on stderr
     if tokens is not None:
         seq_len = args.seq_len or run_seq_len(config_file) or model.config.max_seq_len
         model.config.check_seq_len(seq_len)
@@ -250,7 +305,16 @@ def main(argv=None) -> int:
                 f"of {seq_len + 1}; pass a shorter --seq-len"
             )
         indices = eval_indices(windows, args.max_windows or len(windows))
-        scores = evaluate(model, windows, indices, args.batch_size, device, token_byte_lengths(tokenizer))
+    if examples is not None:
+        encoded = encode_choices(tokenizer, examples, model.config.max_seq_len)
+    if tokens is not None:
+        say(
+            f"evaluating {len(indices):,} of {len(windows):,} windows ({seq_len} tokens each) of the {args.split} "
+            f"split in batches of {args.batch_size} on {device}"
+        )
+        scores = evaluate(
+            model, windows, indices, args.batch_size, device, token_byte_lengths(tokenizer), progress=True
+        )
         result.update(
             {
                 "data": str(args.data),
@@ -265,6 +329,8 @@ def main(argv=None) -> int:
             }
         )
     if examples is not None:
-        result.update({"choices": str(args.choices), **score_choices(model, tokenizer, examples, device)})
+        choices = sum(len(example.choices) for example in examples)
+        say(f"scoring {len(examples):,} multiple-choice examples ({choices:,} choices) from {args.choices} on {device}")
+        result.update({"choices": str(args.choices), **score_choices(model, examples, encoded, device, progress=True)})
     print(json.dumps(result))
     return 0

@@ -6,6 +6,10 @@ RoPE + RMSNorm + SwiGLU (+GQA) to `LlamaForCausalLM`. Our fused weights are spli
 order the model lays them out: qkv = [q | k | v], SwiGLU fc = [gate | up]. GPT-2's Conv1D stores
 weights as [in, out], so those are transposed. RoPE uses the half-split layout on both sides, so
 no permutation is needed. `tests/test_export.py` proves logits parity for every family.
+
+The tokenizer is exported as the model was trained: every document starts with <|endoftext|>, so plain
+`AutoTokenizer.from_pretrained(folder)(prompt)` puts it first, as `python -m dsllm generate` does
+(`tests/test_hf_parity.py` proves greedy generation gives the same tokens).
 """
 
 from __future__ import annotations
@@ -14,14 +18,18 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+from tokenizers import Tokenizer, processors
 
-from dsllm.errors import UserError
-from dsllm.model import GPT
+from dsllm.errors import ArgumentParser, UserError
 from dsllm.model_config import ConfigError, ModelConfig
 from dsllm.tokenizer import EOT_TOKEN, TOKENIZER_FILE, eot_id, load_tokenizer
+
+if TYPE_CHECKING:  # torch loads inside the functions that use it, so `--help` answers at once
+    import torch
+
+    from dsllm.model import GPT
 
 _GPT2_NEEDS = {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
 _LLAMA_NEEDS = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
@@ -141,10 +149,55 @@ def hf_config(config: ModelConfig, eos: int) -> dict:
     }
 
 
+def hf_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer with <|endoftext|> put before every text, as before every document in training (a pair of
+    texts is two documents). The tokenizer's own post-processor, if any, runs first, as in `dsllm generate`."""
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: the caller's tokenizer stays as it was
+    start = processors.TemplateProcessing(
+        single=f"{EOT_TOKEN} $A",
+        pair=f"{EOT_TOKEN} $A {EOT_TOKEN}:1 $B:1",
+        special_tokens=[(EOT_TOKEN, eot_id(tokenizer))],
+    )
+    own = tokenizer.post_processor
+    tokenizer.post_processor = start if own is None else processors.Sequence([own, start])
+    return tokenizer
+
+
+def hf_tokenizer_config(max_seq_len: int) -> dict:
+    """tokenizer_config.json for transformers' PreTrainedTokenizerFast: <|endoftext|> starts a document (put there by
+    tokenizer.json's post-processor; add_bos_token says so to the transformers versions that read it), ends one, and
+    pads batches (left, as `dsllm generate` pads, so every row's newest token is last)."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **hf_special_tokens(),
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "padding_side": "left",
+        "model_max_length": max_seq_len,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def hf_special_tokens() -> dict:
+    return {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN, "pad_token": EOT_TOKEN}
+
+
+def hf_generation_config(eos: int, model_vocab_size: int, tokenizer_vocab_size: int) -> dict:
+    """generation_config.json: greedy unless asked, stop at <|endoftext|>, pad with it. No max_length: transformers
+    warns on every call that passes max_new_tokens when the config sets max_length. Ids past the tokenizer's
+    vocabulary (padding rows of the embedding) are suppressed, as `dsllm generate` never produces them."""
+    generation = {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos}
+    if model_vocab_size > tokenizer_vocab_size:
+        generation["suppress_tokens"] = list(range(tokenizer_vocab_size, model_vocab_size))
+    return generation
+
+
 def export_hf(
     model: GPT, tokenizer_file: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False
 ) -> Path:
     """Write the Hugging Face folder; staged under a temporary name and renamed when complete."""
+    from safetensors.torch import save_file
+
     output = Path(output)
     if output.exists() and not output.is_dir():
         raise UserError(f"{output}: exists and is not a folder; choose another --output")
@@ -156,28 +209,18 @@ def export_hf(
     stage = output.with_name(f".{output.name}.partial-{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
+
+    def write_json(name: str, value: dict) -> None:
+        (stage / name).write_text(json.dumps(value, indent=2) + "\n")
+
     try:
         save_file(state, str(stage / "model.safetensors"), metadata={"format": "pt"})
-        (stage / "config.json").write_text(json.dumps(hf_config(model.config, eos), indent=2) + "\n")
-        (stage / "generation_config.json").write_text(
-            json.dumps({"bos_token_id": eos, "eos_token_id": eos, "max_length": model.config.max_seq_len}, indent=2)
-            + "\n"
-        )
-        shutil.copyfile(tokenizer_file, stage / TOKENIZER_FILE)
-        special = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
-        (stage / "tokenizer_config.json").write_text(
-            json.dumps(
-                {
-                    "tokenizer_class": "PreTrainedTokenizerFast",
-                    **special,
-                    "model_max_length": model.config.max_seq_len,
-                    "clean_up_tokenization_spaces": False,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        (stage / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+        write_json("config.json", hf_config(model.config, eos))
+        vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        write_json("generation_config.json", hf_generation_config(eos, model.config.vocab_size, vocab_size))
+        hf_tokenizer(tokenizer).save(str(stage / TOKENIZER_FILE))
+        write_json("tokenizer_config.json", hf_tokenizer_config(model.config.max_seq_len))
+        write_json("special_tokens_map.json", hf_special_tokens())
         if output.exists():
             shutil.rmtree(output)
         os.replace(stage, output)
@@ -186,22 +229,38 @@ def export_hf(
     return output
 
 
-def main(argv=None) -> int:
-    """`python -m dsllm export --checkpoint RUN_DIR --output HF_DIR`."""
-    from dsllm.checkpoint import load_model_dir, resolve_model_source
-    from dsllm.errors import ArgumentParser
-    from dsllm.paths import check_output_apart, model_inputs
-
-    parser = ArgumentParser(prog="python -m dsllm export", description="Export a model to a Hugging Face folder.")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="python -m dsllm export",
+        description="Export a model to a Hugging Face folder that AutoModelForCausalLM and AutoTokenizer load "
+        "(GPT2LMHeadModel or LlamaForCausalLM, safetensors; the tokenizer starts each text with <|endoftext|>).",
+    )
     parser.add_argument(
         "--checkpoint",
         required=True,
         metavar="RUN_DIR",
-        help="run folder, checkpoints/stepNNNNNNNN folder (any ZeRO stage), or model folder",
+        help="the model to export: a run folder (its final weights, else its newest checkpoint), a "
+        "checkpoints/stepNNNNNNNN folder (any ZeRO stage and world size), or a model folder",
     )
-    parser.add_argument("--output", required=True, metavar="HF_DIR", help="folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty HF_DIR")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--output",
+        required=True,
+        metavar="HF_DIR",
+        help="folder to write (config.json, model.safetensors, tokenizer files); it must be new or empty",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace HF_DIR when it already holds files (they are deleted)"
+    )
+    return parser
+
+
+def main(argv=None) -> int:
+    """`python -m dsllm export --checkpoint RUN_DIR --output HF_DIR`."""
+    args = build_parser().parse_args(argv)
+    # the heavy imports (torch) come after parsing, so --help and a bad option answer at once
+    from dsllm.checkpoint import load_model_dir, resolve_model_source
+    from dsllm.paths import check_output_apart, model_inputs
+
     check_output_apart(args.output, "--output", model_inputs(args.checkpoint, "--checkpoint"))
     model = load_model_dir(args.checkpoint)
     home = resolve_model_source(args.checkpoint)[2]

@@ -14,11 +14,13 @@ import secrets
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tokenizers import Tokenizer
-
-from dsllm.errors import UserError, finite
+from dsllm.errors import ArgumentParser, UserError, finite, positive
 from dsllm.jsonl import read_jsonl
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -78,12 +80,7 @@ def _device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"{text!r} is not a device to generate on; use auto, cpu, cuda or cuda:N")
 
 
-def main(argv=None) -> int:
-    """`python -m dsllm generate --checkpoint RUN_DIR [--prompt TEXT ...] [sampling options]`."""
-    from dsllm.checkpoint import load_model_dir, model_tokenizer, pick_device, resolve_model_source
-    from dsllm.errors import ArgumentParser, positive
-    from dsllm.tokenizer import eot_id
-
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m dsllm generate",
         epilog=__doc__.split("\n\n")[1],
@@ -93,28 +90,37 @@ def main(argv=None) -> int:
         "--checkpoint",
         required=True,
         metavar="RUN_DIR",
-        help="run folder, checkpoints/stepNNNNNNNN folder (any ZeRO stage), or model folder",
+        help="the model to sample: a run folder (its final weights, else its newest checkpoint), a "
+        "checkpoints/stepNNNNNNNN folder (any ZeRO stage), or a model folder",
     )
-    parser.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt; repeat for more")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="text to continue; repeat for several prompts (none: a sample from <|endoftext|> alone)",
+    )
     parser.add_argument(
         "--prompt-file",
         action="append",
         default=[],
         metavar="FILE",
-        help='one prompt a line; .jsonl: a JSON string or {"prompt": str} a line',
+        help='prompts from a file, one a line; in a .jsonl file a JSON string or {"prompt": str} a line',
     )
     parser.add_argument(
         "--max-new-tokens",
         type=positive,
         metavar="N",
-        help=f"tokens to add (default: up to {DEFAULT_MAX_NEW_TOKENS}, as the model's context allows)",
+        help=f"most tokens to add to each prompt (default: up to {DEFAULT_MAX_NEW_TOKENS}, as the model's context "
+        "allows); it stops earlier at <|endoftext|>",
     )
     parser.add_argument(
         "--temperature",
         type=finite,
         default=0.8,
         metavar="T",
-        help="0 is greedy; higher is more random (default %(default)s)",
+        help=f"randomness of sampling: 0 is greedy (always the most likely token), higher is more random, at most "
+        f"{MAX_TEMPERATURE:g}",
     )
     parser.add_argument("--top-k", type=positive, metavar="K", help="sample among the K most likely tokens only")
     parser.add_argument(
@@ -132,8 +138,17 @@ def main(argv=None) -> int:
         help="wrap each prompt in the chat template of launch/finetune.py (for fine-tuned models)",
     )
     parser.add_argument(
-        "--device", type=_device, default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:N"
+        "--device",
+        type=_device,
+        default="auto",
+        help="where to run: auto (cuda when available, else cpu), cpu, cuda or cuda:N",
     )
+    return parser
+
+
+def main(argv=None) -> int:
+    """`python -m dsllm generate --checkpoint RUN_DIR [--prompt TEXT ...] [sampling options]`."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 0 <= args.temperature <= MAX_TEMPERATURE:
         parser.error(
@@ -141,6 +156,9 @@ def main(argv=None) -> int:
         )
     if args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error(f"argument --top-p: {args.top_p} must be above 0 and at most 1")
+    # the heavy imports (torch) come after parsing, so --help and a bad option answer at once
+    from dsllm.checkpoint import load_model_dir, model_tokenizer, pick_device, resolve_model_source
+    from dsllm.tokenizer import eot_id
 
     tokenizer = model_tokenizer(resolve_model_source(args.checkpoint)[2])[0]
     eos = eot_id(tokenizer)

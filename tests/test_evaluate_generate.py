@@ -60,10 +60,12 @@ def dsllm(*args, expect=0):
     return proc
 
 
-def evaluate(*args) -> dict:
+def evaluate(*args, stderr: list | None = None) -> dict:
     proc = dsllm("evaluate", *args)
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1, proc.stdout  # one JSON object, nothing else on stdout
+    if stderr is not None:
+        stderr += proc.stderr.splitlines()
     return json.loads(lines[0])
 
 
@@ -75,7 +77,12 @@ def final_eval(run_dir) -> dict:
 def test_evaluate_reproduces_the_trainers_validation(run_dir, dataset_dir):
     trainer = final_eval(run_dir)
     assert trainer["step"] == STEPS
-    result = evaluate("--checkpoint", run_dir, "--data", dataset_dir, "--max-windows", 8)  # the trainer's windows
+    said = []
+    result = evaluate("--checkpoint", run_dir, "--data", dataset_dir, "--max-windows", 8, stderr=said)  # trainer's
+    # progress goes to stderr: what it will score, before it starts (the bar itself only on a terminal)
+    assert said == [
+        f"evaluating 8 of {result['windows_in_split']} windows (32 tokens each) of the val split in batches of 8 on cpu"
+    ]
     assert result["seq_len"] == 32  # the run's --seq-len, from its config.json
     assert result["windows"] == 8 and result["tokens"] == 8 * 32 == trainer["tokens"]
     assert result["loss"] == pytest.approx(trainer["val_loss"], abs=1e-4)
@@ -116,8 +123,10 @@ def test_choice_scores_are_the_models_log_likelihoods(run_dir, model_and_tokeniz
         {"context": "doc 40: until the checkpoint lands on", "choices": [" vvq zkx", " disk"], "label": 1},
     ]
     (tmp_path / "choices.jsonl").write_text("".join(json.dumps(e) + "\n\n" for e in examples))
-    result = evaluate("--checkpoint", run_dir, "--choices", tmp_path / "choices.jsonl")
+    said = []
+    result = evaluate("--checkpoint", run_dir, "--choices", tmp_path / "choices.jsonl", stderr=said)
     assert "loss" not in result and result["choice_examples"] == 4
+    assert said == [f"scoring 4 multiple-choice examples (8 choices) from {tmp_path / 'choices.jsonl'} on cpu"]
     assert result["choice_accuracy"] == 1.0 and result["choice_accuracy_norm"] == 1.0  # words it saw vs. gibberish
 
     # by hand for the first example: the sum of log p(choice token | everything before it)
@@ -397,3 +406,51 @@ def test_generate_refuses_bad_input(run_dir, tmp_path):
     refused("--prompt-file", tmp_path / "q.jsonl", fragments=[f"{tmp_path / 'q.jsonl'}:3:", "malformed JSON"])
     refused("--prompt-file", tmp_path / "none.txt", fragments=["none.txt: no such file"])
     assert_user_error(dsllm("generate", "--checkpoint", tmp_path / "nothing", expect=None), "nothing: no model here")
+
+
+# -- what a new user meets first: --help ------------------------------------------------------------------
+@pytest.mark.parametrize("verb, module", [("evaluate", "evaluation"), ("generate", "generate"), ("export", "export")])
+def test_help_explains_every_option_and_answers_at_once(verb, module):
+    """Every option has a line of meaning, and building the parser loads no torch (so --help takes a blink)."""
+    import importlib
+
+    proc = dsllm(verb, "--help")
+    shown = "".join(proc.stdout.split())  # argparse wraps lines, at spaces and hyphens
+    parser = importlib.import_module(f"dsllm.{module}").build_parser()
+    options = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(options) >= 3
+    for action in options:
+        assert action.option_strings[0] in shown
+        assert action.help and len(action.help.split()) >= 4, f"{action.option_strings[0]}: {action.help!r}"
+        assert "".join(action.help.split()) in shown
+    heavy = "{'torch', 'numpy', 'transformers'}"
+    probe = f"import dsllm.{module} as m, sys; m.build_parser(); print(sorted({heavy} & set(sys.modules)))"
+    loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env(), capture_output=True, text=True)
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+
+
+def test_evaluate_shows_a_bar_only_when_asked_and_on_a_terminal(dataset_dir, monkeypatch):
+    """The command asks for progress (a bar when stderr is a terminal); the trainer's evaluation stays silent."""
+    from dsllm.data.loader import TokenWindows
+    from dsllm.evaluation import eval_indices, evaluate, token_byte_lengths
+    from dsllm.model import GPT
+    from dsllm.model_config import ModelConfig
+    from dsllm.tokenizer import load_tokenizer
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    model = GPT(ModelConfig(vocab_size=300, max_seq_len=16, n_layers=1, d_model=16, n_heads=2)).eval()
+    windows = TokenWindows(dataset_dir / "val", 16)
+    lengths = token_byte_lengths(load_tokenizer(dataset_dir / "tokenizer.json"))
+    indices = eval_indices(windows, 6)
+    said = {}
+    for progress in (False, True):
+        terminal = Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        scores = evaluate(model, windows, indices, 2, "cpu", lengths, progress=progress)
+        monkeypatch.undo()
+        said[progress] = terminal.getvalue()
+        assert scores["tokens"] == 6 * 16
+    assert said[False] == "" and "evaluating" in said[True] and "3/3" in said[True]

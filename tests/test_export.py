@@ -70,16 +70,36 @@ def test_parity_check_catches_a_wrong_mapping(tmp_path, tokenizer_dir):
 
 
 def test_tokenizer_loads_with_autotokenizer(tmp_path, tokenizer_dir):
+    """Plain `tok(text)` starts the text with <|endoftext|>, as every document started in training; the pad token
+    (also <|endoftext|>) pads batches on the left, where generation wants it."""
     from tokenizers import Tokenizer
 
+    before = (tokenizer_dir / "tokenizer.json").read_bytes()
     export_hf(random_model({}), tokenizer_dir / "tokenizer.json", tmp_path / "hf")
+    assert (tokenizer_dir / "tokenizer.json").read_bytes() == before  # the run's tokenizer is not changed
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     ours = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    eot = ours.token_to_id("<|endoftext|>")
     text = "the model reads tokens, ünïcödé 😀 and\nnew lines"
-    assert hf_tok(text)["input_ids"] == ours.encode(text).ids
-    assert hf_tok.decode(ours.encode(text).ids) == text
-    assert hf_tok.eos_token == "<|endoftext|>" and hf_tok.eos_token_id == ours.token_to_id("<|endoftext|>")
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == hf_tok.eos_token_id
+    assert hf_tok(text)["input_ids"] == [eot] + ours.encode(text).ids
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text).ids
+    assert hf_tok.decode(hf_tok(text)["input_ids"], skip_special_tokens=True) == text
+    assert hf_tok.decode(hf_tok(text)["input_ids"]) == "<|endoftext|>" + text
+    assert hf_tok.eos_token == hf_tok.bos_token == hf_tok.pad_token == "<|endoftext|>"
+    assert hf_tok.eos_token_id == hf_tok.pad_token_id == eot
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == eot
+    # two documents, and a batch padded on the left
+    assert hf_tok("the model", "reads")["input_ids"] == [
+        eot,
+        *ours.encode("the model").ids,
+        eot,
+        *ours.encode("reads").ids,
+    ]
+    batch = hf_tok(["the", "the model reads tokens"], padding=True)
+    long = [eot] + ours.encode("the model reads tokens").ids
+    short = [eot] + ours.encode("the").ids
+    assert batch["input_ids"] == [[eot] * (len(long) - len(short)) + short, long]
+    assert batch["attention_mask"][0] == [0] * (len(long) - len(short)) + [1] * len(short)
 
 
 @pytest.mark.parametrize(
