@@ -3,22 +3,24 @@
     python -m dsllm report runs/gpt2                       # -> runs/gpt2/report/{summary.md, *.png}
     python -m dsllm report runs/gpt2 --prompt "def main(" --out /tmp/report
 
-loss.png: training and validation loss against steps and against tokens; lr.png: the learning rate;
-throughput.png: tokens/s (and MFU on a known GPU); attention.png: every head of every layer attending over
-the tokens of a prompt (the run's model, the final weights or newest checkpoint). Rows of metrics.jsonl that a
-resumed run wrote again count once (the later one).
+loss.png: training and validation loss against steps and against tokens; lr.png: the learning rate at every
+step from 0, replayed with the run's own scheduler from config.json (warmup included), with the logged values
+on it; throughput.png: tokens/s (and MFU on a known GPU) from zero; attention.png: every head of every layer
+attending over the tokens of a prompt, labelled with the tokens, on one colour scale (the run's model, the
+final weights or newest checkpoint). Rows of metrics.jsonl that a resumed run wrote again count once (the
+later one).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import io
 import json
+import logging
 import math
 import sys
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
 
 from dsllm.errors import ArgumentParser, UserError
 
@@ -53,6 +55,9 @@ def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
 def recorded_attention():
     """Every scaled_dot_product_attention call made inside records its attention weights [B, H, T, S] (fp32,
     CPU) in the yielded list; the outputs stay those of the real kernel."""
+    import torch
+    import torch.nn.functional as F
+
     maps, original = [], F.scaled_dot_product_attention
 
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, **kwargs):
@@ -85,8 +90,10 @@ def recorded_attention():
         F.scaled_dot_product_attention = original
 
 
-def attention_maps(model, token_ids: list[int]) -> torch.Tensor:
-    """[layers, heads, T, T] attention weights of `model` over one sequence."""
+def attention_maps(model, token_ids: list[int]):
+    """[layers, heads, T, T] attention weights of `model` over one sequence (a CPU tensor)."""
+    import torch
+
     model.eval()
     with torch.no_grad(), recorded_attention() as maps:
         model(torch.tensor([token_ids], device=model.lm_head.weight.device))
@@ -106,13 +113,6 @@ def training_loss(record: dict) -> float:
     """The record's loss, or NaN for a window with every step skipped: a gap in a plotted line, never a 0."""
     loss = record.get("loss")
     return math.nan if loss is None or record.get("skipped") else float(loss)
-
-
-def plot_loss(train: list[dict], evals: list[dict], path: Path) -> None:
-    plt = _plt()
-    fig = loss_figure(train, evals)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def loss_figure(train: list[dict], evals: list[dict]):
@@ -140,42 +140,135 @@ def loss_figure(train: list[dict], evals: list[dict]):
     return fig
 
 
-def plot_series(train: list[dict], keys: list[tuple[str, str]], path: Path, title: str) -> None:
+def lr_schedule(config: dict, last_step: int = 0) -> list[tuple[int, float]] | None:
+    """[(step, learning rate after that step)] for every step from 0 (before the first) to the run's max_steps,
+    replayed with the scheduler the run used on a one-parameter optimizer at the run's lr: the DeepSpeed JSON's
+    "scheduler" (DeepSpeed's class of that name, else torch's, as the engine picks), else the trainer's warmup +
+    cosine. The trainer logs the same value (the lr after the step), so the logged points lie on this line.
+    None when config.json does not say (no "train" section, or a scheduler neither library has)."""
+    train, ds = config.get("train"), config.get("deepspeed") or {}
+    if not isinstance(train, dict) or "max_steps" not in train:
+        return None
+    import torch
+
+    lr = ds.get("optimizer", {}).get("params", {}).get("lr", train.get("lr"))
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    ds_logger = logging.getLogger("DeepSpeed")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.ERROR)  # its schedulers warn about reading the lr before step 1
+    try:
+        if "scheduler" in ds:
+            with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints banners on import
+                from deepspeed.runtime import lr_schedules
+            name = ds["scheduler"].get("type", "")
+            make = getattr(lr_schedules, name, None) or getattr(torch.optim.lr_scheduler, name, None)
+            if make is None:
+                return None
+            scheduler = make(optimizer, **ds["scheduler"].get("params", {}))
+        else:
+            from dsllm.train_config import TrainConfig
+            from dsllm.trainer import cosine_schedule
+
+            known = {field.name for field in dataclasses.fields(TrainConfig)}
+            options = TrainConfig(**{key: value for key, value in train.items() if key in known})
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(options))
+        rates = [(0, float(optimizer.param_groups[0]["lr"]))]
+        optimizer.step()  # no gradients, no change: only tells torch the optimizer steps before its scheduler
+        for step in range(1, max(int(train["max_steps"]), last_step) + 1):
+            scheduler.step()
+            rates.append((step, float(optimizer.param_groups[0]["lr"])))
+    finally:
+        ds_logger.setLevel(level)
+    return rates
+
+
+def lr_figure(train: list[dict], schedule: list[tuple[int, float]] | None):
+    """The learning rate from step 0: the replayed schedule as a line, the logged values as points on it (the
+    logged points alone, from an x axis at 0, when the schedule cannot be replayed)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    logged = [(r["step"], r["lr"]) for r in train if r.get("lr") is not None]
+    if schedule:
+        ax.plot(*zip(*schedule), lw=1.2, label="schedule (replayed from config.json)")
+    if logged:
+        ax.plot(*zip(*logged), "o" if schedule else "o-", ms=3, lw=1.2, label="logged")
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    ax.grid(alpha=0.3)
+    if schedule and logged:
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def series_figure(train: list[dict], keys: list[tuple[str, str]], title: str):
+    """One panel per (record key, label) against steps, each y axis from zero."""
     plt = _plt()
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.6), squeeze=False)
     for ax, (key, label) in zip(axes[0], keys):
         points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
-        ax.plot(*zip(*points), lw=1.2)
+        if points:
+            ax.plot(*zip(*points), lw=1.2)
+        ax.set_ylim(bottom=0)  # a throughput drop reads as a drop, not as a cliff of an auto-scaled axis
         ax.set(xlabel="step", ylabel=label, title=title if len(keys) == 1 else label)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
-def plot_attention(maps: torch.Tensor, tokens: list[str], path: Path) -> None:
+def token_label(token: str, width: int = 10) -> str:
+    """A decoded token as a tick label: whitespace made visible (space as ·, \\n, \\t), cut to `width` characters
+    with an ellipsis, `$` escaped so matplotlib does not read it as math."""
+    text = token.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t").replace(" ", "\u00b7")
+    if len(text) > width:
+        text = text[: width - 1] + "\u2026"
+    return text.replace("$", r"\$")
+
+
+def attention_figure(maps, tokens: list[str]):
+    """Every head (columns) of every layer (rows) over the prompt: query tokens down, key tokens across, on the
+    bottom row and the first column, and one colour scale for all (attention weight, 0 to 1)."""
     plt = _plt()
-    layers, heads = maps.shape[:2]
+    layers, heads, length = maps.shape[0], maps.shape[1], maps.shape[2]
     size = max(1.6, min(3.0, 24 / max(layers, heads)))
-    fig, axes = plt.subplots(layers, heads, figsize=(size * heads + 1, size * layers + 1), squeeze=False)
+    fig, axes = plt.subplots(
+        layers,
+        heads,
+        figsize=(size * heads + 1.5, size * layers + 1.5),
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+        layout="constrained",
+    )
+    labels = [token_label(token) for token in tokens]
+    fontsize = max(3.5, min(8.0, 0.7 * size * 72 / length))  # points: about one row of the map
     for layer in range(layers):
         for head in range(heads):
             ax = axes[layer][head]
-            ax.imshow(maps[layer, head].numpy(), cmap="viridis", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            image = ax.imshow(maps[layer, head].numpy(), cmap="viridis", vmin=0, vmax=1)
             if layer == 0:
                 ax.set_title(f"head {head}", fontsize=8)
             if head == 0:
                 ax.set_ylabel(f"layer {layer}", fontsize=8)
-    fig.suptitle("attention over: " + "".join(tokens)[:90].replace("\n", "\\n"), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    axes[-1][0].set_xticks(range(length), labels)  # the axes are shared: every panel gets them
+    axes[-1][0].set_yticks(range(length), labels)
+    for ax in axes.flat:  # shown on the bottom row (keys) and the first column (queries)
+        ax.tick_params(labelsize=fontsize, length=2)
+        ax.tick_params(axis="x", labelrotation=90)
+    fig.colorbar(image, ax=axes, shrink=min(1.0, 4 / layers + 0.2), label="attention weight")
+    fig.suptitle("attention over: " + "".join(tokens)[:90].replace("\n", "\\n").replace("$", r"\$"), fontsize=9)
+    return fig
 
 
-def summary(run: Path, train: list[dict], evals: list[dict], images: list[str], prompt_tokens: int) -> str:
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+def save(fig, path: Path, dpi: int = 110) -> None:
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+
+
+def summary(
+    run: Path, config: dict, train: list[dict], evals: list[dict], images: list[str], prompt_tokens: int
+) -> str:
     model, setup = config.get("model", {}), config.get("run", {})
     lines = [f"# Run report: {run.name}", ""]
     if model:
@@ -224,7 +317,7 @@ def summary(run: Path, train: list[dict], evals: list[dict], images: list[str], 
     lines.append("")
     titles = {
         "loss.png": "Loss",
-        "lr.png": "Learning rate",
+        "lr.png": "Learning rate (from step 0, warmup included)",
         "throughput.png": "Throughput",
         "attention.png": f"Attention maps (layers x heads, {prompt_tokens} prompt tokens)",
     }
@@ -233,21 +326,41 @@ def summary(run: Path, train: list[dict], evals: list[dict], images: list[str], 
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def read_config(run: Path) -> dict:
+    """The run's config.json ({} when there is none: a run folder of another tool still gets its plots)."""
+    path = run / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"{path}: not valid JSON ({err}); the file is damaged") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: not a JSON object; the file is damaged")
+    return config
+
+
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m dsllm report", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1]
     )
-    parser.add_argument("run", metavar="RUN_DIR", help="a run folder (launch/pretrain.py --out)")
-    parser.add_argument("--out", help="where the PNGs and summary.md go (default RUN_DIR/report)")
+    parser.add_argument(
+        "run", metavar="RUN_DIR", help="a run folder (launch/pretrain.py --out): metrics.jsonl, config.json, model"
+    )
+    parser.add_argument("--out", help="folder for the PNGs and summary.md (default: RUN_DIR/report)")
     parser.add_argument(
         "--prompt",
-        help="text for the attention maps (default: the start of the run's sample text, else a fixed sentence)",
+        help="text whose tokens the attention maps show (default: a fixed English sentence)",
     )
     parser.add_argument(
-        "--max-prompt-tokens", type=int, default=24, help="tokens shown in the attention maps (default %(default)s)"
+        "--max-prompt-tokens", type=int, default=24, help="most prompt tokens in the attention maps, 2 or more"
     )
     parser.add_argument("--no-attention", action="store_true", help="skip the attention maps (no model is loaded)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     from dsllm.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE, WEIGHTS_FILE
     from dsllm.paths import check_output_apart
     from dsllm.tokenizer import TOKENIZER_FILE
@@ -267,13 +380,14 @@ def main(argv=None) -> int:
         ],
     )
     train, evals = read_metrics(run)
+    config = read_config(run)
     out.mkdir(parents=True, exist_ok=True)
     images = []
     if train:
-        plot_loss(train, evals, out / "loss.png")
-        plot_series(train, [("lr", "learning rate")], out / "lr.png", "learning rate")
+        save(loss_figure(train, evals), out / "loss.png")
+        save(lr_figure(train, lr_schedule(config, train[-1]["step"])), out / "lr.png")
         keys = [("tokens_per_second", "tokens/s")] + ([("mfu", "MFU")] if any(r.get("mfu") for r in train) else [])
-        plot_series(train, keys, out / "throughput.png", "throughput")
+        save(series_figure(train, keys, "throughput"), out / "throughput.png")
         images += ["loss.png", "lr.png", "throughput.png"]
     prompt_tokens = 0
     if not args.no_attention:
@@ -290,10 +404,11 @@ def main(argv=None) -> int:
         ids = tokenizer.encode(text).ids[: min(args.max_prompt_tokens, model.config.max_seq_len)]
         if len(ids) < 2:
             raise UserError(f"--prompt {text!r}: needs at least 2 tokens for an attention map")
-        plot_attention(attention_maps(model, ids), [tokenizer.decode([i]) for i in ids], out / "attention.png")
+        tokens = [tokenizer.decode([i]) for i in ids]
+        save(attention_figure(attention_maps(model, ids), tokens), out / "attention.png", dpi=90)
         images.append("attention.png")
         prompt_tokens = len(ids)
-    (out / "summary.md").write_text(summary(run, train, evals, images, prompt_tokens))
+    (out / "summary.md").write_text(summary(run, config, train, evals, images, prompt_tokens))
     print(f"wrote {out / 'summary.md'} and {', '.join(images)}")
     return 0
 

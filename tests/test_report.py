@@ -12,7 +12,16 @@ import torch.nn.functional as F
 from conftest import ROOT, assert_user_error
 from test_pretrain import env, pretrain
 
-from dsllm.report import read_metrics, recorded_attention
+from dsllm.report import (
+    attention_figure,
+    lr_figure,
+    lr_schedule,
+    read_config,
+    read_metrics,
+    recorded_attention,
+    series_figure,
+    token_label,
+)
 
 PNG = b"\x89PNG"
 
@@ -32,21 +41,111 @@ def report(*args, expect=0):
 
 def test_report_of_a_real_run(tmp_path, dataset_dir):
     run = tmp_path / "run"
-    pretrain(dataset_dir, run, "--max-steps", 8, "--eval-interval", 4, "--save-interval", 8, "--precision", "fp32")
+    pretrain(
+        dataset_dir,
+        run,
+        *("--max-steps", 12, "--warmup-steps", 4, "--log-interval", 5, "--eval-interval", 6, "--save-interval", 12),
+        *("--precision", "fp32"),
+    )
     proc = report(run, "--prompt", "def main(argv): return argv")
     out = run / "report"
     for name in ("loss.png", "lr.png", "throughput.png", "attention.png"):
         assert (out / name).read_bytes()[:4] == PNG, name
     text = (out / "summary.md").read_text()
     train, evals = read_metrics(run)
-    assert [r["step"] for r in train] == list(range(1, 9)) and [r["step"] for r in evals] == [4, 8]
+    assert [r["step"] for r in train] == [5, 10, 12] and [r["step"] for r in evals] == [6, 12]
     assert f"final training loss {train[-1]['loss']:.4f}" in text
     assert f"final loss {evals[-1]['val_loss']:.4f}, perplexity {evals[-1]['perplexity']:.2f}" in text
-    assert "8 steps" in text and "ZeRO-2, fp32" in text and "![Attention maps" in text
+    assert "12 steps" in text and "ZeRO-2, fp32" in text and "![Attention maps" in text
     assert "summary.md" in proc.stdout
     custom = tmp_path / "elsewhere"
     report(run, "--no-attention", "--out", custom)
     assert not (custom / "attention.png").exists() and (custom / "loss.png").is_file()
+
+    # The first logged step (5) is past the 4-step warmup: the plot starts at step 0 from the replayed schedule
+    # (DeepSpeed's WarmupCosineLR of ds_configs/zero2.json), on which every logged value lies.
+    schedule = lr_schedule(read_config(run), train[-1]["step"])
+    assert [step for step, _ in schedule] == list(range(13))
+    rates = dict(schedule)
+    for record in train:
+        assert rates[record["step"]] == pytest.approx(record["lr"], rel=1e-9, abs=1e-15), record["step"]
+    warmup, decay = [rates[s] for s in range(0, 5)], [rates[s] for s in range(4, 13)]
+    assert warmup == sorted(warmup) and rates[0] < rates[4] and decay[1:] == sorted(decay[1:], reverse=True)
+    assert max(rates.values()) <= 3e-3 and rates[12] == pytest.approx(3e-4, rel=0.05)  # --lr 3e-3, cosine floor 0.1
+    fig = lr_figure(train, schedule)
+    ax = fig.axes[0]
+    line, points = ax.get_lines()
+    assert list(line.get_xdata()) == list(range(13)) and ax.get_xlim()[0] == 0
+    assert list(points.get_xdata()) == [5, 10, 12]
+    fig.clf()
+
+
+def test_the_trainers_own_schedule_is_replayed(tmp_path, dataset_dir):
+    """A DeepSpeed JSON without a "scheduler": the trainer's warmup + cosine (LambdaLR) is what the report replays."""
+    config = json.loads((ROOT / "ds_configs" / "zero0.json").read_text())
+    del config["scheduler"]
+    ds = tmp_path / "no_scheduler.json"
+    ds.write_text(json.dumps(config))
+    run = tmp_path / "run"
+    pretrain(dataset_dir, run, "--ds_config", ds, "--max-steps", 6, "--warmup-steps", 2, "--log-interval", 3)
+    train, _ = read_metrics(run)
+    schedule = dict(lr_schedule(read_config(run), 6))
+    assert sorted(schedule) == list(range(7)) and [r["step"] for r in train] == [3, 6]
+    for record in train:
+        assert schedule[record["step"]] == pytest.approx(record["lr"], rel=1e-9), record["step"]
+    assert schedule[0] == pytest.approx(3e-3 / 3) and schedule[1] == pytest.approx(2 * 3e-3 / 3)  # (step+1)/(warmup+1)
+
+
+def test_lr_without_a_schedule_still_starts_at_zero():
+    train = [{"step": s, "loss": 3.0, "lr": 1e-3 * min(1, s / 30)} for s in (10, 20, 30, 40)]
+    assert lr_schedule({}) is None and lr_schedule({"model": {}}) is None  # no config.json / not a pretraining run
+    fig = lr_figure(train, None)
+    ax = fig.axes[0]
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [10, 20, 30, 40] and ax.get_xlim()[0] == 0 and ax.get_ylim()[0] == 0
+    fig.clf()
+
+
+def test_throughput_axes_start_at_zero():
+    train = [{"step": s, "tokens_per_second": 1000.0 + s, "mfu": 0.30 + s / 1000} for s in range(10, 60, 10)]
+    fig = series_figure(train, [("tokens_per_second", "tokens/s"), ("mfu", "MFU")], "throughput")
+    speed, mfu = fig.axes
+    assert speed.get_ylim()[0] == 0 and speed.get_ylim()[1] >= 1050  # not auto-scaled to 1000..1050
+    assert mfu.get_ylim()[0] == 0 and mfu.get_ylim()[1] >= 0.35
+    assert list(speed.get_lines()[0].get_ydata()) == [1010.0, 1020.0, 1030.0, 1040.0, 1050.0]
+    fig.clf()
+
+
+def test_attention_maps_are_labelled_with_their_tokens():
+    tokens = ["def", " main", "(", "\n", "$x$", " a_very_long_identifier"]
+    assert [token_label(t) for t in tokens] == ["def", "\u00b7main", "(", "\\n", r"\$x\$", "\u00b7a_very_l\u2026"]
+    torch.manual_seed(0)
+    maps = torch.randn(2, 3, 6, 6).masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+    fig = attention_figure(maps, tokens)
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 6
+    labels = [token_label(t) for t in tokens]
+    bottom_left, top_left = panels[3], panels[0]  # row-major: layer 1 head 0, layer 0 head 0
+    assert [t.get_text() for t in bottom_left.get_xticklabels()] == labels  # keys across
+    assert [t.get_text() for t in top_left.get_yticklabels()] == labels  # queries down
+    assert all(t.get_visible() for t in bottom_left.get_xticklabels())
+    (colorbar,) = [ax.images[0].colorbar for ax in panels if ax.images[0].colorbar is not None]  # one, shared
+    assert colorbar.ax in fig.axes and colorbar.ax.get_ylabel() == "attention weight"
+    assert (colorbar.vmin, colorbar.vmax) == (0, 1)
+    assert all(ax.images[0].get_clim() == (0, 1) for ax in panels)  # one colour scale for every panel
+    torch.testing.assert_close(torch.tensor(panels[4].images[0].get_array()), maps[1, 1].float())
+    fig.clf()
+
+
+def test_parsers_build_without_torch_or_matplotlib():
+    for module in ("dsllm.report", "dsllm.plan"):
+        code = (
+            f"import {module} as m, sys; m.build_parser(); print('torch' in sys.modules, 'matplotlib' in sys.modules)"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert proc.stdout.split() == ["False", "False"], (module, proc.stdout, proc.stderr)
+    help_text = report("--help").stdout
+    assert "--max-prompt-tokens" in help_text and "(default: 24)" in help_text and "lr.png" in help_text
 
 
 def test_recorded_attention_reproduces_the_kernel():
