@@ -7,10 +7,18 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dsllm-installed
+OPS_STAMP := $(VENV)/.dsllm-ops-built
+
+# DeepSpeed compiles its C++ ops on first use (ninja + g++). Each virtualenv keeps its own builds: in the shared
+# ~/.cache/torch_extensions another virtualenv's torch or DeepSpeed rebuilds them, minutes of silence each time.
+# dsllm's commands use the same folder when TORCH_EXTENSIONS_DIR is unset (dsllm/ops.py). The venv's bin/ goes
+# first on PATH for every recipe: ninja (which DeepSpeed runs even for a built op) and deepspeed are there.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install pretrain test lint format bad-inputs-table clean-venv
 
-install: $(STAMP)
+install: $(OPS_STAMP)
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,16 +27,23 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+# The DeepSpeed ops that runs of ds_configs/*.json load (CPU: deepspeed_shm_comm, fused_adam, cpu_adam, about
+# 2 minutes on 2 idle cores), built now rather than in the first run; it says what it builds, where and for how
+# long, and skips what is built already.
+$(OPS_STAMP): $(STAMP) $(wildcard ds_configs/*.json)
+	$(PY) -m dsllm.ops build ds_configs/*.json
+	touch $(OPS_STAMP)
+
 # glibc malloc that keeps freed memory instead of handing it back to the kernel every step: +15-18% tokens/s
 # on CPU (benchmarks/results/2026-11-21-throughput-intel-xeon-2c-malloc.md); an existing GLIBC_TUNABLES wins.
 MALLOC_TUNING ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296
 
 # The main job: pretrain on the embedded default corpus (or pass PRETRAIN_ARGS="--data DIR ...").
-pretrain: $(STAMP)
+pretrain: $(OPS_STAMP)
 	GLIBC_TUNABLES="$${GLIBC_TUNABLES:-$(MALLOC_TUNING)}" \
 		$(VENV)/bin/deepspeed launch/pretrain.py --ds_config ds_configs/zero2.json $(PRETRAIN_ARGS)
 
-test: $(STAMP)
+test: $(OPS_STAMP)
 	$(PY) -m pytest -q tests
 
 # Style is the tools' job (pyproject.toml): ruff's lint rules and its formatter, line length 120

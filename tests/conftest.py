@@ -12,6 +12,55 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# -- each failure's cause as soon as it happens ---------------------------------------------------------------
+# `pytest -q` shows tracebacks only in the end summary: a run cut short (CI time limit, Ctrl-C, a killed worker)
+# showed "F" and nothing else. Print a short traceback right after the "F"; the end summary stays as it was.
+EARLY_CAUSE_LINES = 120
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and call.excinfo is not None and item.config.getoption("tbstyle", "auto") != "no":
+        try:  # Node.repr_failure takes a style (Function's override does not)
+            report.early_cause = str(pytest.Item.repr_failure(item, call.excinfo, style="short"))
+        except Exception:  # the end summary still has the whole story
+            report.early_cause = str(report.longrepr)
+    return report
+
+
+@pytest.hookimpl(trylast=True)  # after the terminal reporter has written the "F"
+def pytest_runtest_logreport(report):
+    cause = getattr(report, "early_cause", None)
+    reporter = _config.pluginmanager.get_plugin("terminalreporter") if _config is not None else None
+    if cause is None or reporter is None:
+        return
+    phase = "" if report.when == "call" else f" (at {report.when})"
+    if getattr(reporter._tw, "width_of_current_line", 1):  # after the progress characters of -q
+        reporter.write("\n")
+    reporter.write_line(f"{'FAILED' if report.when == 'call' else 'ERROR'} {report.nodeid}{phase}", red=True, bold=True)
+    lines = cause.rstrip().splitlines()
+    if len(lines) > EARLY_CAUSE_LINES:  # e.g. a subprocess's whole output in an assertion message: keep its end
+        lines = [
+            *lines[:20],
+            f"... ({len(lines) - EARLY_CAUSE_LINES} lines; all in the summary) ...",
+            *lines[20 - EARLY_CAUSE_LINES :],
+        ]
+    for line in lines:
+        reporter.write_line(line)
+    reporter.flush()  # stdout to a pipe is block-buffered: a killed run would lose it
+
+
+_config = None
+
+
+def pytest_configure(config):
+    global _config
+    _config = config
+
+
 WORDS = (
     "the model reads tokens from memory mapped files while the optimizer steps through shards of "
     "data and every rank keeps its own slice of the state until the checkpoint lands on disk"
