@@ -13,6 +13,7 @@ setup(
     description="Pretrain GPT-style language models from scratch on DeepSpeed",
     python_requires=">=3.10",
     packages=find_packages(include=["dsllm", "dsllm.*"]),
+    entry_points={"console_scripts": ["dsllm=dsllm.cli:main"]},  # `dsllm VERB ...`
     install_requires=[
         "torch>=2.5",  # scaled_dot_product_attention(enable_gqa=...)
         "deepspeed>=0.19.8,<0.20",
@@ -24,6 +25,7 @@ setup(
         "tqdm>=4.66",
         "safetensors>=0.4",
         "matplotlib>=3.8",  # benchmark and run-report plots
+        "pyyaml>=6.0",  # --recipe files
     ],
     extras_require={
         "mpi": ["mpi4py>=4.0"],

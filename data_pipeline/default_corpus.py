@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Build (once, cached) the embedded default dataset from the Python standard library's sources."""
+"""Build (once, cached) the embedded default dataset from the Python standard library's sources
+(`dsllm default-corpus`)."""
 
 import sys
 
-from dsllm.data.default_corpus import main
-from dsllm.errors import run_cli
+from dsllm.cli import run_verb
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_verb("default-corpus"))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Clean and tokenize a corpus into DIR/{train,val}.{bin,idx}, tokenizer.json and meta.json."""
+"""Clean and tokenize a corpus into DIR/{train,val}.{bin,idx}, tokenizer.json and meta.json (`dsllm prepare`)."""
 
 import os
 import sys
@@ -9,8 +9,7 @@ import sys
 for _name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_name, "1")
 
-from dsllm.data.prepare import main  # noqa: E402
-from dsllm.errors import run_cli  # noqa: E402
+from dsllm.cli import run_verb  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_verb("prepare"))

@@ -1,10 +1,9 @@
 #!/usr/bin/env python
-"""Check a prepared dataset: exit 0 and a summary when sound, exit 2 naming the fault."""
+"""Check a prepared dataset: exit 0 and a summary when sound, exit 2 naming the fault (`dsllm validate`)."""
 
 import sys
 
-from dsllm.data.validate import main
-from dsllm.errors import run_cli
+from dsllm.cli import run_verb
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_verb("validate"))

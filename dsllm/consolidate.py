@@ -5,22 +5,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dsllm.checkpoint import load_model_dir, resolve_model_source, save_model_dir
 from dsllm.errors import ArgumentParser, UserError
-from dsllm.paths import check_output_apart, model_inputs
-from dsllm.tokenizer import TOKENIZER_FILE
 
 
-def main(argv=None) -> int:
-    parser = ArgumentParser(prog="python -m dsllm consolidate", description=__doc__)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="dsllm consolidate", description=__doc__)
     parser.add_argument(
         "--checkpoint",
         required=True,
         metavar="PATH",
         help="checkpoints/stepNNNNNNNN folder, or a run folder (its newest complete checkpoint)",
     )
-    parser.add_argument("--output", required=True, metavar="DIR", help="model folder to write")
-    args = parser.parse_args(argv)
+    parser.add_argument("--output", required=True, metavar="DIR", help="model folder to write (new or empty)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from dsllm.model_dir import load_model_dir, model_inputs, resolve_model_source, save_model_dir
+    from dsllm.paths import check_output_apart
+    from dsllm.tokenizer import TOKENIZER_FILE
+
     check_output_apart(args.output, "--output", model_inputs(args.checkpoint, "--checkpoint"))
     output = Path(args.output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):

@@ -23,10 +23,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         default = action.default
         if (
             "%(default)" in text
-            or default in (None, False, argparse.SUPPRESS)
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
             or default == []
             or not action.option_strings
-            or isinstance(action, argparse._HelpAction)
+            or isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction, argparse._StoreFalseAction))
         ):
             return text
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
@@ -41,7 +43,8 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        if _is_main_rank():  # under a launcher every rank parses the same command line: one line, from rank 0
+            sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         sys.exit(USER_ERROR_EXIT)
 
 
@@ -68,12 +71,20 @@ def finite(text: str) -> float:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run `main(argv)`; a UserError becomes one line on stderr and exit 2. Tracebacks are for bugs."""
+    """Run `main(argv)`; a UserError becomes one line on stderr and exit 2 (said once: by rank 0 when a
+    launcher started one process per rank). Tracebacks are for bugs."""
     try:
         return int(main(argv) or 0)
     except UserError as err:
-        sys.stderr.write(f"error: {err}\n")
+        if _is_main_rank():
+            sys.stderr.write(f"error: {err}\n")
         return USER_ERROR_EXIT
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+
+
+def _is_main_rank() -> bool:
+    from dsllm.world import World
+
+    return World.from_env().is_main

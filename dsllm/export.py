@@ -258,8 +258,8 @@ def main(argv=None) -> int:
     """`python -m dsllm export --checkpoint RUN_DIR --output HF_DIR`."""
     args = build_parser().parse_args(argv)
     # the heavy imports (torch) come after parsing, so --help and a bad option answer at once
-    from dsllm.checkpoint import load_model_dir, resolve_model_source
-    from dsllm.paths import check_output_apart, model_inputs
+    from dsllm.model_dir import load_model_dir, model_inputs, resolve_model_source
+    from dsllm.paths import check_output_apart
 
     check_output_apart(args.output, "--output", model_inputs(args.checkpoint, "--checkpoint"))
     model = load_model_dir(args.checkpoint)

@@ -1,395 +1,231 @@
-"""Supervised instruction fine-tuning of a pretrained run on the DeepSpeed engine (`launch/finetune.py`).
+"""Supervised instruction fine-tuning of a pretrained model, on the same engine and loop as pretraining.
 
-    deepspeed --num_gpus 8 launch/finetune.py --ds_config ds_configs/zero2.json --init runs/gpt2 \
+    deepspeed --num_gpus 8 launch/finetune.py --ds_config ds_configs/zero2.json --init runs/gpt2 \\
         --data sft.jsonl --out runs/gpt2-sft
 
 --data is JSONL, a line per example: {"prompt": str, "response": str}, or {"messages": [{"role": "system" |
-"user" | "assistant", "content": str}, ...]}. Each conversation is rendered with the chat template below and
-starts with <|endoftext|> (a new document, as in pretraining). The loss counts the assistant tokens only (and
-the <|endoftext|> that ends each reply). Examples are packed into rows of --seq-len tokens; a block-diagonal
-causal mask keeps attention inside each example and positions restart at 0 for each.
+"user" | "assistant", "content": str}, ...]}. Each conversation is rendered with the chat template of
+dsllm.sft_data and starts with <|endoftext|> (a new document, as in pretraining). The loss counts the
+assistant tokens only (and the <|endoftext|> that ends each reply). Examples are packed into rows of
+--seq-len tokens; a block-diagonal causal mask keeps attention inside each example.
 
-    <|user|>
-    {content}
-    <|assistant|>
-    {content}<|endoftext|>
-
-Before and after training, rank 0 answers the first --eval-examples validation prompts greedily and reports
-the exact-match accuracy with the validation loss; the result is a model folder (model.safetensors,
-config.json, tokenizer.json) that generate, evaluate and export take.
+Like pretraining it evaluates (validation loss on the reply tokens) every --eval-interval steps, saves a
+checkpoint every --save-interval steps, resumes after a kill with --resume auto (bit-exact), stops on a
+signal or at --max-time with a checkpoint, and stops when the loss stays non-finite. Before training (a
+fresh start) and after it, rank 0 answers the first --eval-examples validation prompts greedily and reports
+the exact-match accuracy. The result, --out, is a model folder (model.safetensors, config.json,
+tokenizer.json) that generate, evaluate and export take; its checkpoints/ let the run continue.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import math
 import random
-import sys
-import time
+import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+from dsllm.cli_args import add_config_arguments, add_launcher_argument, add_recipe_argument, parse_config
+from dsllm.errors import ArgumentParser, UserError
+from dsllm.run_spec import RunSpec, World
+from dsllm.train_config import FinetuneConfig
 
-from dsllm.errors import ArgumentParser, UserError, positive
-from dsllm.jsonl import read_jsonl
-from dsllm.tokenizer import encode_as_text
-
-ROLES = ("system", "user", "assistant")
 SUMMARY_FILE = "finetune.json"
 
 
-def render(messages: list[dict]) -> list[tuple[str, bool]]:
-    """[(text, trained)] of a conversation: headers and user/system text are context, assistant text is trained."""
-    parts = []
-    for message in messages:
-        parts.append((f"<|{message['role']}|>\n", False))
-        if message["role"] == "assistant":
-            parts.append((message["content"], True))
-        else:
-            parts.append((message["content"] + "\n", False))
-    return parts
+if TYPE_CHECKING:
+    from dsllm.checkpoint.checkpointer import Checkpointer
 
 
-def read_examples(path: str) -> list[list[dict]]:
-    """Conversations from JSONL; every fault is `FILE:LINE` and what to write instead."""
-    examples = []
-    for where, value in read_jsonl(path, "--data"):
-        if isinstance(value, dict) and "messages" in value:
-            messages = value["messages"]
-            if (
-                not isinstance(messages, list)
-                or not messages
-                or not all(
-                    isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-                    for m in messages
-                )
-            ):
-                raise UserError(f'{where}: "messages" must be a list of {{"role": {"/".join(ROLES)}, "content": str}}')
-            if not any(m["role"] == "assistant" for m in messages):
-                raise UserError(f"{where}: no assistant message: nothing to learn from this example")
-        elif (
-            isinstance(value, dict) and isinstance(value.get("prompt"), str) and isinstance(value.get("response"), str)
-        ):
-            messages = [
-                {"role": "user", "content": value["prompt"]},
-                {"role": "assistant", "content": value["response"]},
-            ]
-        else:
-            raise UserError(f'{where}: expected {{"prompt": str, "response": str}} or {{"messages": [...]}}')
-        examples.append(messages)
-    if not examples:
-        raise UserError(f"--data {path}: no examples")
-    return examples
+@dataclasses.dataclass(frozen=True)
+class Finetuning:
+    """A checked fine-tuning run: its options, the resolved spec, the data and the resume decision."""
 
+    config: FinetuneConfig
+    spec: RunSpec
+    tokenizer: object  # tokenizers.Tokenizer
+    tokenizer_file: Path
+    eot: int
+    train_set: list
+    val_set: list
+    packed: object  # dsllm.sft_data.Packed
+    val_packed: object | None
+    checkpointer: Checkpointer
 
-def tokenize(messages: list[dict], tokenizer, eot: int) -> tuple[list[int], list[bool]]:
-    """(ids, trained) of one conversation: <|endoftext|> first, each assistant reply followed by <|endoftext|>."""
-    ids, trained = [eot], [False]
-    for text, is_reply in render(messages):
-        piece = encode_as_text(tokenizer, [text])[0]  # a literal <|endoftext|> in an example is text, as in prepare
-        ids += piece
-        trained += [is_reply] * len(piece)
-        if is_reply:
-            ids.append(eot)
-            trained.append(True)
-    return ids, trained
-
-
-def context_ids(messages: list[dict], tokenizer, eot: int) -> list[int]:
-    """What the model sees before it answers the last message: tokenized piece by piece exactly as in training
-    (one string would let BPE merge across the template's pieces)."""
-    ids, _ = tokenize(messages, tokenizer, eot)
-    return ids + encode_as_text(tokenizer, ["<|assistant|>\n"])[0]
-
-
-@dataclasses.dataclass
-class Packed:
-    """Rows of packed examples: inputs, targets (-100 where no loss), positions, segment (-1: padding)."""
-
-    idx: torch.Tensor
-    targets: torch.Tensor
-    positions: torch.Tensor
-    segments: torch.Tensor
-    truncated: int
-    dropped: int
-
-    def batch(self, rows: list[int]) -> dict:
-        seg = self.segments[rows]
-        T = seg.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        mask = (seg[:, :, None] == seg[:, None, :]) & causal & (seg[:, None, :] >= 0)
-        mask |= torch.eye(T, dtype=torch.bool)  # a padding position sees itself: no empty softmax row
+    def summary(self) -> dict:
+        spec, packed = self.spec, self.packed
         return {
-            "idx": self.idx[rows],
-            "targets": self.targets[rows],
-            "positions": self.positions[rows],
-            "mask": mask[:, None],
+            "init": str(self.config.init),
+            "data": self.config.data,
+            "train_examples": len(self.train_set),
+            "val_examples": len(self.val_set),
+            "packed_rows": len(packed.idx),
+            "truncated": packed.truncated,
+            "dropped": packed.dropped,
+            "seq_len": spec.seq_len,
+            "world_size": spec.world.size,
+            "zero_stage": spec.zero_stage,
+            "precision": spec.precision,
+            "global_batch_rows": spec.batch.global_size,
+            "max_steps": self.config.max_steps,
         }
 
 
-def pack(examples: list[tuple[list[int], list[bool]]], seq_len: int) -> Packed:
-    """Greedy packing in order: an example whose n - 1 (input, target) pairs do not fit the row starts the next
-    one. Longer examples are cut to seq_len + 1 tokens; an example with no trained token left is dropped."""
-    rows, row, truncated, dropped = [], [], 0, 0
-    for ids, trained in examples:
-        if len(ids) > seq_len + 1:
-            ids, trained, truncated = ids[: seq_len + 1], trained[: seq_len + 1], truncated + 1
-        if not any(trained[1:]):
-            dropped += 1
-            continue
-        pairs = len(ids) - 1
-        if sum(len(i) - 1 for i, _ in row) + pairs > seq_len:
-            rows.append(row)
-            row = []
-        row.append((ids, trained))
-    if row:
-        rows.append(row)
-    n = len(rows)
-    idx, targets = torch.zeros(n, seq_len, dtype=torch.long), torch.full((n, seq_len), -100, dtype=torch.long)
-    positions, segments = torch.zeros(n, seq_len, dtype=torch.long), torch.full((n, seq_len), -1, dtype=torch.long)
-    for r, members in enumerate(rows):
-        start = 0
-        for s, (ids, trained) in enumerate(members):
-            k = len(ids) - 1
-            idx[r, start : start + k] = torch.tensor(ids[:-1])
-            targets[r, start : start + k] = torch.tensor([t if keep else -100 for t, keep in zip(ids[1:], trained[1:])])
-            positions[r, start : start + k] = torch.arange(k)
-            segments[r, start : start + k] = s
-            start += k
-    return Packed(idx, targets, positions, segments, truncated, dropped)
+def split_examples(config: FinetuneConfig) -> tuple[list, list]:
+    """(train, validation) conversations: --val-data, or a seeded --val-fraction of --data."""
+    from dsllm.sft_data import read_examples
 
-
-class PackedBatches:
-    """Micro batches of rows for one rank: a seeded shuffle per epoch, the same global order on any world size."""
-
-    def __init__(self, packed: Packed, micro: int, seed: int, rank: int, world: int):
-        self.packed, self.micro, self.seed, self.rank, self.world = packed, micro, seed, rank, world
-        self.epoch, self.order, self.cursor = 0, [], 0
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict:
-        need = self.micro * self.world
-        while len(self.order) - self.cursor < need:  # next epoch appended; rows repeat only across epochs
-            order = list(range(len(self.packed.idx)))
-            random.Random(self.seed * 1000003 + self.epoch).shuffle(order)
-            self.order, self.cursor, self.epoch = self.order[self.cursor :] + order, 0, self.epoch + 1
-        rows = self.order[self.cursor : self.cursor + need][self.rank * self.micro : (self.rank + 1) * self.micro]
-        self.cursor += need
-        return self.packed.batch(rows)
-
-
-@torch.no_grad()
-def evaluate_model(model, tokenizer, eot: int, val: list[list[dict]], seq_len: int, examples: int) -> dict:
-    """Validation loss on reply tokens (packed as in training) and greedy exact match on single-turn examples."""
-    model.eval()
-    device = model.lm_head.weight.device
-    packed = pack([tokenize(m, tokenizer, eot) for m in val], seq_len)
-    total, count = 0.0, 0
-    for start in range(0, len(packed.idx), 8):
-        batch = {k: v.to(device) for k, v in packed.batch(list(range(start, min(start + 8, len(packed.idx))))).items()}
-        logits, _ = model(batch["idx"], positions=batch["positions"], mask=batch["mask"])
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=-100, reduction="sum"
+    examples = read_examples(config.data)
+    if config.val_data:
+        return examples, read_examples(config.val_data)
+    shuffled = examples[:]
+    random.Random(config.seed).shuffle(shuffled)
+    n_val = max(1, round(len(shuffled) * config.val_fraction)) if config.val_fraction > 0 else 0
+    if n_val >= len(shuffled):
+        raise UserError(
+            f"--data {config.data}: {len(examples)} example(s) leave none to train on after "
+            f"--val-fraction {config.val_fraction}; add examples or pass --val-data"
         )
-        total, count = total + loss.item(), count + int((batch["targets"] != -100).sum())
-    singles = [m for m in val if len(m) == 2 and m[0]["role"] == "user" and m[1]["role"] == "assistant"][:examples]
-    right = 0
-    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
-    for messages in singles:
-        context = context_ids(messages[:1], tokenizer, eot)
-        room = model.config.max_seq_len - len(context)
-        budget = min(room, len(encode_as_text(tokenizer, [messages[1]["content"]])[0]) + 8)
-        if budget < 1:
-            continue
-        new = model.generate([context], budget, temperature=0.0, eos_id=eot, vocab_size=vocab)[0]
-        answer = tokenizer.decode([t for t in new if t != eot])
-        right += answer.strip() == messages[1]["content"].strip()
-    return {
-        "val_loss": total / max(count, 1),
-        "exact_match": right / max(len(singles), 1),
-        "exact_match_examples": len(singles),
-    }
+    return shuffled[n_val:], shuffled[:n_val]
 
 
-def main(argv=None) -> int:
-    from dsllm.checkpoint import CONFIG_FILE, load_model_dir, model_tokenizer, resolve_model_source, save_model_dir
-    from dsllm.ds_config import load_ds_config
-    from dsllm.metrics import MetricsLog
-    from dsllm.paths import check_output_apart, model_inputs
+def preflight(config: FinetuneConfig, world: World | None = None) -> Finetuning:
+    """Everything that can fail on the input, before the process group exists."""
+    from dsllm.model_dir import load_model_dir, model_inputs, model_tokenizer, resolve_model_source
+    from dsllm.paths import check_output_apart
+    from dsllm.pretrain import resolve_spec
+    from dsllm.sft_data import pack, tokenize
     from dsllm.tokenizer import eot_id
-    from dsllm.train_checkpoint import COMPLETE_MARKER, write_json_atomic
-    from dsllm.train_config import TrainConfig, world_from_env
-    from dsllm.trainer import Plan, build_engine, deepspeed_config, init_distributed, train_step
 
-    p = ArgumentParser(
-        prog="finetune.py",
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--ds_config", "--ds-config", dest="ds_config", required=True, help="DeepSpeed JSON (ds_configs/*.json)"
-    )
-    p.add_argument("--init", required=True, help="the pretrained run folder, checkpoint or model folder")
-    p.add_argument("--data", required=True, help="training JSONL")
-    p.add_argument("--val-data", help="validation JSONL (default: --val-fraction of --data)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="held out when there is no --val-data")
-    p.add_argument("--out", required=True, help="the fine-tuned model folder")
-    p.add_argument("--max-steps", type=positive, default=200)
-    p.add_argument("--seq-len", type=positive, help="packed row length (default: the model's max_seq_len)")
-    p.add_argument("--micro-batch-size", type=positive, default=8)
-    p.add_argument("--grad-accum", type=positive)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--precision", default="auto", help="auto, bf16, fp16 or fp32")
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--log-interval", type=positive, default=10)
-    p.add_argument("--eval-examples", type=int, default=64, help="validation prompts answered for exact match")
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    rank, local_rank, world = world_from_env()
-    if not 0 <= args.val_fraction < 1:
-        raise UserError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
-
-    # -- everything that can fail on the input, before the process group exists
-    inputs = model_inputs(args.init, "--init") + [("--data", args.data), ("--ds_config", args.ds_config)]
-    check_output_apart(args.out, "--out", inputs + ([("--val-data", args.val_data)] if args.val_data else []))
-    tokenizer, tokenizer_file = model_tokenizer(resolve_model_source(args.init)[2])
+    world = world or World.from_env()
+    inputs = model_inputs(config.init, "--init") + [("--data", config.data), ("--ds_config", config.ds_config)]
+    check_output_apart(config.out, "--out", inputs + ([("--val-data", config.val_data)] if config.val_data else []))
+    tokenizer, tokenizer_file = model_tokenizer(resolve_model_source(config.init)[2])
     eot = eot_id(tokenizer)
-    examples = read_examples(args.data)
-    if args.val_data:
-        train_set, val_set = examples, read_examples(args.val_data)
-    else:
-        shuffled = examples[:]
-        random.Random(args.seed).shuffle(shuffled)
-        n_val = max(1, round(len(shuffled) * args.val_fraction)) if args.val_fraction > 0 else 0
-        if n_val >= len(shuffled):
-            raise UserError(
-                f"--data {args.data}: {len(examples)} example(s) leave none to train on after "
-                f"--val-fraction {args.val_fraction}; add examples or pass --val-data"
-            )
-        train_set, val_set = shuffled[n_val:], shuffled[:n_val]
-    model = load_model_dir(args.init)
-    seq_len = args.seq_len or model.config.max_seq_len
-    model.config.check_seq_len(seq_len)
-    packed = pack([tokenize(m, tokenizer, eot) for m in train_set], seq_len)
+    train_set, val_set = split_examples(config)
+    model = load_model_dir(config.init).config  # the weights load here too: a damaged file is said now
+    spec = resolve_spec(config, model, world)
+    packed = pack([tokenize(m, tokenizer, eot) for m in train_set], spec.seq_len)
     if len(packed.idx) == 0:
-        raise UserError(f"--data {args.data}: no example keeps a reply token within --seq-len {seq_len}")
-    config = TrainConfig(
-        ds_config=args.ds_config,
-        model="(init)",
-        out=args.out,
-        max_steps=args.max_steps,
-        seq_len=seq_len,
-        micro_batch_size=args.micro_batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        min_lr_ratio=args.min_lr_ratio,
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        precision=args.precision,
-        seed=args.seed,
-        log_interval=args.log_interval,
-        resume="none",
+        raise UserError(f"--data {config.data}: no example keeps a reply token within --seq-len {spec.seq_len}")
+    val_packed = pack([tokenize(m, tokenizer, eot) for m in val_set], spec.seq_len) if val_set else None
+    from dsllm.checkpoint.checkpointer import Checkpointer
+
+    checkpointer = Checkpointer(
+        Path(config.out),
+        spec,
+        interval=config.save_interval,
+        keep=config.keep_checkpoints,
+        resume=config.resume,
+        train_fingerprint=packed.fingerprint(),
+        kind="finetune",
     )
-    config.check()
-    ds, batch, precision, stage = deepspeed_config(config, load_ds_config(args.ds_config), model.config, world)
-    plan = Plan(
-        config, rank, local_rank, world, None, None, None, model.config, seq_len, ds, batch, precision, stage, None
+    checkpointer.choose()
+    return Finetuning(
+        config, spec, tokenizer, tokenizer_file, eot, train_set, val_set, packed, val_packed, checkpointer
     )
 
-    out = Path(args.out)
-    summary = {
-        "init": str(args.init),
-        "data": args.data,
-        "train_examples": len(train_set),
-        "val_examples": len(val_set),
-        "packed_rows": len(packed.idx),
-        "truncated": packed.truncated,
-        "dropped": packed.dropped,
-        "seq_len": seq_len,
-        "world_size": world,
-        "zero_stage": stage,
-        "precision": precision,
-        "global_batch_rows": batch.global_size,
-        "max_steps": args.max_steps,
-    }
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        print(
-            f"fine-tuning {model.config.num_parameters():,} parameters from {args.init}: {len(train_set)} examples "
-            f"packed into {len(packed.idx)} rows of {seq_len} tokens "
-            f"({packed.truncated} cut, {packed.dropped} dropped), "
-            f"{world} rank(s), ZeRO-{stage}, {precision}, {args.max_steps} steps",
-            flush=True,
+
+class ReplyValidator:
+    """The validation loss on reply tokens, through the engine on every rank (ZeRO-3 needs them all)."""
+
+    def __init__(self, plan: Finetuning, engine, device, log, data):
+        self.plan, self.engine, self.device, self.log, self.data = plan, engine, device, log, data
+
+    def should_validate(self, step: int, last_step: bool) -> bool:
+        return self.plan.val_packed is not None and (step % self.plan.config.eval_interval == 0 or last_step)
+
+    def validate(self, step: int) -> dict:
+        from dsllm.sft_data import reply_loss
+
+        val_loss = reply_loss(self.engine.ds, self.plan.val_packed, self.device, self.plan.spec.batch.micro)
+        self.log.write(
+            {"step": step, "val_loss": val_loss, "samples": self.data.consumed_samples},
+            f"eval step {step} | val loss {val_loss:.4f}",
         )
+        return {"val_loss": val_loss}
 
+
+def packed_loss(module, batch: dict, device):
+    """Fine-tuning's loss of a micro batch of packed rows (idx, targets, positions, mask)."""
+    return module(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})[1]
+
+
+def run(plan: Finetuning) -> dict:
     import torch.distributed as dist
 
-    device = init_distributed(plan)
-    if rank == 0 and val_set:  # on the GPU, before DeepSpeed takes the model (the other ranks wait in initialize)
-        summary["before"] = evaluate_model(model.to(device), tokenizer, eot, val_set, seq_len, args.eval_examples)
+    from dsllm.checkpoint.store import write_json_atomic
+    from dsllm.engine import build_engine, engine_options, init_distributed
+    from dsllm.loop import loop_settings, step_log_for, train_loop
+    from dsllm.metrics import MetricsLog
+    from dsllm.model_dir import CONFIG_FILE, load_model_dir, save_model_dir
+    from dsllm.run_control import RunLock
+    from dsllm.sft_data import PackedBatches, evaluate_model
+    from dsllm.tokenizer import TOKENIZER_FILE
+
+    config, spec, checkpointer = plan.config, plan.spec, plan.checkpointer
+    world, out = spec.world, Path(config.out)
+    summary = plan.summary()
+    lock = RunLock(out).acquire() if world.is_main else None
+    if world.is_main:
+        print(
+            f"fine-tuning {spec.model.num_parameters():,} parameters from {config.init}: {len(plan.train_set)} "
+            f"examples packed into {len(plan.packed.idx)} rows of {spec.seq_len} tokens "
+            f"({plan.packed.truncated} cut, {plan.packed.dropped} dropped), {world.size} rank(s), "
+            f"ZeRO-{spec.zero_stage}, {spec.precision}, {config.max_steps} steps",
+            flush=True,
+        )
+    device = init_distributed(world, config.collective_timeout)
+    checkpointer.verify()
+    checkpointer.start_lineage()
+    model = load_model_dir(config.init)
+    if world.is_main:  # a model folder from the start: checkpoints load through its config.json
+        write_json_atomic(out / CONFIG_FILE, {"model": spec.model.to_dict(), "finetune": summary})
+        shutil.copyfile(plan.tokenizer_file, out / TOKENIZER_FILE)
+    if world.is_main and plan.val_set and checkpointer.resume_from is None:  # before DeepSpeed takes the model
+        print(
+            f"before: scoring {len(plan.val_set)} validation examples and up to {config.eval_examples} prompts "
+            "(greedy answers for exact match)",
+            flush=True,
+        )
+        summary["before"] = evaluate_model(
+            model.to(device), plan.tokenizer, plan.eot, plan.val_set, spec.seq_len, config.eval_examples
+        )
         print(
             "before: val loss {val_loss:.4f} | exact match {exact_match:.3f} on {exact_match_examples} prompts".format(
                 **summary["before"]
             ),
             flush=True,
         )
-    engine = build_engine(plan, device, model.train())
-    batches = PackedBatches(packed, batch.micro, args.seed, rank, world)
-    log = MetricsLog(out / "metrics.jsonl", rank == 0, getattr(engine, "monitor", None))
-    window, window_steps, start, skipped = torch.zeros((), device=device), 0, time.perf_counter(), 0
-    for step in range(1, args.max_steps + 1):
-        loss, applied = train_step(plan, engine, batches, device)
-        if applied:
-            window += loss
-            window_steps += 1
-        else:
-            skipped += 1
-        if step % args.log_interval == 0 or step == args.max_steps:
-            dist.all_reduce(window, op=dist.ReduceOp.SUM)
-            elapsed = time.perf_counter() - start
-            record = {
-                "step": step,
-                "lr": engine.get_lr()[0],
-                "skipped_steps": skipped,
-                "rows_per_second": batch.global_size * window_steps / max(elapsed, 1e-9),
-            }
-            if window_steps:
-                record["loss"] = (window / window_steps / world).item()
-            else:  # every step of the window was skipped: no loss to report (not 0.0), as the trainer logs it
-                record["skipped"] = True
-            log.write(
-                record,
-                f"step {step:>5}/{args.max_steps} | loss {record.get('loss', math.nan):.4f} | "
-                f"lr {engine.get_lr()[0]:.3e}",
-            )
-            window.zero_()
-            window_steps, start = 0, time.perf_counter()
-    tag = out / "checkpoints" / "final"
-    engine.save_checkpoint(str(tag.parent), tag=tag.name)
+    engine = build_engine(
+        spec, model.train(), device, packed_loss, **engine_options(config), load_universal=checkpointer.universal
+    )
+    batches = PackedBatches(plan.packed, spec.batch.micro, config.seed, world.rank, world.size)
+    step, counters = 0, {"nonfinite_in_a_row": 0, "skipped_steps": 0}
+    if checkpointer.resume_from is not None:
+        state = checkpointer.load(engine)
+        batches.load_state_dict(state["data"])
+        step, counters = state["step"], state["counters"]
+        if world.is_main:
+            print(f"resumed from {checkpointer.resume_from} at step {step}", flush=True)
+    log = MetricsLog(out / "metrics.jsonl", world.is_main, getattr(engine.ds, "monitor", None))
+    step, _ = train_loop(
+        engine,
+        batches,
+        settings=loop_settings(config),
+        start_step=step,
+        counters=counters,
+        validator=ReplyValidator(plan, engine, device, log, batches),
+        checkpointer=checkpointer,
+        step_log=step_log_for(config, spec, log, device, step),
+        rank=world.rank,
+    )
     dist.barrier()
-    if rank == 0:  # fp32 weights from the ZeRO partitions (any stage), as a model folder
-        write_json_atomic(out / CONFIG_FILE, {"model": model.config.to_dict(), "finetune": summary})
-        write_json_atomic(
-            tag / COMPLETE_MARKER,
-            {
-                "step": args.max_steps,
-                "world_size": world,
-                "zero_stage": stage,
-                "precision": precision,
-                "model": model.config.to_dict(),
-            },
-        )
-        save_model_dir(load_model_dir(tag), out, tokenizer_file, extra={"finetune": summary})
-        if val_set:
+    if world.is_main:  # fp32 weights from the ZeRO partitions (any stage), as a model folder
+        save_model_dir(load_model_dir(checkpointer.last_saved), out, plan.tokenizer_file, extra={"finetune": summary})
+        if plan.val_set:
             summary["after"] = evaluate_model(
-                load_model_dir(out, device), tokenizer, eot, val_set, seq_len, args.eval_examples
+                load_model_dir(out, device), plan.tokenizer, plan.eot, plan.val_set, spec.seq_len, config.eval_examples
             )
             print(
                 "after: val loss {val_loss:.4f} | exact match {exact_match:.3f} on {exact_match_examples} "
@@ -397,25 +233,28 @@ def main(argv=None) -> int:
                 flush=True,
             )
         write_json_atomic(out / SUMMARY_FILE, summary)
-        print(f"fine-tuned model: {out} (python -m dsllm generate --checkpoint {out} --prompt ...)", flush=True)
+        print(f"fine-tuned model: {out} (dsllm generate --checkpoint {out} --chat --prompt ...)", flush=True)
     log.close()
-    dist.barrier()
-    engine.destroy()
-    dist.destroy_process_group()
-    return 0
+    engine.teardown()
+    if lock is not None:
+        lock.release()
+    return summary
 
 
-def cli(argv=None) -> int:
-    """Under the launcher every rank finds the same bad input: one line from rank 0, exit 2 everywhere."""
-    from dsllm.train_config import world_from_env
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="dsllm finetune",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    add_recipe_argument(parser)
+    add_config_arguments(parser, FinetuneConfig)
+    add_launcher_argument(parser)
+    return parser
 
-    try:
-        return main(argv)
-    except UserError as err:
-        if world_from_env()[0] == 0:
-            sys.stderr.write(f"error: {err}\n")
-        return 2
 
+def main(argv: list[str] | None = None) -> int:
+    from dsllm.run_control import run_training
 
-if __name__ == "__main__":
-    sys.exit(cli())
+    world = World.from_env()
+    return run_training(lambda: preflight(parse_config(FinetuneConfig, build_parser(), argv), world), run, world)

@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     if args.top_p is not None and not 0 < args.top_p <= 1:
         parser.error(f"argument --top-p: {args.top_p} must be above 0 and at most 1")
     # the heavy imports (torch) come after parsing, so --help and a bad option answer at once
-    from dsllm.checkpoint import load_model_dir, model_tokenizer, pick_device, resolve_model_source
+    from dsllm.model_dir import load_model_dir, model_tokenizer, pick_device, resolve_model_source
     from dsllm.tokenizer import eot_id
 
     tokenizer = model_tokenizer(resolve_model_source(args.checkpoint)[2])[0]
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     model = load_model_dir(args.checkpoint, device)
     context_len = model.config.max_seq_len
     if args.chat:  # the fine-tuning template, tokenized piece by piece as in training
-        from dsllm.finetune import context_ids
+        from dsllm.sft_data import context_ids
 
         contexts = [context_ids([{"role": "user", "content": prompt}], tokenizer, eos) for prompt in prompts]
     else:

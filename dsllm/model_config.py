@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -192,25 +193,23 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _parse_value(field: dataclasses.Field, raw: Any) -> Any:
-    """Turn a command-line string into the field's type (JSON values pass through)."""
+def _parse_value(name: str, hint: Any, raw: Any) -> Any:
+    """Turn a command-line string into the field's type, from its type hint (JSON values pass through)."""
     if not isinstance(raw, str):
         return raw
-    kind = str(field.type)
+    options = typing.get_args(hint) or (hint,)
+    kind = next((t for t in (bool, int, float) if t in options), str)
+    if raw.lower() in ("none", "null") and type(None) in options:
+        return None
     try:
-        if raw.lower() in ("none", "null") and "None" in kind:
-            return None
-        if kind.startswith("bool"):
+        if kind is bool:
             if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError
             return raw.lower() in ("true", "1", "yes")
-        if kind.startswith("int"):
-            return int(raw)
-        if kind.startswith("float"):
-            return float(raw)
+        return kind(raw)
     except ValueError:
-        raise ConfigError(f"model.{field.name} = {raw!r}: expected {kind}") from None
-    return raw
+        expected = " or ".join(getattr(t, "__name__", str(t)) for t in options)
+        raise ConfigError(f"model.{name} = {raw!r}: expected {expected}") from None
 
 
 def resolve_model_config(spec: str, overrides: dict[str, Any] | None = None) -> ModelConfig:
@@ -230,9 +229,10 @@ def resolve_model_config(spec: str, overrides: dict[str, Any] | None = None) -> 
         values = values.get("model", values)
     else:
         raise ConfigError(f"--model {spec!r}: unknown preset; use one of {', '.join(PRESETS)} or a JSON file")
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+    hints = typing.get_type_hints(ModelConfig)
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
     for name, raw in (overrides or {}).items():
         if name not in fields:
             raise ConfigError(f"--model.{name}: unknown model field; known fields: {', '.join(sorted(fields))}")
-        values[name] = _parse_value(fields[name], raw)
+        values[name] = _parse_value(name, hints[name], raw)
     return ModelConfig.from_dict(values, where=spec)

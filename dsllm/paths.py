@@ -40,14 +40,3 @@ def check_output_apart(
             f"{output_flag} {output} {relation} {path}{resolved}, which {flag} reads: an output must not "
             f"overlap an input; choose another {output_flag}"
         )
-
-
-def model_inputs(path: str | os.PathLike, flag: str) -> list[tuple[str, Path]]:
-    """What loading a model from `path` reads (see `checkpoint.resolve_model_source`): the config, tokenizer and
-    weights in its run or model folder, every checkpoint of the run, and the checkpoint itself."""
-    from dsllm.checkpoint import CHECKPOINTS_DIR, WEIGHTS_FILE, resolve_model_source
-    from dsllm.tokenizer import TOKENIZER_FILE
-
-    config, checkpoint, home = resolve_model_source(path)
-    found = [(flag, config)] + [(flag, home / name) for name in (TOKENIZER_FILE, WEIGHTS_FILE, CHECKPOINTS_DIR)]
-    return found + ([(flag, checkpoint)] if checkpoint is not None else [])

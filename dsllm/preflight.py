@@ -130,16 +130,22 @@ def check_hosts(hosts: list[tuple[str, int]], data: str | None, ssh: list[str], 
     return problems
 
 
-def main(argv=None) -> int:
-    parser = ArgumentParser(prog="preflight.py", description=__doc__)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="dsllm preflight", description=__doc__)
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)  # what each host runs
     parser.add_argument("--hostfile", help="DeepSpeed hostfile: 'HOSTNAME slots=GPUS' per line")
     parser.add_argument("--data", help="the dataset folder every host must see")
     parser.add_argument("--ds_config", "--ds-config", dest="ds_config", help="DeepSpeed JSON to check the batch for")
     parser.add_argument("--ssh-port", type=int, help="ssh port of the hosts")
     parser.add_argument("--ssh-option", action="append", default=[], help="extra ssh option, e.g. -i KEY (repeatable)")
-    for flag in ("--micro-batch-size", "--grad-accum", "--global-batch-size"):
-        parser.add_argument(flag, type=int)
+    parser.add_argument("--micro-batch-size", type=int, help="per-rank micro batch the run will pass, if any")
+    parser.add_argument("--grad-accum", type=int, help="gradient accumulation steps the run will pass, if any")
+    parser.add_argument("--global-batch-size", type=int, help="global batch the run will pass, if any")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.probe:
         print(json.dumps(probe(args.data)))
@@ -154,13 +160,13 @@ def main(argv=None) -> int:
     print(f"pre-flight: {len(hosts)} host(s), world size {world}")
     print("NCCL/GLOO variables here: " + (", ".join(f"{k}={v}" for k, v in probe(None)["nccl"].items()) or "none set"))
     problems = check_hosts(hosts, args.data, ssh)
-    from dsllm.ds_config import RunValues, load_ds_config, resolve_batch
+    from dsllm.ds_config import load_ds_config, resolve_batch
 
-    run = RunValues(
-        args.micro_batch_size, args.grad_accum, args.global_batch_size, 1e-3, 0.1, 1, 2, 0.1, (0.9, 0.95), 1.0, "auto"
-    )
     try:
-        batch = resolve_batch(load_ds_config(args.ds_config), run, world, args.ds_config)
+        raw = load_ds_config(args.ds_config)
+        batch = resolve_batch(
+            raw, args.micro_batch_size, args.grad_accum, args.global_batch_size, world, args.ds_config
+        )
         print(
             f"batch: {batch.micro} per rank x {batch.accumulation} accumulation x {world} ranks = {batch.global_size}"
         )

@@ -166,12 +166,13 @@ def lr_schedule(config: dict, last_step: int = 0) -> list[tuple[int, float]] | N
                 return None
             scheduler = make(optimizer, **ds["scheduler"].get("params", {}))
         else:
+            from dsllm.engine import cosine_schedule
             from dsllm.train_config import TrainConfig
-            from dsllm.trainer import cosine_schedule
 
             known = {field.name for field in dataclasses.fields(TrainConfig)}
             options = TrainConfig(**{key: value for key, value in train.items() if key in known})
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_schedule(options))
+            factor = cosine_schedule(options.warmup, options.max_steps, options.min_lr_ratio)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         rates = [(0, float(optimizer.param_groups[0]["lr"]))]
         optimizer.step()  # no gradients, no change: only tells torch the optimizer steps before its scheduler
         for step in range(1, max(int(train["max_steps"]), last_step) + 1):
@@ -361,7 +362,8 @@ def build_parser() -> ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from dsllm.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE, WEIGHTS_FILE
+    from dsllm.checkpoint.store import CHECKPOINTS_DIR
+    from dsllm.model_dir import CONFIG_FILE, WEIGHTS_FILE
     from dsllm.paths import check_output_apart
     from dsllm.tokenizer import TOKENIZER_FILE
 
@@ -391,7 +393,7 @@ def main(argv=None) -> int:
         images += ["loss.png", "lr.png", "throughput.png"]
     prompt_tokens = 0
     if not args.no_attention:
-        from dsllm.checkpoint import load_model_dir
+        from dsllm.model_dir import load_model_dir
         from dsllm.tokenizer import load_tokenizer
 
         if not (run / TOKENIZER_FILE).is_file():

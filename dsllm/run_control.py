@@ -27,6 +27,18 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 LOCK_FILE = ".dsllm.lock"
 
 
+class TrainingAborted(Exception):
+    """Training stopped for a reason found while running (not a bad input): exit 3."""
+
+
+class RunStopped(Exception):
+    """Training stopped on request after saving a checkpoint: a signal (exit 75) or the time budget (exit 0)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def _say(message: str) -> None:
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
@@ -90,16 +102,18 @@ class StopRequest:
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
 
-    def agree(self, group=None) -> bool:
-        """Whether any rank was asked to stop (every rank calls this after every step)."""
+    def agree(self, group=None, also: bool = False) -> bool:
+        """Whether any rank was asked to stop by a signal, or has a reason of its own (`also`: the time budget).
+        Every rank calls this after every step."""
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([self.signum], dtype=torch.int32)
+        flag = torch.tensor([self.signum, int(also)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        if flag.item() and self.signal_name is None:
-            self.signal_name = f"{signal.Signals(flag.item()).name} (sent to another rank)"
-        return bool(flag.item())
+        signum, other = flag.tolist()
+        if signum and self.signal_name is None:
+            self.signal_name = f"{signal.Signals(signum).name} (sent to another rank)"
+        return bool(signum or other)
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -229,3 +243,111 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing drops the lock; the file stays (removing it would race a new holder)
             self.fd = None
+
+
+# -- how a training command ends: one line per fault, the exit code that says what to do -----------------------
+def run_training(preflight, train, world) -> int:
+    """`train(preflight())` with every way a run ends mapped to its exit code: 0 done (or stopped at the time
+    budget), 2 a bad input, 3 diverged, 4 a peer rank failed or hung, 75 stopped on a signal with a checkpoint,
+    130 interrupted before training. Pre-flight faults are the same on every rank: rank 0 says them; later ones
+    are said by the first rank of each host that saw them."""
+    started = False
+    try:
+        plan = preflight()
+        started = True
+        train(plan)
+    except RunStopped as err:
+        if world.is_main:
+            _say(str(err))
+        _quiet_teardown()
+        return err.exit_code
+    except (UserError, TrainingAborted) as err:
+        if (not started and world.is_main) or (started and _first_to_report(str(err), world)):
+            prefix = f"rank {world.rank}: " if started and world.size > 1 and not world.is_main else ""
+            _say(f"error: {prefix}{err}")
+        return _exit_now(2 if isinstance(err, UserError) else 3)
+    except KeyboardInterrupt:
+        if world.is_main:
+            _say(
+                "interrupted outside the training loop; checkpoints already written are kept "
+                "(--resume auto continues from the newest)"
+            )
+        return 130
+    except RuntimeError as err:
+        if not _peer_failure(err):
+            raise
+        first = str(err).strip().splitlines()[0][:300]
+        if not _reported_on_this_host(world):  # a rank that exited on a fault of its own has said why: no second line
+            _say(
+                f"error: rank {world.rank}: a collective failed because another rank died, hung past "
+                f"--collective-timeout or lost the network ({first}); the launcher's log names the rank "
+                "that exited first. Resume with --resume auto (or run under launch/supervise.py)"
+            )
+        time.sleep(2)  # DeepSpeed's launcher polls every second: let it see, and name, the rank that failed first
+        kill_local_peers()
+        return _exit_now(HUNG_EXIT)
+    return 0
+
+
+def _exit_now(code: int) -> int:
+    """With a process group up, a rank that leaves on a fault must not wait for its peers (they may be stuck in a
+    collective) nor run gloo's destructors, which abort ('terminate called without an active exception', exit
+    250 instead of this code): flush and exit at once. Without one, return the code."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _quiet_teardown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _error_folder() -> Path:
+    """Where the ranks of one job on this host mark the faults they reported (they share a launcher)."""
+    import tempfile
+
+    job = f"{os.getuid()}-{os.getppid()}-{os.environ.get('MASTER_PORT', '')}"
+    return Path(tempfile.gettempdir()) / f"dsllm-errors-{job}"
+
+
+def _first_to_report(message: str, world) -> bool:
+    """Whether this rank is the first of its host to report this message (ranks that all hit the same fault
+    print it once). A marker file per message in `_error_folder()`."""
+    import hashlib
+
+    if world.size == 1:
+        return True
+    folder = _error_folder()
+    folder.mkdir(exist_ok=True)
+    try:
+        name = hashlib.sha256(message.encode()).hexdigest()[:16]
+        os.close(os.open(folder / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _reported_on_this_host(world) -> bool:
+    return world.size > 1 and _error_folder().is_dir() and any(_error_folder().iterdir())
+
+
+def _peer_failure(err: RuntimeError) -> bool:
+    import torch.distributed as dist
+
+    markers = (
+        "connection closed by peer",
+        "connection reset by peer",
+        "broken pipe",
+        "timed out",
+        "timeout",
+        "nccl communicator was aborted",
+    )  # gloo says "Timed out waiting 15000ms for recv operation"
+    return isinstance(err, getattr(dist, "DistError", ())) or any(m in str(err).lower() for m in markers)

@@ -74,7 +74,7 @@ def last_healthy(command: list[str]) -> str:
     """The checkpoint `--resume auto` would take in the command's --out (only healthy ones are ever written)."""
     from pathlib import Path
 
-    from dsllm.train_checkpoint import CHECKPOINTS_DIR, lineage_candidates
+    from dsllm.checkpoint.store import CHECKPOINTS_DIR, lineage_candidates
     from dsllm.train_config import TrainConfig
 
     flags = [arg.split("=", 1) if arg.startswith("--out=") else [arg] for arg in command]
@@ -131,13 +131,17 @@ def supervise(command: list[str], max_restarts: int, delay: float = 5.0, log=pri
             signal.signal(sig, handler)
 
 
-def main(argv=None) -> int:
-    """`python launch/supervise.py --max-restarts N -- deepspeed launch/pretrain.py --ds_config …`."""
-    parser = ArgumentParser(prog="supervise.py", description=__doc__)
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="dsllm supervise", description=__doc__)
     parser.add_argument("--max-restarts", type=int, required=True, metavar="N", help="restarts after failures")
     parser.add_argument("--restart-delay", type=float, default=5.0, metavar="S", help="seconds before a restart")
     parser.add_argument("command", nargs="+", help="the training command, after --")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    """`dsllm supervise --max-restarts N -- deepspeed launch/pretrain.py --ds_config …`."""
+    args = build_parser().parse_args(argv)
     if args.max_restarts < 0:
         raise UserError(f"--max-restarts {args.max_restarts}: give 0 or more")
     if "--resume" in args.command and args.command[args.command.index("--resume") + 1 :][:1] != ["auto"]:

@@ -1,173 +1,216 @@
-"""The training run's options: one dataclass field each, parsed from the command line of
-`launch/pretrain.py`. Model options come as `--model PRESET_OR_JSON` plus `--model.FIELD VALUE`."""
+"""The options of a training run: one documented dataclass field each.
+
+`RunConfig` holds what every run has (DeepSpeed JSON, run folder, schedule, batch, precision, intervals,
+resume, time budget); `TrainConfig` (pretraining) and `FinetuneConfig` (supervised fine-tuning) add their
+own. Each field's docstring is its `--help` line; each class checks its values in `__post_init__`, so a
+config that exists is a valid one. `dsllm.cli_args` turns a class into a command line (with `--recipe`).
+"""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
-import os
-import typing
+import re
 
-from dsllm.errors import ArgumentParser, UserError, finite
+from dsllm.errors import UserError
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    ds_config: str  # the DeepSpeed JSON, passed to DeepSpeed after its "auto" fields are filled
-    data: str | None = None  # prepared dataset folder; None: the embedded default corpus
-    model: str = "tiny"  # preset name or JSON file
-    model_overrides: dict = dataclasses.field(default_factory=dict)  # {field: value} from --model.FIELD VALUE
-    out: str = "runs/default"  # run folder: config.json, metrics.jsonl, checkpoints/, final weights
-    max_steps: int = 300  # optimizer steps
-    seq_len: int | None = None  # tokens per sample; None: the model's max_seq_len
-    micro_batch_size: int | None = None  # per rank; fills train_micro_batch_size_per_gpu when "auto"
-    grad_accum: int | None = None  # fills gradient_accumulation_steps when "auto"
-    global_batch_size: int | None = None  # fills train_batch_size when "auto"
-    lr: float = 1e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
-    warmup_steps: int | None = None  # linear warmup; None: 5% of max_steps
-    weight_decay: float = 0.1  # decoupled; not applied to norms, biases and embeddings
+@dataclasses.dataclass(kw_only=True)
+class RunConfig:
+    ds_config: str
+    """DeepSpeed JSON (ds_configs/*.json), passed to DeepSpeed as-is after its "auto" fields are filled"""
+    out: str = "runs/default"
+    """run folder: config.json, metrics.jsonl, checkpoints/, the final model"""
+    max_steps: int = 300
+    """optimizer steps to train for"""
+    max_time: str | None = None
+    """time budget (e.g. 90m, 2h, 1:30:00, 5400): stop at the step boundary past it with a checkpoint, exit 0"""
+    seq_len: int | None = None
+    """tokens per sample; default: the model's max_seq_len"""
+    micro_batch_size: int | None = None
+    """samples per rank per forward pass; fills train_micro_batch_size_per_gpu when "auto\""""
+    grad_accum: int | None = None
+    """micro batches per optimizer step; fills gradient_accumulation_steps when "auto\""""
+    global_batch_size: int | None = None
+    """samples per optimizer step over all ranks; fills train_batch_size when "auto\""""
+    lr: float = 1e-3
+    """peak learning rate"""
+    min_lr_ratio: float = 0.1
+    """the cosine schedule's floor, as a fraction of --lr"""
+    warmup_steps: int | None = None
+    """linear warmup steps; default: 5% of --max-steps"""
+    weight_decay: float = 0.1
+    """decoupled weight decay; never applied to norms, biases and embeddings"""
     beta1: float = 0.9
+    """AdamW beta1"""
     beta2: float = 0.95
-    grad_clip: float = 1.0  # global gradient-norm clipping
-    precision: str = "auto"  # auto (bf16 where supported), bf16, fp16 or fp32: fills bf16/fp16.enabled
-    eval_interval: int = 100  # steps between evaluations (and one at the end)
-    eval_windows: int = 64  # fixed validation windows per evaluation
-    save_interval: int = 100  # steps between checkpoints (and one at the end)
-    keep_checkpoints: int = 3  # newest complete checkpoints kept
-    resume: str = "auto"  # auto (newest complete checkpoint of --out), none, or a checkpoint path
-    seed: int = 1234  # model init and data order
-    log_interval: int = 10  # steps between log lines
-    max_nonfinite_steps: int = 5  # abort after this many non-finite losses in a row
-    loader_workers: int = 2  # DataLoader worker processes per rank
-    sample_tokens: int = 64  # tokens generated from the validation text at the end (0: none)
-    peak_tflops: float | None = None  # device peak for MFU; None: from the GPU table
-    collective_timeout: float = 600.0  # seconds a collective may wait for a hung rank before the job fails
-    stop_grace: float = 120.0  # seconds from SIGINT/SIGTERM/SIGUSR1 to the checkpoint; past it, exit without one
-    compile: bool = False  # torch.compile the model inside the engine (engine.compile(); inductor on CPU and GPU)
+    """AdamW beta2"""
+    grad_clip: float = 1.0
+    """global gradient-norm clipping (0: off)"""
+    precision: str = "auto"
+    """auto (bf16 on a GPU that has it, fp32 on CPU), bf16, fp16 or fp32: fills bf16/fp16.enabled"""
+    eval_interval: int = 100
+    """steps between evaluations (and one at the end)"""
+    save_interval: int = 100
+    """steps between checkpoints (and one at the end)"""
+    keep_checkpoints: int = 3
+    """newest complete checkpoints kept"""
+    resume: str = "auto"
+    """auto (newest healthy checkpoint of --out), none (fresh start), or a checkpoint or run folder"""
+    seed: int = 1234
+    """seed of the model's initialisation and the data order"""
+    log_interval: int = 10
+    """steps between log lines"""
+    max_nonfinite_steps: int = 5
+    """stop (exit 3) after this many non-finite losses in a row"""
+    peak_tflops: float | None = None
+    """the device's peak TFLOP/s for MFU; default: from the GPU table"""
+    collective_timeout: float = 600.0
+    """seconds a collective may wait for a hung rank before the job fails"""
+    stop_grace: float = 120.0
+    """seconds from SIGINT/SIGTERM/SIGUSR1 to the checkpoint; past it, exit without one"""
+    compile: bool = False
+    """torch.compile the model inside the engine (inductor; costs time on the first step)"""
+
+    _AT_LEAST = {
+        "max_steps": 1,
+        "eval_interval": 1,
+        "save_interval": 1,
+        "log_interval": 1,
+        "max_nonfinite_steps": 1,
+        "keep_checkpoints": 1,
+        "seed": 0,
+        "seq_len": 1,
+        "micro_batch_size": 1,
+        "grad_accum": 1,
+        "global_batch_size": 1,
+        "warmup_steps": 0,
+    }
+    _ABOVE_ZERO = {
+        "lr": "the peak learning rate",
+        "peak_tflops": "the device's peak TFLOPS",
+        "collective_timeout": "the timeout in seconds",
+    }
+
+    def __post_init__(self) -> None:
+        self.check()
 
     @property
     def warmup(self) -> int:
+        """Warmup steps: --warmup-steps, or 5% of --max-steps (at least 1)."""
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.max_steps // 20)
+
+    @property
+    def max_seconds(self) -> float | None:
+        """--max-time in seconds, None when there is no budget."""
+        return None if self.max_time is None else parse_duration(self.max_time)
 
     def check(self) -> None:
         """Every option in range, before any rank starts: one line naming the flag and what it takes."""
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"{_flag(field.name)} {value}: not a finite number; pass a number")
-        at_least = {
-            "max_steps": 1,
-            "eval_interval": 1,
-            "save_interval": 1,
-            "log_interval": 1,
-            "eval_windows": 1,
-            "max_nonfinite_steps": 1,
-            "keep_checkpoints": 1,
-            "loader_workers": 0,
-            "sample_tokens": 0,
-            "seed": 0,
-            "seq_len": 1,
-            "micro_batch_size": 1,
-            "grad_accum": 1,
-            "global_batch_size": 1,
-            "warmup_steps": 0,
-        }
-        for name, least in at_least.items():
+                raise UserError(f"{flag(field.name)} {value}: not a finite number; pass a number")
+        for name, least in self._AT_LEAST.items():
             value = getattr(self, name)
             if value is not None and value < least:
-                raise UserError(f"{_flag(name)} {value}: must be {least} or more")
-        above_zero = {
-            "lr": "the peak learning rate",
-            "peak_tflops": "the device's peak TFLOPS",
-            "collective_timeout": "the timeout in seconds",
-        }
-        for name, what in above_zero.items():
+                raise UserError(f"{flag(name)} {value}: must be {least} or more")
+        for name, what in self._ABOVE_ZERO.items():
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise UserError(f"{_flag(name)} {value}: {what} must be above 0")
+                raise UserError(f"{flag(name)} {value}: {what} must be above 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise UserError(f"--min-lr-ratio {self.min_lr_ratio}: the cosine floor is a fraction of --lr, in [0, 1]")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
-                raise UserError(f"{_flag(name)} {getattr(self, name)}: must be in [0, 1), e.g. 0.9 and 0.95")
+                raise UserError(f"{flag(name)} {getattr(self, name)}: must be in [0, 1), e.g. 0.9 and 0.95")
         for name in ("weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
-                raise UserError(f"{_flag(name)} {getattr(self, name)}: must be 0 or more (0: off)")
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise UserError(f"--precision {self.precision}: use auto, bf16, fp16 or fp32")
+                raise UserError(f"{flag(name)} {getattr(self, name)}: must be 0 or more (0: off)")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision {self.precision}: use {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}")
         if self.warmup >= self.max_steps and self.max_steps > 1:
             raise UserError(
                 f"--warmup-steps {self.warmup} is not below --max-steps {self.max_steps}; shorten the warmup"
             )
+        self.max_seconds  # noqa: B018 -- parses --max-time, raising on a malformed one
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig(RunConfig):
+    """Pretraining: a prepared token dataset and a model preset (or JSON) with --model.FIELD overrides."""
+
+    data: str | None = None
+    """prepared dataset folder (data_pipeline/prepare.py); default: the embedded default corpus"""
+    model: str = "tiny"
+    """model preset name or JSON file; change single fields with --model.FIELD VALUE"""
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+    """{field: value} from --model.FIELD VALUE"""
+    eval_windows: int = 64
+    """fixed validation windows scored at each evaluation"""
+    loader_workers: int = 2
+    """DataLoader worker processes per rank"""
+    sample_tokens: int = 64
+    """tokens generated from the validation text at the end (0: none)"""
+
+    _AT_LEAST = {**RunConfig._AT_LEAST, "eval_windows": 1, "loader_workers": 0, "sample_tokens": 0}
 
 
-def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="pretrain.py",
-        description="Pretrain a GPT on the DeepSpeed engine. Model options: "
-        "--model PRESET_OR_JSON and --model.FIELD VALUE (e.g. --model.norm rmsnorm).",
-    )
-    hints = typing.get_type_hints(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
-        if field.name == "model_overrides":
-            continue
-        flag = "--ds_config" if field.name == "ds_config" else _flag(field.name)
-        kind = next(
-            (t for t in (bool, int, float) if hints[field.name] == t or t in typing.get_args(hints[field.name])), str
-        )
-        arg_type = {int: int, float: finite}.get(kind, str)
-        if kind is bool:
-            parser.add_argument(flag, dest=field.name, action="store_true", help=f"(default {field.default})")
-        elif field.name == "ds_config":
-            parser.add_argument(
-                flag, "--ds-config", dest="ds_config", required=True, help="DeepSpeed JSON (ds_configs/*.json)"
-            )
-        else:
-            parser.add_argument(
-                flag, dest=field.name, type=arg_type, default=field.default, help=f"(default {field.default})"
-            )
-    # the DeepSpeed launcher appends --local_rank=N
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return parser
+@dataclasses.dataclass(kw_only=True)
+class FinetuneConfig(RunConfig):
+    """Supervised fine-tuning of a pretrained model on JSONL conversations (dsllm.finetune)."""
+
+    init: str
+    """the pretrained run folder, checkpoint or model folder to start from"""
+    data: str
+    """training JSONL: {"prompt", "response"} or {"messages": [...]} per line"""
+    val_data: str | None = None
+    """validation JSONL; default: --val-fraction of --data"""
+    val_fraction: float = 0.05
+    """share of --data held out for validation when there is no --val-data, in [0, 1)"""
+    eval_examples: int = 64
+    """validation prompts answered greedily for exact match, before and after training"""
+    max_steps: int = 200
+    """optimizer steps to train for"""
+    micro_batch_size: int | None = 8
+    """packed rows per rank per forward pass; fills train_micro_batch_size_per_gpu when "auto\""""
+    lr: float = 1e-4
+    """peak learning rate"""
+    weight_decay: float = 0.0
+    """decoupled weight decay; never applied to norms, biases and embeddings"""
+    eval_interval: int = 50
+    """steps between validation-loss evaluations (and one at the end)"""
+
+    _AT_LEAST = {**RunConfig._AT_LEAST, "eval_examples": 0}
+
+    def check(self) -> None:
+        super().check()
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
 
 
-def parse_train_args(argv: list[str] | None) -> TrainConfig:
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides, rest, i = {}, [], 0
-    while i < len(argv):  # pull out --model.FIELD VALUE / --model.FIELD=VALUE
-        arg = argv[i]
-        if arg.startswith("--model."):
-            key, eq, value = arg[len("--model.") :].partition("=")
-            if not eq:
-                if i + 1 >= len(argv):
-                    raise UserError(f"{arg}: needs a value, e.g. {arg} VALUE")
-                value, i = argv[i + 1], i + 1
-            overrides[key] = value
-        else:
-            rest.append(arg)
-        i += 1
-    args = vars(build_parser().parse_args(rest))
-    args.pop("local_rank", None)
-    config = TrainConfig(**args, model_overrides=overrides)
-    config.check()
-    return config
+def flag(name: str) -> str:
+    """The command-line flag of a config field."""
+    return "--ds_config" if name == "ds_config" else "--" + name.replace("_", "-")
 
 
-def world_from_env() -> tuple[int, int, int]:
-    """(rank, local rank, world size) as the launcher (or MPI) sets them; (0, 0, 1) for a plain run."""
-    for rank_var, local_var, size_var in (
-        ("RANK", "LOCAL_RANK", "WORLD_SIZE"),
-        ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"),
-        ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE"),
-    ):
-        if rank_var in os.environ and size_var in os.environ:
-            return int(os.environ[rank_var]), int(os.environ.get(local_var, 0)), int(os.environ[size_var])
-    return 0, 0, 1
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of `5400`, `90m`, `1h30m`, `2h`, `45s` or `1:30:00` (H:MM:SS, as Slurm writes it)."""
+    value = str(text).strip().lower()
+    seconds = None
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        seconds = float(value)
+    elif re.fullmatch(r"\d+(:\d{1,2}){1,2}", value):
+        parts = [int(p) for p in value.split(":")]
+        seconds = float(sum(p * 60**i for i, p in enumerate(reversed(parts))))
+    elif value and (match := _DURATION.fullmatch(value)) and any(match.groups()):
+        hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+        seconds = hours * 3600 + minutes * 60 + secs
+    if seconds is None or seconds <= 0:
+        raise UserError(f"--max-time {text}: not a duration above 0; write e.g. 5400, 90m, 1h30m or 1:30:00")
+    return seconds

@@ -5,8 +5,7 @@ memory, NCCL variables, batch arithmetic for the whole world size.
 
 import sys
 
-from dsllm.errors import run_cli
-from dsllm.preflight import main
+from dsllm.cli import run_verb
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_verb("preflight"))

@@ -29,7 +29,7 @@ from test_pretrain import SMALL_MODEL, env
 RECORD_ENV = "DSLLM_BAD_INPUTS_RECORD"  # a JSONL file: each case appends {name, command, input, answer}
 PRETRAIN = "launch/pretrain.py"
 COMMAND_MAINS = {  # the command as a user types it -> (module, main function) it runs
-    PRETRAIN: ("dsllm.trainer", "main"),
+    PRETRAIN: ("dsllm.pretrain", "main"),
     "data_pipeline/prepare.py": ("dsllm.data.prepare", "main"),
     "tokenizer/train_tokenizer.py": ("dsllm.data.train_tokenizer", "main"),
     "python -m dsllm generate": ("dsllm.generate", "main"),

@@ -1,6 +1,6 @@
 """benchmarks/throughput.py: the sweep's points and variants, and a --quick run on 1 and 2 ranks through the
-trainer's own step, with results files and provenance. Timings on a shared CI machine are noise: only their
-presence and sign are checked; memory is not timing and is checked against the ZeRO-2 target."""
+engine's own step (Engine.train_batch), with results files and provenance. Timings on a shared CI machine are
+noise: only their presence and sign are checked; memory is not timing and is checked against the ZeRO-2 target."""
 
 import importlib.util
 import json
@@ -13,9 +13,15 @@ from conftest import ROOT
 
 
 def load_benchmark():
-    spec = importlib.util.spec_from_file_location("throughput_benchmark", ROOT / "benchmarks" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    """benchmarks/throughput.py as a module; its sibling modules (throughput_measure, throughput_report) are
+    imported from benchmarks/, as when it runs as a script."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        spec = importlib.util.spec_from_file_location("throughput_benchmark", ROOT / "benchmarks" / "throughput.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
     return module
 
 

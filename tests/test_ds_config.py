@@ -1,26 +1,26 @@
 """Filling and checking the DeepSpeed JSON (pure functions; the trainer tests run them for real)."""
 
+import dataclasses
 import json
 
 import pytest
 from conftest import ROOT
 
-from dsllm.ds_config import DSConfigError, RunValues, resolve_batch, resolve_ds_config
+from dsllm.ds_config import DSConfigError, resolve_batch
+from dsllm.ds_config import resolve_ds_config as resolve_with_width
+from dsllm.train_config import TrainConfig
 
-RUN = RunValues(
-    micro_batch_size=None,
-    grad_accum=None,
-    global_batch_size=None,
-    lr=6e-4,
-    min_lr_ratio=0.1,
-    warmup_steps=10,
-    max_steps=100,
-    weight_decay=0.1,
-    betas=(0.9, 0.95),
-    grad_clip=1.0,
-    precision="auto",
-    hidden_size=768,
-)
+RUN = TrainConfig(ds_config="x.json", lr=6e-4, warmup_steps=10, max_steps=100)
+HIDDEN = 768  # the model's d_model
+
+
+def RunValues(hidden_size=HIDDEN, **values):  # noqa: N802 -- the run's values and the model width, as before
+    return dataclasses.replace(RUN, **values), hidden_size
+
+
+def resolve_ds_config(raw, run, *args, **kwargs):
+    config, hidden = run if isinstance(run, tuple) else (run, HIDDEN)
+    return resolve_with_width(raw, config, *args, hidden_size=hidden, **kwargs)
 
 
 def load(name):
@@ -53,7 +53,7 @@ def test_every_shipped_config_resolves_completely():
 def test_auto_precision_is_fp32_on_cpu_and_bf16_on_request():
     config, _, precision, _ = resolve_ds_config(load("zero2.json"), RUN, 2, "zero2.json", True, False)
     assert precision == "fp32" and config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
-    run = RunValues(**{**RUN.__dict__, "precision": "bf16"})
+    run = RunValues(precision="bf16")
     config, _, precision, _ = resolve_ds_config(load("zero2.json"), run, 2, "zero2.json", True, False)
     assert precision == "bf16" and config["bf16"]["enabled"] is True
 
@@ -66,7 +66,7 @@ def test_fp16_on_a_gpu_without_bf16_keeps_loss_scaling():
     assert config["fp16"]["loss_scale"] == 0 and config["fp16"]["initial_scale_power"] == 16  # dynamic scaling
     config, _, precision, _ = resolve_ds_config(
         load("zero3.json"),
-        RunValues(**{**RUN.__dict__, "precision": "fp16"}),
+        RunValues(precision="fp16"),
         1,
         "zero3.json",
         supports_bf16=True,
@@ -86,14 +86,16 @@ def test_fp16_on_a_gpu_without_bf16_keeps_loss_scaling():
     ],
 )
 def test_batch_is_derived_from_whatever_is_given(given, world, expected):
-    batch = resolve_batch({}, RunValues(**{**RUN.__dict__, **given}), world, "x.json")
+    batch = resolve_batch(
+        {}, given.get("micro_batch_size"), given.get("grad_accum"), given.get("global_batch_size"), world, "x.json"
+    )
     assert (batch.micro, batch.accumulation) == expected
     assert batch.global_size == batch.micro * batch.accumulation * world
 
 
 def test_batch_that_does_not_divide():
     with pytest.raises(DSConfigError, match="train_batch_size 10 != .* world size 4"):
-        resolve_batch({}, RunValues(**{**RUN.__dict__, "global_batch_size": 10, "micro_batch_size": 2}), 4, "x.json")
+        resolve_batch({}, 2, None, 10, 4, "x.json")
 
 
 def test_auto_buckets_follow_the_model_width():
@@ -102,4 +104,4 @@ def test_auto_buckets_follow_the_model_width():
     config, *_ = resolve_ds_config(raw, RUN, 2, "zero2.json", True, True)
     assert config["zero_optimization"]["reduce_bucket_size"] == 768 * 768  # d_model squared, as HF Trainer's "auto"
     with pytest.raises(DSConfigError, match="zero_optimization.reduce_bucket_size"):  # nothing to size it from
-        resolve_ds_config(raw, RunValues(**{**RUN.__dict__, "hidden_size": None}), 2, "zero2.json", True, True)
+        resolve_ds_config(raw, RunValues(hidden_size=None), 2, "zero2.json", True, True)

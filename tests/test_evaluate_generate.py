@@ -40,7 +40,7 @@ def run_dir(tmp_path_factory, dataset_dir):
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(run_dir):
-    from dsllm.checkpoint import load_model_dir
+    from dsllm.model_dir import load_model_dir
     from dsllm.tokenizer import load_tokenizer
 
     return load_model_dir(run_dir).eval(), load_tokenizer(run_dir / "tokenizer.json")
@@ -432,9 +432,9 @@ def test_help_explains_every_option_and_answers_at_once(verb, module):
 def test_evaluate_shows_a_bar_only_when_asked_and_on_a_terminal(dataset_dir, monkeypatch):
     """The command asks for progress (a bar when stderr is a terminal); the trainer's evaluation stays silent."""
     from dsllm.data.loader import TokenWindows
-    from dsllm.evaluation import eval_indices, evaluate, token_byte_lengths
     from dsllm.model import GPT
     from dsllm.model_config import ModelConfig
+    from dsllm.scoring import eval_indices, evaluate, token_byte_lengths
     from dsllm.tokenizer import load_tokenizer
 
     class Terminal(io.StringIO):

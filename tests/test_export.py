@@ -11,10 +11,10 @@ from conftest import ROOT, assert_user_error
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dsllm.checkpoint import load_model_dir, save_model_dir
 from dsllm.export import export_hf
 from dsllm.model import GPT
 from dsllm.model_config import ConfigError, ModelConfig
+from dsllm.model_dir import load_model_dir, save_model_dir
 
 BASE = dict(vocab_size=300, max_seq_len=64, n_layers=3, d_model=64, n_heads=8, mlp_multiple_of=32)
 LLAMA = dict(positions="rope", norm="rmsnorm", mlp="swiglu", bias=False, rope_theta=500.0)

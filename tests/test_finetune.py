@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, assert_user_error
-from test_pretrain import VENV_BIN, env, free_port, pretrain
+from test_pretrain import VENV_BIN, env, free_port, pretrain, run_until_killed, train_records
 
 
 def reversal_task(path, count, seed=0):
@@ -41,7 +41,7 @@ def pretrained(tmp_path_factory):
     return out
 
 
-def finetune(init, data, out, *args, ranks=1, ds="zero2.json", expect=0):
+def finetune_command(init, data, out, *args, ranks=1, ds="zero2.json"):
     script = [
         "launch/finetune.py",
         "--ds_config",
@@ -56,11 +56,15 @@ def finetune(init, data, out, *args, ranks=1, ds="zero2.json", expect=0):
         "fp32",
         *map(str, args),
     ]
-    cmd = (
+    return (
         [sys.executable, *script]
         if ranks == 1
         else [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), *script]
     )
+
+
+def finetune(init, data, out, *args, ranks=1, ds="zero2.json", expect=0):
+    cmd = finetune_command(init, data, out, *args, ranks=ranks, ds=ds)
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
     if expect is not None:
         assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -141,9 +145,9 @@ def test_two_ranks_zero3_from_a_pretrained_run(tmp_path, pretrained):
         ds="zero3.json",
     )
     assert "2 rank(s), ZeRO-3" in proc.stdout and proc.stdout.count("fine-tuned model:") == 1
-    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [record["loss"] for _, record in sorted(train_records(out).items())]
     assert len(losses) == 2 and losses[1] < losses[0]
-    from dsllm.checkpoint import load_model_dir
+    from dsllm.model_dir import load_model_dir
 
     before, after = load_model_dir(pretrained), load_model_dir(out)  # ZeRO-3 partitions, consolidated to fp32
     assert set(before.state_dict()) == set(after.state_dict())
@@ -151,9 +155,9 @@ def test_two_ranks_zero3_from_a_pretrained_run(tmp_path, pretrained):
 
 
 def test_packing_keeps_attention_inside_each_example(pretrained):
-    from dsllm.checkpoint import load_model_dir
-    from dsllm.finetune import pack, tokenize
     from dsllm.model import GPT
+    from dsllm.model_dir import load_model_dir
+    from dsllm.sft_data import pack, tokenize
     from dsllm.tokenizer import eot_id, load_tokenizer
 
     base, tokenizer = load_model_dir(pretrained), load_tokenizer(pretrained / "tokenizer.json")
@@ -214,9 +218,9 @@ def test_missing_pretrained_run_is_one_line(tmp_path):
 @pytest.fixture
 def model_folder(tmp_path, tokenizer_dir):
     """A small random model folder with the tests' tokenizer: what --init takes, no pretraining needed."""
-    from dsllm.checkpoint import save_model_dir
     from dsllm.model import GPT
     from dsllm.model_config import ModelConfig
+    from dsllm.model_dir import save_model_dir
 
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=300, max_seq_len=64, n_layers=1, d_model=32, n_heads=2, mlp_multiple_of=32))
@@ -242,7 +246,7 @@ def test_out_over_the_pretrained_run_or_the_data_is_refused(tmp_path, model_fold
 
 def test_a_literal_endoftext_in_an_example_is_text(model_folder):
     """Only the template puts <|endoftext|> between examples; written in a prompt or reply it is text, as in prepare."""
-    from dsllm.finetune import tokenize
+    from dsllm.sft_data import tokenize
     from dsllm.tokenizer import eot_id, load_tokenizer
 
     tokenizer = load_tokenizer(model_folder)
@@ -259,3 +263,61 @@ def test_a_literal_endoftext_in_an_example_is_text(model_folder):
     reply = [token for token, keep in zip(ids, trained) if keep]
     assert tokenizer.decode(reply, skip_special_tokens=False) == "no<|endoftext|>never<|endoftext|>"
     assert tokenizer.encode_special_tokens is False  # the caller's tokenizer is left as it was
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, pretrained, ranks):
+    """Fine-tuning runs on the pretraining loop: kill -9 mid-run, and --resume auto (the default) continues
+    from the last checkpoint with the very losses, learning rates, rows and final weights of a run never
+    killed (CPU fp32, 1 and 2 ranks)."""
+    from safetensors.torch import load_file
+
+    data = reversal_task(tmp_path / "reverse.jsonl", 60)
+    args = ["--max-steps", 10, "--micro-batch-size", 2, "--save-interval", 3, "--eval-interval", 5]
+    args += ["--log-interval", 1, "--eval-examples", 0, "--seq-len", 48]
+    finetune(pretrained, data, tmp_path / "whole", *args, ranks=ranks)
+    reference = train_records(tmp_path / "whole")
+    out = tmp_path / "killed"
+    proc = run_until_killed(finetune_command(pretrained, data, out, *args, ranks=ranks), out, kill_after_step=5)
+    assert proc.returncode != 0, "the run finished before it could be killed"
+    assert 5 <= max(train_records(out)) < 10 and not (out / "finetune.json").exists()
+    resumed_proc = finetune(pretrained, data, out, *args, ranks=ranks)
+    assert "resumed from" in resumed_proc.stdout and (
+        "at step 3" in resumed_proc.stdout or "at step 6" in resumed_proc.stdout
+    )
+    assert "before:" not in resumed_proc.stdout  # the pretrained model's score is the first attempt's
+    resumed = train_records(out)
+    assert sorted(resumed) == list(range(1, 11))
+    for step in range(1, 11):
+        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-6, abs=0), step
+        assert resumed[step]["lr"] == reference[step]["lr"] and resumed[step]["samples"] == reference[step]["samples"]
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
+    reference_evals = [
+        json.loads(line)
+        for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+        if "val_loss" in line
+    ]
+    assert evals[-1]["step"] == 10 and evals[-1]["val_loss"] == pytest.approx(reference_evals[-1]["val_loss"], rel=1e-6)
+    final, whole = load_file(out / "model.safetensors"), load_file(tmp_path / "whole" / "model.safetensors")
+    assert all(torch.equal(final[name], whole[name]) for name in whole)
+
+
+def test_fine_tuning_has_the_pretraining_loops_guards(tmp_path, pretrained):
+    """Periodic checkpoints and evaluation, a second run on the same --out continuing instead of starting over,
+    and --resume none refusing a run that already has checkpoints."""
+    data = reversal_task(tmp_path / "reverse.jsonl", 40)
+    out = tmp_path / "sft"
+    args = ["--max-steps", 4, "--micro-batch-size", 2, "--save-interval", 2, "--eval-interval", 2]
+    args += ["--log-interval", 2, "--eval-examples", 0, "--seq-len", 48, "--keep-checkpoints", 5]
+    proc = finetune(pretrained, data, out, *args)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step*")) == ["step00000002", "step00000004"]
+    marker = json.loads((out / "checkpoints" / "step00000004" / "dsllm_complete.json").read_text())
+    assert marker["kind"] == "finetune" and marker["step"] == 4 and marker["val_loss"] is not None
+    assert [
+        r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r
+    ] == [2, 4]
+    assert "tok/s" in proc.stdout and "ETA" in proc.stdout
+    again = finetune(pretrained, data, out, *args[2:], "--max-steps", 6)
+    assert "resumed from" in again.stdout and "at step 4" in again.stdout
+    refused = finetune(pretrained, data, out, *args, "--resume", "none", expect=2)
+    assert_user_error(refused, "already has checkpoints; pass --resume auto")

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dsllm.checkpoint import save_model_dir
 from dsllm.errors import run_cli
 from dsllm.export import main as export_main
 from dsllm.generate import main as generate_main
 from dsllm.model import GPT
 from dsllm.model_config import ModelConfig
+from dsllm.model_dir import save_model_dir
 from dsllm.tokenizer import load_tokenizer
 
 TOKENIZER_VOCAB = 300  # the conftest tokenizer's

@@ -203,7 +203,7 @@ def test_universal_conversion_loads_and_its_cache_is_checked_too(runs, dataset_d
 
 # -- our own RNG file is not a pickle ------------------------------------------------------------------
 def test_rng_file_round_trips_and_is_not_unpickled(tmp_path):
-    from dsllm.checkpoint import load_rng, rng_file, save_rng
+    from dsllm.checkpoint.states import load_rng, rng_file, save_rng
     from dsllm.errors import UserError
 
     random.gauss(0, 1), np.random.standard_normal()  # cached gaussians are part of the state

@@ -16,7 +16,7 @@ from test_pretrain import SMALL_MODEL, env
 DRIVER = """
 import json, sys
 from dsllm import model
-from dsllm.trainer import main
+from dsllm.pretrain import main
 bad, calls, original = set(json.loads(sys.argv[1])), [0], model.GPT.forward
 def forward(self, idx, targets=None, **kwargs):
     logits, loss = original(self, idx, targets, **kwargs)

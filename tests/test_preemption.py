@@ -248,7 +248,7 @@ def test_a_damaged_newest_checkpoint_gives_way_to_the_one_before(dataset_dir, tm
 
 
 def test_a_diverging_run_never_writes_or_names_a_non_finite_checkpoint_and_supervise_stops(dataset_dir, tmp_path):
-    from dsllm.checkpoint import load_model_dir
+    from dsllm.model_dir import load_model_dir
 
     out = tmp_path / "run"
     cmd = command(
@@ -324,7 +324,7 @@ def test_sigkill_at_random_moments_during_saves(dataset_dir, tmp_path):
 def test_a_fault_after_start_is_printed_once_by_the_rank_that_saw_it(dataset_dir, tmp_path):
     """A fault every rank finds (a damaged checkpoint) is one line, not one per rank; a fault only rank 1 finds
     (its RNG file) is one line from rank 1, not silence."""
-    from dsllm.train_checkpoint import file_digests
+    from dsllm.checkpoint.store import file_digests
 
     args = ["--max-steps", 2, "--micro-batch-size", 4, "--save-interval", 2, "--precision", "fp32"]
     out = tmp_path / "run"

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 from test_pretrain import SMALL_MODEL, VENV_BIN, env, free_port
 
-from dsllm.trainer import main
+from dsllm.pretrain import main
 
 
 def write_ds(tmp_path, name="ds.json", **changes):

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from dsllm.errors import UserError
-from dsllm.train_checkpoint import (
+from dsllm.checkpoint.store import (
     COMPLETE_MARKER,
     LINEAGE_FILE,
+    Marker,
     checksum_problem,
     commit,
     complete_checkpoints,
@@ -22,6 +22,7 @@ from dsllm.train_checkpoint import (
     staging_dir,
     start_branch,
 )
+from dsllm.errors import UserError
 
 
 def save(checkpoints, step, branch, payload=b"weights"):
@@ -30,7 +31,20 @@ def save(checkpoints, step, branch, payload=b"weights"):
     staging.mkdir(parents=True)
     (staging / "mp_rank_00_model_states.pt").write_bytes(payload + str(step).encode())
     files = file_digests(staging, ["mp_rank_00_model_states.pt"])
-    return commit(staging, {"step": step, "branch": branch, "files": files})
+    marker = Marker(
+        step=step,
+        consumed_samples=step * 8,
+        world_size=1,
+        zero_stage=0,
+        precision="fp32",
+        model={},
+        train_fingerprint="data",
+        branch=branch,
+        previous=None,
+        val_loss=None,
+        files=files,
+    )
+    return commit(staging, marker)
 
 
 def names(paths):
@@ -61,11 +75,13 @@ def test_staging_and_torn_folders_never_count_and_prune_keeps_the_newest(tmp_pat
 def test_the_marker_records_sizes_and_checksums_that_find_damage(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     path = save(checkpoints, 5, start_branch(checkpoints, None))
-    marker = json.loads((path / COMPLETE_MARKER).read_text())
-    assert marker["files"]["mp_rank_00_model_states.pt"][0] == len(b"weights5")
-    assert size_problem(path, marker) is None and checksum_problem(path, marker, list(marker["files"])) is None
+    assert json.loads((path / COMPLETE_MARKER).read_text())["files"]["mp_rank_00_model_states.pt"][0] == len(
+        b"weights5"
+    )
+    marker = Marker.read(path)
+    assert size_problem(path, marker) is None and checksum_problem(path, marker, list(marker.files)) is None
     (path / "mp_rank_00_model_states.pt").write_bytes(b"weightsX")  # same size, other bytes
-    assert "does not match its recorded sha256" in checksum_problem(path, marker, list(marker["files"]))
+    assert "does not match its recorded sha256" in checksum_problem(path, marker, list(marker.files))
     (path / "mp_rank_00_model_states.pt").write_bytes(b"short")
     assert "has 5 bytes, the marker recorded 8" in size_problem(path, marker)
     (path / "mp_rank_00_model_states.pt").unlink()

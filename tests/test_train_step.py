@@ -1,4 +1,4 @@
-"""dsllm.trainer.train_step, the step the training loop and the throughput benchmark share: it makes no host
+"""dsllm.engine.Engine.train_batch, the step the training loop and the throughput benchmark share: it makes no host
 sync of its own (no .item() / .tolist() / .cpu() per step) except on ZeRO-0 fp32, the one configuration where
 DeepSpeed has no non-finite check and the loop must read the loss flag before stepping."""
 
@@ -17,8 +17,12 @@ from pathlib import Path
 import torch.distributed as dist
 
 import dsllm
+import torch
+
+from dsllm.engine import build_engine, engine_options, init_distributed, window_loss
+from dsllm.model import GPT
+from dsllm.pretrain import make_loader, preflight
 from dsllm.train_config import TrainConfig
-from dsllm.trainer import build_engine, init_distributed, make_loader, preflight, train_step
 
 ds, data, out, precision, *model = sys.argv[1:]
 overrides = dict(zip(model[2::2], model[3::2]))  # after "--model tiny": --model.FIELD VALUE pairs
@@ -27,10 +31,11 @@ config = TrainConfig(ds_config=ds, data=data, out=out, model="tiny", model_overr
                      micro_batch_size=2, grad_accum=2, max_steps=10, resume="none", loader_workers=0,
                      precision=precision)
 plan = preflight(config)
-device = init_distributed(plan)
-engine = build_engine(plan, device)
+device = init_distributed(plan.spec.world, config.collective_timeout)
+torch.manual_seed(config.seed)
+engine = build_engine(plan.spec, GPT(plan.spec.model), device, window_loss, **engine_options(config))
 batches = iter(make_loader(plan, device))
-train_step(plan, engine, batches, device)  # the first step builds DeepSpeed's lazy buffers
+engine.train_batch(batches)  # the first step builds DeepSpeed's lazy buffers
 package, syncs = str(Path(dsllm.__file__).parent), []
 SYNCING = {"item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "synchronize"}
 
@@ -41,12 +46,12 @@ def profile(frame, event, arg):
 losses = []
 sys.setprofile(profile)
 for _ in range(3):
-    loss, applied = train_step(plan, engine, batches, device)
+    loss, applied = engine.train_batch(batches)
     losses.append((loss, applied))
 sys.setprofile(None)
 print("RESULT " + json.dumps({"syncs": syncs, "applied": [a for _, a in losses],
                               "losses": [float(l) for l, _ in losses], "on_device": str(losses[0][0].device)}))
-engine.destroy()
+engine.ds.destroy()
 dist.destroy_process_group()
 """
 
@@ -78,4 +83,4 @@ def test_train_step_makes_no_host_sync_of_its_own(tmp_path, dataset_dir, ds, pre
     assert result["applied"] == [True, True, True] and all(0 < loss < 20 for loss in result["losses"])
     assert len(result["syncs"]) == expected_syncs, result["syncs"]
     # ZeRO-0 fp32: exactly one read per optimizer step (not per micro batch), the finite flag before engine.step()
-    assert all(s.startswith("trainer.py:") and s.endswith(" item") for s in result["syncs"])
+    assert all(s.startswith("engine.py:") and s.endswith(" item") for s in result["syncs"])

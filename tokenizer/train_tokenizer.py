@@ -1,10 +1,9 @@
 #!/usr/bin/env python
-"""Train a byte-level BPE tokenizer: --input PATH [PATH ...] --vocab-size N --output DIR."""
+"""Train a byte-level BPE tokenizer: --input PATH [PATH ...] --vocab-size N --output DIR (`dsllm train-tokenizer`)."""
 
 import sys
 
-from dsllm.data.train_tokenizer import main
-from dsllm.errors import run_cli
+from dsllm.cli import run_verb
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_verb("train-tokenizer"))

@@ -10,6 +10,7 @@ back through the checkpoints it descends from, never into an abandoned one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -36,6 +37,37 @@ def step_of(tag_dir: Path) -> int | None:
     """The step of a checkpoint folder named exactly `stepNNNNNNNN`, else None (staging, replaced, other)."""
     match = _TAG.fullmatch(Path(tag_dir).name)
     return int(match.group(1)) if match else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Marker:
+    """`dsllm_complete.json`, written last into a checkpoint: what it holds and where it came from."""
+
+    step: int
+    consumed_samples: int  # global samples (rows) the training data handed out before this checkpoint
+    world_size: int
+    zero_stage: int
+    precision: str
+    model: dict  # ModelConfig.to_dict(): a resumed run must build the same model
+    train_fingerprint: str  # the training data (token files, or the packed fine-tuning rows)
+    branch: str | None  # lineage.json's branch this checkpoint belongs to
+    previous: str | None  # the tag this run resumed from or last saved before this one
+    val_loss: float | None  # the last validation loss before this checkpoint, None before the first evaluation
+    files: dict[str, list]  # {relative path: [size, sha256]} of every other file of the checkpoint
+    kind: str = "pretrain"  # or "finetune"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def read(cls, tag_dir: Path) -> Marker | None:
+        """The marker of a checkpoint folder, or None when it is missing, unreadable or lacks a field."""
+        data = read_marker(tag_dir)
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in (data or {}).items() if k in names})
+        except TypeError:
+            return None
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -89,9 +121,9 @@ def file_digests(tag_dir: Path, names: list[str]) -> dict[str, list]:
     return {name: [(Path(tag_dir) / name).stat().st_size, sha256_file(Path(tag_dir) / name)] for name in names}
 
 
-def size_problem(tag_dir: Path, marker: dict) -> str | None:
+def size_problem(tag_dir: Path, marker: Marker) -> str | None:
     """What is wrong with a checkpoint by its files' presence and sizes (cheap), or None."""
-    files = marker.get("files")
+    files = marker.files
     if not isinstance(files, dict):
         return None  # written before manifests existed: nothing to compare
     for name, (size, _) in sorted(files.items()):
@@ -103,9 +135,9 @@ def size_problem(tag_dir: Path, marker: dict) -> str | None:
     return None
 
 
-def checksum_problem(tag_dir: Path, marker: dict, names: list[str]) -> str | None:
+def checksum_problem(tag_dir: Path, marker: Marker, names: list[str]) -> str | None:
     """The first of these files whose sha256 differs from the marker's, or None."""
-    files = marker.get("files") or {}
+    files = marker.files if isinstance(marker.files, dict) else {}
     for name in names:
         if name in files and sha256_file(Path(tag_dir) / name) != files[name][1]:
             return f"{name} does not match its recorded sha256 (damaged after it was written)"
@@ -214,11 +246,11 @@ def staging_dir(checkpoints: Path, step: int) -> Path:
     return Path(checkpoints) / (tag_for(step) + STAGING_SUFFIX)
 
 
-def commit(staging: Path, marker: dict) -> Path:
+def commit(staging: Path, marker: Marker) -> Path:
     """Write the marker into a finished staging folder and rename it into place (rank 0, after every rank
     wrote its files). A folder of the same name (a branch abandoned by a rollback) is replaced only now."""
     final = staging.with_name(staging.name[: -len(STAGING_SUFFIX)])
-    write_json_atomic(staging / COMPLETE_MARKER, marker)
+    write_json_atomic(staging / COMPLETE_MARKER, marker.to_dict())
     _fsync_dir(staging)
     _fault("marked", step_of(final))
     if final.exists():

@@ -1,0 +1,330 @@
+"""The reporting side of benchmarks/throughput.py: trials summed up into rows (best trial, ratios to the plain loop,
+targets), memory scaling over ranks, DeepSpeed's own estimates, and the results files (.json, .md, .png).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+TARGETS = {"zero0": 0.97, "zero1": 0.97, "zero2": 0.90}  # tokens/s as a share of the plain loop (the issue)
+MEMORY_TARGET = {"zero2": 0.6}  # model-state memory per rank, N ranks over 1 rank (the issue)
+POINT_KEYS = ("model", "seq_len", "micro_batch_size", "checkpointing", "ranks")
+
+
+def ds_estimates(model_config, ranks: int) -> dict:
+    """DeepSpeed's own model-state memory estimates, printed and exact (they assume 16-bit params)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        from deepspeed.runtime.zero import stage3
+        from deepspeed.runtime.zero import stage_1_and_2 as stage12
+    from dsllm.model import GPT
+
+    model, printed = GPT(model_config), io.StringIO()
+    with contextlib.redirect_stdout(printed):  # these print a table and return nothing
+        stage12.estimate_zero2_model_states_mem_needs_all_live(model, num_gpus_per_node=ranks, num_nodes=1)
+        stage3.estimate_zero3_model_states_mem_needs_all_live(model, num_gpus_per_node=ranks, num_nodes=1)
+    total, largest = stage3.model_to_params(model)
+
+    def z2(gpus, offload):  # the bytes behind the printed rows
+        host, device = stage12.estimate_zero2_model_states_mem_needs(total, gpus, 1, cpu_offload=offload)
+        return {"device_gib": device / 2**30, "host_gib": host / 2**30}
+
+    def z3(offload):  # build_engine does not use zero.Init: the zero_init=0 rows
+        host, device, _ = stage3.estimate_zero3_model_states_mem_needs(
+            total, largest, ranks, 1, cpu_offload=offload, cpu_offload_params=offload, zero_init=False
+        )
+        return {"device_gib": device / 2**30, "host_gib": host / 2**30}
+
+    return {
+        "total_params": total,
+        "largest_layer_params": largest,
+        "printed": printed.getvalue(),
+        "per_variant": {
+            "zero0": z2(1, False),
+            "zero1": z2(ranks, False),
+            "zero2": z2(ranks, False),
+            "zero2_offload": z2(ranks, True),
+            "zero3": z3(False),
+            "zero3_offload": z3(True),
+        },
+    }
+
+
+def point_label(point: dict) -> str:
+    return (
+        f"{point['model']} T{point['seq_len']} mb{point['micro_batch_size']}"
+        f"{' ckpt' if point['checkpointing'] else ''} x{point['ranks']}"
+    )
+
+
+def summarize(
+    trials: list[dict], point_list: list[dict], names: list[str], estimates: dict, shapes: dict, peak: float | None
+) -> list[dict]:
+    from dsllm.metrics import mfu
+
+    rows = []
+    for point in point_list:
+        label, (_, flops, params) = point_label(point), shapes[point_label({**point, "ranks": 1})]
+        mine = []
+        for variant in names:
+            runs = [t for t in trials if t["variant"] == variant and all(t[k] == point[k] for k in POINT_KEYS)]
+            ok = [t for t in runs if "error" not in t]
+            if not ok:
+                mine.append({**point, "point": label, "variant": variant, "error": runs[0]["error"]})
+                continue
+            best = max(ok, key=lambda t: t["tokens_per_second"])
+            estimate = estimates[(point["model"], point["ranks"])]["per_variant"].get(variant.removesuffix("+compile"))
+            mine.append(
+                {
+                    **best,
+                    **point,
+                    "point": label,
+                    "parameters": params,
+                    "flops_per_token": flops,
+                    "trials_tokens_per_second": [round(t["tokens_per_second"], 1) for t in ok],
+                    "tokens_per_cpu_second": max(t["tokens_per_cpu_second"] for t in ok),
+                    "tokens_per_second_per_rank": [r["tokens_per_second"] for r in best["per_rank"]],
+                    "peak_memory_gib": max(r["peak_memory_gib"] for r in best["per_rank"]),
+                    "memory_over_baseline_gib": max(
+                        r["peak_memory_gib"] - r["baseline_memory_gib"] for r in best["per_rank"]
+                    ),
+                    "model_state_gib": max(r["model_state_gib"] for r in best["per_rank"]),
+                    "first_step_seconds": max(r["first_step_seconds"] for r in best["per_rank"]),
+                    "tflops": best["tokens_per_second"] * flops / 1e12,
+                    "mfu": mfu(best["tokens_per_second"], flops, peak, best["world_size"]),
+                    "ds_estimate": estimate,
+                    "target": TARGETS.get(variant),
+                }
+            )
+        reference = next(
+            (r for r in mine if r["variant"] == "plain" and "error" not in r),
+            next((r for r in mine if r["variant"] == "plain+compile" and "error" not in r), None),
+        )
+        for row in (r for r in mine if "error" not in r):
+            row["ratio_to_plain"] = row["tokens_per_second"] / reference["tokens_per_second"] if reference else None
+            row["cpu_time_ratio_to_plain"] = (
+                row["tokens_per_cpu_second"] / reference["tokens_per_cpu_second"] if reference else None
+            )
+            row["meets_target"] = (
+                None if row["target"] is None or reference is None else row["ratio_to_plain"] >= row["target"]
+            )
+        rows += mine
+    return rows
+
+
+def memory_scaling(rows: list[dict]) -> list[dict]:
+    """Model-state memory per rank at N ranks over 1 rank, for every point and variant measured at both."""
+    out = []
+    for row in (r for r in rows if "error" not in r and r["ranks"] > 1 and not r["variant"].startswith("plain")):
+        one = next(
+            (
+                r
+                for r in rows
+                if "error" not in r
+                and r["ranks"] == 1
+                and r["variant"] == row["variant"]
+                and all(r[k] == row[k] for k in POINT_KEYS if k != "ranks")
+            ),
+            None,
+        )
+        if one is None:
+            continue
+        ratio = row["model_state_gib"] / one["model_state_gib"] if one["model_state_gib"] > 0 else None
+        target = MEMORY_TARGET.get(row["variant"])
+        out.append(
+            {
+                "point": point_label({**row, "ranks": 1}),
+                "variant": row["variant"],
+                "ranks": row["ranks"],
+                "model_state_gib_1_rank": one["model_state_gib"],
+                "model_state_gib_n_ranks": row["model_state_gib"],
+                "ratio": ratio,
+                "target": target,
+                "meets_target": None if target is None or ratio is None else ratio <= target,
+            }
+        )
+    return out
+
+
+def table(rows: list[dict]) -> list[str]:
+    lines = [
+        "| point | variant | ranks | tokens/s total | tokens/s per rank | x plain (target) | x plain, CPU time | "
+        "TFLOP/s | MFU | peak mem/rank MiB | model states/rank MiB | DS estimate/rank MiB (device, host) | "
+        "first step s | optimizer |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['point']} | {r['variant']} | failed: {r['error'].splitlines()[0]} |" + " |" * 11)
+            continue
+        ratio = "n/a" if r["ratio_to_plain"] is None else f"{r['ratio_to_plain']:.3f}"
+        if r["meets_target"] is not None:
+            ratio += f" ({r['target']:.2f} {'ok' if r['meets_target'] else 'MISS'})"
+        util = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        est = (
+            "-"
+            if r["ds_estimate"] is None
+            else "{:,.1f}, {:,.1f}".format(*(1024 * r["ds_estimate"][k] for k in ("device_gib", "host_gib")))
+        )
+        per_rank = " / ".join(f"{x:,.0f}" for x in r["tokens_per_second_per_rank"])
+        cpu = "n/a" if r["cpu_time_ratio_to_plain"] is None else f"{r['cpu_time_ratio_to_plain']:.3f}"
+        lines.append(
+            f"| {r['point']} | {r['variant']} | {r['world_size']} | {r['tokens_per_second']:,.0f} | {per_rank} | "
+            f"{ratio} | {cpu} | {r['tflops']:.3f} | {util} | {1024 * r['peak_memory_gib']:,.0f} | "
+            f"{1024 * r['model_state_gib']:,.1f} | {est} | {r['first_step_seconds']:.1f} | {r['optimizer']} |"
+        )
+    return lines
+
+
+def scaling_table(scaling: list[dict]) -> list[str]:
+    lines = [
+        "| point | variant | ranks | model states/rank, 1 rank MiB | N ranks MiB | ratio (target) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for m in scaling:
+        ratio = "n/a" if m["ratio"] is None else f"{m['ratio']:.3f}"
+        if m["meets_target"] is not None:
+            ratio += f" (<= {m['target']:.2f} {'ok' if m['meets_target'] else 'MISS'})"
+        lines.append(
+            f"| {m['point']} | {m['variant']} | {m['ranks']} | {1024 * m['model_state_gib_1_rank']:,.2f} | "
+            f"{1024 * m['model_state_gib_n_ranks']:,.2f} | {ratio} |"
+        )
+    return lines
+
+
+def markdown(r: dict) -> str:
+    s, hw = r["settings"], r["hardware"]
+    overrides = "".join(f" --model.{k} {val}" for k, val in s["model_overrides"].items())
+    loads = [t[k] for t in r["trials"] if "error" not in t for k in ("load_average_before", "load_average_after")]
+    ok = [row for row in r["rows"] if "error" not in row]
+    notes = [
+        "point: model, T = tokens per sample, mb = micro batch per rank, "
+        "ckpt = activation checkpointing of every block, "
+        "xN = ranks of the ZeRO variants.",
+        f"tokens/s: global tokens per step / median step time ({s['steps']} timed steps after "
+        f"{s['warmup_steps']} warm-up; "
+        f"a step lasts as long as its slowest rank); best of {s['repeats']} interleaved trial(s). "
+        "The mean is in the JSON.",
+        "x plain: over the plain PyTorch loop of the same point (torch AdamW, same param groups, cosine LR, "
+        "clipping 1.0"
+        + (", bf16 autocast" if s["precision"] == "bf16" else "")
+        + f"); with N ranks it runs as ONE process "
+        f"({'one GPU' if 'gpu' in hw else 'all cores'}) with micro batch x N, the same global batch.",
+        "x plain, CPU time: global tokens per CPU-second of all the variant's processes (median step; best trial). "
+        "Time a process waits descheduled while other work shares the machine is not counted, so this ratio is the "
+        "steadier one on a busy machine; busy-waiting threads still count. CPU threads per process: "
+        + ", ".join(sorted({f"{row['variant']} {row['threads']}" for row in ok}))
+        + ".",
+        f"1-min load average around the trials: {min(loads, default=0):.1f} to {max(loads, default=0):.1f} on "
+        f"{hw['cores']} cores (this run's own threads count too; more means other work shared the machine).",
+        (
+            "peak mem: torch.cuda.max_memory_allocated per rank."
+            if "gpu" in hw
+            else "peak mem: peak RSS of each process (Python, torch, DeepSpeed included)."
+        )
+        + " model states: bytes of the distinct tensor storages alive after backward, just before the optimizer "
+        "step (a gc walk: activations are freed by then, gradients are not), minus those alive before the model "
+        "was built: parameters, gradients, optimizer states and DeepSpeed's buffers and partitions.",
+        "DS estimate: DeepSpeed's estimate_zero2/zero3_model_states_mem_needs for the same parameter count; it assumes "
+        "16-bit parameters with fp32 optimizer states (no ZeRO-0/1 estimator exists: ZeRO-0 shows the ZeRO-2 formula "
+        "at 1 rank and ZeRO-1 the ZeRO-2 formula). MFU needs --peak-tflops or a known GPU.",
+        "first step: seconds of the first step (torch.compile, DeepSpeed's lazy buffers), never counted in tokens/s.",
+    ]
+    lines = [
+        f"# Training throughput and memory, {r['date'][:10]}, {hw['slug']}",
+        "",
+        f"- command: `{r['command']}`",
+        f"- git revision: `{r['git_revision']}`",
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in r["versions"].items()),
+        f"- hardware: {hw['gpu'] + ' x' + str(hw['gpus']) if 'gpu' in hw else hw['cpu']}, {hw['cores']} CPU cores",
+        "- models: "
+        + "; ".join(f"`{m}{overrides}` {shape['parameters']:,} parameters" for m, shape in s["models"].items()),
+        f"- {s['precision']}; data `{s['data']}`",
+        "",
+        *table(r["rows"]),
+        "",
+    ]
+    if r["memory_scaling"]:
+        lines += [
+            "Model-state memory per rank as ranks grow (same point, same variant):",
+            "",
+            *scaling_table(r["memory_scaling"]),
+            "",
+        ]
+    lines += [
+        *[f"- {n}" for n in notes],
+        "- trials, tokens/s: "
+        + "; ".join(
+            f"{row['point']} {row['variant']} {', '.join(f'{x:,.0f}' for x in row['trials_tokens_per_second'])}"
+            for row in ok
+        ),
+    ]
+    for (model, ranks), estimate in r["ds_estimates"].items():
+        lines += [
+            "",
+            f"DeepSpeed's printed estimates for {model} (num_gpus_per_node={ranks}, num_nodes=1):",
+            "",
+            "```",
+            estimate["printed"].rstrip(),
+            "```",
+        ]
+    for row in (row for row in r["rows"] if "error" in row):
+        lines += ["", f"{row['point']} {row['variant']} failed:", "", "```", row["error"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return  # optional: no plot without matplotlib
+    ok = [r for r in rows if "error" not in r]
+    labels = list(dict.fromkeys(r["point"] for r in ok))
+    names = list(dict.fromkeys(r["variant"] for r in ok))
+    width = 0.8 / max(1, len(names))
+    fig, (speed, memory) = plt.subplots(2, 1, figsize=(max(6.0, 1.0 + len(labels) * (0.5 + 0.35 * len(names))), 8))
+    for i, name in enumerate(names):
+        xs = [labels.index(r["point"]) + (i - (len(names) - 1) / 2) * width for r in ok if r["variant"] == name]
+        mine = [r for r in ok if r["variant"] == name]
+        bars = speed.bar(xs, [r["tokens_per_second"] for r in mine], width, label=name)
+        speed.bar_label(bars, [f"{r['ratio_to_plain']:.2f}" if r["ratio_to_plain"] else "" for r in mine], fontsize=7)
+        memory.bar(xs, [r["model_state_gib"] for r in mine], width, label=name)
+        estimated = [
+            (x, r["ds_estimate"]["device_gib"] + r["ds_estimate"]["host_gib"])
+            for x, r in zip(xs, mine)
+            if r["ds_estimate"]
+        ]
+        if estimated:
+            memory.scatter(
+                *zip(*estimated),
+                marker="_",
+                s=200,
+                color="black",
+                zorder=3,
+                label="DeepSpeed estimate" if i == 0 else None,
+            )
+    for ax in (speed, memory):
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    speed.set(ylabel="tokens/s (all ranks)", title=f"{title}\nbar labels: x plain loop")
+    memory.set(ylabel="model states per rank, GiB (bars: measured)")
+    speed.legend(fontsize=7, ncols=min(4, len(names)))
+    memory.legend(fontsize=7, ncols=min(4, len(names) + 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_results(result: dict, estimates: dict, results_dir: Path, tag: str | None) -> Path:
+    """YYYY-MM-DD-throughput-<hardware>[-TAG].{json,md,png} in `results_dir`; returns the path without suffix.
+    `estimates`: ds_estimates by (model, ranks), for the markdown's printed tables."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    stem = results_dir / f"{result['date'][:10]}-throughput-{result['hardware']['slug']}{'-' + tag if tag else ''}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown({**result, "ds_estimates": estimates}))
+    plot(result["rows"], stem.with_suffix(".png"), f"{result['settings']['precision']}, {result['hardware']['slug']}")
+    return stem

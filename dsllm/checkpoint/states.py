@@ -1,0 +1,117 @@
+"""What DeepSpeed writes into a training checkpoint, read without unpickling: its model-states files, the
+consolidated fp32 weights (`zero_to_fp32`), and the per-rank RNG state we add (safetensors + JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+
+from dsllm.checkpoint.store import COMPLETE_MARKER
+from dsllm.errors import UserError
+from dsllm.safe_load import weights_only_loads
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights of a training checkpoint of any ZeRO stage and world size (`zero_to_fp32` for
+    stages 1-3; ZeRO-0 checkpoints hold the whole module, in the training precision). Weights-only loads."""
+    import contextlib
+    import io
+
+    marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+    require_model_states(checkpoint, marker["zero_stage"])
+    with weights_only_loads():
+        if marker["zero_stage"] == 0:
+            states = torch.load(checkpoint / model_states_file(0), map_location="cpu")
+            return {k: v.float() for k, v in states["module"].items()}
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # its progress chatter is not for the user (and `evaluate`'s stdout is one JSON object)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def model_states_file(zero_stage: int, rank: int = 0) -> str:
+    """DeepSpeed's model-states file in a checkpoint folder: one in all, or one per rank under ZeRO-3."""
+    return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if zero_stage == 3 else "mp_rank_00_model_states.pt"
+
+
+def require_model_states(checkpoint: Path, zero_stage: int, rank: int = 0) -> None:
+    """A one-line error naming the model-states file when it is gone (DeepSpeed's own is an empty assert)."""
+    path = checkpoint / model_states_file(zero_stage, rank)
+    if not path.is_file():
+        raise UserError(
+            f"{path}: missing, so this checkpoint is incomplete; use another checkpoint of the run "
+            "(or copy the file back)"
+        )
+
+
+# -- the RNG state a training checkpoint carries per rank (safetensors + JSON metadata, never a pickle) ---
+def rng_file(tag_dir: Path, rank: int) -> Path:
+    return Path(tag_dir) / f"rng_rank{rank:05d}.safetensors"
+
+
+def save_rng(tag_dir: Path, rank: int) -> Path:
+    """This rank's python, numpy, torch and CUDA generator states, so a resumed run draws the same numbers."""
+    import random
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    version, python_state, gauss_next = random.getstate()
+    algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    tensors = {
+        "python": torch.tensor(python_state, dtype=torch.int64),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state()
+    meta = {
+        "python_version": version,
+        "python_gauss_next": gauss_next,
+        "numpy_algorithm": algorithm,
+        "numpy_pos": int(pos),
+        "numpy_has_gauss": int(has_gauss),
+        "numpy_cached_gaussian": float(cached_gaussian),
+    }
+    path = rng_file(tag_dir, rank)
+    save_file(tensors, str(path), metadata={"dsllm_rng": json.dumps(meta)})
+    return path
+
+
+def load_rng(tag_dir: Path, rank: int) -> bool:
+    """Restore what `save_rng` wrote; False when the checkpoint has no RNG file for this rank."""
+    import random
+
+    import numpy as np
+    from safetensors import safe_open
+
+    path = rng_file(tag_dir, rank)
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["dsllm_rng"])
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+        random.setstate((meta["python_version"], tuple(tensors["python"].tolist()), meta["python_gauss_next"]))
+        np.random.set_state(
+            (
+                meta["numpy_algorithm"],
+                tensors["numpy"].numpy().astype(np.uint32),
+                meta["numpy_pos"],
+                meta["numpy_has_gauss"],
+                meta["numpy_cached_gaussian"],
+            )
+        )
+        torch.set_rng_state(tensors["torch"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise UserError(
+            f"{path}: not an RNG state written by dsllm ({str(err).strip()[:200]}); the checkpoint is "
+            "damaged: resume from another one with --resume PATH"
+        ) from None
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["cuda"])
+    return True

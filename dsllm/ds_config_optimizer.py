@@ -1,0 +1,238 @@
+"""The optimizer and scheduler sections of a DeepSpeed JSON: the class DeepSpeed would build for each type,
+the parameters its constructor takes (did-you-mean for the rest), and values that train. Types and names are
+checked before "auto" is filled, values after (`ds_config_checks.check_deepspeed_fields`)."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import math
+from typing import Any
+
+from dsllm.ds_config_checks import _SCHEDULERS_WITH_AUTO, AUTO, DSConfigError, _did_you_mean, _json
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_value(where: str, name: str, value: Any, ok: bool, need: str) -> None:
+    if not ok and value != AUTO:  # "auto" is checked once filled
+        raise DSConfigError(f"{where}: {name} = {_json(value)}: {need}")
+
+
+def _optimizer_class(kind: str, params: dict, cpu_offload: bool):
+    """The class DeepSpeed's engine builds for optimizer.type (engine._configure_basic_optimizer), and the
+    keyword arguments the engine itself takes from params or passes (so the user may or may not set them)."""
+    import torch
+
+    name = kind.lower()
+    if name in ("adam", "adamw"):
+        popped = {"torch_adam", "adam_w_mode", "fp32_optimizer_states"}
+        if params.get("torch_adam"):
+            return torch.optim.AdamW, popped | {"foreach"}, set()
+        if cpu_offload:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam, popped, {"adamw_mode"}
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam, popped, set()
+    if name == "lamb":
+        from deepspeed.ops.lamb import FusedLamb
+
+        return FusedLamb, set(), {"max_grad_norm"}
+    if name == "adagrad":
+        if cpu_offload:
+            from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
+
+            return DeepSpeedCPUAdagrad, set(), set()
+        return torch.optim.Adagrad, set(), set()
+    if name == "lion":
+        from deepspeed.ops.lion import DeepSpeedCPULion, FusedLion
+
+        return (DeepSpeedCPULion if cpu_offload else FusedLion), set(), set()
+    return None, set(), set()
+
+
+def _torch_optimizers() -> dict:
+    import torch
+
+    return {
+        n: c
+        for n, c in vars(torch.optim).items()
+        if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
+    }
+
+
+def check_optimizer(config: dict, where: str) -> None:
+    """optimizer.type one DeepSpeed builds, params its constructor takes, and values that train."""
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    section = config.get("optimizer")
+    if section is None:
+        return
+    kind, params = section["type"], section.get("params", {})
+    torch_optimizers = _torch_optimizers()
+    if kind.lower() not in DEEPSPEED_OPTIMIZERS and kind not in torch_optimizers:
+        known = ["Adam", "AdamW", "Lamb", "Adagrad", "Lion", "Muon", *sorted(torch_optimizers)]
+        ops = {
+            "fusedadam": "AdamW",
+            "deepspeedcpuadam": "AdamW",
+            "cpuadam": "AdamW",
+            "fusedlamb": "Lamb",
+            "fusedlion": "Lion",
+            "deepspeedcpulion": "Lion",
+            "deepspeedcpuadagrad": "Adagrad",
+        }
+        hint = (
+            f' (did you mean "{ops[kind.lower()]}"? DeepSpeed builds {kind} from it)'
+            if kind.lower() in ops
+            else _did_you_mean(kind, known)
+        )
+        raise DSConfigError(
+            f'{where}: optimizer.type "{kind}" is not an optimizer DeepSpeed builds'
+            f"{hint}; use Adam, AdamW, Lamb, Adagrad, Lion, Muon (any case) "
+            "or a torch.optim class name"
+        )
+    if kind.lower() in ("muadam", "muadamw", "musgd") and importlib.util.find_spec("mup") is None:
+        raise DSConfigError(f'{where}: optimizer.type "{kind}" needs the mup package; pip install mup, or use AdamW')
+    if "max_grad_norm" in params:
+        raise DSConfigError(
+            f"{where}: optimizer.params.max_grad_norm: DeepSpeed refuses it as an optimizer parameter; "
+            'set the top-level "gradient_clipping" (or --grad-clip) instead'
+        )
+    offload = config.get("zero_optimization", {}).get("offload_optimizer", {})
+    cpu_offload = isinstance(offload, dict) and offload.get("device") in ("cpu", "nvme")
+    cls, popped, passed = _optimizer_class(kind, params, cpu_offload)
+    if cls is None and kind in torch_optimizers:
+        cls = torch_optimizers[kind]
+    if cls is not None:  # Muon and the mup optimizers take keys their constructors do not declare: not checked
+        accepted = (set(list(inspect.signature(cls).parameters)[1:]) | popped) - passed
+        for name in params:
+            if name not in accepted:
+                raise DSConfigError(
+                    f"{where}: optimizer.params.{name}: not a parameter of {kind} (DeepSpeed builds "
+                    f"{cls.__name__}){_did_you_mean(name, accepted)}; it takes "
+                    f"{', '.join(sorted(accepted))}"
+                )
+    p = "optimizer.params."
+    if "lr" in params:
+        _check_value(
+            where,
+            p + "lr",
+            params["lr"],
+            _number(params["lr"]) and params["lr"] > 0,
+            "the learning rate must be a finite number above 0",
+        )
+    if "betas" in params:
+        betas = params["betas"]
+        _check_value(
+            where,
+            p + "betas",
+            betas,
+            isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas),
+            "must be a list of two numbers in [0, 1), e.g. [0.9, 0.95]",
+        )
+    if "weight_decay" in params:
+        _check_value(
+            where,
+            p + "weight_decay",
+            params["weight_decay"],
+            _number(params["weight_decay"]) and params["weight_decay"] >= 0,
+            "must be a finite number, 0 or more",
+        )
+    if "eps" in params:
+        _check_value(
+            where,
+            p + "eps",
+            params["eps"],
+            _number(params["eps"]) and params["eps"] > 0,
+            "must be a finite number above 0, e.g. 1e-8",
+        )
+
+
+def _scheduler_class(kind: str):
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    if kind in lr_schedules.VALID_LR_SCHEDULES:
+        return getattr(lr_schedules, kind)
+    found = getattr(torch.optim.lr_scheduler, kind, None)
+    if isinstance(found, type) and issubclass(found, torch.optim.lr_scheduler.LRScheduler):
+        return found
+    return None
+
+
+def check_scheduler(config: dict, where: str) -> None:
+    """scheduler.type one DeepSpeed builds, params its constructor takes, and a schedule that makes sense."""
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    section = config.get("scheduler")
+    if section is None:
+        return
+    kind, params = section["type"], section.get("params", {})
+    cls = _scheduler_class(kind)
+    if cls is None:
+        torch_names = [n for n in vars(torch.optim.lr_scheduler) if _scheduler_class(n)]
+        raise DSConfigError(
+            f'{where}: scheduler.type "{kind}" is not a scheduler DeepSpeed builds'
+            f"{_did_you_mean(kind, [*lr_schedules.VALID_LR_SCHEDULES, *torch_names])}; use one of "
+            f"{', '.join(lr_schedules.VALID_LR_SCHEDULES)} or a torch.optim.lr_scheduler class name"
+        )
+    accepted = set(list(inspect.signature(cls).parameters)[1:])
+    for name in params:
+        if name not in accepted:
+            raise DSConfigError(
+                f"{where}: scheduler.params.{name}: not a parameter of {kind}"
+                f"{_did_you_mean(name, accepted)}; it takes {', '.join(sorted(accepted))}"
+            )
+    p = "scheduler.params."
+    if "warmup_num_steps" in params and kind in _SCHEDULERS_WITH_AUTO:
+        steps = params["warmup_num_steps"]
+        _check_value(
+            where,
+            p + "warmup_num_steps",
+            steps,
+            isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
+            f"{kind} needs a whole number of 1 or more (DeepSpeed refuses 0 and warms up "
+            'over at least 2 steps); set 1 for the shortest warmup, or "auto" for --warmup-steps',
+        )
+    if "total_num_steps" in params:
+        steps = params["total_num_steps"]
+        _check_value(
+            where,
+            p + "total_num_steps",
+            steps,
+            isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
+            'must be a whole number of 1 or more, or "auto" for --max-steps',
+        )
+    for name in ("cos_min_ratio", "warmup_min_ratio"):
+        if name in params:
+            _check_value(
+                where,
+                p + name,
+                params[name],
+                _number(params[name]) and 0 <= params[name] <= 1,
+                "must be a fraction of the peak learning rate in [0, 1]",
+            )
+    for name in ("warmup_min_lr", "warmup_max_lr"):
+        values = params.get(name)
+        if values is not None:
+            values = values if isinstance(values, list) else [values]
+            _check_value(
+                where,
+                p + name,
+                params[name],
+                all(_number(v) and v >= 0 for v in values),
+                "must be a finite learning rate, 0 or more",
+            )
+    if "warmup_type" in params:
+        _check_value(
+            where,
+            p + "warmup_type",
+            params["warmup_type"],
+            params["warmup_type"] in ("linear", "log"),
+            'use "linear" or "log" (DeepSpeed silently falls back to log for anything else)',
+        )

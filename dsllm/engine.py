@@ -1,0 +1,254 @@
+"""The one training engine: process group, optimizer and schedule, `deepspeed.initialize`, and the step.
+
+Pretraining, fine-tuning, the throughput benchmark and the profiler all train through `build_engine` and
+`Engine.train_batch`. What differs between them is the model they bring and `loss_of(module, batch)`, the
+function that turns one micro batch into a loss.
+
+Parallel layouts plug in here. Today the layout is data parallel (ZeRO 0-3). A pipeline layout will build
+DeepSpeed's `PipelineModule` and get a `PipelineEngine`, whose own `train_batch(data_iter)` runs the
+micro batches through the stages; `Engine.train_batch` has the same shape for that reason. Tensor,
+sequence and expert parallelism hand DeepSpeed their process groups through `deepspeed.initialize(mpu=...)`,
+and the `mpu` argument of `build_engine` is where they will pass it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import socket
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsllm import ops
+from dsllm.run_spec import RunSpec, World
+
+LossOf = Callable[[Any, Any, torch.device], torch.Tensor]  # (module or engine, micro batch, device) -> loss
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for MASTER_PORT of a one-process run, or a test's job)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(world: World, collective_timeout: float) -> torch.device:
+    """The process group (NCCL on GPU, gloo on CPU) and this rank's device. A plain `python` run is a
+    world of one."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ and world.size == 1:
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())),
+        )
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world.size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local)))  # ranks must not oversubscribe cores
+    # NCCL: a failed or timed-out collective aborts the communicator (an exception) instead of hanging the rank
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    ops.announce_builds(_main_only(world), ops.INIT_OPS)  # every rank: it also points DeepSpeed at the venv's builds
+    deepspeed.init_distributed(
+        dist_backend=get_accelerator().communication_backend_name(),
+        distributed_port=int(os.environ.get("MASTER_PORT", 29500)),  # used by MPI discovery
+        timeout=timedelta(seconds=collective_timeout),
+    )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
+    _unlink_shm_buffer()
+    return torch.device("cpu")
+
+
+def _main_only(world: World) -> Callable[[str], None]:
+    return (lambda line: print(line, flush=True)) if world.is_main else (lambda line: None)
+
+
+def _unlink_shm_buffer() -> None:
+    """DeepSpeed's CPU shared-memory all-reduce (all ranks on one host) creates a 69 MB /dev/shm file per rank and
+    never removes it: every run leaked rank x 69 MB of RAM until /dev/shm filled and the OOM killer came. Once
+    every rank has mapped every buffer (init_distributed returned on all of them), the names can go: the
+    mappings stay valid until the processes exit, and then the memory is freed."""
+    import torch.distributed as dist
+
+    if os.environ.get("LOCAL_SIZE") == str(dist.get_world_size()):  # DeepSpeed's own condition: the same on every rank
+        dist.barrier()
+        name = (
+            f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
+        )
+        (Path("/dev/shm") / name).unlink(missing_ok=True)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices; not norms, biases or embeddings (a tied head is the embedding)."""
+    no_decay_ids = {id(model.tok_embeddings.weight)}
+    if getattr(model, "pos_embeddings", None) is not None:
+        no_decay_ids.add(id(model.pos_embeddings.weight))
+    decay, no_decay = [], []
+    for param in model.parameters():
+        (no_decay if param.ndim < 2 or id(param) in no_decay_ids else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def cosine_schedule(warmup: int, max_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
+    """Linear warmup from 0, cosine decay to `min_lr_ratio` x the peak at max_steps (when the JSON has no scheduler)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@contextlib.contextmanager
+def _skipped_update(optimizer):
+    """ZeRO-0 in fp32 has no DeepSpeed wrapper that skips a non-finite step: make this step one the
+    engine treats as an overflow (no update, no scheduler step, counted in engine.skipped_steps)."""
+    had_overflow = "overflow" in vars(optimizer)
+    optimizer.step = lambda *args, **kwargs: None
+    optimizer.overflow = True
+    try:
+        yield
+    finally:
+        del optimizer.step
+        if had_overflow:
+            optimizer.overflow = False
+        else:
+            del optimizer.overflow
+
+
+class Engine:
+    """DeepSpeed's engine and the step dsllm trains with. `ds` is DeepSpeed's engine itself (checkpoints,
+    learning rate, monitor); `module` the model inside it."""
+
+    def __init__(self, ds_engine, spec: RunSpec, device: torch.device, loss_of: LossOf):
+        self.ds, self.device, self.loss_of = ds_engine, device, loss_of
+        self.accumulation = spec.batch.accumulation
+        self.world_size = spec.world.size
+        self._check_finite_first = spec.zero_stage == 0 and spec.precision == "fp32"
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def lr(self) -> float:
+        return self.ds.get_lr()[0]
+
+    def train_batch(self, batches: Iterator) -> tuple[torch.Tensor, bool]:
+        """One optimizer step over `accumulation` micro batches from `batches`: (mean loss, still on the device;
+        whether the update was applied).
+
+        It makes no host sync of its own: DeepSpeed's ZeRO, bf16 and fp16 optimizers already decide, on the
+        host, whether the gradients are finite and skip the update if not, and `was_step_applied()` reads
+        that decision. Only ZeRO-0 in fp32 has no such check: there the loss flag is read before the step.
+        (The throughput benchmark times this very method.)"""
+        engine = self.ds
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accumulation):
+            loss = self.loss_of(engine, next(batches), self.device)
+            engine.backward(loss)
+            loss_sum += loss.detach().float()
+            if micro < self.accumulation - 1:
+                engine.step()  # DeepSpeed only accumulates here
+        loss_sum /= self.accumulation
+        if self._check_finite_first:
+            import torch.distributed as dist
+
+            finite = torch.isfinite(loss_sum).to(torch.float32)
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # a NaN on any rank reaches every rank's gradients
+            if not finite.item():
+                with _skipped_update(engine.optimizer):
+                    engine.step()
+                return loss_sum, False
+        engine.step()
+        return loss_sum, engine.was_step_applied()
+
+    def parameters_finite(self) -> bool:
+        """Whether every parameter is finite on every rank (ZeRO-3: each rank checks its partition)."""
+        import torch.distributed as dist
+
+        flags = [torch.isfinite(getattr(p, "ds_tensor", p)).all().to(self.device) for p in self.module.parameters()]
+        finite = torch.stack(flags).all().to(torch.float32) if flags else torch.ones((), device=self.device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        return bool(finite.item())
+
+    def teardown(self) -> None:
+        """Engine, barrier and process group down in that order: without it 2-rank jobs sometimes abort at exit."""
+        import torch.distributed as dist
+
+        self.ds.destroy()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def build_engine(
+    spec: RunSpec,
+    model: torch.nn.Module,
+    device: torch.device,
+    loss_of: LossOf,
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    schedule: Callable[[int], float],
+    compile: bool = False,
+    load_universal: bool = False,
+    mpu=None,
+) -> Engine:
+    """DeepSpeed's engine around `model`. The optimizer and scheduler are the JSON's when it names them,
+    else torch's AdamW (decay on matrices only) and `schedule` (a factor of `lr` per step)."""
+    import deepspeed
+
+    ds = spec.deepspeed_config(load_universal)
+    groups = param_groups(model, weight_decay)
+    optimizer = lr_scheduler = None
+    if "optimizer" not in ds:
+        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+    if "scheduler" not in ds:
+        lr_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)  # noqa: E731
+    ops.announce_builds(_main_only(spec.world), ops.ops_for_config(ds))
+    ds_logger = logging.getLogger("DeepSpeed")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.ERROR)  # its scheduler warns about reading the lr before step 1
+    try:
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds, mpu=mpu
+        )
+    finally:
+        ds_logger.setLevel(level)
+    if compile:  # compiled in place: parameter names and checkpoints stay those of the eager model
+        engine.compile()
+    return Engine(engine, spec, device, loss_of)
+
+
+def engine_options(config) -> dict[str, Any]:
+    """build_engine's optimizer, schedule and compile arguments from a run's options (a RunConfig)."""
+    return {
+        "lr": config.lr,
+        "betas": (config.beta1, config.beta2),
+        "weight_decay": config.weight_decay,
+        "schedule": cosine_schedule(config.warmup, config.max_steps, config.min_lr_ratio),
+        "compile": config.compile,
+    }
+
+
+def window_loss(module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Pretraining's loss of a micro batch of windows (seq_len + 1 tokens each): next-token cross-entropy.
+    [1]: the loss only. Holding the logits ([micro, T, vocab]) would keep them alive through the optimizer
+    step, the peak of model-state memory: 64 MiB for `tiny` at micro 8 x 256, 800 MiB for GPT-2 at 8 x 1024."""
+    batch = batch.to(device, non_blocking=True)
+    return module(batch[:, :-1], batch[:, 1:])[1]

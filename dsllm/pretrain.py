@@ -1,0 +1,396 @@
+"""Pretraining: `dsllm pretrain` / `deepspeed launch/pretrain.py --ds_config ds_configs/zero2.json [options]`.
+
+`preflight` checks everything that can fail on the user's input (data, tokenizer, model, DeepSpeed JSON,
+resume point) before any rank initialises the process group or builds the model, and resolves the run
+into a `RunSpec`. `run` then trains on the shared engine (`dsllm.engine`) and loop (`dsllm.loop`), and
+ends with the final weights as a model folder, the validation result and a sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dsllm.cli_args import add_config_arguments, add_launcher_argument, add_recipe_argument, parse_config
+from dsllm.ds_config import load_ds_config, resolve_ds_config
+from dsllm.errors import ArgumentParser, UserError
+from dsllm.model_config import ConfigError, ModelConfig, resolve_model_config
+from dsllm.run_spec import RunSpec, World
+from dsllm.train_config import RunConfig, TrainConfig
+
+# what changes a run's speed or placement: kept in config.json
+RECORDED_ENV = (
+    "NCCL_",
+    "OMP_NUM_THREADS",
+    "GLIBC_TUNABLES",
+    "CUDA_VISIBLE_DEVICES",
+    "DS_ACCELERATOR",
+    "MASTER_",
+    "WORLD_SIZE",
+    "LOCAL_SIZE",
+    "TORCH_NCCL_",
+)
+VOCAB_MULTIPLE = 64  # embedding rows padded so matmuls tile well; the extra ids are never produced
+
+
+if TYPE_CHECKING:
+    from dsllm.checkpoint.checkpointer import Checkpointer
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretraining:
+    """A checked pretraining run: its options, the resolved spec, the data and the resume decision."""
+
+    config: TrainConfig
+    spec: RunSpec
+    data_dir: Path
+    train: object  # dsllm.data.format.TokenFile
+    val: object  # dsllm.data.format.TokenFile
+    checkpointer: Checkpointer
+
+
+def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec:
+    """The DeepSpeed JSON with "auto" filled for this hardware and world, as a RunSpec (pre-flight, no process
+    group). Fine-tuning resolves its spec here too."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()
+    supports_bf16 = torch.cuda.is_bf16_supported() if on_gpu else True
+    ds, batch, precision, stage = resolve_ds_config(
+        load_ds_config(config.ds_config),
+        config,
+        world.size,
+        config.ds_config,
+        supports_bf16,
+        on_gpu,
+        hidden_size=model.d_model,
+    )
+    seq_len = config.seq_len or model.max_seq_len
+    model.check_seq_len(seq_len)
+    return RunSpec(world, model, seq_len, batch, precision, stage, ds)
+
+
+def model_for_data(config: TrainConfig, vocab_size: int) -> ModelConfig:
+    """The model of --model and --model.FIELD, its vocabulary sized to the dataset's tokenizer."""
+    model = resolve_model_config(config.model, config.model_overrides)
+    if "vocab_size" not in config.model_overrides:  # a preset's vocabulary gives way to the dataset's tokenizer
+        padded = VOCAB_MULTIPLE * math.ceil(vocab_size / VOCAB_MULTIPLE)
+        return dataclasses.replace(model, vocab_size=padded)
+    if model.vocab_size < vocab_size:
+        raise ConfigError(
+            f"--model.vocab_size {model.vocab_size} is smaller than the dataset's vocabulary "
+            f"({vocab_size}); drop the override or raise it to at least {vocab_size}"
+        )
+    return model
+
+
+def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
+    """Resolve and check data, model, DeepSpeed JSON and resume point; raise UserError on any mismatch."""
+    from dsllm.data.format import TokenFile
+    from dsllm.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_hash
+
+    world = world or World.from_env()
+    load_ds_config(config.ds_config)  # a missing or malformed JSON is the first thing to say
+    if config.data is None:
+        from dsllm.data.default_corpus import build_default_dataset
+
+        data_dir = build_default_dataset(log=print if world.is_main else (lambda message: None))
+    else:
+        data_dir = Path(config.data)
+        if not (data_dir / "meta.json").is_file():
+            raise UserError(
+                f"--data {data_dir}: not a prepared dataset (no meta.json); create it with data_pipeline/prepare.py"
+            )
+    if not (data_dir / "val.idx").exists():
+        raise UserError(f"--data {data_dir}: has no val split; re-run prepare with --val-fraction above 0")
+    train, val = TokenFile(data_dir / "train"), TokenFile(data_dir / "val")
+    tokenizer = load_tokenizer(data_dir / TOKENIZER_FILE)
+    if tokenizer_hash(tokenizer) != train.header.tokenizer_hash:
+        raise UserError(
+            f"{data_dir / TOKENIZER_FILE}: does not match the tokenizer the dataset was made with; "
+            "run data_pipeline/validate.py and re-create the dataset"
+        )
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    for split in (train, val):  # ids past the tokenizer train silently on padded rows, or crash the embedding
+        largest = split.max_token_id()
+        if largest >= vocab_size:
+            raise UserError(
+                f"{split.bin_path}: token id {largest} is not below the tokenizer's vocabulary size "
+                f"{vocab_size}; re-create the dataset with data_pipeline/prepare.py"
+            )
+    model = model_for_data(config, train.vocab_size)
+    model.check_seq_len(config.seq_len or model.max_seq_len)
+    seq_len = config.seq_len or model.max_seq_len
+    for name, split in (("train", train), ("val", val)):
+        if split.num_tokens <= seq_len:
+            raise UserError(
+                f"--data {data_dir}: the {name} split has {split.num_tokens} tokens, not one window of "
+                f"{seq_len + 1}; use a shorter --seq-len or more data"
+            )
+    spec = resolve_spec(config, model, world)
+    from dsllm.checkpoint.checkpointer import Checkpointer
+
+    checkpointer = Checkpointer(
+        Path(config.out),
+        spec,
+        interval=config.save_interval,
+        keep=config.keep_checkpoints,
+        resume=config.resume,
+        train_fingerprint=train.fingerprint,
+    )
+    checkpointer.choose()
+    return Pretraining(config, spec, data_dir, train, val, checkpointer)
+
+
+def write_run_files(plan: Pretraining) -> Path:
+    """config.json (model, options, data, resolved run, DeepSpeed JSON, versions, command, environment) and the
+    tokenizer, into the run folder (rank 0)."""
+    import deepspeed
+    import torch
+
+    from dsllm import __version__
+    from dsllm.checkpoint.store import write_json_atomic
+    from dsllm.model_dir import CONFIG_FILE
+    from dsllm.tokenizer import TOKENIZER_FILE
+
+    spec, out = plan.spec, Path(plan.config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        "model": spec.model.to_dict(),
+        "train": dataclasses.asdict(plan.config),
+        "data": {
+            "dir": str(plan.data_dir.resolve()),
+            "train_fingerprint": plan.train.fingerprint,
+            "val_fingerprint": plan.val.fingerprint,
+            "tokenizer_hash": plan.train.header.tokenizer_hash.hex(),
+            "vocab_size": plan.train.vocab_size,
+        },
+        "run": {
+            "seq_len": spec.seq_len,
+            "micro_batch_size": spec.batch.micro,
+            "grad_accum": spec.batch.accumulation,
+            "world_size": spec.world.size,
+            "global_batch_size": spec.batch.global_size,
+            "tokens_per_step": spec.tokens_per_step,
+            "precision": spec.precision,
+            "zero_stage": spec.zero_stage,
+        },
+        "deepspeed": spec.ds,
+        "versions": {
+            "dsllm": __version__,
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
+            "python": sys.version.split()[0],
+        },
+        "command": sys.argv,
+        "environment": {k: v for k, v in sorted(os.environ.items()) if k.startswith(RECORDED_ENV)},
+    }
+    write_json_atomic(out / CONFIG_FILE, record)
+    shutil.copyfile(plan.data_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    return out
+
+
+def make_loader(plan: Pretraining, device):
+    """The training batches: worker processes prefetch, pinned memory on GPU so `.to(device, non_blocking=True)`
+    overlaps the copy with compute."""
+    from dsllm.data.loader import ResumableLoader, TokenWindows
+
+    spec = plan.spec
+    return ResumableLoader(
+        TokenWindows(plan.train, spec.seq_len),
+        spec.batch.micro,
+        plan.config.seed,
+        spec.world.rank,
+        spec.world.size,
+        num_workers=plan.config.loader_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+class WindowValidator:
+    """Validation loss, perplexity and bits per byte on the same fixed windows at every evaluation."""
+
+    def __init__(self, plan: Pretraining, engine, device, log, data):
+        from dsllm.data.loader import TokenWindows
+        from dsllm.scoring import eval_indices, token_byte_lengths
+        from dsllm.tokenizer import TOKENIZER_FILE, load_tokenizer
+
+        self.plan, self.engine, self.device, self.log, self.data = plan, engine, device, log, data
+        self.windows = TokenWindows(plan.val, plan.spec.seq_len)
+        self.indices = eval_indices(self.windows, plan.config.eval_windows)
+        self.byte_lengths = token_byte_lengths(load_tokenizer(plan.data_dir / TOKENIZER_FILE))
+
+    def should_validate(self, step: int, last_step: bool) -> bool:
+        return step % self.plan.config.eval_interval == 0 or last_step
+
+    def validate(self, step: int) -> dict:
+        from dsllm.scoring import evaluate
+
+        world = self.plan.spec.world
+        result = evaluate(
+            self.engine.ds,
+            self.windows,
+            self.indices,
+            self.plan.spec.batch.micro,
+            self.device,
+            self.byte_lengths,
+            world.rank,
+            world.size,
+        )
+        self.log.write(
+            {"step": step, **result, "samples": self.data.consumed_samples},
+            f"eval step {step} | val loss {result['val_loss']:.4f} | ppl {result['perplexity']:.2f} | "
+            f"bits/byte {result['bits_per_byte']:.4f}",
+        )
+        return result
+
+
+def consolidate(checkpoint: Path, out: Path) -> Path:
+    """Write the fp32 weights of a checkpoint as RUN_DIR/model.safetensors (a model folder for generate/export)."""
+    from safetensors.torch import save_model
+
+    from dsllm.model_dir import WEIGHTS_FILE, load_model_dir
+
+    partial = out / (WEIGHTS_FILE + ".partial")
+    save_model(load_model_dir(checkpoint), str(partial))
+    os.replace(partial, out / WEIGHTS_FILE)
+    return out / WEIGHTS_FILE
+
+
+def sample_text(plan: Pretraining, device) -> str:
+    """The first validation document's first 16 tokens and the model's continuation, each marked."""
+    from dsllm.model_dir import load_model_dir
+    from dsllm.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer
+
+    tokenizer = load_tokenizer(plan.data_dir / TOKENIZER_FILE)
+    model = load_model_dir(plan.config.out, device=device)
+    prompt = plan.val.document(0)[:16].tolist()
+    count = min(plan.config.sample_tokens, plan.spec.model.max_seq_len - len(prompt))
+    new = model.generate(
+        [prompt],
+        count,
+        temperature=0.8,
+        top_k=50,
+        eos_id=eot_id(tokenizer),
+        seed=plan.config.seed,
+        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+    )[0]
+    return (
+        f"sample: prompt ({len(prompt)} tokens of the validation split):\n{tokenizer.decode(prompt)}\n"
+        f"sample: the model's continuation ({len(new)} tokens, temperature 0.8, top-k 50):\n{tokenizer.decode(new)}"
+    )
+
+
+def run(plan: Pretraining) -> dict:
+    """Train the checked run to the end; returns {"step", "val_loss", ...} of the final evaluation."""
+    import torch.distributed as dist
+
+    from dsllm.engine import build_engine, engine_options, init_distributed, window_loss
+    from dsllm.loop import loop_settings, step_log_for, train_loop
+    from dsllm.metrics import MetricsLog
+    from dsllm.model import GPT
+    from dsllm.model_dir import WEIGHTS_FILE
+    from dsllm.run_control import RunLock
+
+    config, spec, checkpointer = plan.config, plan.spec, plan.checkpointer
+    world = spec.world
+    lock = RunLock(Path(config.out)).acquire() if world.is_main else None  # one trainer per run folder
+    device = init_distributed(world, config.collective_timeout)
+    checkpointer.verify()
+    checkpointer.start_lineage()
+    if world.is_main:
+        write_run_files(plan)
+    import torch
+
+    torch.manual_seed(config.seed)
+    engine = build_engine(
+        spec, GPT(spec.model), device, window_loss, **engine_options(config), load_universal=checkpointer.universal
+    )
+    loader = make_loader(plan, device)
+    step, counters = 0, {"nonfinite_in_a_row": 0, "skipped_steps": 0}
+    if checkpointer.resume_from is not None:
+        state = checkpointer.load(engine)
+        loader.load_state_dict(state["data"])  # refuses another dataset (fingerprint) loudly
+        step, counters = state["step"], state["counters"]
+        how = " through a universal checkpoint (world size or ZeRO stage changed)" if checkpointer.universal else ""
+        _say(
+            world,
+            f"resumed from {checkpointer.resume_from}{how} at step {step} ({loader.consumed_samples} samples consumed)",
+        )
+    log = MetricsLog(Path(config.out) / "metrics.jsonl", world.is_main, getattr(engine.ds, "monitor", None))
+    validator = WindowValidator(plan, engine, device, log, loader)
+    _say(
+        world,
+        f"training {spec.model.num_parameters():,} parameters on {world.size} rank(s), ZeRO-{spec.zero_stage}, "
+        f"{spec.precision}, global batch {spec.batch.global_size} x {spec.seq_len} tokens, "
+        f"{config.max_steps} steps -> {config.out}",
+    )
+    step, result = train_loop(
+        engine,
+        loader,
+        settings=loop_settings(config),
+        start_step=step,
+        counters=counters,
+        validator=validator,
+        checkpointer=checkpointer,
+        step_log=step_log_for(config, spec, log, device, step),
+        rank=world.rank,
+    )
+    if result is None:  # resumed at max_steps: nothing to train, still report
+        engine.ds.eval()
+        result = validator.validate(step)
+    if world.is_main and checkpointer.last_saved is not None:
+        consolidate(checkpointer.last_saved, Path(config.out))
+    dist.barrier()
+    if world.is_main:
+        print(
+            f"final validation loss {result['val_loss']:.4f} | perplexity {result['perplexity']:.2f} | "
+            f"bits/byte {result['bits_per_byte']:.4f} | weights {Path(config.out) / WEIGHTS_FILE}",
+            flush=True,
+        )
+        if config.sample_tokens > 0:
+            print(sample_text(plan, device), flush=True)
+    log.close()
+    engine.teardown()
+    if lock is not None:
+        lock.release()
+    return {"step": step, **result}
+
+
+def _say(world: World, message: str) -> None:
+    if world.is_main:
+        print(message, flush=True)
+
+
+def build_parser() -> ArgumentParser:
+    from dsllm.model_config import PRESETS
+
+    parser = ArgumentParser(
+        prog="dsllm pretrain",
+        description="Pretrain a GPT on the DeepSpeed engine:\n"
+        "  deepspeed launch/pretrain.py --ds_config ds_configs/zero2.json [options]\n"
+        "  (or `dsllm pretrain ...` / `python launch/pretrain.py ...` for one process)\n"
+        "Model: --model PRESET_OR_JSON, then any field with --model.FIELD VALUE (e.g. --model.norm rmsnorm).\n"
+        f"Presets: {', '.join(PRESETS)}.\n"
+        "A whole run can be one file: --recipe launch/recipes/NAME.yaml (options given here override it).",
+    )
+    add_recipe_argument(parser)
+    add_config_arguments(parser, TrainConfig, skip=("model_overrides",))
+    add_launcher_argument(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> TrainConfig:
+    return parse_config(TrainConfig, build_parser(), argv, model_overrides=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dsllm.run_control import run_training
+
+    world = World.from_env()
+    return run_training(lambda: preflight(parse_args(argv), world), run, world)

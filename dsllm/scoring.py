@@ -1,0 +1,85 @@
+"""Loss, perplexity and bits per byte of a model over a fixed, deterministic set of windows of a token split:
+the training loop's evaluation (every rank a share) and `dsllm evaluate`'s (one process)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch and numpy load inside the functions, so commands' `--help` answers at once
+    import torch
+    from tokenizers import Tokenizer
+
+    from dsllm.data.loader import TokenWindows
+
+
+def eval_indices(windows: TokenWindows, count: int) -> list[int]:
+    """`count` windows spread evenly over the split (all of them when there are fewer)."""
+    import numpy as np
+
+    n = len(windows)
+    if count >= n:
+        return list(range(n))
+    return sorted(set(np.linspace(0, n - 1, count).round().astype(int).tolist()))
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
+    """UTF-8 bytes each id stands for. Byte-level BPE writes one character per byte; special tokens
+    (end-of-text) count as 0 bytes, since they are separators, not text."""
+    import torch
+
+    lengths = torch.zeros(tokenizer.get_vocab_size(with_added_tokens=True), dtype=torch.float64)
+    special = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    for token, index in tokenizer.get_vocab(with_added_tokens=True).items():
+        lengths[index] = 0 if token in special else len(token)
+    return lengths
+
+
+def evaluate(
+    model,
+    windows: TokenWindows,
+    indices: list[int],
+    micro_batch: int,
+    device,
+    byte_lengths: torch.Tensor,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+) -> dict:
+    """Sum of target-token losses over the windows (sharded across ranks, then all-reduced). `progress`: a bar on
+    stderr when it is a terminal (the command's; the trainer's evaluation stays silent)."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    mine = indices[rank::world_size]
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
+    # every rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively)
+    batches = math.ceil(len(indices) / world_size / micro_batch)
+    with torch.no_grad():
+        for b in tqdm(range(batches), desc="evaluating", unit="batch", disable=None if progress else True):
+            chunk = mine[b * micro_batch : (b + 1) * micro_batch]
+            rows = torch.stack([windows[i] for i in (chunk or mine[:1] or indices[:1])]).to(device)
+            logits, _ = model(rows[:, :-1])
+            if not chunk:
+                continue
+            targets = rows[:, 1:]
+            nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+            totals += torch.stack(
+                [
+                    nll.double(),
+                    torch.tensor(targets.numel(), dtype=torch.float64, device=device),
+                    byte_lengths.to(device)[targets].sum(),
+                ]
+            )
+    if dist.is_available() and dist.is_initialized() and world_size > 1:
+        dist.all_reduce(totals)
+    nll, tokens, n_bytes = totals.tolist()
+    loss = nll / tokens
+    return {
+        "val_loss": loss,
+        "perplexity": math.exp(min(loss, 700)),
+        "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
+        "tokens": int(tokens),
+    }
