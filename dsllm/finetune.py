@@ -33,8 +33,11 @@ from dsllm.train_config import FinetuneConfig
 SUMMARY_FILE = "finetune.json"
 
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (imported where used: `dsllm finetune --help` loads no torch)
+    from tokenizers import Tokenizer
+
     from dsllm.checkpoint.checkpointer import Checkpointer
+    from dsllm.sft_data import Packed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +46,13 @@ class Finetuning:
 
     config: FinetuneConfig
     spec: RunSpec
-    tokenizer: object  # tokenizers.Tokenizer
+    tokenizer: Tokenizer
     tokenizer_file: Path
     eot: int
-    train_set: list
-    val_set: list
-    packed: object  # dsllm.sft_data.Packed
-    val_packed: object | None
+    train_set: list[list[dict]]  # conversations: [{"role", "content"}, ...]
+    val_set: list[list[dict]]
+    packed: Packed
+    val_packed: Packed | None
     checkpointer: Checkpointer
 
     def summary(self) -> dict:
@@ -111,16 +114,7 @@ def preflight(config: FinetuneConfig, world: World | None = None) -> Finetuning:
     val_packed = pack([tokenize(m, tokenizer, eot) for m in val_set], spec.seq_len) if val_set else None
     from dsllm.checkpoint.checkpointer import Checkpointer
 
-    checkpointer = Checkpointer(
-        Path(config.out),
-        spec,
-        interval=config.save_interval,
-        keep=config.keep_checkpoints,
-        resume=config.resume,
-        train_fingerprint=packed.fingerprint(),
-        kind="finetune",
-    )
-    checkpointer.choose()
+    checkpointer = Checkpointer.for_run(config, spec, packed.fingerprint(), kind="finetune")
     return Finetuning(
         config, spec, tokenizer, tokenizer_file, eot, train_set, val_set, packed, val_packed, checkpointer
     )

@@ -38,8 +38,9 @@ RECORDED_ENV = (
 VOCAB_MULTIPLE = 64  # embedding rows padded so matmuls tile well; the extra ids are never produced
 
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (imported where used: `dsllm pretrain --help` loads no torch)
     from dsllm.checkpoint.checkpointer import Checkpointer
+    from dsllm.data.format import TokenFile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +50,8 @@ class Pretraining:
     config: TrainConfig
     spec: RunSpec
     data_dir: Path
-    train: object  # dsllm.data.format.TokenFile
-    val: object  # dsllm.data.format.TokenFile
+    train: TokenFile
+    val: TokenFile
     checkpointer: Checkpointer
 
 
@@ -135,15 +136,7 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
     spec = resolve_spec(config, model, world)
     from dsllm.checkpoint.checkpointer import Checkpointer
 
-    checkpointer = Checkpointer(
-        Path(config.out),
-        spec,
-        interval=config.save_interval,
-        keep=config.keep_checkpoints,
-        resume=config.resume,
-        train_fingerprint=train.fingerprint,
-    )
-    checkpointer.choose()
+    checkpointer = Checkpointer.for_run(config, spec, train.fingerprint)
     return Pretraining(config, spec, data_dir, train, val, checkpointer)
 
 

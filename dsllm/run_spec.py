@@ -28,7 +28,7 @@ class RunSpec:
     batch: Batch  # micro batch per rank x accumulation x data-parallel ranks
     precision: str  # bf16, fp16 or fp32 (never "auto" here)
     zero_stage: int  # 0-3
-    ds: dict = dataclasses.field(repr=False)  # the DeepSpeed JSON, "auto" filled: handed to deepspeed.initialize
+    ds: dict[str, Any] = dataclasses.field(repr=False)  # the DeepSpeed JSON, "auto" filled, for deepspeed.initialize
 
     @property
     def tokens_per_step(self) -> int:

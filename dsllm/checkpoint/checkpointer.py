@@ -66,6 +66,21 @@ class Checkpointer:
         self.previous: str | None = None
         self.last_saved: Path | None = None
 
+    @classmethod
+    def for_run(cls, config, spec: RunSpec, train_fingerprint: str, kind: str = "pretrain") -> Checkpointer:
+        """The checkpoints of a run's --out, as its options (a RunConfig) say, with the resume point chosen."""
+        checkpointer = cls(
+            Path(config.out),
+            spec,
+            interval=config.save_interval,
+            keep=config.keep_checkpoints,
+            resume=config.resume,
+            train_fingerprint=train_fingerprint,
+            kind=kind,
+        )
+        checkpointer.choose()
+        return checkpointer
+
     # -- before the process group ---------------------------------------------------------------------------
     def choose(self) -> Path | None:
         """Pick the checkpoint to resume from (None: a fresh start) by the cheap checks; see module docstring."""
