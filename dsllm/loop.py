@@ -21,6 +21,7 @@ from dsllm.checkpoint.checkpointer import Checkpointer
 from dsllm.engine import Engine
 from dsllm.metrics import MetricsLog, format_step, memory_gib, mfu
 from dsllm.run_control import (
+    PROCESS_START,
     RunStopped,
     StopRequest,
     TrainingAborted,
@@ -199,7 +200,6 @@ def train_loop(
     watchdog = Watchdog(settings.collective_timeout, rank)
     group = control_group()
     stop = StopRequest(settings.stop_grace, rank).install()
-    budget_start = time.monotonic()
     step, result = start_step, None
 
     def diverged(what: str) -> TrainingAborted:
@@ -264,7 +264,7 @@ def train_loop(
             if saved_now:
                 save(step)
             watchdog.beat()
-            out_of_time = settings.max_seconds is not None and time.monotonic() - budget_start >= settings.max_seconds
+            out_of_time = settings.max_seconds is not None and time.monotonic() - PROCESS_START >= settings.max_seconds
             if stop.agree(group, also=out_of_time and not last):
                 if healthy and not saved_now:
                     save(step)

@@ -25,6 +25,7 @@ STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; run agai
 HUNG_EXIT = 4  # a rank or collective stopped making progress (shared with the peer-failure exit)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 LOCK_FILE = ".dsllm.lock"
+PROCESS_START = time.monotonic()  # --max-time counts from here: start-up, loading and compiling are time too
 
 
 class TrainingAborted(Exception):

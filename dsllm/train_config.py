@@ -26,7 +26,8 @@ class RunConfig:
     max_steps: int = 300
     """optimizer steps to train for"""
     max_time: str | None = None
-    """time budget (e.g. 90m, 2h, 1:30:00, 5400): stop at the step boundary past it with a checkpoint, exit 0"""
+    """time budget from the process's start (90m, 2h, 1:30:00, 5400): past it, stop at a step boundary with a
+    checkpoint and exit 0"""
     seq_len: int | None = None
     """tokens per sample; default: the model's max_seq_len"""
     micro_batch_size: int | None = None
