@@ -28,24 +28,44 @@ class ConfigError(UserError):
 
 @dataclasses.dataclass
 class ModelConfig:
-    vocab_size: int = 50257  # token ids the embedding and LM head cover
-    max_seq_len: int = 1024  # longest sequence (learned position table size; RoPE cache size)
-    n_layers: int = 12  # transformer blocks
-    d_model: int = 768  # hidden size
-    n_heads: int = 12  # attention (query) heads
-    n_kv_heads: int | None = None  # key/value heads: None = n_heads (MHA), 1 = MQA, in between = GQA
-    positions: str = "learned"  # "learned" (GPT-2) or "rope" (rotary)
-    rope_theta: float = 10000.0  # rotary base wavelength
-    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
-    norm_eps: float = 1e-5  # epsilon of the norm layers
-    mlp: str = "gelu"  # "gelu" (exact erf GELU) or "swiglu"
-    mlp_hidden: int | None = None  # MLP hidden size: None = 4*d_model (gelu) or ~8/3*d_model rounded (swiglu)
-    mlp_multiple_of: int = 256  # the rounding of the default SwiGLU hidden size
-    bias: bool = True  # biases in the attention and MLP linear layers (and LayerNorm)
-    dropout: float = 0.0  # dropout on attention weights, residual branches and embeddings
-    tie_embeddings: bool = True  # LM head shares the token embedding matrix
-    init_std: float = 0.02  # normal init std; residual output projections get init_std / sqrt(2 * n_layers)
-    activation_checkpointing: str = "none"  # recompute each block in backward: "none", "torch" or "deepspeed"
+    """The architecture: every option a field, checked in __post_init__; `--model.FIELD VALUE` sets one."""
+
+    vocab_size: int = 50257
+    """token ids the embedding and LM head cover"""
+    max_seq_len: int = 1024
+    """longest sequence (learned position table size; RoPE cache size)"""
+    n_layers: int = 12
+    """transformer blocks"""
+    d_model: int = 768
+    """hidden size"""
+    n_heads: int = 12
+    """attention (query) heads"""
+    n_kv_heads: int | None = None
+    """key/value heads: None = n_heads (MHA), 1 = MQA, in between = GQA"""
+    positions: str = "learned"
+    """'learned' (GPT-2) or 'rope' (rotary)"""
+    rope_theta: float = 10000.0
+    """rotary base wavelength"""
+    norm: str = "layernorm"
+    """'layernorm' or 'rmsnorm'"""
+    norm_eps: float = 1e-5
+    """epsilon of the norm layers"""
+    mlp: str = "gelu"
+    """'gelu' (exact erf GELU) or 'swiglu'"""
+    mlp_hidden: int | None = None
+    """MLP hidden size: None = 4*d_model (gelu) or ~8/3*d_model rounded (swiglu)"""
+    mlp_multiple_of: int = 256
+    """the rounding of the default SwiGLU hidden size"""
+    bias: bool = True
+    """biases in the attention and MLP linear layers (and LayerNorm)"""
+    dropout: float = 0.0
+    """dropout on attention weights, residual branches and embeddings"""
+    tie_embeddings: bool = True
+    """LM head shares the token embedding matrix"""
+    init_std: float = 0.02
+    """normal init std; residual output projections get init_std / sqrt(2 * n_layers)"""
+    activation_checkpointing: str = "none"
+    """recompute each block in backward: 'none', 'torch' or 'deepspeed'"""
 
     def __post_init__(self) -> None:
         self.validate()

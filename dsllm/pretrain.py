@@ -360,6 +360,17 @@ def _say(world: World, message: str) -> None:
         print(message, flush=True)
 
 
+def model_fields_help() -> str:
+    """The --model.FIELD options, a line of meaning each (from ModelConfig's field docstrings)."""
+    from dsllm.cli_args import field_docs
+    from dsllm.model_config import ModelConfig
+
+    docs = field_docs(ModelConfig)
+    width = max(map(len, docs)) + len("--model.")
+    lines = [f"  --model.{name:<{width - 8}}  {text}" for name, text in docs.items()]
+    return "model fields (--model.FIELD VALUE, over the preset's):\n" + "\n".join(lines)
+
+
 def build_parser() -> ArgumentParser:
     from dsllm.model_config import PRESETS
 
@@ -371,6 +382,7 @@ def build_parser() -> ArgumentParser:
         "Model: --model PRESET_OR_JSON, then any field with --model.FIELD VALUE (e.g. --model.norm rmsnorm).\n"
         f"Presets: {', '.join(PRESETS)}.\n"
         "A whole run can be one file: --recipe launch/recipes/NAME.yaml (options given here override it).",
+        epilog=model_fields_help(),
     )
     add_recipe_argument(parser)
     add_config_arguments(parser, TrainConfig, skip=("model_overrides",))
