@@ -155,7 +155,7 @@ def run_seq_len(config_file: Path) -> int | None:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m dsllm evaluate",
+        prog="dsllm evaluate",
         description="Validation loss, perplexity and bits per byte of a model on a token dataset (and "
         "multiple-choice accuracy), printed as one JSON object on stdout; progress goes to stderr.",
     )

@@ -231,7 +231,7 @@ def export_hf(
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m dsllm export",
+        prog="dsllm export",
         description="Export a model to a Hugging Face folder that AutoModelForCausalLM and AutoTokenizer load "
         "(GPT2LMHeadModel or LlamaForCausalLM, safetensors; the tokenizer starts each text with <|endoftext|>).",
     )

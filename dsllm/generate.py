@@ -82,7 +82,7 @@ def _device(text: str) -> str:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m dsllm generate",
+        prog="dsllm generate",
         epilog=__doc__.split("\n\n")[1],
         description="Text from a run's model, printed token by token as it is produced.",
     )

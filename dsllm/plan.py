@@ -344,7 +344,7 @@ def _epilog() -> str:
 
 
 def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m dsllm plan", description=__doc__, epilog=_epilog())
+    p = ArgumentParser(prog="dsllm plan", description=__doc__, epilog=_epilog())
     p.add_argument(
         "--model",
         required=True,

@@ -343,7 +343,7 @@ def read_config(run: Path) -> dict:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m dsllm report", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1]
+        prog="dsllm report", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1]
     )
     parser.add_argument(
         "run", metavar="RUN_DIR", help="a run folder (launch/pretrain.py --out): metrics.jsonl, config.json, model"

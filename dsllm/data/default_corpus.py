@@ -120,7 +120,7 @@ def build_default_dataset(
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="default_corpus.py", description=__doc__)
+    parser = ArgumentParser(prog="dsllm default-corpus", description=__doc__)
     parser.add_argument(
         "--cache-dir",
         default=None,

@@ -286,7 +286,7 @@ def format_report(meta: dict) -> str:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="prepare.py", description="Clean and tokenize a corpus into train/val token files.")
+    parser = ArgumentParser(prog="dsllm prepare", description="Clean and tokenize a corpus into train/val token files.")
     add_input_arguments(parser)
     parser.add_argument(
         "--tokenizer", required=True, metavar="DIR_OR_FILE", help="tokenizer.json, or the folder that holds it"

@@ -22,7 +22,7 @@ from dsllm.tokenizer import TOKENIZER_FILE, check_full_vocab, save_tokenizer, to
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="train_tokenizer.py", description="Train a byte-level BPE tokenizer (streaming).")
+    parser = ArgumentParser(prog="dsllm train-tokenizer", description="Train a byte-level BPE tokenizer (streaming).")
     add_input_arguments(parser)
     parser.add_argument(
         "--vocab-size",

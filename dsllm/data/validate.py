@@ -129,7 +129,7 @@ def format_summary(summary: dict) -> str:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="validate.py", description="Check a prepared token dataset end to end.")
+    parser = ArgumentParser(prog="dsllm validate", description="Check a prepared token dataset end to end.")
     parser.add_argument("directory", metavar="DIR", help="dataset folder written by data_pipeline/prepare.py")
     return parser
 
