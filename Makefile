@@ -16,7 +16,7 @@ OPS_STAMP := $(VENV)/.dsllm-ops-built
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install pretrain test lint format bad-inputs-table clean-venv
+.PHONY: install pretrain test test-fast test-e2e lint format bad-inputs-table clean-venv
 
 install: $(OPS_STAMP)
 
@@ -43,8 +43,18 @@ pretrain: $(OPS_STAMP)
 	GLIBC_TUNABLES="$${GLIBC_TUNABLES:-$(MALLOC_TUNING)}" \
 		$(VENV)/bin/deepspeed launch/pretrain.py --ds_config ds_configs/zero2.json $(PRETRAIN_ARGS)
 
+# Every test: tests/unit, tests/e2e and tests/multinode (about half an hour on 2 CPU cores)
 test: $(OPS_STAMP)
 	$(PY) -m pytest -q tests
+
+# The unit tier: functions and commands that answer in seconds, no launcher, no training run (about 2 minutes
+# on 2 CPU cores)
+test-fast: $(OPS_STAMP)
+	$(PY) -m pytest -q tests/unit
+
+# Training runs on 1 and 2 ranks (faults, resumes, fine-tuning, evaluation) and the simulated nodes
+test-e2e: $(OPS_STAMP)
+	$(PY) -m pytest -q tests/e2e tests/multinode
 
 # Style is the tools' job (pyproject.toml): ruff's lint rules and its formatter, line length 120
 lint: $(STAMP)
@@ -55,7 +65,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# README.md's table of bad inputs, from the cases in tests/test_bad_inputs.py (about ten seconds)
+# README.md's table of bad inputs, from the cases in tests/unit/test_bad_inputs.py (about ten seconds)
 bad-inputs-table: $(STAMP)
 	$(PY) tests/bad_inputs_table.py
 

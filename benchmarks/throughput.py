@@ -56,7 +56,7 @@ QUICK_MODEL = {
     "n_kv_heads": "2",
     "max_seq_len": "64",
     "mlp_multiple_of": "32",
-}  # tests/test_pretrain.py SMALL_MODEL
+}  # tests/runs.py SMALL_MODEL
 DEFAULTS = {  # full / --quick values of the options left unset
     "full": {
         "seq_len": [None],

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Restart a training job after failures, resuming from its last checkpoint:
-    python launch/supervise.py --max-restarts 3 -- deepspeed launch/pretrain.py --ds_config ds_configs/zero2.json …"""
+python launch/supervise.py --max-restarts 3 -- deepspeed launch/pretrain.py --ds_config ds_configs/zero2.json …"""
 
 import sys
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Regenerate README.md's table of bad inputs from tests/test_bad_inputs.py (`make bad-inputs-table`).
+"""Regenerate README.md's table of bad inputs from tests/unit/test_bad_inputs.py (`make bad-inputs-table`).
 
 Runs the table's cases with DSLLM_BAD_INPUTS_RECORD set, so each case records the line its command
 actually printed, and rewrites the README between `<!-- bad-inputs:start -->` and `<!-- bad-inputs:end -->`
@@ -25,7 +25,7 @@ def _cell(text: str) -> str:
 
 def render(records: list[dict]) -> str:
     lines = [
-        "Generated from `tests/test_bad_inputs.py` by `make bad-inputs-table`: each row is a test that runs the "
+        "Generated from `tests/unit/test_bad_inputs.py` by `make bad-inputs-table`: each row is a test that runs the "
         "command with one bad input and checks it ends with this one line on stderr and exit code 2, with "
         "nothing written.",
         "",
@@ -59,7 +59,7 @@ def main() -> int:
                 "-q",
                 "-p",
                 "no:cacheprovider",
-                "tests/test_bad_inputs.py",
+                "tests/unit/test_bad_inputs.py",
                 "-k",
                 "test_bad_input_is_one_line_and_exit_2",
             ],

@@ -12,12 +12,12 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, assert_user_error
-from test_pretrain import env, pretrain
+from runs import env, pretrain
 
 STEPS = 40
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # a 2-rank run: the tests that use it are marked multirank
 def run_dir(tmp_path_factory, dataset_dir):
     out = tmp_path_factory.mktemp("evaluate") / "run"
     pretrain(
@@ -74,6 +74,7 @@ def final_eval(run_dir) -> dict:
 
 
 # -- evaluate --------------------------------------------------------------------------------------------
+@pytest.mark.multirank
 def test_evaluate_reproduces_the_trainers_validation(run_dir, dataset_dir):
     trainer = final_eval(run_dir)
     assert trainer["step"] == STEPS
@@ -91,6 +92,7 @@ def test_evaluate_reproduces_the_trainers_validation(run_dir, dataset_dir):
     assert result["split"] == "val" and result["checkpoint"].endswith("model.safetensors")
 
 
+@pytest.mark.multirank
 def test_sharded_checkpoint_consolidated_and_model_folder_agree(run_dir, dataset_dir, tmp_path):
     """The ZeRO-2 checkpoint of 2 ranks, loaded on one process, is the run's consolidated weights."""
     tag = run_dir / "checkpoints" / f"step{STEPS:08d}"
@@ -109,6 +111,7 @@ def test_sharded_checkpoint_consolidated_and_model_folder_agree(run_dir, dataset
     assert train["split"] == "train" and train["tokens"] == 4 * 64
 
 
+@pytest.mark.multirank
 def test_choice_scores_are_the_models_log_likelihoods(run_dir, model_and_tokenizer, tmp_path):
     model, tokenizer = model_and_tokenizer
     eot = tokenizer.token_to_id("<|endoftext|>")
@@ -143,6 +146,7 @@ def test_choice_scores_are_the_models_log_likelihoods(run_dir, model_and_tokeniz
     assert ours == pytest.approx(scores, abs=1e-4) and scores[0] > scores[1]
 
 
+@pytest.mark.multirank
 def test_evaluate_refuses_bad_input(run_dir, dataset_dir, tmp_path, corpus_jsonl, corpus_texts):
     from dsllm.data.prepare import PrepareConfig, prepare
     from dsllm.tokenizer import save_tokenizer, train_tokenizer
@@ -202,6 +206,7 @@ def test_evaluate_refuses_bad_input(run_dir, dataset_dir, tmp_path, corpus_jsonl
         )
 
 
+@pytest.mark.multirank
 def test_weights_of_another_model_or_damaged_files_are_refused(run_dir, dataset_dir, tmp_path):
     other = tmp_path / "other"  # a model folder whose config says d_model 128 over weights of d_model 64
     shutil.copytree(run_dir, other, ignore=shutil.ignore_patterns("checkpoints"))
@@ -241,6 +246,7 @@ def model_greedy(model, tokenizer, prompt: str, new_tokens: int) -> str:
     return prompt + tokenizer.decode(ids) + "\n"
 
 
+@pytest.mark.multirank
 def test_greedy_generation_is_the_models_own(run_dir, model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     expected = model_greedy(model, tokenizer, "doc 5: the", 20)
@@ -266,6 +272,7 @@ def test_greedy_generation_is_the_models_own(run_dir, model_and_tokenizer):
     assert top_k_1 == expected
 
 
+@pytest.mark.multirank
 def test_seeds_reproduce_and_prompts_run_in_turn(run_dir, tmp_path):
     def sample(*prompts, seed=7):
         args = [a for p in prompts for a in ("--prompt", p)]
@@ -316,6 +323,7 @@ def test_seeds_reproduce_and_prompts_run_in_turn(run_dir, tmp_path):
     assert again.stdout == unseeded.stdout
 
 
+@pytest.mark.multirank
 def test_tokens_stream_as_they_are_produced(run_dir, model_and_tokenizer, monkeypatch):
     """Every token is written and flushed as it comes; the pieces add up to the plain command's output."""
     from dsllm import generate
@@ -390,6 +398,7 @@ def test_stream_never_splits_a_character(tokenizer_dir):
     assert not any("\ufffd" in p for p in pieces) and len(pieces) >= 6
 
 
+@pytest.mark.multirank
 def test_generate_refuses_bad_input(run_dir, tmp_path):
     def refused(*args, fragments):
         assert_user_error(dsllm("generate", "--checkpoint", run_dir, *args, expect=None), *fragments)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from test_pretrain import command, env, pretrain, train_records
+from runs import command, env, pretrain, rank_process, train_records
+
+pytestmark = pytest.mark.multirank  # every test kills or restarts a rank of a 2-rank job
 
 ARGS = ["--max-steps", 12, "--micro-batch-size", 4, "--save-interval", 3, "--eval-interval", 100, "--precision", "fp32"]
 
@@ -24,17 +26,6 @@ def wait_for_step(out: Path, step: int, proc: subprocess.Popen, limit: float = 3
             return
         time.sleep(0.05)
     raise AssertionError(f"step {step} never came")
-
-
-def rank_process(proc: subprocess.Popen, local_rank: int):
-    """The rank among the descendants of a process this test started (never a process found by name)."""
-    import psutil
-
-    ranks = [
-        p for p in psutil.Process(proc.pid).children(recursive=True) if f"--local_rank={local_rank}" in p.cmdline()
-    ]
-    assert len(ranks) == 1, f"expected one rank {local_rank} under pid {proc.pid}, found {ranks}"
-    return ranks[0]
 
 
 def kill_rank(proc: subprocess.Popen, local_rank: int, sig: int = 9) -> None:
@@ -60,6 +51,7 @@ def test_a_dead_rank_ends_the_job_and_the_log_names_it(dataset_dir, tmp_path):
     assert "--local_rank=1" in output and "exits with return code = -9" in output  # the launcher names the rank
 
 
+@pytest.mark.slow
 def test_supervisor_restarts_and_the_run_resumes_exactly(dataset_dir, tmp_path):
     pretrain(dataset_dir, tmp_path / "whole", *ARGS, ranks=2)
     out = tmp_path / "run"
@@ -85,35 +77,3 @@ def test_supervisor_restarts_and_the_run_resumes_exactly(dataset_dir, tmp_path):
     whole, resumed = train_records(tmp_path / "whole"), train_records(out)
     for step in range(1, 13):
         assert resumed[step]["loss"] == pytest.approx(whole[step]["loss"], rel=1e-6, abs=0), step
-
-
-def test_supervisor_gives_up_after_max_restarts_and_never_retries_user_errors(tmp_path):
-    from dsllm.supervise import supervise
-
-    failing = [sys.executable, "-c", "import sys; sys.exit(7)"]
-    messages = []
-    assert supervise(failing, max_restarts=2, delay=0, log=messages.append) == 7
-    assert messages[-1] == "supervise: the job failed (exit code 7) and --max-restarts 2 are used up"
-    assert len(messages) == 3
-    messages.clear()
-    assert (
-        supervise([sys.executable, "-c", "import sys; sys.exit(2)"], max_restarts=5, delay=0, log=messages.append) == 2
-    )
-    assert messages == []
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "launch/supervise.py",
-            "--max-restarts",
-            "1",
-            "--",
-            "python",
-            "launch/pretrain.py",
-            "--resume",
-            "none",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 2 and "must resume automatically" in proc.stderr

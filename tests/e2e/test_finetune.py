@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, assert_user_error
-from test_pretrain import VENV_BIN, env, free_port, pretrain, run_until_killed, train_records
+from runs import VENV_BIN, env, free_port, pretrain, run_until_killed, train_records
 
 
 def reversal_task(path, count, seed=0):
@@ -71,6 +71,7 @@ def finetune(init, data, out, *args, ranks=1, ds="zero2.json", expect=0):
     return proc
 
 
+@pytest.mark.slow
 def test_reversal_is_learned_only_by_fine_tuning(tmp_path, pretrained):
     data = reversal_task(tmp_path / "reverse.jsonl", 2000)
     out = tmp_path / "sft"
@@ -124,6 +125,7 @@ def test_reversal_is_learned_only_by_fine_tuning(tmp_path, pretrained):
     assert answer.stdout == "user: reverse: a b c d\nassistant: d c b a\n"
 
 
+@pytest.mark.multirank
 def test_two_ranks_zero3_from_a_pretrained_run(tmp_path, pretrained):
     data = reversal_task(tmp_path / "reverse.jsonl", 200)
     out = tmp_path / "sft"
@@ -209,6 +211,7 @@ def test_bad_data_is_one_line(tmp_path, pretrained, content, message):
     assert not (tmp_path / "out").exists()  # nothing written before the input is known good
 
 
+@pytest.mark.multirank
 def test_missing_pretrained_run_is_one_line(tmp_path):
     data = reversal_task(tmp_path / "reverse.jsonl", 10)
     proc = finetune(tmp_path / "nothing", data, tmp_path / "out", ranks=2, expect=2)
@@ -265,7 +268,7 @@ def test_a_literal_endoftext_in_an_example_is_text(model_folder):
     assert tokenizer.encode_special_tokens is False  # the caller's tokenizer is left as it was
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=[pytest.mark.multirank, pytest.mark.slow])])
 def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, pretrained, ranks):
     """Fine-tuning runs on the pretraining loop: kill -9 mid-run, and --resume auto (the default) continues
     from the last checkpoint with the very losses, learning rates, rows and final weights of a run never

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, assert_user_error
-from test_pretrain import command, env, pretrain
+from runs import command, env, pretrain
 
 STEP = "step00000002"
 TRAIN = ("--save-interval", 2, "--eval-interval", 2, "--precision", "fp32")

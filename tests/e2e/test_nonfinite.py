@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
-from test_pretrain import SMALL_MODEL, env
+from runs import SMALL_MODEL, env
 
 # A driver that makes the training loss NaN at the given (1-based) training forward calls, then runs
 # the trainer as `launch/pretrain.py` would. A subprocess each: DeepSpeed keeps process-group state.

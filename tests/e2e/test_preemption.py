@@ -17,8 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 from conftest import ROOT
-from test_faults import rank_process
-from test_pretrain import command, env, pretrain, train_records
+from runs import command, env, pretrain, rank_process, train_records
 
 STEPS = 30
 ARGS = [
@@ -107,6 +106,8 @@ def whole_2_ranks(dataset_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["launcher", "supervise", "rank"])
 def test_sigterm_saves_the_current_step_leaves_no_process_and_resumes_exactly(
     target, dataset_dir, whole_2_ranks, tmp_path
@@ -136,6 +137,8 @@ def test_sigterm_saves_the_current_step_leaves_no_process_and_resumes_exactly(
     assert_same_curve(whole_2_ranks, out)
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
 @pytest.mark.parametrize("ds", ["zero0.json", "zero2.json"])
 def test_a_stopped_rank_ends_the_job_within_the_collective_timeout(ds, dataset_dir, tmp_path):
     timeout = 15
@@ -176,6 +179,7 @@ def test_a_second_trainer_on_the_same_run_is_refused_and_a_dead_ones_lock_is_not
     pretrain(dataset_dir, out, "--max-steps", 2, "--micro-batch-size", 4, "--precision", "fp32", "--resume", "none")
 
 
+@pytest.mark.slow
 def test_kill_during_saves_and_resaves_after_a_rollback_never_loses_the_branch(dataset_dir, tmp_path):
     """SIGKILL at each moment of the save protocol (files written / marker in / old folder moved aside): the
     torn save is never resumed from, and after a rollback --resume auto stays on the branch the user chose."""
@@ -285,6 +289,7 @@ def test_a_diverging_run_never_writes_or_names_a_non_finite_checkpoint_and_super
     assert named == "none" or Path(named).name == f"step{max(complete_steps(out)):08d}"
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_during_saves(dataset_dir, tmp_path):
     """kill -9 at random moments of a run that saves every step (most of its time is saving): every time
     --resume auto resumes from a complete checkpoint and the loss curve is the uninterrupted one.
@@ -321,6 +326,8 @@ def test_sigkill_at_random_moments_during_saves(dataset_dir, tmp_path):
     assert_same_curve(whole, out)
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_a_fault_after_start_is_printed_once_by_the_rank_that_saw_it(dataset_dir, tmp_path):
     """A fault every rank finds (a damaged checkpoint) is one line, not one per rank; a fault only rank 1 finds
     (its RNG file) is one line from rank 1, not silence."""

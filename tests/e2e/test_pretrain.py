@@ -2,97 +2,19 @@
 losses across world sizes, bit-exact resume after SIGKILL (also during a save), pre-flight errors."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from runs import command, env, pretrain, run_until_killed, train_records
 
 CONFIGS = ["zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"]
-SMALL_MODEL = [
-    "--model",
-    "tiny",
-    "--model.n_layers",
-    "2",
-    "--model.d_model",
-    "64",
-    "--model.n_heads",
-    "4",
-    "--model.n_kv_heads",
-    "2",
-    "--model.max_seq_len",
-    "64",
-    "--model.mlp_multiple_of",
-    "32",
-]
-VENV_BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env() -> dict:
-    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or str(ROOT / ".cache" / "torch_extensions")
-    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TORCH_EXTENSIONS_DIR": cache}
-
-
-def command(data, out, *args, ranks=1, ds="zero2.json"):
-    train_args = [
-        "launch/pretrain.py",
-        "--ds_config",
-        f"ds_configs/{ds}",
-        "--data",
-        str(data),
-        "--out",
-        str(out),
-        *SMALL_MODEL,
-        "--seq-len",
-        "32",
-        "--lr",
-        "3e-3",
-        "--eval-windows",
-        "8",
-        "--sample-tokens",
-        "8",
-        "--loader-workers",
-        "0",
-        "--log-interval",
-        "1",
-        *map(str, args),
-    ]
-    if ranks == 1:
-        return [sys.executable, *train_args]
-    return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), *train_args]
-
-
-def pretrain(data, out, *args, ranks=1, ds="zero2.json", expect=0):
-    proc = subprocess.run(
-        command(data, out, *args, ranks=ranks, ds=ds), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600
-    )
-    if expect is not None:
-        assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc
-
-
-def train_records(out):
-    """{step: record} of the training lines (a resumed run's later lines win)."""
-    records = {}
-    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            records[record["step"]] = record
-    return records
-
-
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.multirank)])
 @pytest.mark.parametrize("ds", CONFIGS)
 def test_every_config_trains(dataset_dir, tmp_path, ds, ranks):
     out = tmp_path / "run"
@@ -131,6 +53,8 @@ def test_every_config_trains(dataset_dir, tmp_path, ds, ranks):
     ] == ranks
 
 
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_two_ranks_zero2_equal_one_rank_zero0(dataset_dir, tmp_path):
     """Same global batch (8): 1 rank x 8 on ZeRO-0 vs 2 ranks x 4 on ZeRO-2, fp32. Tolerance 1e-5 relative
     (all-reduce order changes float summation; measured ~5e-7 absolute)."""
@@ -161,6 +85,7 @@ def test_two_ranks_zero2_equal_one_rank_zero0(dataset_dir, tmp_path):
     assert all(c[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5) for s in range(1, 9))
 
 
+@pytest.mark.multirank
 def test_two_rank_cpu_run_leaves_no_shared_memory_behind(dataset_dir, tmp_path):
     """DeepSpeed's CPU all-reduce maps a 69 MB /dev/shm file per rank and never unlinks it; the trainer does,
     once every rank has mapped them all (before: every 2-rank run leaked 138 MB of RAM until the OOM killer)."""
@@ -200,31 +125,7 @@ def test_compile_trains_like_eager_and_saves_eager_names(dataset_dir, tmp_path):
     assert config["train"]["compile"] is True
 
 
-def run_until_killed(cmd, out, kill_after_step, **popen):
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=popen.pop("env", env()),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        **popen,
-    )
-    deadline = time.time() + 300
-    metrics = Path(out) / "metrics.jsonl"
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(
-            json.loads(line).get("step", 0) >= kill_after_step and "loss" in line
-            for line in metrics.read_text().splitlines()
-        ):
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait()
-    return proc
-
-
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=[pytest.mark.multirank, pytest.mark.slow])])
 def test_sigkill_then_resume_auto_is_exact(dataset_dir, tmp_path, ranks):
     args = [
         "--max-steps",
@@ -299,6 +200,7 @@ def test_resume_refuses_another_dataset(dataset_dir, tmp_path, corpus_jsonl, tok
     assert "trained on dataset" in proc.stderr and "resuming would silently change the data" in proc.stderr
 
 
+@pytest.mark.slow
 def test_make_pretrain_runs_the_main_job(tmp_path):
     """`make pretrain` is the README's first command: the deepspeed launcher on the default corpus."""
     venv = Path(sys.executable).parent.parent

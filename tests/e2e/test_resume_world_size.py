@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from test_pretrain import pretrain, train_records
+from runs import pretrain, train_records
 
 ARGS = ["--max-steps", 8, "--save-interval", 4, "--eval-interval", 100, "--precision", "fp32"]
 
@@ -24,10 +24,11 @@ def checkpoint_at_step_4(source, target):
     [
         ((2, "zero2.json"), (1, "zero2.json")),
         ((1, "zero2.json"), (2, "zero2.json")),
-        ((2, "zero2.json"), (2, "zero1.json")),
+        pytest.param((2, "zero2.json"), (2, "zero1.json"), marks=pytest.mark.slow),
         ((2, "zero0.json"), (1, "zero0.json")),  # ZeRO-0 holds whole state: a plain load
     ],
 )
+@pytest.mark.multirank  # every case saves or resumes on 2 ranks
 def test_curve_continues(dataset_dir, tmp_path, saved, resumed):
     """Same global batch (8) on both sides; fp32 losses agree to 1e-5 relative (float summation order
     differs between world sizes; measured differences are ~1e-7)."""
@@ -63,7 +64,14 @@ def test_zero2_to_zero3_is_refused_with_what_to_do(dataset_dir, tmp_path):
     assert "resume with ZeRO-2" in proc.stderr
 
 
-@pytest.mark.parametrize("ranks, ds", [(2, "zero2.json"), (2, "zero3.json"), (1, "zero0.json")])
+@pytest.mark.parametrize(
+    "ranks, ds",
+    [
+        pytest.param(2, "zero2.json", marks=pytest.mark.multirank),
+        pytest.param(2, "zero3.json", marks=pytest.mark.multirank),
+        (1, "zero0.json"),
+    ],
+)
 def test_consolidate_and_export_from_any_checkpoint(dataset_dir, tmp_path, ranks, ds):
     """`zero_to_fp32` from a sharded checkpoint gives the weights the run ended with; export reads it too."""
     import subprocess

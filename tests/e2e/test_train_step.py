@@ -8,7 +8,7 @@ import sys
 
 import pytest
 from conftest import ROOT
-from test_pretrain import SMALL_MODEL, env
+from runs import SMALL_MODEL, env
 
 SCRIPT = r"""
 import json, sys

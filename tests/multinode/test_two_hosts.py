@@ -9,7 +9,9 @@ import uuid
 
 import pytest
 from conftest import ROOT
-from test_pretrain import VENV_BIN, command, env, free_port, train_records
+from runs import VENV_BIN, command, env, free_port, train_records
+
+pytestmark = [pytest.mark.multirank, pytest.mark.multinode, pytest.mark.slow]
 
 ARGS = ["--max-steps", 6, "--micro-batch-size", 4, "--precision", "fp32", "--save-interval", 6]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, assert_user_error
-from test_pretrain import SMALL_MODEL, env
+from runs import SMALL_MODEL, env
 
 RECORD_ENV = "DSLLM_BAD_INPUTS_RECORD"  # a JSONL file: each case appends {name, command, input, answer}
 PRETRAIN = "launch/pretrain.py"

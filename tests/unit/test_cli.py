@@ -1,5 +1,6 @@
 """One command line: `dsllm VERB` for every command, each verb's --help explaining every option without
-loading torch, the old scripts as shims, recipes (a run in one file, options overriding it) and --max-time."""
+loading torch, the old scripts as shims, recipes (a run in one file, options overriding it; the runs they start
+and --max-time are in tests/e2e/test_cli_runs.py)."""
 
 import importlib
 import json
@@ -7,19 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import yaml
 from conftest import ROOT, assert_user_error
-from test_pretrain import env, pretrain, train_records
+from runs import dsllm, env
 
 from dsllm.cli import VERBS
 
 HEAVY = ("torch", "deepspeed", "transformers", "matplotlib", "datasets", "pyarrow")
-
-
-def dsllm(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dsllm", *map(str, args)], cwd=ROOT, env=env(), capture_output=True, text=True, **kwargs
-    )
 
 
 def test_dsllm_help_lists_every_verb_and_an_unknown_verb_is_one_line():
@@ -64,38 +58,9 @@ def test_pretrain_help_shows_meaning_and_defaults():
     text = dsllm("pretrain", "--help").stdout
     assert "--lr FLOAT" in text and "peak learning rate (default: 0.001)" in text
     assert "--max-time" in text and "--recipe FILE" in text and "--model.FIELD VALUE" in text
+    assert "--model.n_kv_heads" in text and "key/value heads: None = n_heads (MHA)" in text
     assert "Presets: tiny, gpt2-124m" in text and "auto (bf16 on a GPU that has it, fp32 on CPU), bf16," in text
     assert "--ds_config" in text and "(required)" in text
-
-
-def test_a_recipe_sets_the_run_and_the_command_line_overrides_it(dataset_dir, tmp_path):
-    recipe = tmp_path / "run.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "ds_config": "ds_configs/zero0.json",
-                "model": {"preset": "tiny", "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2},
-                "max_steps": 50,
-                "lr": 2e-3,
-                "seq_len": 32,
-                "micro_batch_size": 2,
-                "eval_windows": 4,
-                "sample_tokens": 4,
-                "loader_workers": 0,
-            }
-        )
-    )
-    out = tmp_path / "run"
-    args = ["--recipe", recipe, "--data", dataset_dir, "--out", out, "--max-steps", 3, "--model.max_seq_len", 64]
-    proc = dsllm("pretrain", *args, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    config = json.loads((out / "config.json").read_text())
-    assert config["train"]["max_steps"] == 3 and config["train"]["lr"] == 2e-3  # the flag wins, the recipe fills
-    assert config["model"]["n_layers"] == 2 and config["model"]["max_seq_len"] == 64
-    assert config["run"]["zero_stage"] == 0 and config["run"]["micro_batch_size"] == 2
-    # the end-of-run sample marks where the validation prompt ends and the model's continuation begins
-    prompt_line = next(i for i, line in enumerate(proc.stdout.splitlines()) if line.startswith("sample: prompt ("))
-    assert "sample: the model's continuation (4 tokens" in "\n".join(proc.stdout.splitlines()[prompt_line + 1 :])
 
 
 @pytest.mark.parametrize(
@@ -141,19 +106,6 @@ def test_shipped_recipes_resolve_for_their_hardware(name, ranks):
     assert batch.world_size == ranks and precision == "bf16"
     if config.global_batch_size:
         assert batch.global_size == config.global_batch_size and batch.micro == config.micro_batch_size
-
-
-def test_max_time_stops_at_a_step_boundary_with_a_checkpoint_and_resume_continues(dataset_dir, tmp_path):
-    out = tmp_path / "run"
-    args = ["--max-steps", 100000, "--micro-batch-size", 2, "--save-interval", 100000, "--eval-interval", 100000]
-    proc = pretrain(dataset_dir, out, *args, "--max-time", "3s", ds="zero0.json")
-    stopped = max(train_records(out))
-    assert 1 <= stopped < 100000
-    assert f"stopped at --max-time 0:00:03 after step {stopped}; checkpoint" in proc.stderr
-    assert (out / "checkpoints" / f"step{stopped:08d}" / "dsllm_complete.json").is_file()
-    assert "final validation loss" not in proc.stdout
-    again = pretrain(dataset_dir, out, *args[:1], stopped + 2, *args[2:], ds="zero0.json")
-    assert f"at step {stopped} " in again.stdout and max(train_records(out)) == stopped + 2
 
 
 def test_the_old_scripts_are_shims_over_the_verbs():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, assert_user_error
-from test_pretrain import free_port
+from runs import free_port
 
 from dsllm import ops
 

@@ -1,27 +1,14 @@
 """Pre-flight: every mismatch between data, model and DeepSpeed JSON is one line naming the field and
-the fix, exit 2, before any rank starts work (nothing is written to --out)."""
+the fix, exit 2, before any rank starts work (nothing is written to --out); under the launcher with two ranks
+in tests/e2e/test_preflight_runs.py."""
 
-import json
 import subprocess
 
 import pytest
 from conftest import ROOT
-from test_pretrain import SMALL_MODEL, VENV_BIN, env, free_port
+from runs import SMALL_MODEL, VENV_BIN, env, write_ds
 
 from dsllm.pretrain import main
-
-
-def write_ds(tmp_path, name="ds.json", **changes):
-    config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
-    for dotted, value in changes.items():
-        node = config
-        *parents, leaf = dotted.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    path = tmp_path / name
-    path.write_text(json.dumps(config))
-    return path
 
 
 def run_main(capsys, tmp_path, dataset_dir, *args, ds=None):
@@ -121,43 +108,6 @@ def test_data_errors(capsys, tmp_path, dataset_dir):
     assert "not a prepared dataset (no meta.json)" in line
     sequence_too_long = run_main(capsys, tmp_path, dataset_dir, "--model.max_seq_len", "100000", "--seq-len", "99999")
     assert "the train split has" in sequence_too_long and "use a shorter --seq-len" in sequence_too_long
-
-
-def test_batch_error_under_the_launcher_with_two_ranks(tmp_path, dataset_dir):
-    """Both ranks find the fault before the process group exists; the user reads it once."""
-    ds = write_ds(tmp_path, train_batch_size=12, train_micro_batch_size_per_gpu=4)
-    proc = subprocess.run(
-        [
-            str(VENV_BIN / "deepspeed"),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "launch/pretrain.py",
-            "--ds_config",
-            str(ds),
-            "--data",
-            str(dataset_dir),
-            "--out",
-            str(tmp_path / "out"),
-            *SMALL_MODEL,
-            "--seq-len",
-            "32",
-        ],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if line.startswith("error:")]
-    assert errors == [
-        "error: batch arithmetic: train_batch_size 12 != train_micro_batch_size_per_gpu 4 x "
-        "gradient_accumulation_steps 1 x data-parallel world size 2; make train_batch_size a multiple of "
-        'micro-batch x world size (8), or set it to "auto"'
-    ], proc.stderr[-2000:]
-    assert not (tmp_path / "out").exists()
 
 
 def test_plain_python_exit_code_and_help():

@@ -184,4 +184,7 @@ def test_the_library_does_not_import_the_data_layer():
     imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
     imported += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
     assert not [name for name in imported if name and name.startswith("dsllm.data")], imported
-    assert "from dsllm.data.train_tokenizer import main" in (ROOT / SCRIPT).read_text()
+    from dsllm.cli import VERBS  # the script runs the train-tokenizer verb, whose module is the command's
+
+    assert 'run_verb("train-tokenizer")' in (ROOT / SCRIPT).read_text()
+    assert VERBS["train-tokenizer"][0] == "dsllm.data.train_tokenizer"

@@ -1,4 +1,4 @@
-"""Training checkpoints on disk (pure file logic; tests/test_preemption.py runs the trainer for real):
+"""Training checkpoints on disk (pure file logic; tests/e2e/test_preemption.py runs the trainer for real):
 staging folders never count, markers carry sizes and checksums, prune keeps the lineage, and --resume auto
 after a rollback follows the branch the user chose."""
 

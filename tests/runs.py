@@ -1,0 +1,164 @@
+"""How the tests run the project's commands, the way a user does: a small pretraining run (one rank or several
+under the `deepspeed` launcher), a run killed at a step, a rank of a running job, a verb of `python -m dsllm`,
+and what a run wrote. tests/ is on sys.path (pytest.ini `pythonpath`), so every test file imports this one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import ROOT
+
+SMALL_MODEL = [
+    "--model",
+    "tiny",
+    "--model.n_layers",
+    "2",
+    "--model.d_model",
+    "64",
+    "--model.n_heads",
+    "4",
+    "--model.n_kv_heads",
+    "2",
+    "--model.max_seq_len",
+    "64",
+    "--model.mlp_multiple_of",
+    "32",
+]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    """CPU, one thread per rank. TORCH_EXTENSIONS_DIR passes through as it is: unset, every command points DeepSpeed
+    at its virtualenv's own built ops (dsllm/ops.py, use_venv_extensions_dir), as a user's run does."""
+    return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def command(data, out, *args, ranks=1, ds="zero2.json"):
+    train_args = [
+        "launch/pretrain.py",
+        "--ds_config",
+        f"ds_configs/{ds}",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *SMALL_MODEL,
+        "--seq-len",
+        "32",
+        "--lr",
+        "3e-3",
+        "--eval-windows",
+        "8",
+        "--sample-tokens",
+        "8",
+        "--loader-workers",
+        "0",
+        "--log-interval",
+        "1",
+        *map(str, args),
+    ]
+    if ranks == 1:
+        return [sys.executable, *train_args]
+    return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), *train_args]
+
+
+def pretrain(data, out, *args, ranks=1, ds="zero2.json", expect=0):
+    proc = subprocess.run(
+        command(data, out, *args, ranks=ranks, ds=ds), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600
+    )
+    if expect is not None:
+        assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def train_records(out):
+    """{step: record} of the training lines (a resumed run's later lines win)."""
+    records = {}
+    for line in (Path(out) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            records[record["step"]] = record
+    return records
+
+
+def run_until_killed(cmd, out, kill_after_step, **popen):
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=popen.pop("env", env()),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        **popen,
+    )
+    deadline = time.time() + 300
+    metrics = Path(out) / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(
+            json.loads(line).get("step", 0) >= kill_after_step and "loss" in line
+            for line in metrics.read_text().splitlines()
+        ):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait()
+    return proc
+
+
+def rank_process(proc: subprocess.Popen, local_rank: int):
+    """The rank among the descendants of a process this test started (never a process found by name)."""
+    import psutil
+
+    ranks = [
+        p for p in psutil.Process(proc.pid).children(recursive=True) if f"--local_rank={local_rank}" in p.cmdline()
+    ]
+    assert len(ranks) == 1, f"expected one rank {local_rank} under pid {proc.pid}, found {ranks}"
+    return ranks[0]
+
+
+def dsllm(*args, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m dsllm ARGS`; the caller checks the exit code."""
+    return subprocess.run(
+        [sys.executable, "-m", "dsllm", *map(str, args)], cwd=ROOT, env=env(), capture_output=True, text=True, **kwargs
+    )
+
+
+def report(*args, expect=0):
+    """`python -m dsllm report ARGS`, which must exit with `expect`."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsllm", "report", *map(str, args)],
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc
+
+
+def write_ds(tmp_path, name="ds.json", **changes):
+    """ds_configs/zero2.json with `changes` (nested keys joined by "__") written to tmp_path/name."""
+    config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    for dotted, value in changes.items():
+        node = config
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    path = tmp_path / name
+    path.write_text(json.dumps(config))
+    return path
