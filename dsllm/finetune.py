@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # (imported where used: `dsllm finetune --help` loads no torc
     from tokenizers import Tokenizer
 
     from dsllm.checkpoint.checkpointer import Checkpointer
+    from dsllm.model import GPT
     from dsllm.sft_data import Packed
 
 
@@ -46,6 +47,7 @@ class Finetuning:
 
     config: FinetuneConfig
     spec: RunSpec
+    model: GPT  # the --init weights, on the CPU: loaded once, in pre-flight, where a damaged file is said
     tokenizer: Tokenizer
     tokenizer_file: Path
     eot: int
@@ -106,8 +108,8 @@ def preflight(config: FinetuneConfig, world: World | None = None) -> Finetuning:
     tokenizer, tokenizer_file = model_tokenizer(resolve_model_source(config.init)[2])
     eot = eot_id(tokenizer)
     train_set, val_set = split_examples(config)
-    model = load_model_dir(config.init).config  # the weights load here too: a damaged file is said now
-    spec = resolve_spec(config, model, world)
+    model = load_model_dir(config.init)
+    spec = resolve_spec(config, model.config, world)
     packed = pack([tokenize(m, tokenizer, eot) for m in train_set], spec.seq_len)
     if len(packed.idx) == 0:
         raise UserError(f"--data {config.data}: no example keeps a reply token within --seq-len {spec.seq_len}")
@@ -116,7 +118,7 @@ def preflight(config: FinetuneConfig, world: World | None = None) -> Finetuning:
 
     checkpointer = Checkpointer.for_run(config, spec, packed.fingerprint(), kind="finetune")
     return Finetuning(
-        config, spec, tokenizer, tokenizer_file, eot, train_set, val_set, packed, val_packed, checkpointer
+        config, spec, model, tokenizer, tokenizer_file, eot, train_set, val_set, packed, val_packed, checkpointer
     )
 
 
@@ -172,7 +174,7 @@ def run(plan: Finetuning) -> dict:
     device = init_distributed(world, config.collective_timeout)
     checkpointer.verify()
     checkpointer.start_lineage()
-    model = load_model_dir(config.init)
+    model = plan.model
     if world.is_main:  # a model folder from the start: checkpoints load through its config.json
         write_json_atomic(out / CONFIG_FILE, {"model": spec.model.to_dict(), "finetune": summary})
         shutil.copyfile(plan.tokenizer_file, out / TOKENIZER_FILE)
@@ -216,10 +218,11 @@ def run(plan: Finetuning) -> dict:
     )
     dist.barrier()
     if world.is_main:  # fp32 weights from the ZeRO partitions (any stage), as a model folder
-        save_model_dir(load_model_dir(checkpointer.last_saved), out, plan.tokenizer_file, extra={"finetune": summary})
-        if plan.val_set:
+        final = load_model_dir(checkpointer.last_saved)
+        save_model_dir(final, out, plan.tokenizer_file, extra={"finetune": summary})
+        if plan.val_set:  # the fp32 weights just written, still in memory
             summary["after"] = evaluate_model(
-                load_model_dir(out, device), plan.tokenizer, plan.eot, plan.val_set, spec.seq_len, config.eval_examples
+                final.to(device), plan.tokenizer, plan.eot, plan.val_set, spec.seq_len, config.eval_examples
             )
             print(
                 "after: val loss {val_loss:.4f} | exact match {exact_match:.3f} on {exact_match_examples} "
