@@ -33,11 +33,14 @@ from pathlib import Path
 
 from throughput_measure import MARK, train_config, worker
 from throughput_report import (
+    GPU_TARGETS,
     MEMORY_TARGET,
+    PLAN_TOLERANCE,
     POINT_KEYS,
     TARGETS,
     ds_estimates,
     memory_scaling,
+    plan_prediction,
     point_label,
     scaling_table,
     summarize,
@@ -187,13 +190,14 @@ def variants(args) -> list[str]:
     }[args.compile]
 
 
-def check_points(args, point_list: list[dict], device_type: str) -> tuple[dict, dict, dict]:
+def check_points(args, point_list: list[dict], names: list[str], device_type: str) -> tuple[dict, dict, dict, dict]:
     """Every input check before any worker starts: each point through preflight. Fills each point's seq_len;
-    returns (shapes by 1-rank point label, DeepSpeed's estimates by (model, ranks), models by name)."""
+    returns (shapes by 1-rank point label, DeepSpeed's estimates by (model, ranks), models by name, `dsllm plan`'s
+    GiB per GPU by (point label, variant))."""
     from dsllm.model import flops_per_token
     from dsllm.pretrain import preflight
 
-    shapes, estimates, models = {}, {}, {}
+    shapes, estimates, models, plans = {}, {}, {}, {}
     for point in point_list:
         spec = preflight(train_config(args, point, "zero0", device_type)).spec
         point["seq_len"] = spec.seq_len
@@ -206,7 +210,9 @@ def check_points(args, point_list: list[dict], device_type: str) -> tuple[dict, 
         models[point["model"]] = {"parameters": parameters, "config": spec.model.to_dict()}
         if (point["model"], point["ranks"]) not in estimates:
             estimates[(point["model"], point["ranks"])] = ds_estimates(spec.model, point["ranks"])
-    return shapes, estimates, models
+        for variant in names:
+            plans[(point_label(point), variant)] = plan_prediction(spec.model, point, variant)
+    return shapes, estimates, models, plans
 
 
 def run_trials(args, point_list: list[dict], names: list[str], device_type: str) -> list[dict]:
@@ -330,10 +336,10 @@ def main(argv=None) -> int:
         size = {"max_bytes": 300_000, "vocab_size": 1000} if args.quick else {}
         args.data = str(build_default_dataset(**size, log=lambda m: print(m, file=sys.stderr)))
     point_list, names = points(args), variants(args)
-    shapes, estimates, models = check_points(args, point_list, device_type)
+    shapes, estimates, models, plans = check_points(args, point_list, names, device_type)
     trials = run_trials(args, point_list, names, device_type)
     peak = args.peak_tflops or peak_tflops()
-    rows = summarize(trials, point_list, names, estimates, shapes, peak)
+    rows = summarize(trials, point_list, names, estimates, shapes, peak, plans, gpu=device_type == "cuda")
     import deepspeed  # after DS_ACCELERATOR is set
 
     result = {
@@ -349,7 +355,11 @@ def main(argv=None) -> int:
             "dsllm": __version__,
         },
         "settings": {**{k: getattr(args, k) for k in SETTINGS}, "models": models, "peak_tflops": peak},
-        "targets": {"tokens_per_second_ratio_to_plain": TARGETS, "model_state_ratio_n_over_1_rank": MEMORY_TARGET},
+        "targets": {
+            "tokens_per_second_ratio_to_plain": GPU_TARGETS if device_type == "cuda" else TARGETS,
+            "model_state_ratio_n_over_1_rank": MEMORY_TARGET,
+            "peak_memory_within_plan": PLAN_TOLERANCE,
+        },
         "rows": rows,
         "memory_scaling": memory_scaling(rows),
         "trials": trials,
@@ -359,7 +369,7 @@ def main(argv=None) -> int:
     print("\n".join(table(rows)))
     if result["memory_scaling"]:
         print("\n".join(scaling_table(result["memory_scaling"])))
-    print(f"wrote {stem}.md, .json" + (" and .png" if stem.with_suffix(".png").exists() else ""), file=sys.stderr)
+    print(f"wrote {stem}.md, .json" + (" and .png" if Path(f"{stem}.png").exists() else ""), file=sys.stderr)
     return 1 if any("error" in row for row in rows) else 0
 
 

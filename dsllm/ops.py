@@ -14,10 +14,12 @@ In a virtualenv with no TORCH_EXTENSIONS_DIR set, the builds go into the virtual
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -138,6 +140,9 @@ def _load_arguments(builder) -> dict:
 
     def capture(**kwargs):
         captured.update(kwargs)
+        # DeepSpeed rewrites TORCH_CUDA_ARCH_LIST for the duration of jit_load (adding +PTX, say) and torch reads it
+        # while writing build.ninja: keep the value torch would see, so the expected file matches the real one
+        captured["torch_cuda_arch_list"] = os.environ.get("TORCH_CUDA_ARCH_LIST")
         raise _Captured
 
     original = cpp_extension.load
@@ -152,6 +157,23 @@ def _load_arguments(builder) -> dict:
     if not captured:
         raise RuntimeError(f"DeepSpeed's {type(builder).__name__}.jit_load did not call torch's load")
     return captured
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str | None):
+    """Environment variable `name` set to `value` (unset for None) inside the block, restored after."""
+    before = os.environ.get(name)
+    try:
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _expected_build_file(arguments: dict) -> str | None:
@@ -169,7 +191,8 @@ def _expected_build_file(arguments: dict) -> str | None:
         ldflags = cpp_extension._prepare_ldflags(
             list(arguments.get("extra_ldflags") or []), with_cuda, with_sycl, False, False
         )
-        with tempfile.TemporaryDirectory() as tmp:
+        arch_list = arguments.get("torch_cuda_arch_list")
+        with tempfile.TemporaryDirectory() as tmp, _environment("TORCH_CUDA_ARCH_LIST", arch_list):
             path = os.path.join(tmp, "build.ninja")
             cpp_extension._write_ninja_file_to_build_library(
                 path=path,
@@ -259,6 +282,25 @@ def build_line(state: OpState) -> str:
     )
 
 
+def check_cuda_arch_list(value: str | None) -> None:
+    """DeepSpeed's CUDA op builds read TORCH_CUDA_ARCH_LIST as MAJOR.MINOR[+PTX] entries and stop with a bare
+    ValueError on anything else, such as the "9.0a" of a CUDA image (seen on an H200 image, 2026-11-29)."""
+    entries = [e for e in re.split(r"[;\s]+", (value or "").strip()) if e]
+    bad = [e for e in entries if not re.fullmatch(r"\d+\.\d+(\+PTX)?", e)]
+    if bad:
+        raise UserError(
+            f"TORCH_CUDA_ARCH_LIST={value!r}: DeepSpeed builds its CUDA ops only for entries like 9.0 or 9.0+PTX, "
+            f"not {bad[0]!r}; set TORCH_CUDA_ARCH_LIST to the GPUs' capabilities (9.0 on H100/H200) or unset it"
+        )
+
+
+def _check_accelerator_environment(needs: list[str]) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    if needs and get_accelerator()._name == "cuda":
+        check_cuda_arch_list(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+
+
 def announce_builds(log: Callable[[str], None], needs: Iterable[str]) -> list[OpState]:
     """Before DeepSpeed loads the ops `needs` (INIT_OPS before `deepspeed.init_distributed`, `ops_for_config(ds)`
     before `deepspeed.initialize`): one `log` line per op it is going to build, nothing for built ones. In a
@@ -266,8 +308,10 @@ def announce_builds(log: Callable[[str], None], needs: Iterable[str]) -> list[Op
     caches py-cpuinfo's answer for the process (DeepSpeed's own loads then skip ~2 s per op)."""
     use_venv_extensions_dir()
     cache_cpu_info()
+    needs = list(dict.fromkeys(needs))
+    _check_accelerator_environment(needs)
     states = []
-    for name in dict.fromkeys(needs):
+    for name in needs:
         try:
             state = op_state(name)
         except Exception:  # a check that DeepSpeed or torch outgrew must not stop the run it describes
@@ -292,7 +336,9 @@ def prebuild(names: Iterable[str], log: Callable[[str], None] = print) -> dict[s
 
     use_venv_extensions_dir()
     cache_cpu_info()
-    states = [_state_or_missing(name) for name in dict.fromkeys(names)]
+    names = list(dict.fromkeys(names))
+    _check_accelerator_environment(names)
+    states = [_state_or_missing(name) for name in names]
     for state in states:
         if state.state == "busy":
             log(build_line(state))

@@ -262,3 +262,30 @@ def test_failure_cause_printed_as_it_happens(pytester):
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
     text = result.stdout.str()
     assert text.count("assert 1 + 1 == 3") >= 2 and "= FAILURES =" in text and "1 failed" in text
+
+
+@pytest.mark.parametrize("value", [None, "", "9.0", "8.0;9.0+PTX", "8.6 9.0", " 9.0 "])
+def test_cuda_arch_lists_deepspeed_builds_with_pass(value, monkeypatch):
+    ops.check_cuda_arch_list(value)
+    if value and value.strip():  # and DeepSpeed's own CUDA builder takes them
+        from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder
+
+        monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", value)
+        builder = FusedAdamBuilder()
+        builder.jit_mode = True
+        builder.compute_capability_args()  # in JIT mode it rewrites the list for torch's own -gencode flags
+        assert "9.0" in os.environ["TORCH_CUDA_ARCH_LIST"]
+
+
+def test_a_cuda_arch_list_deepspeed_cannot_parse_is_one_line(monkeypatch):
+    """An H200 image exported TORCH_CUDA_ARCH_LIST with a "9.0a" entry: DeepSpeed's FusedAdam build stopped every
+    ZeRO run with a bare ValueError; dsllm says what to set instead."""
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0a")
+    builder = FusedAdamBuilder()
+    builder.jit_mode = True
+    with pytest.raises(ValueError):
+        builder.compute_capability_args()
+    with pytest.raises(ops.UserError, match=r"TORCH_CUDA_ARCH_LIST='9.0a'.*not '9.0a'; set TORCH_CUDA_ARCH_LIST"):
+        ops.check_cuda_arch_list("9.0a")
