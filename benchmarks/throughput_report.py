@@ -33,9 +33,9 @@ def ds_estimates(model_config, ranks: int) -> dict:
         host, device = stage12.estimate_zero2_model_states_mem_needs(total, gpus, 1, cpu_offload=offload)
         return {"device_gib": device / 2**30, "host_gib": host / 2**30}
 
-    def z3(offload):  # build_engine does not use zero.Init: the zero_init=0 rows
+    def z3(offload):  # ZeRO-3 builds the model inside zero.Init (dsllm.engine.new_model): the zero_init=1 rows
         host, device, _ = stage3.estimate_zero3_model_states_mem_needs(
-            total, largest, ranks, 1, cpu_offload=offload, cpu_offload_params=offload, zero_init=False
+            total, largest, ranks, 1, cpu_offload=offload, cpu_offload_params=offload, zero_init=True
         )
         return {"device_gib": device / 2**30, "host_gib": host / 2**30}
 

@@ -1,8 +1,9 @@
 """The one training engine: process group, optimizer and schedule, `deepspeed.initialize`, and the step.
 
 Pretraining, fine-tuning, the throughput benchmark and the profiler all train through `build_engine` and
-`Engine.train_batch`. What differs between them is the model they bring and `loss_of(module, batch)`, the
-function that turns one micro batch into a loss.
+`Engine.train_batch`; `new_model` builds a model the way the spec needs it (partitioned as it is built, on
+ZeRO-3). What differs between them is the model they bring and `loss_of(module, batch)`, the function that
+turns one micro batch into a loss.
 
 Parallel layouts plug in here. Today the layout is data parallel (ZeRO 0-3). A pipeline layout will build
 DeepSpeed's `PipelineModule` and get a `PipelineEngine`, whose own `train_batch(data_iter)` runs the
@@ -91,6 +92,19 @@ def _unlink_shm_buffer() -> None:
         (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
+def new_model(spec: RunSpec, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """`build()` (after `init_distributed`), inside `deepspeed.zero.Init` under ZeRO-3: each module's parameters
+    are partitioned as soon as that module is built, so no rank ever holds the whole model (a 7B model on 8 ranks
+    is 1/8 of it on each, not 8 copies). The values equal those built without it: the model initialises its
+    weights through `Module.apply`, which zero.Init gathers, runs on rank 0 and broadcasts."""
+    if spec.zero_stage != 3:
+        return build()
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=spec.deepspeed_config()):
+        return build()
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices; not norms, biases or embeddings (a tied head is the embedding)."""
     no_decay_ids = {id(model.tok_embeddings.weight)}
@@ -98,7 +112,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         no_decay_ids.add(id(model.pos_embeddings.weight))
     decay, no_decay = [], []
     for param in model.parameters():
-        (no_decay if param.ndim < 2 or id(param) in no_decay_ids else decay).append(param)
+        ndim = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitioned (zero.Init): data is empty
+        (no_decay if ndim < 2 or id(param) in no_decay_ids else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

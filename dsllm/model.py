@@ -148,15 +148,18 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
+        self._residual_projections = {id(b.attn.proj) for b in self.blocks} | {id(b.mlp.proj) for b in self.blocks}
+        # every initialisation goes through Module.apply: under deepspeed.zero.Init (ZeRO-3), which partitions
+        # each module's parameters as soon as it is built, apply is the one place that gathers them first
         self.apply(self._init_weights)
-        residual_std = config.init_std / math.sqrt(2 * config.n_layers)
-        for block in self.blocks:  # outputs that add into the residual stream
-            nn.init.normal_(block.attn.proj.weight, std=residual_std)
-            nn.init.normal_(block.mlp.proj.weight, std=residual_std)
+        del self._residual_projections
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, std=self.config.init_std)
+            std = self.config.init_std
+            if id(module) in self._residual_projections:  # outputs that add into the residual stream
+                std /= math.sqrt(2 * self.config.n_layers)
+            nn.init.normal_(module.weight, std=std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 

@@ -9,7 +9,8 @@ the same formulas `deepspeed.runtime.zero.*.estimate_*_all_live` print) + activa
 per-layer count of Korthikanti et al. 2022 with flash attention, i.e. no s x s scores; with activation
 checkpointing one block input per layer plus one block recomputed) + the logits and their fp32 loss copy.
 Host memory per node is DeepSpeed's estimate too: the optimizer states (and parameters) that offload keeps in
-host memory, and every rank's fp32 copy of the model while it is built (ZeRO-3 with zero_init off).
+host memory, and what building the model takes (ZeRO-3 builds it inside deepspeed.zero.Init: DeepSpeed's zero_init
+rows, no rank holds the whole model).
 
 A config fits when
   - the GPU total leaves at least 5% of the usable memory spare (usable = total - 2.5 GiB for the CUDA context,
@@ -135,7 +136,8 @@ def model_state_gib(params: int, largest: int, config: str, gpus_per_node: int, 
     """(GPU GiB, host GiB per node) of parameters, gradients and optimizer states, by DeepSpeed's estimators
     (16-bit parameters, fp32 Adam). ZeRO-0/1 have no estimator: they use ZeRO-2's formula at 1 GPU, which keeps
     every state whole (ZeRO-1 partitions the optimizer only, so this overstates it by a little). ZeRO-3 uses the
-    zero_init=False rows: the trainer builds the whole model on every rank before DeepSpeed partitions it."""
+    zero_init=True rows: under ZeRO-3 every rank builds the model inside deepspeed.zero.Init (dsllm.engine.new_model),
+    so no rank holds the whole fp32 model while it is built."""
     import contextlib
     import io
 
@@ -152,7 +154,7 @@ def model_state_gib(params: int, largest: int, config: str, gpus_per_node: int, 
     else:
         offload = config.endswith("offload")
         host, device, _ = estimate_zero3_model_states_mem_needs(
-            params, largest, gpus_per_node, nodes, cpu_offload=offload, cpu_offload_params=offload, zero_init=False
+            params, largest, gpus_per_node, nodes, cpu_offload=offload, cpu_offload_params=offload, zero_init=True
         )
     return device / 2**30, host / 2**30
 

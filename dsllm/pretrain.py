@@ -283,7 +283,7 @@ def run(plan: Pretraining) -> dict:
     """Train the checked run to the end; returns {"step", "val_loss", ...} of the final evaluation."""
     import torch.distributed as dist
 
-    from dsllm.engine import build_engine, engine_options, init_distributed, window_loss
+    from dsllm.engine import build_engine, engine_options, init_distributed, new_model, window_loss
     from dsllm.loop import loop_settings, step_log_for, train_loop
     from dsllm.metrics import MetricsLog
     from dsllm.model import GPT
@@ -301,8 +301,9 @@ def run(plan: Pretraining) -> dict:
     import torch
 
     torch.manual_seed(config.seed)
+    model = new_model(spec, lambda: GPT(spec.model))
     engine = build_engine(
-        spec, GPT(spec.model), device, window_loss, **engine_options(config), load_universal=checkpointer.universal
+        spec, model, device, window_loss, **engine_options(config), load_universal=checkpointer.universal
     )
     loader = make_loader(plan, device)
     step, counters = 0, {"nonfinite_in_a_row": 0, "skipped_steps": 0}

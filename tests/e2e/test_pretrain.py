@@ -56,7 +56,7 @@ def test_every_config_trains(dataset_dir, tmp_path, ds, ranks):
 @pytest.mark.multirank
 @pytest.mark.slow
 def test_two_ranks_zero2_equal_one_rank_zero0(dataset_dir, tmp_path):
-    """Same global batch (8): 1 rank x 8 on ZeRO-0 vs 2 ranks x 4 on ZeRO-2, fp32. Tolerance 1e-5 relative
+    """Same global batch (8): 1 rank x 8 on ZeRO-0 vs 2 ranks x 4 on ZeRO-2 (and ZeRO-3), fp32. Tolerance 1e-5 relative
     (all-reduce order changes float summation; measured ~5e-7 absolute)."""
     one = tmp_path / "one"
     two = tmp_path / "two"
@@ -83,6 +83,14 @@ def test_two_ranks_zero2_equal_one_rank_zero0(dataset_dir, tmp_path):
     )
     c = train_records(acc)
     assert all(c[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5) for s in range(1, 9))
+    # ZeRO-3 on 2 ranks builds the model inside deepspeed.zero.Init (each rank only ever holds its half):
+    # the same initial weights, so the same curve
+    three = tmp_path / "three"
+    pretrain(
+        dataset_dir, three, "--max-steps", 8, "--micro-batch-size", 4, "--precision", "fp32", ranks=2, ds="zero3.json"
+    )
+    d = train_records(three)
+    assert all(d[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5) for s in range(1, 9))
 
 
 @pytest.mark.multirank
