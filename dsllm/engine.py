@@ -106,10 +106,9 @@ def new_model(spec: RunSpec, build: Callable[[], torch.nn.Module]) -> torch.nn.M
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; not norms, biases or embeddings (a tied head is the embedding)."""
-    no_decay_ids = {id(model.tok_embeddings.weight)}
-    if getattr(model, "pos_embeddings", None) is not None:
-        no_decay_ids.add(id(model.pos_embeddings.weight))
+    """Decay matrices; not norms, biases or embeddings (a tied head is the embedding). `model` may be a pipeline
+    stage's part of it."""
+    no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []
     for param in model.parameters():
         ndim = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitioned (zero.Init): data is empty
@@ -154,7 +153,8 @@ class Engine:
         self.ds, self.device, self.loss_of = ds_engine, device, loss_of
         self.accumulation = spec.batch.accumulation
         self.world_size = spec.world.size
-        self._check_finite_first = spec.zero_stage == 0 and spec.precision == "fp32"
+        self.pipeline = spec.pipeline_stages > 1
+        self._check_finite_first = spec.zero_stage == 0 and spec.precision == "fp32" and not self.pipeline
 
     @property
     def module(self) -> torch.nn.Module:
@@ -172,6 +172,8 @@ class Engine:
         that decision. Only ZeRO-0 in fp32 has no such check: there the loss flag is read before the step.
         (The throughput benchmark times this very method.)"""
         engine = self.ds
+        if self.pipeline:
+            return self._pipeline_batch(batches)
         loss_sum = torch.zeros((), device=self.device)
         for micro in range(self.accumulation):
             loss = self.loss_of(engine, next(batches), self.device)
@@ -191,6 +193,41 @@ class Engine:
                 return loss_sum, False
         engine.step()
         return loss_sum, engine.was_step_applied()
+
+    def _pipeline_batch(self, batches: Iterator) -> tuple[torch.Tensor, bool]:
+        """DeepSpeed's PipelineEngine runs the 1F1B schedule over `accumulation` micro batches: the first stage
+        reads their inputs, the last their targets (windows [:, :-1] and [:, 1:]); the stages between read
+        nothing, so they skip the same micro batches to keep every rank's loader at the same sample."""
+        engine = self.ds
+        if self._shape_changed:
+            engine.reset_activation_shape()
+            self._shape_changed = False
+        if engine.is_first_stage() or engine.is_last_stage():
+            loss = engine.train_batch(
+                iter([(w[:, :-1], w[:, 1:]) for w in (next(batches) for _ in range(self.accumulation))])
+            )
+        else:
+            for _ in range(self.accumulation):
+                next(batches)
+            loss = engine.train_batch(iter(()))
+        return loss.to(self.device), engine.was_step_applied()
+
+    _shape_changed = False
+
+    def forward_logits(self, inputs: torch.Tensor):
+        """(logits, None) of a batch of inputs for scoring, or (None, None) on a pipeline stage that is not the
+        last: there the pipeline's eval schedule runs the batch through every stage."""
+        if not self.pipeline:
+            return self.ds(inputs)
+        engine = self.ds
+        engine.reset_activation_shape()  # a scoring batch may be shorter than a training micro batch
+        self._shape_changed = True
+        engine.total_loss = None  # the eval schedule adds its outputs to the last training batch's loss otherwise
+        feed = iter([(inputs, inputs)]) if engine.is_first_stage() or engine.is_last_stage() else None
+        _, logits = engine.eval_batch(
+            feed, return_logits=True, compute_loss=False, reduce_output=None, bcast_loss=False, num_micro_batches=1
+        )
+        return (logits if engine.is_last_stage() else None), None
 
     def parameters_finite(self) -> bool:
         """Whether every parameter is finite on every rank (ZeRO-3: each rank checks its partition)."""

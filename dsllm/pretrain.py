@@ -62,18 +62,49 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
 
     on_gpu = torch.cuda.is_available()
     supports_bf16 = torch.cuda.is_bf16_supported() if on_gpu else True
+    stages = getattr(config, "pipeline_parallel", 1)  # (fine-tuning has no pipeline layout)
+    check_pipeline(config, model, world, stages)
     ds, batch, precision, stage = resolve_ds_config(
         load_ds_config(config.ds_config),
         config,
-        world.size,
+        world.size // stages,  # the data-parallel size: the batch arithmetic counts replicas, not stages
         config.ds_config,
         supports_bf16,
         on_gpu,
         hidden_size=model.d_model,
     )
+    if stages > 1 and stage >= 2:
+        raise UserError(
+            f"--pipeline-parallel {stages} with {config.ds_config} (ZeRO-{stage}): ZeRO-2 and 3 partition the "
+            "gradients, which DeepSpeed's pipeline engine accumulates whole across micro batches; use "
+            "ds_configs/zero1.json (or zero0.json) with pipeline stages"
+        )
     seq_len = config.seq_len or model.max_seq_len
     model.check_seq_len(seq_len)
-    return RunSpec(world, model, seq_len, batch, precision, stage, ds)
+    return RunSpec(world, model, seq_len, batch, precision, stage, ds, pipeline_stages=stages)
+
+
+def check_pipeline(config: RunConfig, model: ModelConfig, world: World, stages: int) -> None:
+    """A pipeline layout that cannot run is one line before any rank starts."""
+    if stages == 1:
+        return
+    if world.size % stages:
+        raise UserError(
+            f"--pipeline-parallel {stages}: the {world.size} rank(s) do not divide into {stages} stages; launch a "
+            f"multiple of {stages} ranks (deepspeed --num_gpus N) or change --pipeline-parallel"
+        )
+    if stages > model.n_layers:
+        raise UserError(
+            f"--pipeline-parallel {stages}: more stages than the model's {model.n_layers} transformer blocks; use "
+            f"at most {model.n_layers} stages"
+        )
+    if config.compile:
+        raise UserError(f"--compile with --pipeline-parallel {stages}: not supported yet; drop one of them")
+    if model.activation_checkpointing != "none":
+        raise UserError(
+            f"--model.activation_checkpointing {model.activation_checkpointing} with --pipeline-parallel {stages}: "
+            "not supported yet; drop one of them"
+        )
 
 
 def model_for_data(config: TrainConfig, vocab_size: int) -> ModelConfig:
@@ -172,6 +203,8 @@ def write_run_files(plan: Pretraining) -> Path:
             "tokens_per_step": spec.tokens_per_step,
             "precision": spec.precision,
             "zero_stage": spec.zero_stage,
+            "pipeline_stages": spec.pipeline_stages,
+            "data_parallel_size": spec.data_parallel_size,
         },
         "deepspeed": spec.ds,
         "versions": {
@@ -198,8 +231,8 @@ def make_loader(plan: Pretraining, device):
         TokenWindows(plan.train, spec.seq_len),
         spec.batch.micro,
         plan.config.seed,
-        spec.world.rank,
-        spec.world.size,
+        spec.data_parallel_rank,  # a pipeline's stages read the same samples
+        spec.data_parallel_size,
         num_workers=plan.config.loader_workers,
         pin_memory=device.type == "cuda",
     )
@@ -224,16 +257,16 @@ class WindowValidator:
     def validate(self, step: int) -> dict:
         from dsllm.scoring import evaluate
 
-        world = self.plan.spec.world
+        spec = self.plan.spec
         result = evaluate(
-            self.engine.ds,
+            self.engine.forward_logits,
             self.windows,
             self.indices,
-            self.plan.spec.batch.micro,
+            spec.batch.micro,
             self.device,
             self.byte_lengths,
-            world.rank,
-            world.size,
+            spec.data_parallel_rank,
+            spec.data_parallel_size,
         )
         self.log.write(
             {"step": step, **result, "samples": self.data.consumed_samples},
@@ -302,6 +335,10 @@ def run(plan: Pretraining) -> dict:
 
     torch.manual_seed(config.seed)
     model = new_model(spec, lambda: GPT(spec.model))
+    if spec.pipeline_stages > 1:
+        from dsllm.pipeline import pipeline_module
+
+        model = pipeline_module(model, spec.pipeline_stages, config.pipeline_partition)
     engine = build_engine(
         spec, model, device, window_loss, **engine_options(config), load_universal=checkpointer.universal
     )
@@ -320,7 +357,13 @@ def run(plan: Pretraining) -> dict:
     validator = WindowValidator(plan, engine, device, log, loader)
     _say(
         world,
-        f"training {spec.model.num_parameters():,} parameters on {world.size} rank(s), ZeRO-{spec.zero_stage}, "
+        f"training {spec.model.num_parameters():,} parameters on {world.size} rank(s)"
+        + (
+            f" ({spec.pipeline_stages} pipeline stages x {spec.data_parallel_size} data-parallel)"
+            if spec.pipeline_stages > 1
+            else ""
+        )
+        + f", ZeRO-{spec.zero_stage}, "
         f"{spec.precision}, global batch {spec.batch.global_size} x {spec.seq_len} tokens, "
         f"{config.max_steps} steps -> {config.out}",
     )

@@ -29,10 +29,21 @@ class RunSpec:
     precision: str  # bf16, fp16 or fp32 (never "auto" here)
     zero_stage: int  # 0-3
     ds: dict[str, Any] = dataclasses.field(repr=False)  # the DeepSpeed JSON, "auto" filled, for deepspeed.initialize
+    pipeline_stages: int = 1  # DeepSpeed's PipelineModule stages; world.size / pipeline_stages are data-parallel
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch.global_size * self.seq_len
+
+    @property
+    def data_parallel_size(self) -> int:
+        return self.world.size // self.pipeline_stages
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """This rank's data-parallel index: DeepSpeed's pipe x data grid numbers the data axis fastest (stage s holds
+        ranks s*D .. s*D+D-1), so ranks that differ only in their stage read the same samples."""
+        return self.world.rank % self.data_parallel_size
 
     def deepspeed_config(self, load_universal: bool = False) -> dict[str, Any]:
         """A fresh copy of the DeepSpeed JSON for `deepspeed.initialize`; `load_universal` when resuming through

@@ -62,7 +62,7 @@ def evaluate(
             chunk = mine[b * micro_batch : (b + 1) * micro_batch]
             rows = torch.stack([windows[i] for i in (chunk or mine[:1] or indices[:1])]).to(device)
             logits, _ = model(rows[:, :-1])
-            if not chunk:
+            if not chunk or logits is None:  # (None: a pipeline stage before the last)
                 continue
             targets = rows[:, 1:]
             nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
@@ -73,8 +73,8 @@ def evaluate(
                     byte_lengths.to(device)[targets].sum(),
                 ]
             )
-    if dist.is_available() and dist.is_initialized() and world_size > 1:
-        dist.all_reduce(totals)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(totals)  # (a pipeline's stages before the last contribute zeros)
     nll, tokens, n_bytes = totals.tolist()
     loss = nll / tokens
     return {

@@ -14,6 +14,7 @@ import re
 
 from dsllm.errors import UserError
 
+PIPELINE_PARTITIONS = ("blocks", "parameters", "uniform")  # dsllm.pipeline.PARTITIONS maps them for DeepSpeed
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -155,8 +156,23 @@ class TrainConfig(RunConfig):
     """DataLoader worker processes per rank"""
     sample_tokens: int = 64
     """tokens generated from the validation text at the end (0: none)"""
+    pipeline_parallel: int = 1
+    """pipeline stages (DeepSpeed's PipelineModule, 1F1B schedule); the ranks / stages are data-parallel replicas"""
+    pipeline_partition: str = "blocks"
+    """how the layers split over the stages: blocks (as many transformer blocks each), parameters, or uniform"""
 
-    _AT_LEAST = {**RunConfig._AT_LEAST, "eval_windows": 1, "loader_workers": 0, "sample_tokens": 0}
+    _AT_LEAST = {
+        **RunConfig._AT_LEAST,
+        "eval_windows": 1,
+        "loader_workers": 0,
+        "sample_tokens": 0,
+        "pipeline_parallel": 1,
+    }
+
+    def check(self) -> None:
+        super().check()
+        if self.pipeline_partition not in PIPELINE_PARTITIONS:
+            raise UserError(f"--pipeline-partition {self.pipeline_partition}: use {', '.join(PIPELINE_PARTITIONS)}")
 
 
 @dataclasses.dataclass(kw_only=True)

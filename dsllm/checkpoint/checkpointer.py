@@ -128,6 +128,17 @@ class Checkpointer:
                 f"{checkpoint}: saved in {marker.precision}, this run would train in {spec.precision}; "
                 f"pass --precision {marker.precision} to resume it"
             )
+        if marker.pipeline_stages != spec.pipeline_stages:
+            raise UserError(
+                f"{checkpoint}: saved with {marker.pipeline_stages} pipeline stage(s), this run has "
+                f"{spec.pipeline_stages}; resume with --pipeline-parallel {marker.pipeline_stages}, or start a new run "
+                "from its weights (dsllm consolidate) with another --out"
+            )
+        if spec.pipeline_stages > 1 and marker.world_size != spec.world.size:
+            raise UserError(
+                f"{checkpoint}: a pipeline checkpoint of {marker.world_size} ranks, this run has {spec.world.size}; "
+                f"resume on {marker.world_size} ranks"
+            )
         saved_world, saved_stage, stage = marker.world_size, marker.zero_stage, spec.zero_stage
         if saved_stage == stage and (saved_world == spec.world.size or stage == 0):
             return False  # ZeRO-0 keeps whole optimizer state on every rank: it loads on any world size
@@ -237,6 +248,7 @@ class Checkpointer:
                 val_loss=val_loss,
                 files={k: v for share in shares for k, v in share.items()},
                 kind=self.kind,
+                pipeline_stages=spec.pipeline_stages,
             )
             commit(staging, marker)
             prune(self.checkpoints, self.keep)

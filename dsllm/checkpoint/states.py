@@ -23,6 +23,8 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
     require_model_states(checkpoint, marker["zero_stage"])
     with weights_only_loads():
+        if marker.get("pipeline_stages", 1) > 1:
+            return _pipeline_state_dict(checkpoint, marker["model"]["n_layers"])
         if marker["zero_stage"] == 0:
             states = torch.load(checkpoint / model_states_file(0), map_location="cpu")
             return {k: v.float() for k, v in states["module"].items()}
@@ -31,6 +33,21 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
         # its progress chatter is not for the user (and `evaluate`'s stdout is one JSON object)
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+def _pipeline_state_dict(checkpoint: Path, n_layers: int) -> dict[str, torch.Tensor]:
+    """A pipeline checkpoint's weights: DeepSpeed writes each layer of `dsllm.pipeline.layers_of` to its own
+    layer_NN-model_states.pt (the tied LM head is the embedding's, in layer 00), renamed to GPT's names."""
+    from dsllm.pipeline import to_gpt_state
+
+    state = {}
+    for index in range(n_layers + 3):
+        path = checkpoint / f"layer_{index:02d}-model_states.pt"
+        if path.is_file():
+            state.update(to_gpt_state(n_layers, index, torch.load(path, map_location="cpu")))
+        elif index < n_layers + 2:  # every layer but an LM head tied to the embedding has a file
+            raise UserError(f"{path}: missing, so this checkpoint is incomplete; use another checkpoint of the run")
+    return {k: v.float() for k, v in state.items()}
 
 
 def model_states_file(zero_stage: int, rank: int = 0) -> str:

@@ -55,6 +55,7 @@ class Marker:
     val_loss: float | None  # the last validation loss before this checkpoint, None before the first evaluation
     files: dict[str, list]  # {relative path: [size, sha256]} of every other file of the checkpoint
     kind: str = "pretrain"  # or "finetune"
+    pipeline_stages: int = 1  # DeepSpeed pipeline stages: the weights are in per-layer files (layer_NN-*)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

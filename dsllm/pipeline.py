@@ -1,0 +1,135 @@
+"""Pipeline parallelism: the GPT as DeepSpeed's `PipelineModule`, trained by its `PipelineEngine` (1F1B).
+
+The model is the same `GPT` every other layout trains, cut into a flat list of layers DeepSpeed partitions into
+stages: [embedding, block 0, ..., block N-1, final norm, LM head]. Each layer wraps the GPT's own submodule, so the
+weights (and their initialisation, from the run's seed) are those of the unpartitioned model, and a stage's
+trained layers map back onto GPT parameter names (`GPT_NAMES`, used when a pipeline checkpoint is consolidated).
+With tied embeddings the LM head is a `TiedLayerSpec` of the embedding: DeepSpeed keeps the copy on the first and
+the last stage equal and sums their gradients.
+
+Between stages only the hidden states travel: each block recomputes its rotary tables from the sequence length
+(training uses positions 0..T-1), so no stage needs anything from another but x.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsllm.model import GPT, rotary_embedding
+
+# how a run's --pipeline-partition maps to DeepSpeed's partition_method
+PARTITIONS = {
+    "blocks": "type:BlockPipe",  # the same number of transformer blocks per stage (embedding and head ride along)
+    "parameters": "parameters",  # balance parameter counts (a big vocabulary weighs on the first and last stage)
+    "uniform": "uniform",  # the same number of layers per stage, whatever they are
+}
+
+
+class EmbeddingPipe(nn.Module):
+    """Token (+ learned position) embedding and dropout: idx [B, T] -> x [B, T, d]."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.tok, self.pos, self.dropout = gpt.tok_embeddings, gpt.pos_embeddings, gpt.dropout
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok(idx)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        return self.dropout(x)
+
+
+class BlockPipe(nn.Module):
+    """One transformer block; its rotary tables come from the sequence length."""
+
+    def __init__(self, gpt: GPT, index: int):
+        super().__init__()
+        self.block, self.config = gpt.blocks[index], gpt.config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rotary = None
+        if self.config.positions == "rope":
+            positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], x.shape[1])
+            rotary = rotary_embedding(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        return self.block(x, rotary)
+
+
+class NormPipe(nn.Module):
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.norm = gpt.norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+class HeadPipe(nn.Module):
+    """The (untied) LM head: x -> logits."""
+
+    def __init__(self, gpt: GPT):
+        super().__init__()
+        self.head = gpt.lm_head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+
+def tied_head(embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, embedding.tok.weight)
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The same loss as GPT.forward's: mean cross-entropy in fp32, targets of -100 ignored."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+
+
+def layers_of(gpt: GPT) -> list:
+    """The pipeline's layers, in order; each wraps (shares) the GPT's own modules."""
+    from deepspeed.pipe import TiedLayerSpec
+
+    tied = gpt.config.tie_embeddings
+    first = (
+        TiedLayerSpec("embedding", EmbeddingPipe, gpt, tied_weight_attr=["tok.weight"]) if tied else EmbeddingPipe(gpt)
+    )
+    blocks = [BlockPipe(gpt, i) for i in range(gpt.config.n_layers)]
+    last = (
+        TiedLayerSpec("embedding", EmbeddingPipe, gpt, forward_fn=tied_head, tied_weight_attr=["tok.weight"])
+        if tied
+        else HeadPipe(gpt)
+    )
+    return [first, *blocks, NormPipe(gpt), last]
+
+
+def gpt_names(n_layers: int, index: int) -> tuple[str, str]:
+    """(prefix in a pipeline layer's state dict, prefix in GPT's) for layer `index` of `layers_of`."""
+    if index == 0:
+        return "", ""  # tok.*, pos.* -> tok_embeddings.*, pos_embeddings.* (renamed in `to_gpt_state`)
+    if index <= n_layers:
+        return "block.", f"blocks.{index - 1}."
+    if index == n_layers + 1:
+        return "norm.", "norm."
+    return "head.", "lm_head."
+
+
+def to_gpt_state(n_layers: int, index: int, layer_state: dict) -> dict:
+    """A pipeline checkpoint's layer file (layer_NN-model_00-model_states.pt) as GPT state-dict entries."""
+    if index == 0:
+        renames = {"tok.": "tok_embeddings.", "pos.": "pos_embeddings."}
+        return {renames[k[:4]] + k[4:]: v for k, v in layer_state.items() if k[:4] in renames}
+    ours, theirs = gpt_names(n_layers, index)
+    return {theirs + k[len(ours) :]: v for k, v in layer_state.items() if k.startswith(ours)}
+
+
+def pipeline_module(gpt: GPT, stages: int, partition: str):
+    """DeepSpeed's PipelineModule over `gpt` in `stages` stages (after init_distributed)."""
+    from deepspeed.pipe import PipelineModule
+
+    return PipelineModule(
+        layers=layers_of(gpt),
+        num_stages=stages,
+        loss_fn=next_token_loss,
+        partition_method=PARTITIONS[partition],
+        activation_checkpoint_interval=0,
+    )

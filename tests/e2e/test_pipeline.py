@@ -1,0 +1,89 @@
+"""Pipeline parallelism on real ranks (gloo, CPU): DeepSpeed's PipelineModule/PipelineEngine (1F1B) trains the
+same GPT. fp32, same global batch and seed: PP=2 reproduces the single-rank curve and validation loss; its final
+weights consolidate from the per-layer checkpoint files into a model folder that `dsllm evaluate` scores as the
+run did and `dsllm export` turns into a Hugging Face model; kill -9 and --resume auto continue the curve exactly.
+"""
+
+import json
+
+import pytest
+import torch
+from runs import command, dsllm, pretrain, run_until_killed, train_records
+
+STEPS = 16
+# 2 micro batches of 4 per step: the 1F1B schedule has a micro batch in flight on each stage
+ARGS = ["--max-steps", STEPS, "--micro-batch-size", 4, "--grad-accum", 2, "--precision", "fp32", "--seq-len", 32]
+RUN = [*ARGS, "--eval-interval", 8, "--save-interval", 4, "--sample-tokens", 8]
+
+
+def val_losses(out) -> dict:
+    return {
+        r["step"]: r["val_loss"]
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        if "val_loss" in r
+    }
+
+
+@pytest.fixture(scope="module")
+def single(dataset_dir, tmp_path_factory):
+    """The reference: one rank, ZeRO-0, tied and untied heads."""
+    runs = {}
+    for tied in ("true", "false"):
+        out = tmp_path_factory.mktemp("single") / "run"
+        pretrain(dataset_dir, out, *RUN, "--model.tie_embeddings", tied, ds="zero0.json")
+        runs[tied] = out
+    return runs
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("tied", ["true", "false"])
+def test_two_stages_reproduce_the_single_rank_run(dataset_dir, single, tmp_path, tied):
+    out = tmp_path / "run"
+    proc = pretrain(
+        dataset_dir, out, *RUN, "--model.tie_embeddings", tied, "--pipeline-parallel", 2, ranks=2, ds="zero1.json"
+    )
+    assert "on 2 rank(s) (2 pipeline stages x 1 data-parallel), ZeRO-1, fp32" in proc.stdout
+    reference, records = train_records(single[tied]), train_records(out)
+    assert sorted(records) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert records[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5), step
+        assert records[step]["lr"] == pytest.approx(reference[step]["lr"], rel=1e-9)
+    ours, theirs = val_losses(out), val_losses(single[tied])
+    assert sorted(ours) == [8, 16] and all(ours[s] == pytest.approx(theirs[s], rel=1e-5) for s in ours)
+    # the final weights, gathered from the stages' layer files, are the model the run validated
+    marker = json.loads((out / "checkpoints" / "step00000016" / "dsllm_complete.json").read_text())
+    assert marker["pipeline_stages"] == 2
+    assert "sample:" in proc.stdout
+    # (tests/runs.py runs with --eval-windows 8)
+    scored = dsllm("evaluate", "--checkpoint", out, "--data", dataset_dir, "--max-windows", 8, "--seq-len", 32)
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["loss"] == pytest.approx(ours[16], rel=1e-5)
+    if tied == "false":  # the head is a layer file of its own
+        assert (out / "checkpoints" / "step00000016" / "layer_04-model_states.pt").is_file()
+        exported = dsllm("export", "--checkpoint", out, "--output", tmp_path / "hf")
+        assert exported.returncode == 0, exported.stderr
+        from transformers import AutoModelForCausalLM
+
+        from dsllm.model_dir import load_model_dir
+
+        ours_model, hf = load_model_dir(out).eval(), AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        idx = torch.randint(0, ours_model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert (ours_model(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_kill_9_then_resume_continues_the_pipeline_run_exactly(dataset_dir, single, tmp_path):
+    out = tmp_path / "killed"
+    cmd = command(dataset_dir, out, *RUN, "--pipeline-parallel", 2, ranks=2, ds="zero1.json")
+    proc = run_until_killed(cmd, out, kill_after_step=9)
+    assert proc.returncode != 0, "the run finished before it could be killed"
+    resumed = pretrain(dataset_dir, out, *RUN, "--pipeline-parallel", 2, ranks=2, ds="zero1.json")
+    assert "resumed from" in resumed.stdout and ("at step 8 " in resumed.stdout or "at step 12 " in resumed.stdout)
+    reference, records = train_records(single["true"]), train_records(out)
+    for step in range(1, STEPS + 1):
+        assert records[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5), step
+    # another layout is refused with what to do, before any rank trains
+    other = pretrain(dataset_dir, out, *RUN[2:], "--max-steps", STEPS + 4, ranks=2, ds="zero1.json", expect=2)
+    assert "saved with 2 pipeline stage(s), this run has 1; resume with --pipeline-parallel 2" in other.stderr

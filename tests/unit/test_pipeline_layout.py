@@ -1,0 +1,93 @@
+"""Pipeline layouts: each one DeepSpeed cannot run is refused by pre-flight (one line naming the flag, before any
+rank starts), and the pipeline's layers are the GPT's own modules, mapped back onto GPT's parameter names. The
+runs themselves (2 real ranks) are in tests/e2e/test_pipeline.py."""
+
+import dataclasses
+import functools
+
+import pytest
+import torch
+
+from dsllm.errors import UserError
+from dsllm.model import GPT
+from dsllm.model_config import resolve_model_config
+from dsllm.pipeline import PARTITIONS, layers_of, to_gpt_state
+from dsllm.pretrain import preflight
+from dsllm.train_config import PIPELINE_PARTITIONS, TrainConfig
+from dsllm.world import World
+
+SMALL = {"n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64, "mlp_multiple_of": 32}
+
+
+def check(dataset_dir, tmp_path, ranks, ds="zero1.json", model=None, **options):
+    config = TrainConfig(
+        ds_config=f"ds_configs/{ds}",
+        data=str(dataset_dir),
+        out=str(tmp_path / "run"),
+        model_overrides={**SMALL, **(model or {})},
+        seq_len=32,
+        micro_batch_size=4,
+        **options,
+    )
+    return preflight(config, World(rank=0, local_rank=0, size=ranks))
+
+
+@pytest.mark.parametrize(
+    "ranks, ds, model, options, message",
+    [
+        (2, "zero2.json", None, {}, "ZeRO-2 and 3 partition the gradients"),
+        (2, "zero3.json", None, {}, "use ds_configs/zero1.json (or zero0.json) with pipeline stages"),
+        (3, "zero1.json", None, {}, "the 3 rank(s) do not divide into 2 stages"),
+        (4, "zero1.json", {"n_layers": 3}, {"pipeline_parallel": 4}, "more stages than the model's 3 transformer"),
+        (2, "zero1.json", None, {"compile": True}, "--compile with --pipeline-parallel 2: not supported yet"),
+        (2, "zero1.json", {"activation_checkpointing": "torch"}, {}, "activation_checkpointing torch with"),
+    ],
+)
+def test_layouts_deepspeed_cannot_run_are_one_line(dataset_dir, tmp_path, ranks, ds, model, options, message):
+    options = {"pipeline_parallel": 2, **options}
+    with pytest.raises(UserError) as caught:
+        check(dataset_dir, tmp_path, ranks, ds, model, **options)
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_valid_layout_resolves_the_data_parallel_batch(dataset_dir, tmp_path):
+    spec = check(dataset_dir, tmp_path, 4, pipeline_parallel=2, grad_accum=2).spec
+    assert (spec.pipeline_stages, spec.data_parallel_size) == (2, 2)
+    assert spec.batch.global_size == 4 * 2 * 2  # micro x micro batches x data-parallel replicas, not x ranks
+    assert spec.ds["train_batch_size"] == 16
+    last = check(dataset_dir, tmp_path, 4, pipeline_parallel=2).spec
+    assert [dataclasses.replace(last, world=World(r, r, 4)).data_parallel_rank for r in range(4)] == [0, 1, 0, 1]
+    with pytest.raises(UserError, match="--pipeline-partition layers: use blocks, parameters, uniform"):
+        TrainConfig(ds_config="ds_configs/zero1.json", out="x", pipeline_partition="layers")
+    assert tuple(PARTITIONS) == PIPELINE_PARTITIONS
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_the_layers_are_the_gpts_modules_and_map_back_to_its_names(tied, positions):
+    """What DeepSpeed builds on the stages (a tied spec once, its head as forward_fn) holds the GPT's own
+    parameters under names `to_gpt_state` maps back, and running the layers in order is the GPT's forward."""
+    from deepspeed.pipe import TiedLayerSpec
+
+    config = resolve_model_config("tiny", {**SMALL, "tie_embeddings": tied, "positions": positions})
+    gpt = GPT(config)
+    layers, built, state, run = layers_of(gpt), {}, {}, []
+    assert len(layers) == config.n_layers + 3
+    for index, layer in enumerate(layers):
+        if isinstance(layer, TiedLayerSpec):
+            module = built.setdefault(layer.key, layer.build())
+            if layer.forward_fn is not None:  # the tied head: the embedding's weight, saved with layer 0
+                run.append(functools.partial(layer.forward_fn, module))
+                continue
+            layer = module
+        run.append(layer)
+        state.update(to_gpt_state(config.n_layers, index, layer.state_dict()))
+    expected = {k: v for k, v in gpt.state_dict().items() if not (tied and k == "lm_head.weight")}
+    assert sorted(state) == sorted(expected)
+    assert all(state[k].data_ptr() == expected[k].data_ptr() for k in expected)  # the same tensors, not copies
+    idx = torch.randint(0, config.vocab_size, (2, 16))
+    x = idx
+    for layer in run:
+        x = layer(x)
+    assert torch.equal(x, gpt(idx)[0])
