@@ -31,7 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from throughput_measure import MARK, train_config, worker
+from throughput_measure import MARK, pipeline_stages, train_config, worker
 from throughput_report import (
     GPU_TARGETS,
     MEMORY_TARGET,
@@ -93,6 +93,8 @@ SETTINGS = (  # the options the results record under "settings"
     "repeats",
     "data",
     "quick",
+    "pipeline_stages",
+    "micro_batches",
 )
 
 
@@ -135,6 +137,16 @@ def build_parser() -> ArgumentParser:
         "--stages", type=int, nargs="+", choices=[0, 1, 2, 3], help="ZeRO stages (default 0 1 2 3; quick 0 2)"
     )
     p.add_argument("--offload", action="store_true", help="also zero2_offload and zero3_offload")
+    p.add_argument(
+        "--pipeline-stages",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also ppN: N pipeline stages (ZeRO-1) x --ranks replicas, timed against the ideal 1F1B figure",
+    )
+    p.add_argument(
+        "--micro-batches", type=int, default=8, help="micro batches per step of the ppN variants (the 1F1B depth)"
+    )
     p.add_argument("--no-plain", action="store_true", help="skip the plain loop (no ratios)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1], help="data-parallel ranks of the ZeRO variants")
     p.add_argument(
@@ -159,11 +171,11 @@ def parse_args(argv):
     for name, value in DEFAULTS["quick" if args.quick else "full"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("steps", "repeats", "warmup_steps", "threads"):
+    for name in ("steps", "repeats", "warmup_steps", "threads", "micro_batches"):
         least = 0 if name == "warmup_steps" else 1
         if getattr(args, name) is not None and getattr(args, name) < least:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {least} or more")
-    for name in ("seq_len", "micro_batch_size", "ranks"):
+    for name in ("seq_len", "micro_batch_size", "ranks", "pipeline_stages"):
         bad = [v for v in getattr(args, name) if v is not None and v < 1]
         if bad:
             raise UserError(f"--{name.replace('_', '-')} {bad[0]}: must be 1 or more")
@@ -183,6 +195,7 @@ def points(args) -> list[dict]:
 def variants(args) -> list[str]:
     names = ([] if args.no_plain else ["plain"]) + [f"zero{s}" for s in sorted(set(args.stages))]
     names += ["zero2_offload", "zero3_offload"] if args.offload else []
+    names += [f"pp{stages}" for stages in args.pipeline_stages]
     return {
         "off": names,
         "on": [n + "+compile" for n in names],
@@ -196,10 +209,16 @@ def check_points(args, point_list: list[dict], names: list[str], device_type: st
     GiB per GPU by (point label, variant))."""
     from dsllm.model import flops_per_token
     from dsllm.pretrain import preflight
+    from dsllm.world import World
 
     shapes, estimates, models, plans = {}, {}, {}, {}
     for point in point_list:
         spec = preflight(train_config(args, point, "zero0", device_type)).spec
+        for stages in args.pipeline_stages:  # a layout DeepSpeed cannot run is one line now, not a failed row
+            world = World(rank=0, local_rank=0, size=stages * point["ranks"])
+            preflight(
+                train_config(args, {**point, "seq_len": spec.seq_len}, "zero1", device_type, stages=stages), world
+            )
         point["seq_len"] = spec.seq_len
         parameters = spec.model.num_parameters()
         shapes[point_label({**point, "ranks": 1})] = (
@@ -234,7 +253,7 @@ def run_variant(args, point: dict, variant: str, device_type: str) -> dict:
     from dsllm.engine import free_port
 
     plain = variant.startswith("plain")
-    ranks = 1 if plain else point["ranks"]
+    ranks = 1 if plain else point["ranks"] * pipeline_stages(variant)
     micro = point["micro_batch_size"] * (point["ranks"] if plain else 1)  # plain: the same global batch
     worker_args = [
         str(Path(__file__).resolve()),
@@ -253,6 +272,8 @@ def run_variant(args, point: dict, variant: str, device_type: str) -> dict:
         str(args.steps),
         "--warmup-steps",
         str(args.warmup_steps),
+        "--micro-batches",
+        str(args.micro_batches),
         "--checkpointing",
         "on" if point["checkpointing"] else "off",
         *(["--seq-len", str(point["seq_len"])] if point["seq_len"] else []),

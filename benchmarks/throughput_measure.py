@@ -29,8 +29,14 @@ MARK = "THROUGHPUT_RESULT "  # the worker's result line on stdout starts with th
 NO_RUN_DIR = Path(tempfile.gettempdir()) / "dsllm-throughput-no-run-dir"  # TrainConfig.out: never written
 
 
-def train_config(args, point: dict, ds: str, device_type: str, compiled: bool = False):
-    """The pretraining options one variant of one point runs with (ds: a ds_configs/ name)."""
+def pipeline_stages(variant: str) -> int:
+    """ppN (N pipeline stages on ZeRO-1) -> N; 1 for every other variant."""
+    return int(variant.removesuffix("+compile")[2:]) if variant.startswith("pp") else 1
+
+
+def train_config(args, point: dict, ds: str, device_type: str, compiled: bool = False, stages: int = 1):
+    """The pretraining options one variant of one point runs with (ds: a ds_configs/ name; `stages` > 1: a
+    pipeline over --micro-batches micro batches per step)."""
     from dsllm.train_config import TrainConfig
 
     overrides = {**args.model_overrides, **({"activation_checkpointing": "torch"} if point["checkpointing"] else {})}
@@ -47,6 +53,8 @@ def train_config(args, point: dict, ds: str, device_type: str, compiled: bool = 
         resume="none",
         loader_workers=0 if device_type == "cpu" else 2,  # CPU: no cores to spare
         compile=compiled,
+        pipeline_parallel=stages,
+        grad_accum=args.micro_batches if stages > 1 else None,
     )
 
 
@@ -164,7 +172,8 @@ def model_state_gib(loop: Loop, device: torch.device) -> float:
         loop.step()
     finally:
         loop.stepper.step = original
-    return max(measured[-1], live_tensor_gib(device.type))
+    # (a PipelineEngine steps its optimizer inside train_batch, never through the watched .step)
+    return max(measured[-1] if measured else 0.0, live_tensor_gib(device.type))
 
 
 def worker(args) -> int:
@@ -187,7 +196,9 @@ def worker(args) -> int:
         "ranks": 1,
     }
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    plan = preflight(train_config(args, point, "zero0" if plain else base, device_type, compiled))
+    stages = pipeline_stages(variant)
+    ds = "zero0" if plain else "zero1" if stages > 1 else base
+    plan = preflight(train_config(args, point, ds, device_type, compiled, stages))
     spec = plan.spec
     if plain:
         device = torch.device(device_type)
@@ -231,7 +242,9 @@ def summary(
     cpu = [sum(r["step_cpu_seconds"][i] for r in ranks) for i in range(steps)]  # all ranks' CPU time
     tokens = spec.tokens_per_step
     for r in ranks:
-        r["tokens_per_second"] = spec.batch.micro * spec.seq_len / statistics.median(r.pop("step_seconds"))
+        r["tokens_per_second"] = (  # this rank's (its replica's, on a pipeline stage) tokens of a step
+            spec.batch.micro * spec.batch.accumulation * spec.seq_len / statistics.median(r.pop("step_seconds"))
+        )
         r["cpu_seconds"] = sum(r.pop("step_cpu_seconds"))
     return {
         "variant": variant,
@@ -241,6 +254,8 @@ def summary(
         "optimizer": optimizer,
         "threads": threads,
         "micro_batch": spec.batch.micro,
+        "micro_batches": spec.batch.accumulation,
+        "pipeline_stages": spec.pipeline_stages,
         "global_batch": spec.batch.global_size,
         "seq_len": spec.seq_len,
         "steps": steps,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 TARGETS = {"zero0": 0.97, "zero1": 0.97, "zero2": 0.90}  # tokens/s as a share of the plain loop (the CPU issue)
 GPU_TARGETS = {"zero0": 0.97, "zero1": 0.97, "zero2": 0.95}  # the GPU issue's (DeepSpeed #3544: ZeRO costs ~13%)
+PIPELINE_TARGET = 0.8  # ppN tokens/s as a share of the ideal 1F1B figure (the pipeline issue)
 PLAN_TOLERANCE = 0.15  # peak GPU memory within 15% of `dsllm plan`'s prediction (the GPU issue)
 MEMORY_TARGET = {"zero2": 0.6}  # model-state memory per rank, N ranks over 1 rank (the issue)
 POINT_KEYS = ("model", "seq_len", "micro_batch_size", "checkpointing", "ranks")
@@ -54,12 +55,14 @@ def ds_estimates(model_config, ranks: int) -> dict:
     }
 
 
-def plan_prediction(model_config, point: dict, variant: str) -> float:
+def plan_prediction(model_config, point: dict, variant: str) -> float | None:
     """`dsllm plan`'s GiB per GPU for this point and variant: DeepSpeed's model-state estimate + activations
     (plain: the ZeRO-0 row, whole states on one device)."""
     from dsllm.plan import activation_gib, largest_layer_params, model_state_gib
 
     config = variant.removesuffix("+compile")
+    if config.startswith("pp"):
+        return None  # `dsllm plan` has no pipeline layouts yet
     config = "zero0" if config == "plain" else config
     ranks = 1 if variant.startswith("plain") else point["ranks"]
     micro = point["micro_batch_size"] * (point["ranks"] if variant.startswith("plain") else 1)
@@ -144,6 +147,15 @@ def summarize(
             row["meets_target"] = (
                 None if row["target"] is None or reference is None else row["ratio_to_plain"] >= row["target"]
             )
+            if row.get("pipeline_stages", 1) > 1 and reference is not None:
+                # 1F1B over M micro batches on P stages idles (P-1)/(M+P-1) of the time: with every process as fast
+                # as the plain loop's (the same --threads), P x R processes reach P*R*M/(M+P-1) x plain at best
+                stages, micro = row["pipeline_stages"], row["micro_batches"]
+                row["bubble_ideal"] = (stages - 1) / (micro + stages - 1)
+                row["ideal_ratio_to_plain"] = row["world_size"] * (1 - row["bubble_ideal"])
+                row["ratio_to_ideal"] = row["ratio_to_plain"] / row["ideal_ratio_to_plain"]
+                row["target"] = PIPELINE_TARGET
+                row["meets_target"] = row["ratio_to_ideal"] >= PIPELINE_TARGET
         rows += mine
     return rows
 
@@ -194,6 +206,8 @@ def table(rows: list[dict]) -> list[str]:
             lines.append(f"| {r['point']} | {r['variant']} | failed: {r['error'].splitlines()[0]} |" + " |" * 12)
             continue
         ratio = "n/a" if r["ratio_to_plain"] is None else f"{r['ratio_to_plain']:.3f}"
+        if r.get("ratio_to_ideal") is not None:
+            ratio += f" = {r['ratio_to_ideal']:.2f} of the 1F1B ideal {r['ideal_ratio_to_plain']:.2f}"
         if r["meets_target"] is not None:
             ratio += f" ({r['target']:.2f} {'ok' if r['meets_target'] else 'MISS'})"
         util = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
@@ -270,6 +284,10 @@ def markdown(r: dict) -> str:
         "plan: `dsllm plan`'s memory per GPU for the same model, stage, micro batch, sequence and checkpointing "
         f"(DeepSpeed's model-state estimate + activations); on GPU peak/plan is checked to within "
         f"{PLAN_TOLERANCE:.0%}.",
+        "ppN: N pipeline stages (DeepSpeed's PipelineEngine, ZeRO-1) x the point's ranks as replicas, M micro "
+        "batches a step (--micro-batches); its 1F1B ideal is P*R*M/(M+P-1) x the plain loop (every stage as fast as "
+        "the plain process, so compare at equal --threads), and the share of it reached is checked against "
+        f"{PIPELINE_TARGET:.0%}.",
         "first step: seconds of the first step (torch.compile, DeepSpeed's lazy buffers), never counted in tokens/s.",
     ]
     lines = [

@@ -93,10 +93,15 @@ def _unlink_shm_buffer() -> None:
 
 
 def new_model(spec: RunSpec, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """`build()` (after `init_distributed`), inside `deepspeed.zero.Init` under ZeRO-3: each module's parameters
-    are partitioned as soon as that module is built, so no rank ever holds the whole model (a 7B model on 8 ranks
-    is 1/8 of it on each, not 8 copies). The values equal those built without it: the model initialises its
-    weights through `Module.apply`, which zero.Init gathers, runs on rank 0 and broadcasts."""
+    """`build()` (after `init_distributed`) as the layout needs it. A pipeline: cut into DeepSpeed's PipelineModule
+    (dsllm.pipeline). ZeRO-3: built inside `deepspeed.zero.Init`, which partitions each module's parameters as soon
+    as that module is built, so no rank ever holds the whole model (a 7B model on 8 ranks is 1/8 of it on each, not
+    8 copies); the values equal those built without it: the model initialises its weights through `Module.apply`,
+    which zero.Init gathers, runs on rank 0 and broadcasts."""
+    if spec.pipeline_stages > 1:  # (ZeRO-0/1 only: pre-flight refuses pipelines on ZeRO-2/3)
+        from dsllm.pipeline import pipeline_module
+
+        return pipeline_module(build(), spec.pipeline_stages, spec.pipeline_partition)
     if spec.zero_stage != 3:
         return build()
     import deepspeed

@@ -81,7 +81,8 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
         )
     seq_len = config.seq_len or model.max_seq_len
     model.check_seq_len(seq_len)
-    return RunSpec(world, model, seq_len, batch, precision, stage, ds, pipeline_stages=stages)
+    partition = getattr(config, "pipeline_partition", "blocks")
+    return RunSpec(world, model, seq_len, batch, precision, stage, ds, stages, partition)
 
 
 def check_pipeline(config: RunConfig, model: ModelConfig, world: World, stages: int) -> None:
@@ -335,10 +336,6 @@ def run(plan: Pretraining) -> dict:
 
     torch.manual_seed(config.seed)
     model = new_model(spec, lambda: GPT(spec.model))
-    if spec.pipeline_stages > 1:
-        from dsllm.pipeline import pipeline_module
-
-        model = pipeline_module(model, spec.pipeline_stages, config.pipeline_partition)
     engine = build_engine(
         spec, model, device, window_loss, **engine_options(config), load_universal=checkpointer.universal
     )

@@ -30,6 +30,7 @@ class RunSpec:
     zero_stage: int  # 0-3
     ds: dict[str, Any] = dataclasses.field(repr=False)  # the DeepSpeed JSON, "auto" filled, for deepspeed.initialize
     pipeline_stages: int = 1  # DeepSpeed's PipelineModule stages; world.size / pipeline_stages are data-parallel
+    pipeline_partition: str = "blocks"  # how the layers split over the stages (dsllm.pipeline.PARTITIONS)
 
     @property
     def tokens_per_step(self) -> int:

@@ -77,3 +77,27 @@ def test_quick_throughput_benchmark_on_one_and_two_ranks(tmp_path):
         assert f"x{ranks} | {name} | {1 if name == 'plain' else ranks} |" in markdown
     assert "| zero2 | 2 |" in markdown.split("Model-state memory per rank")[1]
     assert "| plain |" in proc.stdout  # the table on stdout
+
+
+def test_quick_pipeline_variant_is_timed_against_the_1f1b_ideal(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/throughput.py", "--quick", "--model.n_layers", "2", "--stages", "0",
+         "--pipeline-stages", "2", "--micro-batches", "4", "--threads", "1", "--results-dir", str(tmp_path)],
+        cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    [json_file] = tmp_path.glob("*-throughput-*.json")
+    row = next(r for r in json.loads(json_file.read_text())["rows"] if r["variant"] == "pp2")
+    assert row["world_size"] == 2 and row["pipeline_stages"] == 2 and row["micro_batches"] == 4
+    assert row["global_batch"] == 4 * 4 and row["optimizer"].startswith("DeepSpeedZeroOptimizer")  # ZeRO-1
+    assert row["bubble_ideal"] == pytest.approx(1 / 5) and row["ideal_ratio_to_plain"] == pytest.approx(1.6)
+    assert row["ratio_to_ideal"] == pytest.approx(row["ratio_to_plain"] / 1.6) and row["target"] == 0.8
+    assert "of the 1F1B ideal 1.60" in proc.stdout
+    # a layout that cannot run is refused before any worker starts
+    bad = subprocess.run(
+        [sys.executable, "benchmarks/throughput.py", "--quick", "--model.n_layers", "2", "--pipeline-stages", "3",
+         "--results-dir", str(tmp_path / "bad")],
+        cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "more stages than the model's 2 transformer blocks" in bad.stderr
+    assert not (tmp_path / "bad").exists()
