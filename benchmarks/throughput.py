@@ -95,6 +95,7 @@ SETTINGS = (  # the options the results record under "settings"
     "quick",
     "pipeline_stages",
     "micro_batches",
+    "pipeline_partition",
 )
 
 
@@ -146,6 +147,12 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--micro-batches", type=int, default=8, help="micro batches per step of the ppN variants (the 1F1B depth)"
+    )
+    p.add_argument(
+        "--pipeline-partition",
+        choices=["blocks", "uniform", "parameters"],
+        default="blocks",
+        help="how the ppN variants split the layers over the stages (pretraining's --pipeline-partition)",
     )
     p.add_argument("--no-plain", action="store_true", help="skip the plain loop (no ratios)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1], help="data-parallel ranks of the ZeRO variants")
@@ -274,6 +281,8 @@ def run_variant(args, point: dict, variant: str, device_type: str) -> dict:
         str(args.warmup_steps),
         "--micro-batches",
         str(args.micro_batches),
+        "--pipeline-partition",
+        args.pipeline_partition,
         "--checkpointing",
         "on" if point["checkpointing"] else "off",
         *(["--seq-len", str(point["seq_len"])] if point["seq_len"] else []),

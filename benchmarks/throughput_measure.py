@@ -54,6 +54,7 @@ def train_config(args, point: dict, ds: str, device_type: str, compiled: bool = 
         loader_workers=0 if device_type == "cpu" else 2,  # CPU: no cores to spare
         compile=compiled,
         pipeline_parallel=stages,
+        pipeline_partition=args.pipeline_partition,
         grad_accum=args.micro_batches if stages > 1 else None,
     )
 

@@ -5,11 +5,11 @@ Pretraining, fine-tuning, the throughput benchmark and the profiler all train th
 ZeRO-3). What differs between them is the model they bring and `loss_of(module, batch)`, the function that
 turns one micro batch into a loss.
 
-Parallel layouts plug in here. Today the layout is data parallel (ZeRO 0-3). A pipeline layout will build
-DeepSpeed's `PipelineModule` and get a `PipelineEngine`, whose own `train_batch(data_iter)` runs the
-micro batches through the stages; `Engine.train_batch` has the same shape for that reason. Tensor,
-sequence and expert parallelism hand DeepSpeed their process groups through `deepspeed.initialize(mpu=...)`,
-and the `mpu` argument of `build_engine` is where they will pass it.
+Parallel layouts plug in here: data parallel (ZeRO 0-3), and pipelines (`--pipeline-parallel`), for which
+`new_model` builds DeepSpeed's `PipelineModule` and `deepspeed.initialize` returns a `PipelineEngine`, whose own
+`train_batch(data_iter)` runs the micro batches through the stages (1F1B); `Engine.train_batch` has the same
+shape for that reason. Tensor, sequence and expert parallelism hand DeepSpeed their process groups through
+`deepspeed.initialize(mpu=...)`, and the `mpu` argument of `build_engine` is where they will pass it.
 """
 
 from __future__ import annotations
@@ -159,6 +159,7 @@ class Engine:
         self.accumulation = spec.batch.accumulation
         self.world_size = spec.world.size
         self.pipeline = spec.pipeline_stages > 1
+        self._shape_changed = False  # a pipeline scored batches of another shape since the last training batch
         self._check_finite_first = spec.zero_stage == 0 and spec.precision == "fp32" and not self.pipeline
 
     @property
@@ -216,8 +217,6 @@ class Engine:
                 next(batches)
             loss = engine.train_batch(iter(()))
         return loss.to(self.device), engine.was_step_applied()
-
-    _shape_changed = False
 
     def forward_logits(self, inputs: torch.Tensor):
         """(logits, None) of a batch of inputs for scoring, or (None, None) on a pipeline stage that is not the

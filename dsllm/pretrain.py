@@ -99,6 +99,14 @@ def check_pipeline(config: RunConfig, model: ModelConfig, world: World, stages: 
             f"--pipeline-parallel {stages}: more stages than the model's {model.n_layers} transformer blocks; use "
             f"at most {model.n_layers} stages"
         )
+    from dsllm.pipeline import blocks_per_stage
+
+    blocks = blocks_per_stage(model, stages, config.pipeline_partition)
+    if 0 in blocks:  # DeepSpeed's pipeline engine hangs in the first step on such a stage (seen on 2 CPU ranks)
+        raise UserError(
+            f"--pipeline-partition {config.pipeline_partition} leaves stage {blocks.index(0)} of {stages} without a "
+            f"transformer block (blocks per stage: {blocks}); use --pipeline-partition blocks or fewer stages"
+        )
     if config.compile:
         raise UserError(f"--compile with --pipeline-parallel {stages}: not supported yet; drop one of them")
     if model.activation_checkpointing != "none":

@@ -14,7 +14,7 @@ import re
 
 from dsllm.errors import UserError
 
-PIPELINE_PARTITIONS = ("blocks", "parameters", "uniform")  # dsllm.pipeline.PARTITIONS maps them for DeepSpeed
+PIPELINE_PARTITIONS = ("blocks", "uniform", "parameters")  # dsllm.pipeline.PARTITIONS maps them for DeepSpeed
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
@@ -159,7 +159,8 @@ class TrainConfig(RunConfig):
     pipeline_parallel: int = 1
     """pipeline stages (DeepSpeed's PipelineModule, 1F1B schedule); the ranks / stages are data-parallel replicas"""
     pipeline_partition: str = "blocks"
-    """how the layers split over the stages: blocks (as many transformer blocks each), parameters, or uniform"""
+    """how the layers split over the stages: blocks (as many transformer blocks each), uniform (as many layers each,
+    the LM head counting as one: lighter last stage), or parameters"""
 
     _AT_LEAST = {
         **RunConfig._AT_LEAST,

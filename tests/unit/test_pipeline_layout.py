@@ -40,6 +40,7 @@ def check(dataset_dir, tmp_path, ranks, ds="zero1.json", model=None, **options):
         (3, "zero1.json", None, {}, "the 3 rank(s) do not divide into 2 stages"),
         (4, "zero1.json", {"n_layers": 3}, {"pipeline_parallel": 4}, "more stages than the model's 3 transformer"),
         (2, "zero1.json", None, {"compile": True}, "--compile with --pipeline-parallel 2: not supported yet"),
+        (2, "zero1.json", None, {"pipeline_partition": "uniform"}, "uniform leaves stage 1 of 2 without a transformer"),
         (2, "zero1.json", {"activation_checkpointing": "torch"}, {}, "activation_checkpointing torch with"),
     ],
 )
@@ -58,7 +59,7 @@ def test_a_valid_layout_resolves_the_data_parallel_batch(dataset_dir, tmp_path):
     assert spec.ds["train_batch_size"] == 16
     last = check(dataset_dir, tmp_path, 4, pipeline_parallel=2).spec
     assert [dataclasses.replace(last, world=World(r, r, 4)).data_parallel_rank for r in range(4)] == [0, 1, 0, 1]
-    with pytest.raises(UserError, match="--pipeline-partition layers: use blocks, parameters, uniform"):
+    with pytest.raises(UserError, match="--pipeline-partition layers: use blocks, uniform, parameters"):
         TrainConfig(ds_config="ds_configs/zero1.json", out="x", pipeline_partition="layers")
     assert tuple(PARTITIONS) == PIPELINE_PARTITIONS
 
