@@ -3,7 +3,7 @@
 The model is the same `GPT` every other layout trains, cut into a flat list of layers DeepSpeed partitions into
 stages: [embedding, block 0, ..., block N-1, final norm, LM head]. Each layer wraps the GPT's own submodule, so the
 weights (and their initialisation, from the run's seed) are those of the unpartitioned model, and a stage's
-trained layers map back onto GPT parameter names (`GPT_NAMES`, used when a pipeline checkpoint is consolidated).
+trained layers map back onto GPT parameter names (`to_gpt_state`, used when a pipeline checkpoint is consolidated).
 With tied embeddings the LM head is a `TiedLayerSpec` of the embedding: DeepSpeed keeps the copy on the first and
 the last stage equal and sums their gradients.
 
@@ -104,29 +104,28 @@ def layers_of(gpt: GPT) -> list:
     return [first, *blocks, NormPipe(gpt), last]
 
 
-def gpt_names(n_layers: int, index: int) -> tuple[str, str]:
-    """(prefix in a pipeline layer's state dict, prefix in GPT's) for layer `index` of `layers_of`."""
-    if index == 0:
-        return "", ""  # tok.*, pos.* -> tok_embeddings.*, pos_embeddings.* (renamed in `to_gpt_state`)
-    if index <= n_layers:
-        return "block.", f"blocks.{index - 1}."
-    if index == n_layers + 1:
-        return "norm.", "norm."
-    return "head.", "lm_head."
-
-
 def to_gpt_state(n_layers: int, index: int, layer_state: dict) -> dict:
-    """A pipeline checkpoint's layer file (layer_NN-model_00-model_states.pt) as GPT state-dict entries."""
+    """A pipeline checkpoint's layer file (layer_NN-model_states.pt) of layer `index` of `layers_of`, as GPT
+    state-dict entries."""
     if index == 0:
         renames = {"tok.": "tok_embeddings.", "pos.": "pos_embeddings."}
-        return {renames[k[:4]] + k[4:]: v for k, v in layer_state.items() if k[:4] in renames}
-    ours, theirs = gpt_names(n_layers, index)
-    return {theirs + k[len(ours) :]: v for k, v in layer_state.items() if k.startswith(ours)}
+    elif index <= n_layers:
+        renames = {"block.": f"blocks.{index - 1}."}
+    elif index == n_layers + 1:
+        renames = {"norm.": "norm."}
+    else:
+        renames = {"head.": "lm_head."}
+    return {
+        theirs + key[len(ours) :]: value
+        for key, value in layer_state.items()
+        for ours, theirs in renames.items()
+        if key.startswith(ours)
+    }
 
 
 def blocks_per_stage(config, stages: int, partition: str) -> list[int]:
     """Transformer blocks each stage gets, by DeepSpeed's own partition functions over the layers of `layers_of`
-    (parameter counts from a GPT built on the meta device: no memory)."""
+    (for "parameters", a block's and a norm's counts from modules built on the meta device: no memory)."""
     from deepspeed.runtime import utils as ds_utils
 
     from dsllm.model import Block, make_norm
