@@ -218,11 +218,11 @@ class Engine:
             loss = engine.train_batch(iter(()))
         return loss.to(self.device), engine.was_step_applied()
 
-    def forward_logits(self, inputs: torch.Tensor):
-        """(logits, None) of a batch of inputs for scoring, or (None, None) on a pipeline stage that is not the
-        last: there the pipeline's eval schedule runs the batch through every stage."""
+    def score(self, inputs: torch.Tensor, targets: torch.Tensor):
+        """(logits, mean loss) of a batch for scoring (`dsllm.scoring.evaluate`). A pipeline gives (logits, None)
+        on its last stage and (None, None) on the others: its eval schedule runs the batch through every stage."""
         if not self.pipeline:
-            return self.ds(inputs)
+            return self.ds(inputs, targets)
         engine = self.ds
         engine.reset_activation_shape()  # a scoring batch may be shorter than a training micro batch
         self._shape_changed = True
@@ -244,11 +244,10 @@ class Engine:
 
     def teardown(self) -> None:
         """Engine, barrier and process group down in that order: without it 2-rank jobs sometimes abort at exit."""
-        import torch.distributed as dist
+        from dsllm.run_control import end_process_group
 
         self.ds.destroy()
-        dist.barrier()
-        dist.destroy_process_group()
+        end_process_group()
 
 
 def build_engine(
@@ -277,6 +276,12 @@ def build_engine(
     if "scheduler" not in ds:
         lr_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)  # noqa: E731
     ops.announce_builds(_main_only(spec.world), ops.ops_for_config(ds))
+    if spec.tensor_parallel > 1 and mpu is None:
+        # AutoTP's data x tensor mesh, built now (the engine would build the same one later) and passed as the
+        # mpu: without it DeepSpeed checks the batch against the whole world instead of the data-parallel ranks
+        from deepspeed.utils import groups as mpu
+
+        mpu._init_tp_mesh_device(tensor_model_parallel_size=spec.tensor_parallel)
     ds_logger = logging.getLogger("DeepSpeed")
     level = ds_logger.level
     ds_logger.setLevel(logging.ERROR)  # its scheduler warns about reading the lr before step 1

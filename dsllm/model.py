@@ -72,21 +72,24 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_heads, self.kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
+        # no head counts kept: a tensor-parallel rank holds a share of the heads, read off its projection's width
+        # (DeepSpeed's AutoTP divides module attributes named like head counts, and not all of them)
+        self.q_per_kv, self.head_dim = config.n_heads // config.kv_heads, config.head_dim
         # one fused projection, output laid out as [q (n_heads) | k (kv_heads) | v (kv_heads)]
-        self.qkv = nn.Linear(config.d_model, (self.n_heads + 2 * self.kv_heads) * self.head_dim, bias=config.bias)
+        self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.kv_heads) * self.head_dim, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rotary=None, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).split(
-            [self.n_heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1
-        )
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = k.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
+        qkv = self.qkv(x)
+        kv_heads = qkv.shape[-1] // ((self.q_per_kv + 2) * self.head_dim)  # a TP rank's qkv: its q, k and v shards
+        heads = kv_heads * self.q_per_kv
+        q, k, v = qkv.split([heads * self.head_dim, kv_heads * self.head_dim, kv_heads * self.head_dim], dim=-1)
+        q = q.view(B, T, heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = k.view(B, T, kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, kv_heads, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
@@ -98,7 +101,7 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=mask is None,
             dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.kv_heads != self.n_heads,
+            enable_gqa=kv_heads != heads,
         )
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
 
@@ -133,6 +136,11 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def causal_lm_loss(logits: torch.Tensor, labels=None, vocab_size=None, shift_labels=None, **_) -> torch.Tensor:
+    """Mean cross-entropy of `logits` [..., V] against `shift_labels` (targets already aligned; -100 ignored)."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100)
+
+
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -148,6 +156,9 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
+        # the loss of logits and (already shifted) targets; DeepSpeed's AutoTP swaps in its vocabulary-parallel
+        # loss when the LM head is split over the vocabulary (HF's hook: logits, labels=None, shift_labels=...)
+        self.loss_function = causal_lm_loss
         self._residual_projections = {id(b.attn.proj) for b in self.blocks} | {id(b.mlp.proj) for b in self.blocks}
         # every initialisation goes through Module.apply: under deepspeed.zero.Init (ZeRO-3), which partitions
         # each module's parameters as soon as it is built, apply is the one place that gathers them first
@@ -198,7 +209,7 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = self.loss_function(logits, shift_labels=targets)
         return logits, loss
 
     def _checkpoint(self, fn, x):

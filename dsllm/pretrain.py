@@ -21,6 +21,7 @@ from dsllm.ds_config import load_ds_config, resolve_ds_config
 from dsllm.errors import ArgumentParser, UserError
 from dsllm.model_config import ConfigError, ModelConfig, resolve_model_config
 from dsllm.run_spec import RunSpec, World
+from dsllm.tensor_parallel import autotp_section, check_tensor_parallel
 from dsllm.train_config import RunConfig, TrainConfig
 
 # what changes a run's speed or placement: kept in config.json
@@ -62,12 +63,20 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
 
     on_gpu = torch.cuda.is_available()
     supports_bf16 = torch.cuda.is_bf16_supported() if on_gpu else True
-    stages = getattr(config, "pipeline_parallel", 1)  # (fine-tuning has no pipeline layout)
+    stages = getattr(config, "pipeline_parallel", 1)  # (fine-tuning has neither pipeline nor tensor layout)
+    tensor = getattr(config, "tensor_parallel", 1)
     check_pipeline(config, model, world, stages)
+    check_tensor_parallel(model, world.size, tensor, stages, config.compile)
+    raw = load_ds_config(config.ds_config)
+    if "tensor_parallel" in raw:
+        raise UserError(
+            f'{config.ds_config}: has a "tensor_parallel" section; remove it and use --tensor-parallel N (dsllm '
+            "gives DeepSpeed's AutoTP the layer specs of its GPT)"
+        )
     ds, batch, precision, stage = resolve_ds_config(
-        load_ds_config(config.ds_config),
+        raw,
         config,
-        world.size // stages,  # the data-parallel size: the batch arithmetic counts replicas, not stages
+        world.size // (stages * tensor),  # the data-parallel size: the batch arithmetic counts replicas only
         config.ds_config,
         supports_bf16,
         on_gpu,
@@ -82,7 +91,9 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
     seq_len = config.seq_len or model.max_seq_len
     model.check_seq_len(seq_len)
     partition = getattr(config, "pipeline_partition", "blocks")
-    return RunSpec(world, model, seq_len, batch, precision, stage, ds, stages, partition)
+    if tensor > 1:
+        ds["tensor_parallel"] = autotp_section(model, tensor)
+    return RunSpec(world, model, seq_len, batch, precision, stage, ds, stages, partition, tensor)
 
 
 def check_pipeline(config: RunConfig, model: ModelConfig, world: World, stages: int) -> None:
@@ -213,6 +224,7 @@ def write_run_files(plan: Pretraining) -> Path:
             "precision": spec.precision,
             "zero_stage": spec.zero_stage,
             "pipeline_stages": spec.pipeline_stages,
+            "tensor_parallel": spec.tensor_parallel,
             "data_parallel_size": spec.data_parallel_size,
         },
         "deepspeed": spec.ds,
@@ -268,7 +280,7 @@ class WindowValidator:
 
         spec = self.plan.spec
         result = evaluate(
-            self.engine.forward_logits,
+            self.engine.score,
             self.windows,
             self.indices,
             spec.batch.micro,
@@ -276,6 +288,7 @@ class WindowValidator:
             self.byte_lengths,
             spec.data_parallel_rank,
             spec.data_parallel_size,
+            counted=spec.tensor_parallel_rank == 0,
         )
         self.log.write(
             {"step": step, **result, "samples": self.data.consumed_samples},
@@ -353,7 +366,9 @@ def run(plan: Pretraining) -> dict:
         state = checkpointer.load(engine)
         loader.load_state_dict(state["data"])  # refuses another dataset (fingerprint) loudly
         step, counters = state["step"], state["counters"]
-        how = " through a universal checkpoint (world size or ZeRO stage changed)" if checkpointer.universal else ""
+        how = ""
+        if checkpointer.universal:
+            how = " through a universal checkpoint (world size, ZeRO stage or tensor layout changed)"
         _say(
             world,
             f"resumed from {checkpointer.resume_from}{how} at step {step} ({loader.consumed_samples} samples consumed)",
@@ -363,11 +378,7 @@ def run(plan: Pretraining) -> dict:
     _say(
         world,
         f"training {spec.model.num_parameters():,} parameters on {world.size} rank(s)"
-        + (
-            f" ({spec.pipeline_stages} pipeline stages x {spec.data_parallel_size} data-parallel)"
-            if spec.pipeline_stages > 1
-            else ""
-        )
+        + spec.layout()
         + f", ZeRO-{spec.zero_stage}, "
         f"{spec.precision}, global batch {spec.batch.global_size} x {spec.seq_len} tokens, "
         f"{config.max_steps} steps -> {config.out}",

@@ -260,7 +260,7 @@ def run_training(preflight, train, world) -> int:
     except RunStopped as err:
         if world.is_main:
             _say(str(err))
-        _quiet_teardown()
+        end_process_group()
         return err.exit_code
     except (UserError, TrainingAborted) as err:
         if (not started and world.is_main) or (started and _first_to_report(str(err), world)):
@@ -303,12 +303,18 @@ def _exit_now(code: int) -> int:
     os._exit(code)
 
 
-def _quiet_teardown() -> None:
+def end_process_group() -> None:
+    """Barrier, then the process group down, then a pause for gloo's worker threads. A worker that finished the
+    last collectives still drops the Python tensors they held, which needs the GIL; if the main thread reaches
+    interpreter exit first, that thread is killed inside C++ and the rank aborts after its work is done (CI saw
+    it: SIGABRT, exit 134, the trace in ProcessGroupGloo::runLoop -> decref_pyobject). The sleep releases the
+    GIL so they can finish."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        time.sleep(0.2)
 
 
 def _error_folder() -> Path:

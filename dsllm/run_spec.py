@@ -31,6 +31,7 @@ class RunSpec:
     ds: dict[str, Any] = dataclasses.field(repr=False)  # the DeepSpeed JSON, "auto" filled, for deepspeed.initialize
     pipeline_stages: int = 1  # DeepSpeed's PipelineModule stages; world.size / pipeline_stages are data-parallel
     pipeline_partition: str = "blocks"  # how the layers split over the stages (dsllm.pipeline.PARTITIONS)
+    tensor_parallel: int = 1  # DeepSpeed AutoTP ranks per layer: consecutive ranks (a data x tensor mesh)
 
     @property
     def tokens_per_step(self) -> int:
@@ -38,13 +39,32 @@ class RunSpec:
 
     @property
     def data_parallel_size(self) -> int:
-        return self.world.size // self.pipeline_stages
+        return self.world.size // (self.pipeline_stages * self.tensor_parallel)
 
     @property
     def data_parallel_rank(self) -> int:
-        """This rank's data-parallel index: DeepSpeed's pipe x data grid numbers the data axis fastest (stage s holds
-        ranks s*D .. s*D+D-1), so ranks that differ only in their stage read the same samples."""
+        """This rank's data-parallel index. DeepSpeed's pipe x data grid numbers the data axis fastest (stage s
+        holds ranks s*D .. s*D+D-1); its data x tensor mesh numbers the tensor axis fastest (replica d holds ranks
+        d*T .. d*T+T-1). Ranks that differ only in their stage or tensor index read the same samples."""
+        if self.tensor_parallel > 1:
+            return self.world.rank // self.tensor_parallel
         return self.world.rank % self.data_parallel_size
+
+    @property
+    def tensor_parallel_rank(self) -> int:
+        return self.world.rank % self.tensor_parallel
+
+    def layout(self) -> str:
+        """The parallel layout as said at start-up: '' for data parallelism alone, else which ranks hold what."""
+        data = self.data_parallel_size
+        if self.tensor_parallel > 1:
+            size = self.tensor_parallel
+            groups = ", ".join(f"{d * size}-{d * size + size - 1}" for d in range(min(data, 4)))
+            more = ", ..." if data > 4 else ""
+            return f" ({size} tensor-parallel x {data} data-parallel; tensor groups: ranks {groups}{more})"
+        if self.pipeline_stages > 1:
+            return f" ({self.pipeline_stages} pipeline stages x {data} data-parallel)"
+        return ""
 
     def deepspeed_config(self, load_universal: bool = False) -> dict[str, Any]:
         """A fresh copy of the DeepSpeed JSON for `deepspeed.initialize`; `load_universal` when resuming through

@@ -45,9 +45,14 @@ def evaluate(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = False,
+    counted: bool = True,
 ) -> dict:
-    """Sum of target-token losses over the windows (sharded across ranks, then all-reduced). `progress`: a bar on
-    stderr when it is a terminal (the command's; the trainer's evaluation stays silent)."""
+    """Sum of target-token losses over the windows (sharded across the data-parallel `rank`s, then all-reduced
+    over every rank). `model(inputs, targets)` gives (logits, mean loss): the loss when there is one (a
+    vocabulary-parallel head's logits are a shard), else the logits are scored; (None, None) on a pipeline stage
+    before the last. `counted`: False on the ranks whose totals another rank already holds (tensor-parallel
+    ranks past the first). `progress`: a bar on stderr when it is a terminal (the command's; the trainer's
+    evaluation stays silent)."""
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -61,11 +66,14 @@ def evaluate(
         for b in tqdm(range(batches), desc="evaluating", unit="batch", disable=None if progress else True):
             chunk = mine[b * micro_batch : (b + 1) * micro_batch]
             rows = torch.stack([windows[i] for i in (chunk or mine[:1] or indices[:1])]).to(device)
-            logits, _ = model(rows[:, :-1])
-            if not chunk or logits is None:  # (None: a pipeline stage before the last)
-                continue
             targets = rows[:, 1:]
-            nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+            logits, loss = model(rows[:, :-1], targets)
+            if not chunk or not counted or (logits is None and loss is None):
+                continue
+            if loss is not None:
+                nll = loss.double() * targets.numel()
+            else:
+                nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
             totals += torch.stack(
                 [
                     nll.double(),

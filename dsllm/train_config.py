@@ -158,6 +158,9 @@ class TrainConfig(RunConfig):
     """tokens generated from the validation text at the end (0: none)"""
     pipeline_parallel: int = 1
     """pipeline stages (DeepSpeed's PipelineModule, 1F1B schedule); the ranks / stages are data-parallel replicas"""
+    tensor_parallel: int = 1
+    """tensor-parallel ranks (DeepSpeed's AutoTP): each block's attention heads, MLP width and the vocabulary are
+    split over this many consecutive ranks (keep them inside a node); the ranks / this are data-parallel replicas"""
     pipeline_partition: str = "blocks"
     """how the layers split over the stages: blocks (as many transformer blocks each), uniform (as many layers each,
     the LM head counting as one: lighter last stage), or parameters"""
@@ -168,6 +171,7 @@ class TrainConfig(RunConfig):
         "loader_workers": 0,
         "sample_tokens": 0,
         "pipeline_parallel": 1,
+        "tensor_parallel": 1,
     }
 
     def check(self) -> None:

@@ -140,7 +140,14 @@ class Checkpointer:
                 f"resume on {marker.world_size} ranks"
             )
         saved_world, saved_stage, stage = marker.world_size, marker.zero_stage, spec.zero_stage
-        if saved_stage == stage and (saved_world == spec.world.size or stage == 0):
+        other_tensor = marker.tensor_parallel != spec.tensor_parallel  # universal: AutoTP shards merged, re-split
+        if other_tensor and 0 in (saved_stage, stage):
+            raise UserError(
+                f"{checkpoint}: saved with --tensor-parallel {marker.tensor_parallel}, this run has "
+                f"{spec.tensor_parallel}; a new layout goes through DeepSpeed's universal checkpoint, which needs "
+                "ZeRO 1-3 on both sides: resume with the same --tensor-parallel, or with ds_configs/zero1.json"
+            )
+        if not other_tensor and saved_stage == stage and (saved_world == spec.world.size or stage == 0):
             return False  # ZeRO-0 keeps whole optimizer state on every rank: it loads on any world size
         if 0 in (saved_stage, stage):
             raise UserError(
@@ -249,6 +256,7 @@ class Checkpointer:
                 files={k: v for share in shares for k, v in share.items()},
                 kind=self.kind,
                 pipeline_stages=spec.pipeline_stages,
+                tensor_parallel=spec.tensor_parallel,
             )
             commit(staging, marker)
             prune(self.checkpoints, self.keep)

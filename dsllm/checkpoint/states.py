@@ -22,6 +22,8 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 
     marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
     require_model_states(checkpoint, marker["zero_stage"])
+    if marker.get("tensor_parallel", 1) > 1:
+        return _tensor_parallel_state_dict(checkpoint, marker["model"].get("tie_embeddings", True))
     with weights_only_loads():
         if marker.get("pipeline_stages", 1) > 1:
             return _pipeline_state_dict(checkpoint, marker["model"]["n_layers"])
@@ -48,6 +50,22 @@ def _pipeline_state_dict(checkpoint: Path, n_layers: int) -> dict[str, torch.Ten
         elif index < n_layers + 2:  # every layer but an LM head tied to the embedding has a file
             raise UserError(f"{path}: missing, so this checkpoint is incomplete; use another checkpoint of the run")
     return {k: v.float() for k, v in state.items()}
+
+
+def _tensor_parallel_state_dict(checkpoint: Path, tied: bool) -> dict[str, torch.Tensor]:
+    """A tensor-parallel checkpoint's weights: DeepSpeed's universal checkpoint merges each parameter's AutoTP
+    shards (the q|k|v and gate|up sub-parameters each in place) into zero/NAME/fp32.pt; converted once, cached
+    next to the checkpoint, and the resume path uses the same folder."""
+    from dsllm.checkpoint.checkpointer import convert_to_universal
+
+    folder = convert_to_universal(checkpoint) / "zero"
+    state = {}
+    with weights_only_loads():
+        for path in sorted(folder.glob("*/fp32.pt")):
+            state[path.parent.name] = torch.load(path, map_location="cpu")["param"].float()
+    if tied:  # one parameter; the universal folder's lm_head entry is a leftover shard of it
+        state["lm_head.weight"] = state["tok_embeddings.weight"]
+    return state
 
 
 def model_states_file(zero_stage: int, rank: int = 0) -> str:

@@ -56,6 +56,7 @@ class Marker:
     files: dict[str, list]  # {relative path: [size, sha256]} of every other file of the checkpoint
     kind: str = "pretrain"  # or "finetune"
     pipeline_stages: int = 1  # DeepSpeed pipeline stages: the weights are in per-layer files (layer_NN-*)
+    tensor_parallel: int = 1  # AutoTP ranks: each holds a shard of the weights (mp_rank_NN files)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -21,7 +21,7 @@ SMALL = {"n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "max_seq_l
 
 def check(dataset_dir, tmp_path, ranks, ds="zero1.json", model=None, **options):
     config = TrainConfig(
-        ds_config=f"ds_configs/{ds}",
+        ds_config=ds if "/" in ds else f"ds_configs/{ds}",
         data=str(dataset_dir),
         out=str(tmp_path / "run"),
         model_overrides={**SMALL, **(model or {})},

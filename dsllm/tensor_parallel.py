@@ -1,0 +1,78 @@
+"""Tensor parallelism: DeepSpeed's AutoTP (training mode) splits the GPT's layers over consecutive ranks.
+
+We hand AutoTP our own layer specs (its `partition_config`) instead of letting it guess from module names:
+
+- `attn.qkv` is column-parallel over three unequal sub-parameters [q | k | v] (GQA), so each rank keeps whole
+  query heads and the key/value heads they read; `mlp.fc` (SwiGLU) over two, [gate | up];
+- `attn.proj` and `mlp.proj` are row-parallel: one all-reduce after each, the only forward communication;
+- the LM head is split over the vocabulary with DeepSpeed's vocabulary-parallel cross-entropy (no rank holds
+  the full logits). A tied embedding shares that shard (a vocabulary-parallel lookup); an untied one stays
+  replicated (AutoTP splits untied embeddings only along the hidden size, which our blocks cannot take).
+
+Every other parameter (norms, learned positions) is replicated. AutoTP builds a data x tensor mesh over the
+whole world, tensor axis fastest, so rank r is tensor rank r % T of replica r // T: with T up to the GPUs of a
+node, the all-reduces stay on NVLink. That mesh is also why AutoTP does not combine with pipeline stages here.
+"""
+
+from __future__ import annotations
+
+from dsllm.errors import UserError
+from dsllm.model_config import ModelConfig
+
+
+def autotp_section(model: ModelConfig, size: int) -> dict:
+    """The DeepSpeed JSON's `tensor_parallel` section for the GPT split over `size` ranks."""
+    q, kv = model.n_heads * model.head_dim, model.kv_heads * model.head_dim
+    fc = {"patterns": [r".*\.mlp\.fc\.weight$"], "partition_type": "column"}
+    if model.mlp == "swiglu":
+        fc.update(shape=[2, -1], partition_dim=0)
+    specs = [
+        {
+            "patterns": [r".*\.attn\.qkv\.weight$"],
+            "partition_type": "column",
+            "shape": [[q, kv, kv], -1],
+            "partition_dim": 0,
+        },
+        fc,
+        {"patterns": [r".*\.attn\.proj\.weight$", r".*\.mlp\.proj\.weight$"], "partition_type": "row"},
+    ]
+    return {
+        "autotp_size": size,
+        "vocab_parallel_lm_head": True,
+        "partition_config": {"use_default_specs": False, "layer_specs": specs},
+    }
+
+
+def check_tensor_parallel(model: ModelConfig, world_size: int, size: int, pipeline_stages: int, compile_: bool) -> None:
+    """A tensor-parallel layout that cannot run is one line before any rank starts."""
+    if size == 1:
+        return
+    flag = f"--tensor-parallel {size}"
+    if pipeline_stages > 1:
+        raise UserError(
+            f"{flag} with --pipeline-parallel {pipeline_stages}: DeepSpeed's AutoTP lays its tensor groups over the "
+            "whole world (a data x tensor mesh), so it cannot share the ranks with pipeline stages yet; use one of them"
+        )
+    if world_size % size:
+        raise UserError(
+            f"{flag}: the {world_size} rank(s) do not divide into groups of {size}; launch a multiple of {size} "
+            "ranks (deepspeed --num_gpus N) or change --tensor-parallel"
+        )
+    for what, count, fix in (
+        ("model.n_heads", model.n_heads, "attention heads"),
+        ("model.n_kv_heads", model.kv_heads, "key/value heads"),
+        ("the MLP hidden size (model.mlp_hidden)", model.mlp_hidden_size, "MLP columns"),
+        ("model.vocab_size", model.vocab_size, "vocabulary rows"),
+    ):
+        if count % size:
+            raise UserError(
+                f"{flag}: {what} = {count} is not divisible by {size}, so the {fix} cannot be split evenly; use a "
+                f"--tensor-parallel that divides {count}"
+            )
+    if model.dropout:
+        raise UserError(
+            f"{flag} with --model.dropout {model.dropout}: the tensor-parallel ranks would draw the same dropout "
+            "masks for different heads (no per-rank RNG streams yet); pretrain with dropout 0 or without TP"
+        )
+    if compile_:
+        raise UserError(f"--compile with {flag}: not supported yet; drop one of them")

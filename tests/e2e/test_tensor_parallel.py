@@ -1,0 +1,103 @@
+"""Tensor parallelism on real ranks (gloo, CPU): DeepSpeed's AutoTP splits the GPT's heads, MLP columns and
+vocabulary over 2 ranks. fp32, same global batch and seed: TP=2 reproduces the single-rank curve and validation
+loss (tied head: vocabulary-parallel embedding, head and cross-entropy; untied SwiGLU/RoPE/GQA: [q|k|v] and
+[gate|up] sub-parameter shards); the final weights, merged through DeepSpeed's universal checkpoint, are a model
+folder `dsllm evaluate` scores as the run did and `dsllm export` turns into a Hugging Face model; kill -9 and
+--resume auto continue exactly, and the checkpoint resumes on one rank without tensor parallelism."""
+
+import json
+
+import pytest
+import torch
+from runs import command, dsllm, pretrain, run_until_killed, train_records
+from test_pipeline import val_losses
+
+STEPS = 20
+ARGS = ["--max-steps", STEPS, "--micro-batch-size", 4, "--grad-accum", 2, "--precision", "fp32", "--seq-len", 32]
+RUN = [*ARGS, "--eval-interval", 10, "--save-interval", 4, "--sample-tokens", 8]
+MODELS = {
+    "tied": [],
+    "llama": [
+        *("--model.tie_embeddings", "false", "--model.mlp", "swiglu", "--model.positions", "rope"),
+        *("--model.norm", "rmsnorm", "--model.bias", "false"),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def single(dataset_dir, tmp_path_factory):
+    """The references: one rank, ZeRO-1, one run per model."""
+    runs = {}
+    for name, model in MODELS.items():
+        out = tmp_path_factory.mktemp("single") / "run"
+        pretrain(dataset_dir, out, *RUN, *model, ds="zero1.json")
+        runs[name] = out
+    return runs
+
+
+def same_curve(out, reference, first=1):
+    ours, theirs = train_records(out), train_records(reference)
+    assert sorted(ours) == list(range(1, STEPS + 1))
+    for step in range(first, STEPS + 1):
+        assert ours[step]["loss"] == pytest.approx(theirs[step]["loss"], rel=1e-5), step
+        assert ours[step]["lr"] == pytest.approx(theirs[step]["lr"], rel=1e-9)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("model", MODELS)
+def test_two_tensor_ranks_reproduce_the_single_rank_run(dataset_dir, single, tmp_path, model):
+    out = tmp_path / "run"
+    proc = pretrain(dataset_dir, out, *RUN, *MODELS[model], "--tensor-parallel", 2, ranks=2, ds="zero1.json")
+    assert "(2 tensor-parallel x 1 data-parallel; tensor groups: ranks 0-1), ZeRO-1, fp32" in proc.stdout
+    same_curve(out, single[model])
+    ours, theirs = val_losses(out), val_losses(single[model])
+    assert sorted(ours) == [10, 20] and all(ours[s] == pytest.approx(theirs[s], rel=1e-5) for s in ours)
+    tag = out / "checkpoints" / "step00000020"
+    assert json.loads((tag / "dsllm_complete.json").read_text())["tensor_parallel"] == 2
+    assert (tag / "mp_rank_01_model_states.pt").is_file()  # each tensor rank saved its shard
+    # the merged weights are the model the run validated
+    scored = dsllm("evaluate", "--checkpoint", out, "--data", dataset_dir, "--max-windows", 8, "--seq-len", 32)
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["loss"] == pytest.approx(ours[20], rel=1e-5)
+    if model == "llama":
+        exported = dsllm("export", "--checkpoint", out, "--output", tmp_path / "hf")
+        assert exported.returncode == 0, exported.stderr
+        from transformers import AutoModelForCausalLM
+
+        from dsllm.model_dir import load_model_dir
+
+        ours_model, hf = load_model_dir(out).eval(), AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        idx = torch.randint(0, ours_model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert (ours_model(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_kill_9_then_resume_continues_exactly_and_on_one_rank_too(dataset_dir, single, tmp_path):
+    out = tmp_path / "killed"
+    cmd = command(dataset_dir, out, *RUN, "--tensor-parallel", 2, ranks=2, ds="zero1.json")
+    proc = run_until_killed(cmd, out, kill_after_step=9)
+    assert proc.returncode != 0, "the run finished before it could be killed"
+    resumed = pretrain(dataset_dir, out, *RUN, "--tensor-parallel", 2, ranks=2, ds="zero1.json")
+    assert "resumed from" in resumed.stdout and ("at step 8 " in resumed.stdout or "at step 12 " in resumed.stdout)
+    same_curve(out, single["tied"])
+    # another layout: the TP=2 checkpoint of step 12 continues on one rank (universal checkpoint: shards merged)
+    other = tmp_path / "one-rank"
+    moved = pretrain(dataset_dir, other, *RUN, "--resume", out / "checkpoints" / "step00000012", ds="zero1.json")
+    assert "through a universal checkpoint" in moved.stdout and "at step 12 " in moved.stdout
+    ours, theirs = train_records(other), train_records(single["tied"])
+    assert sorted(ours) == list(range(13, STEPS + 1))
+    assert all(ours[s]["loss"] == pytest.approx(theirs[s]["loss"], rel=1e-5) for s in ours)
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_two_tensor_ranks_by_two_replicas_reproduce_the_single_rank_run(dataset_dir, single, tmp_path):
+    """4 ranks: replica d holds ranks 2d and 2d+1 (AutoTP's mesh numbers the tensor axis fastest); each replica
+    reads half of every micro batch. Micro 2 x 2 accumulation x 2 replicas is the reference's global batch of 8."""
+    out = tmp_path / "run"
+    proc = pretrain(dataset_dir, out, *RUN, "--micro-batch-size", 2, "--tensor-parallel", 2, ranks=4, ds="zero1.json")
+    assert "on 4 rank(s) (2 tensor-parallel x 2 data-parallel; tensor groups: ranks 0-1, 2-3)" in proc.stdout
+    same_curve(out, single["tied"])
+    assert val_losses(out)[20] == pytest.approx(val_losses(single["tied"])[20], rel=1e-5)
