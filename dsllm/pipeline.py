@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dsllm.model import GPT, rotary_embedding
+from dsllm.model import GPT, causal_lm_loss, rotary_embedding
 
 # how a run's --pipeline-partition maps to DeepSpeed's partition_method
 PARTITIONS = {
@@ -83,8 +83,8 @@ def tied_head(embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The same loss as GPT.forward's: mean cross-entropy in fp32, targets of -100 ignored."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+    """GPT.forward's own loss (mean cross-entropy in fp32, targets of -100 ignored)."""
+    return causal_lm_loss(logits, shift_labels=targets)
 
 
 def layers_of(gpt: GPT) -> list:
@@ -148,13 +148,23 @@ def blocks_per_stage(config, stages: int, partition: str) -> list[int]:
 
 
 def pipeline_module(gpt: GPT, stages: int, partition: str):
-    """DeepSpeed's PipelineModule over `gpt` in `stages` stages (after init_distributed)."""
+    """DeepSpeed's PipelineModule over `gpt` in `stages` stages (after init_distributed). The model's activation
+    checkpointing becomes the module's: each transformer block recomputed in backward (torch's non-reentrant
+    checkpoint, or DeepSpeed's), the embedding and the head not."""
+    import functools
+
     from deepspeed.pipe import PipelineModule
 
+    checkpointing = {"activation_checkpoint_interval": 0}
+    if gpt.config.activation_checkpointing != "none":
+        checkpointing = {"activation_checkpoint_interval": 1, "checkpointable_layers": [BlockPipe.__name__]}
+        if gpt.config.activation_checkpointing == "torch":
+            checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+            checkpointing["activation_checkpoint_func"] = checkpoint
     return PipelineModule(
         layers=layers_of(gpt),
         num_stages=stages,
         loss_fn=next_token_loss,
         partition_method=PARTITIONS[partition],
-        activation_checkpoint_interval=0,
+        **checkpointing,
     )

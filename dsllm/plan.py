@@ -21,6 +21,10 @@ A config fits when
 The recommendation is the first config that fits in order of speed (ZeRO-0 to 3, then offload), without
 activation checkpointing when that fits, else with it. Expected tokens/s assumes an MFU (--mfu); the
 Chinchilla budget is 20 tokens per parameter.
+
+Tensor-parallel (within a node) and pipeline-parallel layouts with ZeRO-1 get their own rows, and the layout
+advice picks one (`recommend_layout`): data parallelism alone when ZeRO-0/1/2 fits, else the first layout that
+fits, tensor parallelism first over NVLink and pipeline stages first over PCIe (--interconnect), ZeRO-3 last.
 """
 
 from __future__ import annotations
@@ -52,6 +56,9 @@ CONFIGS = ("zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload")
 CHINCHILLA_TOKENS_PER_PARAM = 20
 BYTES_PER_ACTIVATION = 2  # bf16
 CHECKPOINTING_FLAG = "--model.activation_checkpointing deepspeed"
+# GPUs whose peers talk over PCIe (no NVLink in the usual servers): tensor parallelism's per-block all-reduces
+# would cross it, so plan prefers pipeline stages there
+PCIE_KINDS = frozenset({"A10", "A40", "L4", "L40", "L40S", "H100-PCIe", "RTX3090", "RTX4090", "RTX5090"})
 MEMINFO = Path("/proc/meminfo")
 
 
@@ -172,6 +179,90 @@ def activation_gib(
     return (blocks + logits) / 2**30
 
 
+def _tensor_splits(model: ModelConfig, size: int) -> bool:
+    """Whether --tensor-parallel `size` can split the model (dsllm.tensor_parallel's checks; the vocabulary is
+    padded to a multiple of 64 by the trainer)."""
+    return all(n % size == 0 for n in (model.n_heads, model.kv_heads, model.mlp_hidden_size, 64))
+
+
+def layout_gib(
+    model: ModelConfig, tensor: int, stages: int, data: int, micro_batch: int, seq_len: int, checkpointing: bool
+) -> tuple[float, float]:
+    """(model states, activations) in GiB on the busiest GPU of a tensor- or pipeline-parallel layout with ZeRO-1
+    over the `data` replicas (DeepSpeed's ZeRO-2 estimator at `data` GPUs: 16-bit parameters and gradients whole,
+    fp32 Adam partitioned). Tensor parallelism splits every weight and the logits T ways and the activations
+    inside attention and the MLP (Korthikanti et al. 2022 without sequence parallelism: 10 + 24/T per block
+    instead of 34, s·b·h units). A pipeline's first stage holds ceil(L/P) blocks and the embedding, and under 1F1B
+    keeps P micro batches in flight, so its activations are the whole model's; the last stage adds the logits to
+    its share."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    one, two = (dataclasses.replace(model, n_layers=n).num_parameters() for n in (1, 2))
+    if stages > 1:
+        shard = math.ceil(model.n_layers / stages) * (two - one) + model.vocab_size * model.d_model
+    else:
+        shard = model.num_parameters() / tensor
+    states = estimate_zero2_model_states_mem_needs(int(shard), data, 1, cpu_offload=False)[1]
+    sbh, bpv = seq_len * micro_batch * model.d_model, BYTES_PER_ACTIVATION
+    per_block = (10 + 24 / tensor) * sbh * bpv / 2
+    blocks = model.n_layers * (2 * sbh * bpv / 2) + per_block if checkpointing else model.n_layers * per_block
+    logits = seq_len * micro_batch * model.vocab_size * (bpv + 4 + 4) / tensor
+    activations = max(blocks, blocks / stages + logits) if stages > 1 else blocks + logits
+    return states / 2**30, activations / 2**30
+
+
+def layouts(
+    model: ModelConfig, gpus: int, nodes: int, micro_batch: int, seq_len: int, usable: float, headroom: float
+) -> list[dict]:
+    """Every tensor-parallel (within a node) and pipeline-parallel layout of the world with ZeRO-1, and its memory
+    on the busiest GPU with and without activation checkpointing. (dsllm trains one of the two kinds at a time.)"""
+    world, rows = gpus * nodes, []
+    candidates = [(t, 1) for t in range(2, gpus + 1) if gpus % t == 0 and _tensor_splits(model, t)]
+    candidates += [(1, p) for p in range(2, min(world, model.n_layers) + 1) if world % p == 0]
+    for tensor, stages in candidates:
+        data = world // (tensor * stages)
+        row = {"tensor_parallel": tensor, "pipeline_parallel": stages, "data_parallel": data}
+        for key, checkpointing in (("no_checkpointing", False), ("checkpointing", True)):
+            states, activations = layout_gib(model, tensor, stages, data, micro_batch, seq_len, checkpointing)
+            row["model_states_gib"] = states
+            total = states + activations
+            row[key] = {"gib_per_gpu": total, "spare_gib": usable - total, "fits": usable - total >= headroom}
+        rows.append(row)
+    return rows
+
+
+def recommend_layout(recommended: dict | None, layout_rows: list[dict], interconnect: str) -> dict:
+    """Which ranks hold what. Data parallelism alone when a ZeRO-0/1/2 config fits (no model parallelism is
+    fastest); else the first tensor- or pipeline-parallel layout that fits (without activation checkpointing, else
+    with it), fewest-way first: with NVLink tensor
+    parallelism inside a node before pipeline stages, over PCIe (two all-reduces per block would cross it)
+    pipeline stages first; only then ZeRO-3 or offload, whose per-layer gathers cross the slowest link (ZeRO-3
+    across nodes is reported several times slower than stage 2: DeepSpeed #1069, gpt-neox #211)."""
+    if recommended is not None and recommended["config"] in ("zero0", "zero1", "zero2"):
+        return {"kind": "data", "tensor_parallel": 1, "pipeline_parallel": 1, "config": recommended["config"]}
+    tensor = [r for r in layout_rows if r["tensor_parallel"] > 1]
+    pipeline = [r for r in layout_rows if r["pipeline_parallel"] > 1]
+    ordered = tensor + pipeline if interconnect == "nvlink" else pipeline + tensor
+    for row in ordered:
+        for key, checkpointing in (("no_checkpointing", False), ("checkpointing", True)):
+            if row[key]["fits"]:
+                return {
+                    "kind": "tensor" if row["tensor_parallel"] > 1 else "pipeline",
+                    "tensor_parallel": row["tensor_parallel"],
+                    "pipeline_parallel": row["pipeline_parallel"],
+                    "data_parallel": row["data_parallel"],
+                    "config": "zero1",
+                    "activation_checkpointing": checkpointing,
+                    **row[key],
+                }
+    if recommended is not None:  # ZeRO-3 or offload
+        return {"kind": "data", "tensor_parallel": 1, "pipeline_parallel": 1, "config": recommended["config"]}
+    return {"kind": None}
+
+
 def _recommend(rows: list[dict], headroom: float) -> tuple[dict | None, list[dict]]:
     """(the first row and column that fits, in order of speed; the faster columns that fit the GPU only without
     the headroom)."""
@@ -199,6 +290,7 @@ def plan(
     mfu: float = 0.4,
     *,
     host_ram_gib: float,
+    interconnect: str | None = None,
 ) -> dict:
     """Every config's memory per GPU and per node against `gpu` and `host_ram_gib`, the recommendation, and the
     expected speed; `gpus` per node."""
@@ -234,6 +326,8 @@ def plan(
             }
         rows.append(row)
     recommended, too_tight = _recommend(rows, headroom)
+    layout_rows = layouts(model, gpus, nodes, micro_batch, seq_len, usable, headroom)
+    interconnect = interconnect or ("pcie" if gpu.name in PCIE_KINDS else "nvlink")
     flops = 6 * params + 12 * model.n_layers * model.d_model * seq_len  # PaLM, as dsllm.model.flops_per_token
     tokens_per_second = mfu * gpu.peak_tflops * 1e12 * world / flops
     budget = CHINCHILLA_TOKENS_PER_PARAM * params
@@ -252,6 +346,9 @@ def plan(
         "seq_len": seq_len,
         "configs": rows,
         "recommended": recommended,
+        "interconnect": interconnect,
+        "layouts": layout_rows,
+        "recommended_layout": recommend_layout(recommended, layout_rows, interconnect),
         "too_tight": too_tight,
         "mfu_assumed": mfu,
         "tokens_per_second": tokens_per_second,
@@ -294,6 +391,7 @@ def advice(result: dict) -> list[str]:
             )
         else:
             lines.append("recommended: none fits the GPUs: more GPUs, a shorter --seq-len, or a smaller model")
+    lines.append(layout_advice(result))
     groups: dict[tuple[bool, str], list[str]] = {}  # ZeRO-0/1/2 on one GPU leave the same: one line for them
     for tight in result["too_tight"]:
         groups.setdefault((tight["activation_checkpointing"], f"{tight['spare_gib']:.1f}"), []).append(tight["config"])
@@ -304,6 +402,32 @@ def advice(result: dict) -> list[str]:
             f"({100 * HEADROOM_FRACTION:.0f}%) a config needs to count as fitting"
         )
     return lines
+
+
+def layout_advice(result: dict) -> str:
+    best = result["recommended_layout"]
+    if best["kind"] is None:
+        return "layout: none fits, with tensor or pipeline parallelism either"
+    if best["kind"] == "data":
+        split = best["config"] in ("zero0", "zero1", "zero2")
+        why = "no model split needed" if split else "no tensor or pipeline layout fits"
+        return f"layout: data parallelism only, {best['config']}.json ({why})"
+    checkpointing = f" and {CHECKPOINTING_FLAG}" if best["activation_checkpointing"] else ""
+    memory = f"{best['gib_per_gpu']:.1f} GiB on the busiest GPU, {best['spare_gib']:.1f} spare"
+    link = result["interconnect"]
+    if best["kind"] == "tensor":
+        return (
+            f"layout: --tensor-parallel {best['tensor_parallel']} ({best['tensor_parallel']} x "
+            f"{best['data_parallel']} data-parallel; a tensor group's ranks on one node) with ds_configs/zero1.json"
+            f"{checkpointing}: {memory} (over {link}: tensor parallelism first, then pipeline stages, then ZeRO-3)"
+        )
+    stages = best["pipeline_parallel"]
+    return (
+        f"layout: --pipeline-parallel {stages} ({stages} stages x {best['data_parallel']} data-parallel) with "
+        f"ds_configs/zero1.json{checkpointing} and --grad-accum {4 * stages} or more (1F1B bubble "
+        f"(P-1)/(M+P-1) = {100 * (stages - 1) / (5 * stages - 1):.0f}% at M = {4 * stages}): {memory} (over {link}: "
+        "pipeline stages first, then tensor parallelism, then ZeRO-3)"
+    )
 
 
 def render(result: dict, name: str, host_source: str) -> str:
@@ -323,6 +447,18 @@ def render(result: dict, name: str, host_source: str) -> str:
             f"{r['config']:<14} {r['model_states_gib']:>10.1f} {r['host_gib_per_node']:>13.1f} "
             f"{_yes(r['host_fits']):>5} {a['gib_per_gpu']:>10.1f} {_yes(a['fits']):>5} {a['largest_micro_batch']:>7} "
             f"{b['gib_per_gpu']:>10.1f} {_yes(b['fits']):>5} {b['largest_micro_batch']:>7}"
+        )
+    if result["layouts"]:
+        lines += [
+            "",
+            f"{'layout (ZeRO-1)':<22} {'states GiB':>10} {'total GiB':>10} {'fits':>5} {'+ckpt GiB':>10} {'fits':>5}",
+        ]
+    for r in result["layouts"]:
+        a, b = r["no_checkpointing"], r["checkpointing"]
+        kind = f"TP {r['tensor_parallel']}" if r["tensor_parallel"] > 1 else f"PP {r['pipeline_parallel']}"
+        lines.append(
+            f"{kind + ' x DP ' + str(r['data_parallel']):<22} {r['model_states_gib']:>10.1f} {a['gib_per_gpu']:>10.1f} "
+            f"{_yes(a['fits']):>5} {b['gib_per_gpu']:>10.1f} {_yes(b['fits']):>5}"
         )
     lines += [
         "",
@@ -379,6 +515,13 @@ def build_parser() -> ArgumentParser:
         type=finite,
         help="dense bf16 peak TFLOPS of one GPU: overrides the kind's, or describes a kind not listed",
     )
+    p.add_argument(
+        "--interconnect",
+        choices=("nvlink", "pcie"),
+        help="how a node's GPUs talk, for the layout advice (default: pcie for the kinds usually without NVLink: "
+        + ", ".join(sorted(PCIE_KINDS))
+        + "; nvlink otherwise)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -400,7 +543,17 @@ def main(argv=None) -> int:
     else:
         host_ram, host_source = this_machine_ram_gib(), f"this machine's {MEMINFO}; --host-ram-gib for others"
     model = model_for(args.model)
-    result = plan(model, gpus, gpu, args.nodes, args.micro_batch_size, args.seq_len, args.mfu, host_ram_gib=host_ram)
+    result = plan(
+        model,
+        gpus,
+        gpu,
+        args.nodes,
+        args.micro_batch_size,
+        args.seq_len,
+        args.mfu,
+        host_ram_gib=host_ram,
+        interconnect=args.interconnect,
+    )
     result["host_ram_source"] = host_source
     print(json.dumps(result, indent=2) if args.json else render(result, args.model, host_source))
     return 0

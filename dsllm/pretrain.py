@@ -120,11 +120,6 @@ def check_pipeline(config: RunConfig, model: ModelConfig, world: World, stages: 
         )
     if config.compile:
         raise UserError(f"--compile with --pipeline-parallel {stages}: not supported yet; drop one of them")
-    if model.activation_checkpointing != "none":
-        raise UserError(
-            f"--model.activation_checkpointing {model.activation_checkpointing} with --pipeline-parallel {stages}: "
-            "not supported yet; drop one of them"
-        )
 
 
 def model_for_data(config: TrainConfig, vocab_size: int) -> ModelConfig:

@@ -73,6 +73,19 @@ def test_two_stages_reproduce_the_single_rank_run(dataset_dir, single, tmp_path,
 
 
 @pytest.mark.multirank
+@pytest.mark.parametrize("checkpointing", ["torch", "deepspeed"])
+def test_activation_checkpointing_per_stage_keeps_the_curve(dataset_dir, single, tmp_path, checkpointing):
+    """Each stage recomputes its blocks in backward (tests/unit/test_pipeline_layout.py counts the recomputes):
+    the same losses as the single-rank run without it."""
+    out = tmp_path / "run"
+    args = [*RUN, "--sample-tokens", 0, "--model.activation_checkpointing", checkpointing, "--pipeline-parallel", 2]
+    pretrain(dataset_dir, out, *args, ranks=2, ds="zero1.json")
+    reference, records = train_records(single["true"]), train_records(out)
+    assert sorted(records) == list(range(1, STEPS + 1))
+    assert all(records[s]["loss"] == pytest.approx(reference[s]["loss"], rel=1e-5) for s in records)
+
+
+@pytest.mark.multirank
 @pytest.mark.slow
 def test_kill_9_then_resume_continues_the_pipeline_run_exactly(dataset_dir, single, tmp_path):
     out = tmp_path / "killed"

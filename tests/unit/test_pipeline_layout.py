@@ -4,9 +4,14 @@ runs themselves (2 real ranks) are in tests/e2e/test_pipeline.py."""
 
 import dataclasses
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from runs import ROOT, free_port
 
 from dsllm.errors import UserError
 from dsllm.model import GPT
@@ -41,7 +46,6 @@ def check(dataset_dir, tmp_path, ranks, ds="zero1.json", model=None, **options):
         (4, "zero1.json", {"n_layers": 3}, {"pipeline_parallel": 4}, "more stages than the model's 3 transformer"),
         (2, "zero1.json", None, {"compile": True}, "--compile with --pipeline-parallel 2: not supported yet"),
         (2, "zero1.json", None, {"pipeline_partition": "uniform"}, "uniform leaves stage 1 of 2 without a transformer"),
-        (2, "zero1.json", {"activation_checkpointing": "torch"}, {}, "activation_checkpointing torch with"),
     ],
 )
 def test_layouts_deepspeed_cannot_run_are_one_line(dataset_dir, tmp_path, ranks, ds, model, options, message):
@@ -92,3 +96,45 @@ def test_the_layers_are_the_gpts_modules_and_map_back_to_its_names(tied, positio
     for layer in run:
         x = layer(x)
     assert torch.equal(x, gpt(idx)[0])
+
+
+RECOMPUTES = """
+import json, sys, torch, deepspeed
+from dsllm.model import GPT
+from dsllm.model_config import resolve_model_config
+from dsllm.pipeline import BlockPipe, next_token_loss, pipeline_module
+deepspeed.init_distributed(dist_backend="gloo")
+calls = {}
+for mode in ("none", "torch", "deepspeed"):
+    torch.manual_seed(0)
+    gpt = GPT(resolve_model_config("tiny", {**json.loads(sys.argv[1]), "activation_checkpointing": mode}))
+    module = pipeline_module(gpt, 1, "blocks").train()
+    count = [0]
+    for layer in module.forward_funcs:
+        if isinstance(layer, BlockPipe):
+            # a pre-hook: torch's non-reentrant checkpoint stops a recompute early, before forward hooks run
+            layer.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+    idx = torch.randint(0, 64, (2, 16))
+    module._precompute_checkpointable_values()  # as DeepSpeed's PipelineEngine does when it takes the module
+    next_token_loss(module(idx), idx).backward()
+    calls[mode] = count[0]
+print(json.dumps(calls))
+"""
+
+
+def test_activation_checkpointing_recomputes_each_block_of_a_stage(tmp_path):
+    """A stage's blocks run forward once more in backward when the model asks for activation checkpointing
+    (torch's or DeepSpeed's); the 2-rank curve with it is in tests/e2e/test_pipeline.py."""
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(free_port())
+    small = {**SMALL, "n_layers": 3, "vocab_size": 64}
+    proc = subprocess.run(
+        [sys.executable, "-c", RECOMPUTES, json.dumps(small)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"none": 3, "torch": 6, "deepspeed": 6}

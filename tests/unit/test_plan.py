@@ -274,3 +274,50 @@ def test_gpu_table_and_your_own_gpu():
 def test_bad_input_is_one_line(args, message):
     proc = plan(*args, expect=2)
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_layouts_over_pcie_prefer_pipeline_stages_and_over_nvlink_tensor_parallelism():
+    """llama-7B on 2 nodes of 8 x RTX 4090: ZeRO-0/1/2 do not fit; over PCIe the recommendation is 2 pipeline
+    stages x 8 replicas (with activation checkpointing), over NVLink tensor parallelism inside the node."""
+    args = ("--model", "llama-7b", "--gpus", "8x4090", "--nodes", "2", "--host-ram-gib", "512")
+    result = json.loads(plan_here(*args, "--json"))
+    assert result["interconnect"] == "pcie" and result["recommended"]["config"] == "zero3"
+    best = result["recommended_layout"]
+    assert (best["kind"], best["pipeline_parallel"], best["data_parallel"], best["config"]) == (
+        "pipeline",
+        2,
+        8,
+        "zero1",
+    )
+    assert best["activation_checkpointing"] is True and best["fits"]
+    kinds = {(r["tensor_parallel"], r["pipeline_parallel"]) for r in result["layouts"]}
+    assert {(2, 1), (4, 1), (8, 1), (1, 2), (1, 16)} <= kinds and not any(t > 8 for t, _ in kinds)  # TP in a node
+    text = plan_here(*args)
+    assert "layout: --pipeline-parallel 2 (2 stages x 8 data-parallel) with ds_configs/zero1.json and " in text
+    assert "--grad-accum 8 or more (1F1B bubble (P-1)/(M+P-1) = 11% at M = 8)" in text
+    nvlink = json.loads(plan_here(*args, "--interconnect", "nvlink", "--json"))["recommended_layout"]
+    assert (nvlink["kind"], nvlink["tensor_parallel"], nvlink["data_parallel"]) == ("tensor", 2, 8)
+    small = json.loads(plan_here("--model", "gpt2-124m", "--gpus", "8xA100", "--host-ram-gib", "64", "--json"))
+    assert small["recommended_layout"] == {
+        "kind": "data",
+        "tensor_parallel": 1,
+        "pipeline_parallel": 1,
+        "config": "zero0",
+    }
+
+
+def test_layout_memory_splits_what_each_layout_splits():
+    model = resolve_model_config("llama-1.3b")
+    plain_states, plain = plan_module.layout_gib(model, 1, 1, 8, 1, 2048, False)
+    assert plain == pytest.approx(activation_gib(model, 1, 2048, False))  # one way: the data-parallel estimate
+    states, activations = plan_module.layout_gib(model, 2, 1, 4, 1, 2048, False)
+    sbh = 2048 * model.d_model
+    logits = 2048 * model.vocab_size * 10 / 2**30
+    assert activations == pytest.approx(model.n_layers * 22 * sbh / 2**30 + logits / 2)  # 10 + 24/2 per block
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    half = estimate_zero2_model_states_mem_needs(model.num_parameters() // 2, 4, 1, cpu_offload=False)[1]
+    assert states == pytest.approx(half / 2**30, rel=1e-6) and states < plain_states
+    # a pipeline's first stage keeps P micro batches of its L/P blocks in flight: the whole model's activations
+    _, first = plan_module.layout_gib(model, 1, 4, 2, 1, 2048, False)
+    assert first == pytest.approx(model.n_layers * 34 * sbh / 2**30)
