@@ -31,7 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from throughput_measure import MARK, pipeline_stages, train_config, worker
+from throughput_measure import MARK, pipeline_stages, tensor_parallel, train_config, worker
 from throughput_report import (
     GPU_TARGETS,
     MEMORY_TARGET,
@@ -96,6 +96,7 @@ SETTINGS = (  # the options the results record under "settings"
     "pipeline_stages",
     "micro_batches",
     "pipeline_partition",
+    "tensor_parallel",
 )
 
 
@@ -154,6 +155,13 @@ def build_parser() -> ArgumentParser:
         default="blocks",
         help="how the ppN variants split the layers over the stages (pretraining's --pipeline-partition)",
     )
+    p.add_argument(
+        "--tensor-parallel",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also tpN: N tensor-parallel ranks (AutoTP, ZeRO-1) x --ranks replicas; reports the time in collectives",
+    )
     p.add_argument("--no-plain", action="store_true", help="skip the plain loop (no ratios)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1], help="data-parallel ranks of the ZeRO variants")
     p.add_argument(
@@ -182,7 +190,7 @@ def parse_args(argv):
         least = 0 if name == "warmup_steps" else 1
         if getattr(args, name) is not None and getattr(args, name) < least:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {least} or more")
-    for name in ("seq_len", "micro_batch_size", "ranks", "pipeline_stages"):
+    for name in ("seq_len", "micro_batch_size", "ranks", "pipeline_stages", "tensor_parallel"):
         bad = [v for v in getattr(args, name) if v is not None and v < 1]
         if bad:
             raise UserError(f"--{name.replace('_', '-')} {bad[0]}: must be 1 or more")
@@ -203,6 +211,7 @@ def variants(args) -> list[str]:
     names = ([] if args.no_plain else ["plain"]) + [f"zero{s}" for s in sorted(set(args.stages))]
     names += ["zero2_offload", "zero3_offload"] if args.offload else []
     names += [f"pp{stages}" for stages in args.pipeline_stages]
+    names += [f"tp{size}" for size in args.tensor_parallel]
     return {
         "off": names,
         "on": [n + "+compile" for n in names],
@@ -226,6 +235,9 @@ def check_points(args, point_list: list[dict], names: list[str], device_type: st
             preflight(
                 train_config(args, {**point, "seq_len": spec.seq_len}, "zero1", device_type, stages=stages), world
             )
+        for size in args.tensor_parallel:
+            world = World(rank=0, local_rank=0, size=size * point["ranks"])
+            preflight(train_config(args, {**point, "seq_len": spec.seq_len}, "zero1", device_type, tensor=size), world)
         point["seq_len"] = spec.seq_len
         parameters = spec.model.num_parameters()
         shapes[point_label({**point, "ranks": 1})] = (
@@ -260,7 +272,7 @@ def run_variant(args, point: dict, variant: str, device_type: str) -> dict:
     from dsllm.engine import free_port
 
     plain = variant.startswith("plain")
-    ranks = 1 if plain else point["ranks"] * pipeline_stages(variant)
+    ranks = 1 if plain else point["ranks"] * pipeline_stages(variant) * tensor_parallel(variant)
     micro = point["micro_batch_size"] * (point["ranks"] if plain else 1)  # plain: the same global batch
     worker_args = [
         str(Path(__file__).resolve()),

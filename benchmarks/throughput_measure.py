@@ -34,9 +34,16 @@ def pipeline_stages(variant: str) -> int:
     return int(variant.removesuffix("+compile")[2:]) if variant.startswith("pp") else 1
 
 
-def train_config(args, point: dict, ds: str, device_type: str, compiled: bool = False, stages: int = 1):
+def tensor_parallel(variant: str) -> int:
+    """tpN (N tensor-parallel ranks per replica on ZeRO-1) -> N; 1 for every other variant."""
+    return int(variant.removesuffix("+compile")[2:]) if variant.startswith("tp") else 1
+
+
+def train_config(
+    args, point: dict, ds: str, device_type: str, compiled: bool = False, stages: int = 1, tensor: int = 1
+):
     """The pretraining options one variant of one point runs with (ds: a ds_configs/ name; `stages` > 1: a
-    pipeline over --micro-batches micro batches per step)."""
+    pipeline over --micro-batches micro batches per step; `tensor` > 1: AutoTP over that many ranks)."""
     from dsllm.train_config import TrainConfig
 
     overrides = {**args.model_overrides, **({"activation_checkpointing": "torch"} if point["checkpointing"] else {})}
@@ -54,6 +61,7 @@ def train_config(args, point: dict, ds: str, device_type: str, compiled: bool = 
         loader_workers=0 if device_type == "cpu" else 2,  # CPU: no cores to spare
         compile=compiled,
         pipeline_parallel=stages,
+        tensor_parallel=tensor,
         pipeline_partition=args.pipeline_partition,
         grad_accum=args.micro_batches if stages > 1 else None,
     )
@@ -136,8 +144,11 @@ def engine_loop(plan: Pretraining, device: torch.device) -> Loop:
     return Loop(step, engine.ds, optimizer_name, engine.teardown)  # teardown: else 2-rank jobs may abort at exit
 
 
-def time_steps(step, steps: int, warmup_steps: int, device, barrier) -> tuple[float, list[float], list[float]]:
-    """(seconds of the first step, wall seconds per timed step, this process's CPU seconds per timed step)."""
+def time_steps(
+    step, steps: int, warmup_steps: int, device, barrier, at_timed_start=lambda: None
+) -> tuple[float, list[float], list[float]]:
+    """(seconds of the first step, wall seconds per timed step, this process's CPU seconds per timed step);
+    `at_timed_start()` runs once the warm-up is over."""
     import torch
 
     start = time.perf_counter()
@@ -146,6 +157,7 @@ def time_steps(step, steps: int, warmup_steps: int, device, barrier) -> tuple[fl
     for _ in range(warmup_steps - 1):
         step()
     barrier()
+    at_timed_start()
     times, cpu_times = [], []  # wall and this process's CPU time (all its threads)
     for _ in range(steps):
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -177,6 +189,16 @@ def model_state_gib(loop: Loop, device: torch.device) -> float:
     return max(measured[-1] if measured else 0.0, live_tensor_gib(device.type))
 
 
+def comm_milliseconds() -> float:
+    """Milliseconds this process spent in DeepSpeed's collectives so far, by its comms logger. The logger records,
+    per op and message size, its op's timer read without a reset: a running total, whose largest value is the op's
+    time so far."""
+    from deepspeed.comm import comm
+
+    records = comm.comms_logger.comms_dict  # {op: {message bytes: [count, [running ms, ...], ...]}}
+    return sum(max(ms for entry in sizes.values() for ms in entry[1]) for sizes in records.values())
+
+
 def worker(args) -> int:
     """Run one variant (args._worker) of the single point in `args`; rank 0 prints MARK + its JSON."""
     import torch
@@ -197,10 +219,12 @@ def worker(args) -> int:
         "ranks": 1,
     }
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    stages = pipeline_stages(variant)
-    ds = "zero0" if plain else "zero1" if stages > 1 else base
-    plan = preflight(train_config(args, point, ds, device_type, compiled, stages))
+    stages, tensor = pipeline_stages(variant), tensor_parallel(variant)
+    ds = "zero0" if plain else "zero1" if stages > 1 or tensor > 1 else base
+    plan = preflight(train_config(args, point, ds, device_type, compiled, stages, tensor))
     spec = plan.spec
+    if tensor > 1:  # DeepSpeed's comms logger times every collective (blocking each, which on CPU they are)
+        spec.ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
     if plain:
         device = torch.device(device_type)
         baseline, live_baseline = current_gib(), live_tensor_gib(device.type)
@@ -209,9 +233,17 @@ def worker(args) -> int:
         device = init_distributed(spec.world, plan.config.collective_timeout)
         baseline, live_baseline = current_gib(), live_tensor_gib(device.type)
         loop = engine_loop(plan, device)
+    before = []  # the collectives' time when the timed steps start (not start-up's nor the first step's checks)
     first_step, times, cpu_times = time_steps(
-        loop.step, args.steps, args.warmup_steps, device, barrier=(lambda: None) if plain else dist.barrier
+        loop.step,
+        args.steps,
+        args.warmup_steps,
+        device,
+        barrier=(lambda: None) if plain else dist.barrier,
+        at_timed_start=lambda: before.append(comm_milliseconds()) if tensor > 1 else None,
     )
+    # this rank's time inside collectives per timed step (all of DeepSpeed's: with one replica, the TP ones)
+    comm_ms = (comm_milliseconds() - before[0]) / args.steps if before else None
     live = model_state_gib(loop, device)
     ranks = [
         {
@@ -222,6 +254,7 @@ def worker(args) -> int:
             "baseline_memory_gib": baseline,
             "model_state_gib": live - live_baseline,
             "first_step_seconds": first_step,
+            "comm_seconds_per_step": comm_ms / 1000 if comm_ms is not None else None,
         }
     ]
     if not plain:
@@ -257,6 +290,7 @@ def summary(
         "micro_batch": spec.batch.micro,
         "micro_batches": spec.batch.accumulation,
         "pipeline_stages": spec.pipeline_stages,
+        "tensor_parallel": spec.tensor_parallel,
         "global_batch": spec.batch.global_size,
         "seq_len": spec.seq_len,
         "steps": steps,

@@ -58,11 +58,14 @@ def ds_estimates(model_config, ranks: int) -> dict:
 def plan_prediction(model_config, point: dict, variant: str) -> float | None:
     """`dsllm plan`'s GiB per GPU for this point and variant: DeepSpeed's model-state estimate + activations
     (plain: the ZeRO-0 row, whole states on one device)."""
-    from dsllm.plan import activation_gib, largest_layer_params, model_state_gib
+    from dsllm.plan import activation_gib, largest_layer_params, layout_gib, model_state_gib
 
     config = variant.removesuffix("+compile")
-    if config.startswith("pp"):
-        return None  # `dsllm plan` has no pipeline layouts yet
+    if config.startswith(("pp", "tp")):  # plan's layout rows: ZeRO-1 over the replicas
+        size = int(config[2:])
+        tensor, stages = (size, 1) if config.startswith("tp") else (1, size)
+        micro, seq = point["micro_batch_size"], point["seq_len"]
+        return sum(layout_gib(model_config, tensor, stages, point["ranks"], micro, seq, point["checkpointing"]))
     config = "zero0" if config == "plain" else config
     ranks = 1 if variant.startswith("plain") else point["ranks"]
     micro = point["micro_batch_size"] * (point["ranks"] if variant.startswith("plain") else 1)
@@ -156,6 +159,10 @@ def summarize(
                 row["ratio_to_ideal"] = row["ratio_to_plain"] / row["ideal_ratio_to_plain"]
                 row["target"] = PIPELINE_TARGET
                 row["meets_target"] = row["ratio_to_ideal"] >= PIPELINE_TARGET
+            if row.get("tensor_parallel", 1) > 1:  # the slowest rank's time in collectives, of the median step
+                comm = max(r["comm_seconds_per_step"] for r in row["per_rank"])
+                row["comm_seconds_per_step"] = comm
+                row["comm_fraction"] = comm / row["median_step_seconds"]
         rows += mine
     return rows
 
@@ -208,6 +215,10 @@ def table(rows: list[dict]) -> list[str]:
         ratio = "n/a" if r["ratio_to_plain"] is None else f"{r['ratio_to_plain']:.3f}"
         if r.get("ratio_to_ideal") is not None:
             ratio += f" = {r['ratio_to_ideal']:.2f} of the 1F1B ideal {r['ideal_ratio_to_plain']:.2f}"
+        if r.get("comm_fraction") is not None:
+            ratio += (
+                f"; {1000 * r['comm_seconds_per_step']:.1f} ms/step in collectives ({100 * r['comm_fraction']:.0f}%)"
+            )
         if r["meets_target"] is not None:
             ratio += f" ({r['target']:.2f} {'ok' if r['meets_target'] else 'MISS'})"
         util = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
@@ -288,6 +299,11 @@ def markdown(r: dict) -> str:
         "batches a step (--micro-batches); its 1F1B ideal is P*R*M/(M+P-1) x the plain loop (every stage as fast as "
         "the plain process, so compare at equal --threads), and the share of it reached is checked against "
         f"{PIPELINE_TARGET:.0%}.",
+        "tpN: N tensor-parallel ranks (DeepSpeed's AutoTP, ZeRO-1) x the point's ranks as replicas; ideal N x R x "
+        "the plain loop at equal --threads. ms/step in collectives: the slowest rank's time inside DeepSpeed's "
+        "collectives per timed step, by its comms logger (each op made blocking); with one replica these are the "
+        "tensor-parallel all-reduces (two per block forward, their backward twins) and the vocabulary-parallel "
+        "loss's.",
         "first step: seconds of the first step (torch.compile, DeepSpeed's lazy buffers), never counted in tokens/s.",
     ]
     lines = [

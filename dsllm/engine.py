@@ -101,7 +101,7 @@ def new_model(spec: RunSpec, build: Callable[[], torch.nn.Module]) -> torch.nn.M
     if spec.pipeline_stages > 1:  # (ZeRO-0/1 only: pre-flight refuses pipelines on ZeRO-2/3)
         from dsllm.pipeline import pipeline_module
 
-        return pipeline_module(build(), spec.pipeline_stages, spec.pipeline_partition)
+        return pipeline_module(build(), spec.pipeline_stages, spec.pipeline_partition, spec.tensor_parallel)
     if spec.zero_stage != 3:
         return build()
     import deepspeed
@@ -276,7 +276,16 @@ def build_engine(
     if "scheduler" not in ds:
         lr_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)  # noqa: E731
     ops.announce_builds(_main_only(spec.world), ops.ops_for_config(ds))
-    if spec.tensor_parallel > 1 and mpu is None:
+    if spec.tensor_parallel > 1 and spec.pipeline_stages > 1:
+        # 3D: the pipeline's pipe x data x model grid holds the groups; AutoTP reads DeepSpeed's `groups`, which
+        # would otherwise build a data x tensor mesh over the whole world (mixing the stages): hand it the grid's
+        from deepspeed.utils import groups as ds_groups
+
+        grid = model.mpu()
+        ds_groups._TENSOR_MODEL_PARALLEL_GROUP = grid.get_slice_parallel_group()
+        ds_groups._DATA_PARALLEL_GROUP = grid.get_data_parallel_group()
+        ds_groups._MODEL_PARALLEL_GROUP = grid.get_model_parallel_group()  # stages x tensor ranks: the norm's
+    elif spec.tensor_parallel > 1 and mpu is None:
         # AutoTP's data x tensor mesh, built now (the engine would build the same one later) and passed as the
         # mpu: without it DeepSpeed checks the batch against the whole world instead of the data-parallel ranks
         from deepspeed.utils import groups as mpu
@@ -291,9 +300,61 @@ def build_engine(
         )
     finally:
         ds_logger.setLevel(level)
+    if spec.tensor_parallel > 1 and spec.pipeline_stages > 1:
+        _fit_3d(engine, model.mpu())
     if compile:  # compiled in place: parameter names and checkpoints stay those of the eager model
         engine.compile()
     return Engine(engine, spec, device, loss_of)
+
+
+def _fit_3d(engine, grid) -> None:
+    """What DeepSpeed 0.19.8's engine gets wrong when AutoTP splits a PipelineModule's stages (3D), set right after
+    `deepspeed.initialize` from the pipeline's grid. AutoTP's set-up makes DeepSpeed's `groups` module the mpu, so
+    (1) the pipeline schedule finds no pipe group: the mpu becomes the grid, with AutoTP's two tensor calls added;
+    (2) checkpoint files were numbered by tensor rank, so the stages overwrote each other's optimizer files: they
+    are numbered by the rank among a replica's stages x tensor ranks, and that many are expected on load; (3) each
+    rank records the universal-checkpoint layout (which parameters are split how) of its own stage's layers only,
+    and the converter reads rank 0's: every rank gets the union."""
+    import functools
+
+    import torch.distributed as dist
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    engine.mpu = _TensorPipelineGrid(grid)
+    engine.checkpoint_mp_rank = grid.get_model_parallel_rank()
+    engine.mp_world_size = grid.get_model_parallel_world_size()
+    layouts = [None] * dist.get_world_size()
+    dist.all_gather_object(layouts, getattr(engine.module, UNIVERSAL_CHECKPOINT_INFO))
+    setattr(engine.module, UNIVERSAL_CHECKPOINT_INFO, functools.reduce(_union, layouts))
+
+
+def _union(a, b):
+    """Two universal-checkpoint layouts as one: dicts key by key, lists without repeats."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {**b, **{key: _union(value, b[key]) if key in b else value for key, value in a.items()}}
+    if isinstance(a, list) and isinstance(b, list):
+        return a + [item for item in b if item not in a]
+    return a
+
+
+class _TensorPipelineGrid:
+    """The mpu of a 3D engine: DeepSpeed's pipeline grid (what the pipeline schedule calls), plus the two
+    tensor-parallel calls AutoTP's engine code makes on its mpu, answered from the grid's model axis."""
+
+    def __init__(self, grid):
+        self.grid = grid
+
+    def __getattr__(self, name: str):
+        return getattr(self.grid, name)
+
+    def get_tensor_model_parallel_group(self):
+        return self.grid.get_slice_parallel_group()
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        import torch.distributed as dist
+
+        size = self.grid.get_slice_parallel_world_size()
+        return dist.get_rank() // size * size  # the model axis is the fastest: a tensor group is consecutive
 
 
 def engine_options(config) -> dict[str, Any]:

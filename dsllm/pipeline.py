@@ -147,14 +147,22 @@ def blocks_per_stage(config, stages: int, partition: str) -> list[int]:
     return [sum(is_block[parts[s] : parts[s + 1]]) for s in range(stages)]
 
 
-def pipeline_module(gpt: GPT, stages: int, partition: str):
-    """DeepSpeed's PipelineModule over `gpt` in `stages` stages (after init_distributed). The model's activation
+def pipeline_module(gpt: GPT, stages: int, partition: str, tensor: int = 1):
+    """DeepSpeed's PipelineModule over `gpt` in `stages` stages (after init_distributed); with `tensor` > 1 on its
+    pipe x data x model grid (the model axis fastest: a stage's tensor-parallel ranks are consecutive, as AutoTP's
+    own mesh has them), for AutoTP to split each stage's layers. The model's activation
     checkpointing becomes the module's: each transformer block recomputed in backward (torch's non-reentrant
     checkpoint, or DeepSpeed's), the embedding and the head not."""
     import functools
 
+    import torch.distributed as dist
     from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
+    layout = {"num_stages": stages}
+    if tensor > 1:
+        data = dist.get_world_size() // (stages * tensor)
+        layout = {"topology": PipeModelDataParallelTopology(num_pp=stages, num_mp=tensor, num_dp=data)}
     checkpointing = {"activation_checkpoint_interval": 0}
     if gpt.config.activation_checkpointing != "none":
         checkpointing = {"activation_checkpoint_interval": 1, "checkpointable_layers": [BlockPipe.__name__]}
@@ -163,7 +171,7 @@ def pipeline_module(gpt: GPT, stages: int, partition: str):
             checkpointing["activation_checkpoint_func"] = checkpoint
     return PipelineModule(
         layers=layers_of(gpt),
-        num_stages=stages,
+        **layout,
         loss_fn=next_token_loss,
         partition_method=PARTITIONS[partition],
         **checkpointing,

@@ -202,7 +202,7 @@ def layout_gib(
         from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
     one, two = (dataclasses.replace(model, n_layers=n).num_parameters() for n in (1, 2))
     if stages > 1:
-        shard = math.ceil(model.n_layers / stages) * (two - one) + model.vocab_size * model.d_model
+        shard = (math.ceil(model.n_layers / stages) * (two - one) + model.vocab_size * model.d_model) / tensor
     else:
         shard = model.num_parameters() / tensor
     states = estimate_zero2_model_states_mem_needs(int(shard), data, 1, cpu_offload=False)[1]
@@ -217,11 +217,13 @@ def layout_gib(
 def layouts(
     model: ModelConfig, gpus: int, nodes: int, micro_batch: int, seq_len: int, usable: float, headroom: float
 ) -> list[dict]:
-    """Every tensor-parallel (within a node) and pipeline-parallel layout of the world with ZeRO-1, and its memory
-    on the busiest GPU with and without activation checkpointing. (dsllm trains one of the two kinds at a time.)"""
+    """Every tensor-parallel (within a node), pipeline-parallel and 3D (both) layout of the world with ZeRO-1, and
+    its memory on the busiest GPU with and without activation checkpointing."""
     world, rows = gpus * nodes, []
-    candidates = [(t, 1) for t in range(2, gpus + 1) if gpus % t == 0 and _tensor_splits(model, t)]
-    candidates += [(1, p) for p in range(2, min(world, model.n_layers) + 1) if world % p == 0]
+    sizes = [t for t in range(2, gpus + 1) if gpus % t == 0 and _tensor_splits(model, t)]
+    depths = [p for p in range(2, min(world, model.n_layers) + 1) if world % p == 0]
+    candidates = [(t, 1) for t in sizes] + [(1, p) for p in depths]
+    candidates += [(t, p) for t in sizes for p in depths if world % (t * p) == 0]
     for tensor, stages in candidates:
         data = world // (tensor * stages)
         row = {"tensor_parallel": tensor, "pipeline_parallel": stages, "data_parallel": data}
@@ -243,14 +245,16 @@ def recommend_layout(recommended: dict | None, layout_rows: list[dict], intercon
     across nodes is reported several times slower than stage 2: DeepSpeed #1069, gpt-neox #211)."""
     if recommended is not None and recommended["config"] in ("zero0", "zero1", "zero2"):
         return {"kind": "data", "tensor_parallel": 1, "pipeline_parallel": 1, "config": recommended["config"]}
-    tensor = [r for r in layout_rows if r["tensor_parallel"] > 1]
-    pipeline = [r for r in layout_rows if r["pipeline_parallel"] > 1]
-    ordered = tensor + pipeline if interconnect == "nvlink" else pipeline + tensor
+    tensor = [r for r in layout_rows if r["pipeline_parallel"] == 1]
+    pipeline = [r for r in layout_rows if r["tensor_parallel"] == 1]
+    both = [r for r in layout_rows if r["tensor_parallel"] > 1 and r["pipeline_parallel"] > 1]
+    ordered = (tensor + pipeline if interconnect == "nvlink" else pipeline + tensor) + both
     for row in ordered:
         for key, checkpointing in (("no_checkpointing", False), ("checkpointing", True)):
             if row[key]["fits"]:
+                kinds = {(True, False): "tensor", (False, True): "pipeline", (True, True): "3d"}
                 return {
-                    "kind": "tensor" if row["tensor_parallel"] > 1 else "pipeline",
+                    "kind": kinds[row["tensor_parallel"] > 1, row["pipeline_parallel"] > 1],
                     "tensor_parallel": row["tensor_parallel"],
                     "pipeline_parallel": row["pipeline_parallel"],
                     "data_parallel": row["data_parallel"],
@@ -422,6 +426,12 @@ def layout_advice(result: dict) -> str:
             f"{checkpointing}: {memory} (over {link}: tensor parallelism first, then pipeline stages, then ZeRO-3)"
         )
     stages = best["pipeline_parallel"]
+    if best["kind"] == "3d":
+        return (
+            f"layout: --pipeline-parallel {stages} --tensor-parallel {best['tensor_parallel']} ({stages} stages x "
+            f"{best['tensor_parallel']} tensor-parallel x {best['data_parallel']} data-parallel) with "
+            f"ds_configs/zero1.json{checkpointing} and --grad-accum {4 * stages} or more: {memory} (no 2-D layout fits)"
+        )
     return (
         f"layout: --pipeline-parallel {stages} ({stages} stages x {best['data_parallel']} data-parallel) with "
         f"ds_configs/zero1.json{checkpointing} and --grad-accum {4 * stages} or more (1F1B bubble "
@@ -455,7 +465,9 @@ def render(result: dict, name: str, host_source: str) -> str:
         ]
     for r in result["layouts"]:
         a, b = r["no_checkpointing"], r["checkpointing"]
-        kind = f"TP {r['tensor_parallel']}" if r["tensor_parallel"] > 1 else f"PP {r['pipeline_parallel']}"
+        kind = " x ".join(
+            f"{name} {r[key]}" for name, key in (("PP", "pipeline_parallel"), ("TP", "tensor_parallel")) if r[key] > 1
+        )
         lines.append(
             f"{kind + ' x DP ' + str(r['data_parallel']):<22} {r['model_states_gib']:>10.1f} {a['gib_per_gpu']:>10.1f} "
             f"{_yes(a['fits']):>5} {b['gib_per_gpu']:>10.1f} {_yes(b['fits']):>5}"

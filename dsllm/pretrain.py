@@ -92,7 +92,7 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
     model.check_seq_len(seq_len)
     partition = getattr(config, "pipeline_partition", "blocks")
     if tensor > 1:
-        ds["tensor_parallel"] = autotp_section(model, tensor)
+        ds["tensor_parallel"] = autotp_section(model, tensor, vocabulary_parallel=stages == 1)
     return RunSpec(world, model, seq_len, batch, precision, stage, ds, stages, partition, tensor)
 
 

@@ -43,12 +43,10 @@ class RunSpec:
 
     @property
     def data_parallel_rank(self) -> int:
-        """This rank's data-parallel index. DeepSpeed's pipe x data grid numbers the data axis fastest (stage s
-        holds ranks s*D .. s*D+D-1); its data x tensor mesh numbers the tensor axis fastest (replica d holds ranks
-        d*T .. d*T+T-1). Ranks that differ only in their stage or tensor index read the same samples."""
-        if self.tensor_parallel > 1:
-            return self.world.rank // self.tensor_parallel
-        return self.world.rank % self.data_parallel_size
+        """This rank's data-parallel index. DeepSpeed's pipe x data x model grid (and AutoTP's data x tensor mesh)
+        numbers the tensor axis fastest, then the data axis: rank = (stage * D + replica) * T + tensor index.
+        Ranks that differ only in their stage or tensor index read the same samples."""
+        return (self.world.rank // self.tensor_parallel) % self.data_parallel_size
 
     @property
     def tensor_parallel_rank(self) -> int:
@@ -58,10 +56,11 @@ class RunSpec:
         """The parallel layout as said at start-up: '' for data parallelism alone, else which ranks hold what."""
         data = self.data_parallel_size
         if self.tensor_parallel > 1:
-            size = self.tensor_parallel
-            groups = ", ".join(f"{d * size}-{d * size + size - 1}" for d in range(min(data, 4)))
-            more = ", ..." if data > 4 else ""
-            return f" ({size} tensor-parallel x {data} data-parallel; tensor groups: ranks {groups}{more})"
+            size, count = self.tensor_parallel, data * self.pipeline_stages
+            groups = ", ".join(f"{g * size}-{g * size + size - 1}" for g in range(min(count, 4)))
+            more = ", ..." if count > 4 else ""
+            stages = f"{self.pipeline_stages} pipeline stages x " if self.pipeline_stages > 1 else ""
+            return f" ({stages}{size} tensor-parallel x {data} data-parallel; tensor groups: ranks {groups}{more})"
         if self.pipeline_stages > 1:
             return f" ({self.pipeline_stages} pipeline stages x {data} data-parallel)"
         return ""

@@ -20,8 +20,9 @@ from dsllm.errors import UserError
 from dsllm.model_config import ModelConfig
 
 
-def autotp_section(model: ModelConfig, size: int) -> dict:
-    """The DeepSpeed JSON's `tensor_parallel` section for the GPT split over `size` ranks."""
+def autotp_section(model: ModelConfig, size: int, vocabulary_parallel: bool = True) -> dict:
+    """The DeepSpeed JSON's `tensor_parallel` section for the GPT split over `size` ranks. `vocabulary_parallel`:
+    the LM head and its loss split over the vocabulary (not in a pipeline, whose head is a layer of its own)."""
     q, kv = model.n_heads * model.head_dim, model.kv_heads * model.head_dim
     fc = {"patterns": [r".*\.mlp\.fc\.weight$"], "partition_type": "column"}
     if model.mlp == "swiglu":
@@ -38,7 +39,7 @@ def autotp_section(model: ModelConfig, size: int) -> dict:
     ]
     return {
         "autotp_size": size,
-        "vocab_parallel_lm_head": True,
+        "vocab_parallel_lm_head": vocabulary_parallel,
         "partition_config": {"use_default_specs": False, "layer_specs": specs},
     }
 
@@ -48,15 +49,12 @@ def check_tensor_parallel(model: ModelConfig, world_size: int, size: int, pipeli
     if size == 1:
         return
     flag = f"--tensor-parallel {size}"
-    if pipeline_stages > 1:
+    if world_size % (size * pipeline_stages):
+        both = size * pipeline_stages
+        with_stages = f" x {pipeline_stages} pipeline stages" if pipeline_stages > 1 else ""
         raise UserError(
-            f"{flag} with --pipeline-parallel {pipeline_stages}: DeepSpeed's AutoTP lays its tensor groups over the "
-            "whole world (a data x tensor mesh), so it cannot share the ranks with pipeline stages yet; use one of them"
-        )
-    if world_size % size:
-        raise UserError(
-            f"{flag}: the {world_size} rank(s) do not divide into groups of {size}; launch a multiple of {size} "
-            "ranks (deepspeed --num_gpus N) or change --tensor-parallel"
+            f"{flag}: the {world_size} rank(s) do not divide into groups of {size}{with_stages}; launch a multiple of "
+            f"{both} ranks (deepspeed --num_gpus N) or change --tensor-parallel"
         )
     for what, count, fix in (
         ("model.n_heads", model.n_heads, "attention heads"),

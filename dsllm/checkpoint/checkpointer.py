@@ -128,19 +128,16 @@ class Checkpointer:
                 f"{checkpoint}: saved in {marker.precision}, this run would train in {spec.precision}; "
                 f"pass --precision {marker.precision} to resume it"
             )
-        if marker.pipeline_stages != spec.pipeline_stages:
+        if marker.pipeline_stages != spec.pipeline_stages and 1 in (marker.pipeline_stages, spec.pipeline_stages):
             raise UserError(
                 f"{checkpoint}: saved with {marker.pipeline_stages} pipeline stage(s), this run has "
                 f"{spec.pipeline_stages}; resume with --pipeline-parallel {marker.pipeline_stages}, or start a new run "
                 "from its weights (dsllm consolidate) with another --out"
             )
-        if spec.pipeline_stages > 1 and marker.world_size != spec.world.size:
-            raise UserError(
-                f"{checkpoint}: a pipeline checkpoint of {marker.world_size} ranks, this run has {spec.world.size}; "
-                f"resume on {marker.world_size} ranks"
-            )
         saved_world, saved_stage, stage = marker.world_size, marker.zero_stage, spec.zero_stage
-        other_tensor = marker.tensor_parallel != spec.tensor_parallel  # universal: AutoTP shards merged, re-split
+        # universal: AutoTP shards merged and re-split, a pipeline's layers re-partitioned (their names do not
+        # depend on the stage count)
+        other_tensor = marker.tensor_parallel != spec.tensor_parallel or marker.pipeline_stages != spec.pipeline_stages
         if other_tensor and 0 in (saved_stage, stage):
             raise UserError(
                 f"{checkpoint}: saved with --tensor-parallel {marker.tensor_parallel}, this run has "

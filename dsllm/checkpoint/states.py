@@ -23,7 +23,7 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
     require_model_states(checkpoint, marker["zero_stage"])
     if marker.get("tensor_parallel", 1) > 1:
-        return _tensor_parallel_state_dict(checkpoint, marker["model"].get("tie_embeddings", True))
+        return _tensor_parallel_state_dict(checkpoint, marker["model"], marker.get("pipeline_stages", 1) > 1)
     with weights_only_loads():
         if marker.get("pipeline_stages", 1) > 1:
             return _pipeline_state_dict(checkpoint, marker["model"]["n_layers"])
@@ -52,18 +52,27 @@ def _pipeline_state_dict(checkpoint: Path, n_layers: int) -> dict[str, torch.Ten
     return {k: v.float() for k, v in state.items()}
 
 
-def _tensor_parallel_state_dict(checkpoint: Path, tied: bool) -> dict[str, torch.Tensor]:
+def _tensor_parallel_state_dict(checkpoint: Path, model: dict, pipeline: bool) -> dict[str, torch.Tensor]:
     """A tensor-parallel checkpoint's weights: DeepSpeed's universal checkpoint merges each parameter's AutoTP
-    shards (the q|k|v and gate|up sub-parameters each in place) into zero/NAME/fp32.pt; converted once, cached
-    next to the checkpoint, and the resume path uses the same folder."""
+    shards (the q|k|v and gate|up sub-parameters each in place) and a pipeline's stages into zero/NAME/fp32.pt;
+    converted once, cached next to the checkpoint, and the resume path uses the same folder. A pipeline's names
+    are its layers' ("3.block.attn.qkv.weight", "tied_modules.embedding.tok.weight"), renamed to GPT's."""
     from dsllm.checkpoint.checkpointer import convert_to_universal
+    from dsllm.pipeline import to_gpt_state
 
     folder = convert_to_universal(checkpoint) / "zero"
     state = {}
     with weights_only_loads():
         for path in sorted(folder.glob("*/fp32.pt")):
-            state[path.parent.name] = torch.load(path, map_location="cpu")["param"].float()
-    if tied:  # one parameter; the universal folder's lm_head entry is a leftover shard of it
+            name, value = path.parent.name, torch.load(path, map_location="cpu")["param"].float()
+            if not pipeline:
+                state[name] = value
+                continue
+            index, key = name.split(".", 1)
+            if index == "tied_modules":  # the embedding (layer 0), its weight also the tied head's
+                index, key = "0", key.split(".", 1)[1]
+            state.update(to_gpt_state(model["n_layers"], int(index), {key: value}))
+    if model.get("tie_embeddings", True):  # one parameter; a universal lm_head entry would be a leftover shard
         state["lm_head.weight"] = state["tok_embeddings.weight"]
     return state
 

@@ -101,3 +101,26 @@ def test_quick_pipeline_variant_is_timed_against_the_1f1b_ideal(tmp_path):
     )  # fmt: skip
     assert bad.returncode == 2 and "more stages than the model's 2 transformer blocks" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_quick_tensor_parallel_variant_reports_its_time_in_collectives(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/throughput.py", "--quick", "--stages", "0", "--tensor-parallel", "2",
+         "--threads", "1", "--results-dir", str(tmp_path)],
+        cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    [json_file] = tmp_path.glob("*-throughput-*.json")
+    row = next(r for r in json.loads(json_file.read_text())["rows"] if r["variant"] == "tp2")
+    assert row["world_size"] == 2 and row["tensor_parallel"] == 2 and row["global_batch"] == 4  # one replica
+    # DeepSpeed's comms logger: the row-parallel all-reduces and the vocabulary-parallel loss, per timed step
+    assert 0 < row["comm_seconds_per_step"] < row["median_step_seconds"]
+    assert row["comm_fraction"] == pytest.approx(row["comm_seconds_per_step"] / row["median_step_seconds"])
+    assert row["plan_gib"] > 0 and "ms/step in collectives" in proc.stdout
+    bad = subprocess.run(
+        [sys.executable, "benchmarks/throughput.py", "--quick", "--tensor-parallel", "3", "--results-dir",
+         str(tmp_path / "bad")],
+        cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--tensor-parallel 3: model.n_heads = 4 is not divisible by 3" in bad.stderr
+    assert not (tmp_path / "bad").exists()

@@ -97,9 +97,17 @@ def test_kill_9_then_resume_continues_the_pipeline_run_exactly(dataset_dir, sing
     reference, records = train_records(single["true"]), train_records(out)
     for step in range(1, STEPS + 1):
         assert records[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5), step
-    # another layout is refused with what to do, before any rank trains
+    # no pipeline is another naming of the parameters: refused with what to do, before any rank trains
     other = pretrain(dataset_dir, out, *RUN[2:], "--max-steps", STEPS + 4, ranks=2, ds="zero1.json", expect=2)
     assert "saved with 2 pipeline stage(s), this run has 1; resume with --pipeline-parallel 2" in other.stderr
+    # 2 replicas of the 2 stages (4 ranks, micro 2: the same global batch) continue it through the universal checkpoint
+    wider, step8 = tmp_path / "wider", out / "checkpoints" / "step00000008"
+    args = [*RUN, "--micro-batch-size", 2, "--pipeline-parallel", 2, "--resume", step8]
+    moved = pretrain(dataset_dir, wider, *args, ranks=4, ds="zero1.json")
+    assert "through a universal checkpoint" in moved.stdout and "at step 8 " in moved.stdout
+    records = train_records(wider)
+    assert sorted(records) == list(range(9, STEPS + 1))
+    assert all(records[s]["loss"] == pytest.approx(reference[s]["loss"], rel=1e-5) for s in records)
 
 
 @pytest.mark.multirank

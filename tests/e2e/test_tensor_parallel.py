@@ -43,12 +43,22 @@ def same_curve(out, reference, first=1):
         assert ours[step]["lr"] == pytest.approx(theirs[step]["lr"], rel=1e-9)
 
 
+@pytest.fixture(scope="module")
+def tensor(dataset_dir, tmp_path_factory):
+    """The TP=2 runs (2 ranks, ZeRO-1), one per model: {name: (run folder, the trainer's stdout)}."""
+    runs = {}
+    for name, model in MODELS.items():
+        out = tmp_path_factory.mktemp("tp2") / "run"
+        proc = pretrain(dataset_dir, out, *RUN, *model, "--tensor-parallel", 2, ranks=2, ds="zero1.json")
+        runs[name] = out, proc.stdout
+    return runs
+
+
 @pytest.mark.multirank
 @pytest.mark.parametrize("model", MODELS)
-def test_two_tensor_ranks_reproduce_the_single_rank_run(dataset_dir, single, tmp_path, model):
-    out = tmp_path / "run"
-    proc = pretrain(dataset_dir, out, *RUN, *MODELS[model], "--tensor-parallel", 2, ranks=2, ds="zero1.json")
-    assert "(2 tensor-parallel x 1 data-parallel; tensor groups: ranks 0-1), ZeRO-1, fp32" in proc.stdout
+def test_two_tensor_ranks_reproduce_the_single_rank_run(dataset_dir, single, tensor, tmp_path, model):
+    out, stdout = tensor[model]
+    assert "(2 tensor-parallel x 1 data-parallel; tensor groups: ranks 0-1), ZeRO-1, fp32" in stdout
     same_curve(out, single[model])
     ours, theirs = val_losses(out), val_losses(single[model])
     assert sorted(ours) == [10, 20] and all(ours[s] == pytest.approx(theirs[s], rel=1e-5) for s in ours)
@@ -74,7 +84,7 @@ def test_two_tensor_ranks_reproduce_the_single_rank_run(dataset_dir, single, tmp
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_kill_9_then_resume_continues_exactly_and_on_one_rank_too(dataset_dir, single, tmp_path):
+def test_kill_9_then_resume_continues_exactly_and_on_one_rank_too(dataset_dir, single, tensor, tmp_path):
     out = tmp_path / "killed"
     cmd = command(dataset_dir, out, *RUN, "--tensor-parallel", 2, ranks=2, ds="zero1.json")
     proc = run_until_killed(cmd, out, kill_after_step=9)
@@ -82,6 +92,8 @@ def test_kill_9_then_resume_continues_exactly_and_on_one_rank_too(dataset_dir, s
     resumed = pretrain(dataset_dir, out, *RUN, "--tensor-parallel", 2, ranks=2, ds="zero1.json")
     assert "resumed from" in resumed.stdout and ("at step 8 " in resumed.stdout or "at step 12 " in resumed.stdout)
     same_curve(out, single["tied"])
+    uninterrupted, records = train_records(tensor["tied"][0]), train_records(out)
+    assert all(records[s]["loss"] == uninterrupted[s]["loss"] for s in records)  # bit for bit
     # another layout: the TP=2 checkpoint of step 12 continues on one rank (universal checkpoint: shards merged)
     other = tmp_path / "one-rank"
     moved = pretrain(dataset_dir, other, *RUN, "--resume", out / "checkpoints" / "step00000012", ds="zero1.json")
@@ -101,3 +113,33 @@ def test_two_tensor_ranks_by_two_replicas_reproduce_the_single_rank_run(dataset_
     assert "on 4 rank(s) (2 tensor-parallel x 2 data-parallel; tensor groups: ranks 0-1, 2-3)" in proc.stdout
     same_curve(out, single["tied"])
     assert val_losses(out)[20] == pytest.approx(val_losses(single["tied"])[20], rel=1e-5)
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_3d_reproduces_the_single_rank_run_and_resumes_on_another_layout(dataset_dir, single, tmp_path):
+    """4 ranks: 2 pipeline stages x 2 tensor-parallel ranks (AutoTP splits each stage's layers on the pipeline's
+    pipe x data x model grid). The curve and validation loss are the single-rank run's; the weights, merged
+    through the universal checkpoint from 4 stage x tensor shards, score as the run did; and the step-12 checkpoint
+    continues on 2 ranks as 2 stages without tensor parallelism, on the same curve."""
+    out = tmp_path / "run"
+    proc = pretrain(dataset_dir, out, *RUN, "--pipeline-parallel", 2, "--tensor-parallel", 2, ranks=4, ds="zero1.json")
+    assert "on 4 rank(s) (2 pipeline stages x 2 tensor-parallel x 1 data-parallel; tensor groups: ranks 0-1, 2-3)" in (
+        proc.stdout
+    )
+    same_curve(out, single["tied"])
+    assert val_losses(out)[20] == pytest.approx(val_losses(single["tied"])[20], rel=1e-5)
+    tag = out / "checkpoints" / "step00000020"
+    assert sorted(p.name for p in tag.glob("zero_pp_rank_0_mp_rank_*")) == [
+        f"zero_pp_rank_0_mp_rank_0{i}_optim_states.pt" for i in range(4)
+    ]  # one per stage x tensor rank (DeepSpeed numbered them by tensor rank: the stages overwrote each other's)
+    scored = dsllm("evaluate", "--checkpoint", out, "--data", dataset_dir, "--max-windows", 8, "--seq-len", 32)
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["loss"] == pytest.approx(val_losses(out)[20], rel=1e-5)
+    other = tmp_path / "pp2"
+    step12 = out / "checkpoints" / "step00000012"
+    moved = pretrain(dataset_dir, other, *RUN, "--pipeline-parallel", 2, "--resume", step12, ranks=2, ds="zero1.json")
+    assert "through a universal checkpoint" in moved.stdout and "at step 12 " in moved.stdout
+    ours, theirs = train_records(other), train_records(single["tied"])
+    assert sorted(ours) == list(range(13, STEPS + 1))
+    assert all(ours[s]["loss"] == pytest.approx(theirs[s]["loss"], rel=1e-5) for s in ours)

@@ -42,6 +42,9 @@ def test_multi_node_scripts(tmp_path):
         f"deepspeed --hostfile {hostfile} --master_addr node-a --master_port 29500 launch/pretrain.py "
         "--ds_config ds_configs/zero2.json --y"
     )
+    assert dry_run("multinode_hostfile.sh", hostfile, "--y", TP="8", PP="2").endswith(
+        "launch/pretrain.py --ds_config ds_configs/zero1.json --tensor-parallel 8 --pipeline-parallel 2 --y"
+    )  # 3D: tensor parallelism inside each node, a pipeline stage per node
     mpi = dry_run("multinode_mpi.sh", hostfile, "--y")
     assert mpi.startswith(f"mpirun -np 16 --hostfile {hostfile} --map-by ppr:8:node")
     assert mpi.endswith("launch/pretrain.py --ds_config ds_configs/zero2.json --y")

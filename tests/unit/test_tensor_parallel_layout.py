@@ -21,7 +21,7 @@ from dsllm.world import World
         (2, {"vocab_size": 321}, {}, "model.vocab_size = 321 is not divisible by 2"),
         (2, {"dropout": 0.1}, {}, "--model.dropout 0.1: the tensor-parallel ranks would draw the same dropout"),
         (2, None, {"compile": True}, "--compile with --tensor-parallel 2: not supported yet"),
-        (4, None, {"pipeline_parallel": 2}, "cannot share the ranks with pipeline stages yet"),
+        (6, None, {"pipeline_parallel": 2}, "the 6 rank(s) do not divide into groups of 2 x 2 pipeline stages"),
     ],
 )
 def test_layouts_autotp_cannot_split_are_one_line(dataset_dir, tmp_path, ranks, model, options, message):
@@ -55,3 +55,11 @@ def test_a_valid_layout_resolves_the_batch_the_ranks_and_autotp(dataset_dir, tmp
     assert qkv["shape"] == [[4 * head, 2 * head, 2 * head], -1]  # [q | k | v] of 4 query and 2 key/value heads
     plain = check(dataset_dir, tmp_path, 2).spec
     assert "tensor_parallel" not in plain.ds and plain.layout() == ""
+    # 3D: DeepSpeed's pipe x data x model grid, the model axis fastest: rank = (stage * D + replica) * T + tensor
+    cube = check(dataset_dir, tmp_path, 8, tensor_parallel=2, pipeline_parallel=2).spec
+    ranks = [dataclasses.replace(cube, world=World(r, r, 8)) for r in range(8)]
+    assert [s.data_parallel_rank for s in ranks] == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert cube.layout() == (
+        " (2 pipeline stages x 2 tensor-parallel x 2 data-parallel; tensor groups: ranks 0-1, 2-3, 4-5, 6-7)"
+    )
+    assert cube.ds["tensor_parallel"]["vocab_parallel_lm_head"] is False  # the head is a pipeline layer of its own
