@@ -123,6 +123,32 @@ def to_gpt_state(n_layers: int, index: int, layer_state: dict) -> dict:
     }
 
 
+def gpt_name(n_layers: int, name: str) -> str | None:
+    """A PipelineModule parameter's name ("3.block.attn.qkv.weight", "tied_modules.embedding.tok.weight") as GPT's
+    ("blocks.2.attn.qkv.weight", "tok_embeddings.weight")."""
+    index, key = name.split(".", 1)
+    if index == "tied_modules":  # the embedding (layer 0), its weight also the tied head's
+        index, key = "0", key.split(".", 1)[1]
+    return next(iter(to_gpt_state(n_layers, int(index), {key: None})), None)
+
+
+def pipeline_name(n_layers: int, tied: bool, name: str) -> str | None:
+    """GPT's parameter name as the PipelineModule's of `layers_of` (None: a tied head, which is the embedding)."""
+    if name.startswith("tok_embeddings."):
+        rest = name.removeprefix("tok_embeddings.")
+        return f"tied_modules.embedding.tok.{rest}" if tied else f"0.tok.{rest}"
+    if name.startswith("pos_embeddings."):
+        return "0.pos." + name.removeprefix("pos_embeddings.")
+    if name.startswith("blocks."):
+        _, index, rest = name.split(".", 2)
+        return f"{int(index) + 1}.block.{rest}"
+    if name.startswith("norm."):
+        return f"{n_layers + 1}.{name}"
+    if name.startswith("lm_head."):
+        return None if tied else f"{n_layers + 2}.head." + name.removeprefix("lm_head.")
+    return None
+
+
 def blocks_per_stage(config, stages: int, partition: str) -> list[int]:
     """Transformer blocks each stage gets, by DeepSpeed's own partition functions over the layers of `layers_of`
     (for "parameters", a block's and a norm's counts from modules built on the meta device: no memory)."""

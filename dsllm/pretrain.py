@@ -363,7 +363,7 @@ def run(plan: Pretraining) -> dict:
         step, counters = state["step"], state["counters"]
         how = ""
         if checkpointer.universal:
-            how = " through a universal checkpoint (world size, ZeRO stage or tensor layout changed)"
+            how = " through a universal checkpoint (world size, ZeRO stage or parallel layout changed)"
         _say(
             world,
             f"resumed from {checkpointer.resume_from}{how} at step {step} ({loader.consumed_samples} samples consumed)",

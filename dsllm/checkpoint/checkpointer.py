@@ -60,7 +60,8 @@ class Checkpointer:
         self.spec, self.interval, self.keep, self.resume = spec, interval, keep, resume
         self.train_fingerprint, self.kind = train_fingerprint, kind
         self.resume_from: Path | None = None
-        self.universal = False  # resume through a universal checkpoint (world size or ZeRO stage changed)
+        self.universal = False  # resume through a universal checkpoint (world size, ZeRO stage or layout changed)
+        self.renamed: str | None = None  # "gpt" / "pipeline": its parameters renamed for the other kind of model
         self.fallbacks: list[Path] = []  # older checkpoints of the lineage, when resume_from turns out damaged
         self.branch: str | None = None
         self.previous: str | None = None
@@ -96,6 +97,8 @@ class Checkpointer:
             if problem is None:
                 self.resume_from, self.fallbacks = path, candidates[i + 1 :]
                 self.universal = self._needs_universal(marker, path)
+                pipelines = (marker.pipeline_stages > 1, self.spec.pipeline_stages > 1)
+                self.renamed = None if pipelines[0] == pipelines[1] else "pipeline" if pipelines[1] else "gpt"
                 return
             if explicit:
                 raise UserError(f"{path}: damaged checkpoint ({problem}); resume from another one with --resume PATH")
@@ -128,23 +131,21 @@ class Checkpointer:
                 f"{checkpoint}: saved in {marker.precision}, this run would train in {spec.precision}; "
                 f"pass --precision {marker.precision} to resume it"
             )
-        if marker.pipeline_stages != spec.pipeline_stages and 1 in (marker.pipeline_stages, spec.pipeline_stages):
-            raise UserError(
-                f"{checkpoint}: saved with {marker.pipeline_stages} pipeline stage(s), this run has "
-                f"{spec.pipeline_stages}; resume with --pipeline-parallel {marker.pipeline_stages}, or start a new run "
-                "from its weights (dsllm consolidate) with another --out"
-            )
         saved_world, saved_stage, stage = marker.world_size, marker.zero_stage, spec.zero_stage
         # universal: AutoTP shards merged and re-split, a pipeline's layers re-partitioned (their names do not
-        # depend on the stage count)
-        other_tensor = marker.tensor_parallel != spec.tensor_parallel or marker.pipeline_stages != spec.pipeline_stages
-        if other_tensor and 0 in (saved_stage, stage):
+        # depend on the stage count; to and from no pipeline they are renamed)
+        saved_layout, layout = (
+            (marker.tensor_parallel, marker.pipeline_stages),
+            (spec.tensor_parallel, spec.pipeline_stages),
+        )
+        if saved_layout != layout and 0 in (saved_stage, stage):
             raise UserError(
-                f"{checkpoint}: saved with --tensor-parallel {marker.tensor_parallel}, this run has "
-                f"{spec.tensor_parallel}; a new layout goes through DeepSpeed's universal checkpoint, which needs "
-                "ZeRO 1-3 on both sides: resume with the same --tensor-parallel, or with ds_configs/zero1.json"
+                f"{checkpoint}: saved with --tensor-parallel {saved_layout[0]} --pipeline-parallel {saved_layout[1]}, "
+                f"this run has {layout[0]} and {layout[1]}; a new layout goes through DeepSpeed's universal "
+                "checkpoint, which needs ZeRO 1-3 on both sides: resume with the same layout, or with "
+                "ds_configs/zero1.json"
             )
-        if not other_tensor and saved_stage == stage and (saved_world == spec.world.size or stage == 0):
+        if saved_layout == layout and saved_stage == stage and (saved_world == spec.world.size or stage == 0):
             return False  # ZeRO-0 keeps whole optimizer state on every rank: it loads on any world size
         if 0 in (saved_stage, stage):
             raise UserError(
@@ -269,11 +270,14 @@ class Checkpointer:
 
         from dsllm.safe_load import weights_only_loads
 
+        path = self.resume_from
         if self.universal:
             if self.spec.world.is_main:
-                convert_to_universal(self.resume_from)
+                path = convert_to_universal(self.resume_from)
+                if self.renamed:
+                    path = renamed_universal(self.resume_from, self.renamed, self.spec.model)
             dist.barrier()
-        path = universal_dir(self.resume_from) if self.universal else self.resume_from
+            path = universal_dir(self.resume_from, self.renamed or "")
         if not self.universal:  # (the universal folder is ours, converted just now)
             require_model_states(path, self.spec.zero_stage, self.spec.world.rank)
         try:
@@ -306,8 +310,34 @@ def _say(spec: RunSpec, message: str) -> None:
         print(message, flush=True)
 
 
-def universal_dir(checkpoint: Path) -> Path:
-    return checkpoint.parent / f"{checkpoint.name}-universal"
+def universal_dir(checkpoint: Path, renamed: str = "") -> Path:
+    return checkpoint.parent / (f"{checkpoint.name}-universal" + (f"-{renamed}" if renamed else ""))
+
+
+def renamed_universal(checkpoint: Path, naming: str, model) -> Path:
+    """The checkpoint's universal folder with its parameters named as `naming` ("gpt" or "pipeline") models name
+    them (the parameters are the same, a pipeline's layers name them by layer index): hard links to the tensor
+    files of convert_to_universal's folder, renamed once and cached next to it."""
+    from dsllm.pipeline import gpt_name, pipeline_name
+
+    target = universal_dir(checkpoint, naming)
+    if (target / COMPLETE_MARKER).is_file():
+        return target
+    source, staging = universal_dir(checkpoint), target.with_name(target.name + ".partial")
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging, copy_function=os.link)  # no tensor is copied
+    for folder in sorted(p for p in (staging / "zero").iterdir() if p.is_dir()):
+        if naming == "gpt":
+            name = gpt_name(model.n_layers, folder.name)
+        else:
+            name = pipeline_name(model.n_layers, model.tie_embeddings, folder.name)
+        if name is None:  # a tied head's leftover entry: the embedding's folder holds it
+            shutil.rmtree(folder)
+        elif name != folder.name:
+            folder.rename(folder.with_name(name))
+    os.replace(staging, target)
+    return target
 
 
 def convert_to_universal(checkpoint: Path) -> Path:

@@ -58,20 +58,15 @@ def _tensor_parallel_state_dict(checkpoint: Path, model: dict, pipeline: bool) -
     converted once, cached next to the checkpoint, and the resume path uses the same folder. A pipeline's names
     are its layers' ("3.block.attn.qkv.weight", "tied_modules.embedding.tok.weight"), renamed to GPT's."""
     from dsllm.checkpoint.checkpointer import convert_to_universal
-    from dsllm.pipeline import to_gpt_state
+    from dsllm.pipeline import gpt_name
 
     folder = convert_to_universal(checkpoint) / "zero"
     state = {}
     with weights_only_loads():
         for path in sorted(folder.glob("*/fp32.pt")):
-            name, value = path.parent.name, torch.load(path, map_location="cpu")["param"].float()
-            if not pipeline:
-                state[name] = value
-                continue
-            index, key = name.split(".", 1)
-            if index == "tied_modules":  # the embedding (layer 0), its weight also the tied head's
-                index, key = "0", key.split(".", 1)[1]
-            state.update(to_gpt_state(model["n_layers"], int(index), {key: value}))
+            name = gpt_name(model["n_layers"], path.parent.name) if pipeline else path.parent.name
+            if name is not None:
+                state[name] = torch.load(path, map_location="cpu")["param"].float()
     if model.get("tie_embeddings", True):  # one parameter; a universal lm_head entry would be a leftover shard
         state["lm_head.weight"] = state["tok_embeddings.weight"]
     return state

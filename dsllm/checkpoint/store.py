@@ -300,3 +300,5 @@ def prune(checkpoints: Path, keep_last: int) -> None:
         return
     for old in lineage_candidates(checkpoints)[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)
+        for derived in old.parent.glob(f"{old.name}-universal*"):  # its universal conversions (cached copies)
+            shutil.rmtree(derived, ignore_errors=True)

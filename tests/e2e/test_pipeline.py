@@ -26,11 +26,11 @@ def val_losses(out) -> dict:
 
 @pytest.fixture(scope="module")
 def single(dataset_dir, tmp_path_factory):
-    """The reference: one rank, ZeRO-0, tied and untied heads."""
+    """The reference: one rank, ZeRO-1 (its checkpoints convert to universal ones), tied and untied heads."""
     runs = {}
     for tied in ("true", "false"):
         out = tmp_path_factory.mktemp("single") / "run"
-        pretrain(dataset_dir, out, *RUN, "--model.tie_embeddings", tied, ds="zero0.json")
+        pretrain(dataset_dir, out, *RUN, "--model.tie_embeddings", tied, ds="zero1.json")
         runs[tied] = out
     return runs
 
@@ -97,17 +97,24 @@ def test_kill_9_then_resume_continues_the_pipeline_run_exactly(dataset_dir, sing
     reference, records = train_records(single["true"]), train_records(out)
     for step in range(1, STEPS + 1):
         assert records[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5), step
-    # no pipeline is another naming of the parameters: refused with what to do, before any rank trains
-    other = pretrain(dataset_dir, out, *RUN[2:], "--max-steps", STEPS + 4, ranks=2, ds="zero1.json", expect=2)
-    assert "saved with 2 pipeline stage(s), this run has 1; resume with --pipeline-parallel 2" in other.stderr
-    # 2 replicas of the 2 stages (4 ranks, micro 2: the same global batch) continue it through the universal checkpoint
-    wider, step8 = tmp_path / "wider", out / "checkpoints" / "step00000008"
-    args = [*RUN, "--micro-batch-size", 2, "--pipeline-parallel", 2, "--resume", step8]
-    moved = pretrain(dataset_dir, wider, *args, ranks=4, ds="zero1.json")
-    assert "through a universal checkpoint" in moved.stdout and "at step 8 " in moved.stdout
-    records = train_records(wider)
-    assert sorted(records) == list(range(9, STEPS + 1))
-    assert all(records[s]["loss"] == pytest.approx(reference[s]["loss"], rel=1e-5) for s in records)
+    # other layouts continue step 8 through the universal checkpoint, on the same curve: 2 replicas of the 2 stages
+    # (4 ranks, micro 2: the same global batch), one rank without a pipeline (the layers' parameter names renamed to
+    # GPT's), and back: the single-rank run's step 8 as 2 stages
+    step8 = out / "checkpoints" / "step00000008"
+    layouts = {
+        "wider": (step8, ["--micro-batch-size", 2, "--pipeline-parallel", 2], 4),
+        "one-rank": (step8, [], 1),
+        "staged": (single["true"] / "checkpoints" / "step00000008", ["--pipeline-parallel", 2], 2),
+    }
+    for name, (checkpoint, layout, ranks) in layouts.items():
+        moved = pretrain(
+            dataset_dir, tmp_path / name, *RUN, *layout, "--resume", checkpoint, ranks=ranks, ds="zero1.json"
+        )
+        assert "through a universal checkpoint" in moved.stdout and "at step 8 " in moved.stdout, name
+        records = train_records(tmp_path / name)
+        assert sorted(records) == list(range(9, STEPS + 1)), name
+        assert all(records[s]["loss"] == pytest.approx(reference[s]["loss"], rel=1e-5) for s in records), name
+    assert (out / "checkpoints" / "step00000008-universal-gpt" / "zero" / "blocks.1.attn.qkv.weight").is_dir()
 
 
 @pytest.mark.multirank

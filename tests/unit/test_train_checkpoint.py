@@ -59,9 +59,12 @@ def test_staging_and_torn_folders_never_count_and_prune_keeps_the_newest(tmp_pat
     staging_dir(checkpoints, 10).mkdir()  # a save that died before its marker
     (checkpoints / "step00000007").mkdir()  # a folder with no marker
     assert names(complete_checkpoints(checkpoints)) == ["step00000002", "step00000004", "step00000006", "step00000008"]
+    for converted in ("step00000002-universal", "step00000002-universal-gpt", "step00000006-universal"):
+        (checkpoints / converted).mkdir()  # universal conversions cached next to their checkpoint
     prune(checkpoints, keep_last=2)
     remove_leftovers(checkpoints)
     assert names(complete_checkpoints(checkpoints)) == ["step00000006", "step00000008"]
+    assert sorted(p.name for p in checkpoints.glob("*-universal*")) == ["step00000006-universal"]  # with their step
     assert not staging_dir(checkpoints, 10).exists()
     run = checkpoints.parent
     assert names(resume_candidates("auto", run)[0]) == ["step00000008", "step00000006"]
