@@ -106,8 +106,20 @@ def new_model(spec: RunSpec, build: Callable[[], torch.nn.Module]) -> torch.nn.M
         return build()
     import deepspeed
 
-    with deepspeed.zero.Init(config_dict_or_path=spec.deepspeed_config()):
+    with deepspeed.zero.Init(config_dict_or_path=spec.deepspeed_config(), mpu=tensor_mesh(spec)):
         return build()
+
+
+def tensor_mesh(spec: RunSpec):
+    """AutoTP's data x tensor mesh (DeepSpeed's `groups`, the mpu its engine would build later), or None without
+    tensor parallelism. Built before the engine: DeepSpeed checks the batch against the data-parallel ranks of
+    the mpu it is given, or against the whole world."""
+    if spec.tensor_parallel == 1:
+        return None
+    from deepspeed.utils import groups
+
+    groups._init_tp_mesh_device(tensor_model_parallel_size=spec.tensor_parallel)
+    return groups
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -286,11 +298,7 @@ def build_engine(
         ds_groups._DATA_PARALLEL_GROUP = grid.get_data_parallel_group()
         ds_groups._MODEL_PARALLEL_GROUP = grid.get_model_parallel_group()  # stages x tensor ranks: the norm's
     elif spec.tensor_parallel > 1 and mpu is None:
-        # AutoTP's data x tensor mesh, built now (the engine would build the same one later) and passed as the
-        # mpu: without it DeepSpeed checks the batch against the whole world instead of the data-parallel ranks
-        from deepspeed.utils import groups as mpu
-
-        mpu._init_tp_mesh_device(tensor_model_parallel_size=spec.tensor_parallel)
+        mpu = tensor_mesh(spec)
     ds_logger = logging.getLogger("DeepSpeed")
     level = ds_logger.level
     ds_logger.setLevel(logging.ERROR)  # its scheduler warns about reading the lr before step 1

@@ -66,7 +66,6 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
     stages = getattr(config, "pipeline_parallel", 1)  # (fine-tuning has neither pipeline nor tensor layout)
     tensor = getattr(config, "tensor_parallel", 1)
     check_pipeline(config, model, world, stages)
-    check_tensor_parallel(model, world.size, tensor, stages, config.compile)
     raw = load_ds_config(config.ds_config)
     if "tensor_parallel" in raw:
         raise UserError(
@@ -82,6 +81,7 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
         on_gpu,
         hidden_size=model.d_model,
     )
+    check_tensor_parallel(model, world.size, tensor, stages, config.compile, stage)
     if stages > 1 and stage >= 2:
         raise UserError(
             f"--pipeline-parallel {stages} with {config.ds_config} (ZeRO-{stage}): ZeRO-2 and 3 partition the "

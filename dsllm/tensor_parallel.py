@@ -44,11 +44,19 @@ def autotp_section(model: ModelConfig, size: int, vocabulary_parallel: bool = Tr
     }
 
 
-def check_tensor_parallel(model: ModelConfig, world_size: int, size: int, pipeline_stages: int, compile_: bool) -> None:
+def check_tensor_parallel(
+    model: ModelConfig, world_size: int, size: int, pipeline_stages: int, compile_: bool, zero_stage: int
+) -> None:
     """A tensor-parallel layout that cannot run is one line before any rank starts."""
     if size == 1:
         return
     flag = f"--tensor-parallel {size}"
+    if zero_stage not in (1, 2):
+        raise UserError(
+            f"{flag} with ZeRO-{zero_stage}: use ds_configs/zero1.json or zero2.json; dsllm merges the tensor shards "
+            "of a checkpoint through DeepSpeed's universal checkpoint, which needs ZeRO's optimizer files (none under "
+            "ZeRO-0) and fails on ZeRO-3 AutoTP checkpoints (DeepSpeed 0.19.8)"
+        )
     if world_size % (size * pipeline_stages):
         both = size * pipeline_stages
         with_stages = f" x {pipeline_stages} pipeline stages" if pipeline_stages > 1 else ""

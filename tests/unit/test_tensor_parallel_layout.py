@@ -21,13 +21,16 @@ from dsllm.world import World
         (2, {"vocab_size": 321}, {}, "model.vocab_size = 321 is not divisible by 2"),
         (2, {"dropout": 0.1}, {}, "--model.dropout 0.1: the tensor-parallel ranks would draw the same dropout"),
         (2, None, {"compile": True}, "--compile with --tensor-parallel 2: not supported yet"),
+        (2, None, {"ds": "zero0.json"}, "--tensor-parallel 2 with ZeRO-0: use ds_configs/zero1.json or zero2.json"),
+        (2, None, {"ds": "zero3.json"}, "fails on ZeRO-3 AutoTP checkpoints (DeepSpeed 0.19.8)"),
         (6, None, {"pipeline_parallel": 2}, "the 6 rank(s) do not divide into groups of 2 x 2 pipeline stages"),
     ],
 )
 def test_layouts_autotp_cannot_split_are_one_line(dataset_dir, tmp_path, ranks, model, options, message):
     options = {"tensor_parallel": 2, **options}
+    ds = options.pop("ds", "zero1.json")
     with pytest.raises(UserError) as caught:
-        check(dataset_dir, tmp_path, ranks, "zero1.json", model, **options)
+        check(dataset_dir, tmp_path, ranks, ds, model, **options)
     assert message in str(caught.value) and "\n" not in str(caught.value)
     assert not (tmp_path / "run").exists()  # nothing written
 
