@@ -8,8 +8,10 @@ turns one micro batch into a loss.
 Parallel layouts plug in here: data parallel (ZeRO 0-3), and pipelines (`--pipeline-parallel`), for which
 `new_model` builds DeepSpeed's `PipelineModule` and `deepspeed.initialize` returns a `PipelineEngine`, whose own
 `train_batch(data_iter)` runs the micro batches through the stages (1F1B); `Engine.train_batch` has the same
-shape for that reason. Tensor, sequence and expert parallelism hand DeepSpeed their process groups through
-`deepspeed.initialize(mpu=...)`, and the `mpu` argument of `build_engine` is where they will pass it.
+shape for that reason. Tensor parallelism is DeepSpeed's AutoTP, driven by the JSON's `tensor_parallel` section
+(`dsllm.tensor_parallel`): `build_engine` passes AutoTP's data x tensor mesh as the mpu (`tensor_mesh`), or in 3D
+hands AutoTP the pipeline grid's groups (`_fit_3d`). Sequence and expert parallelism will hand DeepSpeed their
+process groups through the `mpu` argument of `build_engine` the same way.
 """
 
 from __future__ import annotations
