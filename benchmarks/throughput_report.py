@@ -58,7 +58,8 @@ def ds_estimates(model_config, ranks: int) -> dict:
 def plan_prediction(model_config, point: dict, variant: str) -> float | None:
     """`dsllm plan`'s GiB per GPU for this point and variant: DeepSpeed's model-state estimate + activations
     (plain: the ZeRO-0 row, whole states on one device)."""
-    from dsllm.plan import activation_gib, largest_layer_params, layout_gib, model_state_gib
+    from dsllm.plan import activation_gib, largest_layer_params, model_state_gib
+    from dsllm.plan_layouts import layout_gib
 
     config = variant.removesuffix("+compile")
     if config.startswith(("pp", "tp")):  # plan's layout rows: ZeRO-1 over the replicas

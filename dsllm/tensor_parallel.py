@@ -11,7 +11,8 @@ We hand AutoTP our own layer specs (its `partition_config`) instead of letting i
 
 Every other parameter (norms, learned positions) is replicated. AutoTP builds a data x tensor mesh over the
 whole world, tensor axis fastest, so rank r is tensor rank r % T of replica r // T: with T up to the GPUs of a
-node, the all-reduces stay on NVLink. That mesh is also why AutoTP does not combine with pipeline stages here.
+node, the all-reduces stay on NVLink. With pipeline stages (3D) AutoTP splits each stage's layers on the pipeline
+grid's groups instead (`dsllm.engine._fit_3d`), and the LM head stays whole on the last stage.
 """
 
 from __future__ import annotations
@@ -44,6 +45,20 @@ def autotp_section(model: ModelConfig, size: int, vocabulary_parallel: bool = Tr
     }
 
 
+def unsplittable(model: ModelConfig, size: int) -> tuple[str, int, str] | None:
+    """The first of the model's sizes `size` ranks cannot split evenly, as (its name, its value, what it counts),
+    or None when AutoTP can split them all."""
+    for what, count, fix in (
+        ("model.n_heads", model.n_heads, "attention heads"),
+        ("model.n_kv_heads", model.kv_heads, "key/value heads"),
+        ("the MLP hidden size (model.mlp_hidden)", model.mlp_hidden_size, "MLP columns"),
+        ("model.vocab_size", model.vocab_size, "vocabulary rows"),
+    ):
+        if count % size:
+            return what, count, fix
+    return None
+
+
 def check_tensor_parallel(
     model: ModelConfig, world_size: int, size: int, pipeline_stages: int, compile_: bool, zero_stage: int
 ) -> None:
@@ -64,17 +79,13 @@ def check_tensor_parallel(
             f"{flag}: the {world_size} rank(s) do not divide into groups of {size}{with_stages}; launch a multiple of "
             f"{both} ranks (deepspeed --num_gpus N) or change --tensor-parallel"
         )
-    for what, count, fix in (
-        ("model.n_heads", model.n_heads, "attention heads"),
-        ("model.n_kv_heads", model.kv_heads, "key/value heads"),
-        ("the MLP hidden size (model.mlp_hidden)", model.mlp_hidden_size, "MLP columns"),
-        ("model.vocab_size", model.vocab_size, "vocabulary rows"),
-    ):
-        if count % size:
-            raise UserError(
-                f"{flag}: {what} = {count} is not divisible by {size}, so the {fix} cannot be split evenly; use a "
-                f"--tensor-parallel that divides {count}"
-            )
+    problem = unsplittable(model, size)
+    if problem is not None:
+        what, count, fix = problem
+        raise UserError(
+            f"{flag}: {what} = {count} is not divisible by {size}, so the {fix} cannot be split evenly; use a "
+            f"--tensor-parallel that divides {count}"
+        )
     if model.dropout:
         raise UserError(
             f"{flag} with --model.dropout {model.dropout}: the tensor-parallel ranks would draw the same dropout "

@@ -23,6 +23,7 @@ LAYERS = {  # docs/architecture.md's table; a new module gets a row here and the
         "consolidate",
         "report",
         "plan",
+        "plan_layouts",
         "preflight",
         "supervise",
     ],

@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT
 
 from dsllm import plan as plan_module
+from dsllm import plan_layouts
 from dsllm.errors import run_cli
 from dsllm.metrics import GPU_KINDS, gpu_kind_of, peak_tflops
 from dsllm.model_config import resolve_model_config
@@ -308,9 +309,9 @@ def test_layouts_over_pcie_prefer_pipeline_stages_and_over_nvlink_tensor_paralle
 
 def test_layout_memory_splits_what_each_layout_splits():
     model = resolve_model_config("llama-1.3b")
-    plain_states, plain = plan_module.layout_gib(model, 1, 1, 8, 1, 2048, False)
+    plain_states, plain = plan_layouts.layout_gib(model, 1, 1, 8, 1, 2048, False)
     assert plain == pytest.approx(activation_gib(model, 1, 2048, False))  # one way: the data-parallel estimate
-    states, activations = plan_module.layout_gib(model, 2, 1, 4, 1, 2048, False)
+    states, activations = plan_layouts.layout_gib(model, 2, 1, 4, 1, 2048, False)
     sbh = 2048 * model.d_model
     logits = 2048 * model.vocab_size * 10 / 2**30
     assert activations == pytest.approx(model.n_layers * 22 * sbh / 2**30 + logits / 2)  # 10 + 24/2 per block
@@ -319,5 +320,5 @@ def test_layout_memory_splits_what_each_layout_splits():
     half = estimate_zero2_model_states_mem_needs(model.num_parameters() // 2, 4, 1, cpu_offload=False)[1]
     assert states == pytest.approx(half / 2**30, rel=1e-6) and states < plain_states
     # a pipeline's first stage keeps P micro batches of its L/P blocks in flight: the whole model's activations
-    _, first = plan_module.layout_gib(model, 1, 4, 2, 1, 2048, False)
+    _, first = plan_layouts.layout_gib(model, 1, 4, 2, 1, 2048, False)
     assert first == pytest.approx(model.n_layers * 34 * sbh / 2**30)
