@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dsllm.errors import UserError
 from dsllm.model import GPT, causal_lm_loss, rotary_embedding
 
 # how a run's --pipeline-partition maps to DeepSpeed's partition_method
@@ -147,6 +148,30 @@ def pipeline_name(n_layers: int, tied: bool, name: str) -> str | None:
     if name.startswith("lm_head."):
         return None if tied else f"{n_layers + 2}.head." + name.removeprefix("lm_head.")
     return None
+
+
+def check_pipeline(model, world_size: int, stages: int, partition: str, compile_: bool) -> None:
+    """A pipeline layout that cannot run is one line before any rank starts (`model` a ModelConfig)."""
+    if stages == 1:
+        return
+    if world_size % stages:
+        raise UserError(
+            f"--pipeline-parallel {stages}: the {world_size} rank(s) do not divide into {stages} stages; launch a "
+            f"multiple of {stages} ranks (deepspeed --num_gpus N) or change --pipeline-parallel"
+        )
+    if stages > model.n_layers:
+        raise UserError(
+            f"--pipeline-parallel {stages}: more stages than the model's {model.n_layers} transformer blocks; use "
+            f"at most {model.n_layers} stages"
+        )
+    blocks = blocks_per_stage(model, stages, partition)
+    if 0 in blocks:  # DeepSpeed's pipeline engine hangs in the first step on such a stage (seen on 2 CPU ranks)
+        raise UserError(
+            f"--pipeline-partition {partition} leaves stage {blocks.index(0)} of {stages} without a "
+            f"transformer block (blocks per stage: {blocks}); use --pipeline-partition blocks or fewer stages"
+        )
+    if compile_:
+        raise UserError(f"--compile with --pipeline-parallel {stages}: not supported yet; drop one of them")
 
 
 def blocks_per_stage(config, stages: int, partition: str) -> list[int]:

@@ -65,7 +65,9 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
     supports_bf16 = torch.cuda.is_bf16_supported() if on_gpu else True
     stages = getattr(config, "pipeline_parallel", 1)  # (fine-tuning has neither pipeline nor tensor layout)
     tensor = getattr(config, "tensor_parallel", 1)
-    check_pipeline(config, model, world, stages)
+    from dsllm.pipeline import check_pipeline
+
+    check_pipeline(model, world.size, stages, getattr(config, "pipeline_partition", "blocks"), config.compile)
     raw = load_ds_config(config.ds_config)
     if "tensor_parallel" in raw:
         raise UserError(
@@ -94,32 +96,6 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
     if tensor > 1:
         ds["tensor_parallel"] = autotp_section(model, tensor, vocabulary_parallel=stages == 1)
     return RunSpec(world, model, seq_len, batch, precision, stage, ds, stages, partition, tensor)
-
-
-def check_pipeline(config: RunConfig, model: ModelConfig, world: World, stages: int) -> None:
-    """A pipeline layout that cannot run is one line before any rank starts."""
-    if stages == 1:
-        return
-    if world.size % stages:
-        raise UserError(
-            f"--pipeline-parallel {stages}: the {world.size} rank(s) do not divide into {stages} stages; launch a "
-            f"multiple of {stages} ranks (deepspeed --num_gpus N) or change --pipeline-parallel"
-        )
-    if stages > model.n_layers:
-        raise UserError(
-            f"--pipeline-parallel {stages}: more stages than the model's {model.n_layers} transformer blocks; use "
-            f"at most {model.n_layers} stages"
-        )
-    from dsllm.pipeline import blocks_per_stage
-
-    blocks = blocks_per_stage(model, stages, config.pipeline_partition)
-    if 0 in blocks:  # DeepSpeed's pipeline engine hangs in the first step on such a stage (seen on 2 CPU ranks)
-        raise UserError(
-            f"--pipeline-partition {config.pipeline_partition} leaves stage {blocks.index(0)} of {stages} without a "
-            f"transformer block (blocks per stage: {blocks}); use --pipeline-partition blocks or fewer stages"
-        )
-    if config.compile:
-        raise UserError(f"--compile with --pipeline-parallel {stages}: not supported yet; drop one of them")
 
 
 def model_for_data(config: TrainConfig, vocab_size: int) -> ModelConfig:

@@ -136,6 +136,22 @@ def dsllm(*args, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
+def exported_logit_diff(run, hf_dir) -> float:
+    """`dsllm export` of a run folder to `hf_dir`, then the largest difference between its logits in transformers
+    and the run's own model on a fixed random batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dsllm.model_dir import load_model_dir
+
+    exported = dsllm("export", "--checkpoint", run, "--output", hf_dir)
+    assert exported.returncode == 0, exported.stderr
+    ours, hf = load_model_dir(run).eval(), AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    idx = torch.randint(0, ours.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return (ours(idx)[0] - hf(idx).logits).abs().max().item()
+
+
 def report(*args, expect=0):
     """`python -m dsllm report ARGS`, which must exit with `expect`."""
     proc = subprocess.run(

@@ -8,8 +8,7 @@ folder `dsllm evaluate` scores as the run did and `dsllm export` turns into a Hu
 import json
 
 import pytest
-import torch
-from runs import command, dsllm, pretrain, run_until_killed, train_records
+from runs import command, dsllm, exported_logit_diff, pretrain, run_until_killed, train_records
 from test_pipeline import val_losses
 
 STEPS = 20
@@ -70,16 +69,7 @@ def test_two_tensor_ranks_reproduce_the_single_rank_run(dataset_dir, single, ten
     assert scored.returncode == 0, scored.stderr
     assert json.loads(scored.stdout)["loss"] == pytest.approx(ours[20], rel=1e-5)
     if model == "llama":
-        exported = dsllm("export", "--checkpoint", out, "--output", tmp_path / "hf")
-        assert exported.returncode == 0, exported.stderr
-        from transformers import AutoModelForCausalLM
-
-        from dsllm.model_dir import load_model_dir
-
-        ours_model, hf = load_model_dir(out).eval(), AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-        idx = torch.randint(0, ours_model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            assert (ours_model(idx)[0] - hf(idx).logits).abs().max().item() < 1e-4
+        assert exported_logit_diff(out, tmp_path / "hf") < 1e-4
 
 
 @pytest.mark.multirank
