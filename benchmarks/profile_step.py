@@ -91,14 +91,13 @@ def main(argv=None) -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's deprecated collective names, per call
     from dsllm.engine import build_engine, engine_options, init_distributed, new_model, window_loss
-    from dsllm.model import GPT
     from dsllm.pretrain import make_loader, preflight
 
     plan = preflight(config)
     spec = plan.spec
     device = init_distributed(spec.world, config.collective_timeout)
     torch.manual_seed(config.seed)
-    engine = build_engine(spec, new_model(spec, lambda: GPT(spec.model)), device, window_loss, **engine_options(config))
+    engine = build_engine(spec, new_model(spec), device, window_loss, **engine_options(config))
     engine.ds.train()
     batches = iter(make_loader(plan, device))
     for _ in range(untimed):

@@ -127,11 +127,10 @@ def engine_loop(plan: Pretraining, device: torch.device) -> Loop:
     import torch
 
     from dsllm.engine import build_engine, engine_options, new_model, window_loss
-    from dsllm.model import GPT
     from dsllm.pretrain import make_loader
 
     torch.manual_seed(plan.config.seed)
-    model = new_model(plan.spec, lambda: GPT(plan.spec.model))
+    model = new_model(plan.spec)
     engine = build_engine(plan.spec, model, device, window_loss, **engine_options(plan.config))
     inner = getattr(engine.ds.optimizer, "optimizer", None)
     optimizer_name = type(engine.ds.optimizer).__name__ + (f"({type(inner).__name__})" if inner is not None else "")

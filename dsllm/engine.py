@@ -94,22 +94,33 @@ def _unlink_shm_buffer() -> None:
         (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
-def new_model(spec: RunSpec, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """`build()` (after `init_distributed`) as the layout needs it. A pipeline: cut into DeepSpeed's PipelineModule
-    (dsllm.pipeline). ZeRO-3: built inside `deepspeed.zero.Init`, which partitions each module's parameters as soon
-    as that module is built, so no rank ever holds the whole model (a 7B model on 8 ranks is 1/8 of it on each, not
-    8 copies); the values equal those built without it: the model initialises its weights through `Module.apply`,
-    which zero.Init gathers, runs on rank 0 and broadcasts."""
+def new_model(spec: RunSpec) -> torch.nn.Module:
+    """The run's GPT (after `init_distributed`; its weights' seed drawn from torch's global generator), built as the
+    layout needs it, so no rank ever holds the whole model (a 7B model on 8 ranks is a part of it on each, not 8
+    copies), with the values of the whole model (each parameter's comes from the seed and its name). A pipeline:
+    DeepSpeed's PipelineModule, each stage building only its own layers (dsllm.pipeline; with tensor parallelism
+    too, AutoTP then splits them in the engine). Tensor parallelism: each rank builds only its shards
+    (dsllm.tensor_parallel.sharded_gpt). ZeRO-3: built inside `deepspeed.zero.Init`, which partitions each module's
+    parameters as soon as that module is built; the model initialises its weights through `Module.apply`, which
+    zero.Init gathers, runs on rank 0 and broadcasts."""
+    from dsllm.model import GPT, init_seed
+
     if spec.pipeline_stages > 1:  # (ZeRO-0/1 only: pre-flight refuses pipelines on ZeRO-2/3)
         from dsllm.pipeline import pipeline_module
 
-        return pipeline_module(build(), spec.pipeline_stages, spec.pipeline_partition, spec.tensor_parallel)
+        stages, partition = spec.pipeline_stages, spec.pipeline_partition
+        return pipeline_module(spec.model, init_seed(), stages, partition, spec.tensor_parallel)
+    if spec.tensor_parallel > 1:  # (ZeRO-1/2 only: pre-flight refuses ZeRO-0/3 with tensor parallelism)
+        from dsllm.tensor_parallel import sharded_gpt
+
+        group = tensor_mesh(spec).get_tensor_model_parallel_group()
+        return sharded_gpt(spec.model, init_seed(), spec.ds["tensor_parallel"], group)
     if spec.zero_stage != 3:
-        return build()
+        return GPT(spec.model)
     import deepspeed
 
     with deepspeed.zero.Init(config_dict_or_path=spec.deepspeed_config(), mpu=tensor_mesh(spec)):
-        return build()
+        return GPT(spec.model)
 
 
 def tensor_mesh(spec: RunSpec):
@@ -125,9 +136,12 @@ def tensor_mesh(spec: RunSpec):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; not norms, biases or embeddings (a tied head is the embedding). `model` may be a pipeline
-    stage's part of it."""
-    no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    """Decay matrices; not norms, biases or embeddings (a tied head is the embedding; an embedding split over the
+    vocabulary too). `model` may be a pipeline stage's part of it."""
+    from deepspeed.module_inject.layers import VocabParallelEmbedding
+
+    embeddings = (torch.nn.Embedding, VocabParallelEmbedding)
+    no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, embeddings)}
     decay, no_decay = [], []
     for param in model.parameters():
         ndim = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitioned (zero.Init): data is empty

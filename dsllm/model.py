@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zlib
 from collections.abc import Callable
 
 import torch
@@ -141,11 +142,53 @@ def causal_lm_loss(logits: torch.Tensor, labels=None, vocab_size=None, shift_lab
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100)
 
 
+def init_seed() -> int:
+    """The seed of a new model's weights, drawn from torch's global generator: `torch.manual_seed(s)` before a
+    model is built fixes its weights, as it always has."""
+    return int(torch.randint(0, 2**62, (), device="cpu").item())
+
+
+def initial_value(name: str, shape, config: ModelConfig, seed: int) -> torch.Tensor:
+    """The initial fp32 value of the GPT parameter called `name` ("blocks.3.attn.qkv.weight"): norms one, biases
+    zero, matrices normal(0, init_std), the outputs that add into the residual stream scaled by 1/sqrt(2 n_layers).
+    Each parameter draws from its own generator, seeded by the model's seed and its name, so a part of the model
+    built alone (a pipeline stage, a tensor-parallel shard) holds exactly the values of the whole model."""
+    module, kind = name.rsplit(".", 1)
+    if module.rsplit(".", 1)[-1].startswith("norm"):
+        return torch.ones(shape) if kind == "weight" else torch.zeros(shape)
+    if kind == "bias":
+        return torch.zeros(shape)
+    std = config.init_std
+    if module.endswith(("attn.proj", "mlp.proj")):
+        std /= math.sqrt(2 * config.n_layers)
+    generator = torch.Generator().manual_seed((seed + zlib.crc32(name.encode())) % 2**63)
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module, config: ModelConfig, seed: int, prefix: str = "") -> None:
+    """Set every parameter of `module` (the GPT, or a part of it whose parameters are named `prefix` + their name
+    in the part) to its `initial_value`. Through `Module.apply`: under deepspeed.zero.Init (ZeRO-3), which
+    partitions each module's parameters as soon as it is built, apply is the one place that gathers them first.
+    A parameter on the meta device is left as it is (nothing to set)."""
+    names = {id(p): prefix + name for name, p in module.named_parameters()}  # a tied weight: its first name
+
+    def visit(m: nn.Module) -> None:
+        for p in m.parameters(recurse=False):
+            name = names.pop(id(p), None)  # a parameter shared by two modules is set once
+            if name is not None and not p.is_meta:
+                p.copy_(initial_value(name, p.shape, config, seed))
+
+    module.apply(visit)
+
+
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, seed: int | None = None):
+        """`seed` the weights' (`initial_value`); by default drawn from torch's global generator."""
         super().__init__()
         config.validate()
         self.config = config
+        seed = init_seed() if seed is None else seed  # drawn first: the modules' own default init draws too
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_embeddings = (
             nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
@@ -159,20 +202,7 @@ class GPT(nn.Module):
         # the loss of logits and (already shifted) targets; DeepSpeed's AutoTP swaps in its vocabulary-parallel
         # loss when the LM head is split over the vocabulary (HF's hook: logits, labels=None, shift_labels=...)
         self.loss_function = causal_lm_loss
-        self._residual_projections = {id(b.attn.proj) for b in self.blocks} | {id(b.mlp.proj) for b in self.blocks}
-        # every initialisation goes through Module.apply: under deepspeed.zero.Init (ZeRO-3), which partitions
-        # each module's parameters as soon as it is built, apply is the one place that gathers them first
-        self.apply(self._init_weights)
-        del self._residual_projections
-
-    def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            std = self.config.init_std
-            if id(module) in self._residual_projections:  # outputs that add into the residual stream
-                std /= math.sqrt(2 * self.config.n_layers)
-            nn.init.normal_(module.weight, std=std)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        init_weights(self, config, seed)
 
     def forward(
         self,

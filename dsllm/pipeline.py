@@ -1,9 +1,11 @@
 """Pipeline parallelism: the GPT as DeepSpeed's `PipelineModule`, trained by its `PipelineEngine` (1F1B).
 
 The model is the same `GPT` every other layout trains, cut into a flat list of layers DeepSpeed partitions into
-stages: [embedding, block 0, ..., block N-1, final norm, LM head]. Each layer wraps the GPT's own submodule, so the
-weights (and their initialisation, from the run's seed) are those of the unpartitioned model, and a stage's
-trained layers map back onto GPT parameter names (`to_gpt_state`, used when a pipeline checkpoint is consolidated).
+stages: [embedding, block 0, ..., block N-1, final norm, LM head]. The layers are `LayerSpec`s: a stage builds only
+its own, each the GPT's own submodule (`Block`, the norm, ...) with the values the whole model has there (each
+parameter's initial value comes from the run's seed and its GPT name, `dsllm.model.initial_value`), so no rank ever
+holds the whole model and the curve is that of the unpartitioned one. A stage's trained layers map back onto GPT
+parameter names (`to_gpt_state`, used when a pipeline checkpoint is consolidated).
 With tied embeddings the LM head is a `TiedLayerSpec` of the embedding: DeepSpeed keeps the copy on the first and
 the last stage equal and sums their gradients.
 
@@ -18,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsllm.errors import UserError
-from dsllm.model import GPT, causal_lm_loss, rotary_embedding
+from dsllm.model import Block, causal_lm_loss, init_weights, make_norm, rotary_embedding
+from dsllm.model_config import ModelConfig
 
 # how a run's --pipeline-partition maps to DeepSpeed's partition_method
 PARTITIONS = {
@@ -30,12 +33,27 @@ PARTITIONS = {
 }
 
 
+def _built(factory, config: ModelConfig, seed: int, prefix: str) -> nn.Module:
+    """`factory()` built on the meta device (no memory, no default initialisation), then given storage and the
+    values the whole GPT's parameters named `prefix`... have (`initial_value`)."""
+    with torch.device("meta"):
+        module = factory()
+    module.to_empty(device="cpu")
+    init_weights(module, config, seed, prefix)
+    return module
+
+
 class EmbeddingPipe(nn.Module):
     """Token (+ learned position) embedding and dropout: idx [B, T] -> x [B, T, d]."""
 
-    def __init__(self, gpt: GPT):
+    def __init__(self, config: ModelConfig, seed: int):
         super().__init__()
-        self.tok, self.pos, self.dropout = gpt.tok_embeddings, gpt.pos_embeddings, gpt.dropout
+        self.tok = _built(lambda: nn.Embedding(config.vocab_size, config.d_model), config, seed, "tok_embeddings.")
+        self.pos = None
+        if config.positions == "learned":
+            position = lambda: nn.Embedding(config.max_seq_len, config.d_model)  # noqa: E731
+            self.pos = _built(position, config, seed, "pos_embeddings.")
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok(idx)
@@ -47,9 +65,9 @@ class EmbeddingPipe(nn.Module):
 class BlockPipe(nn.Module):
     """One transformer block; its rotary tables come from the sequence length."""
 
-    def __init__(self, gpt: GPT, index: int):
+    def __init__(self, config: ModelConfig, seed: int, index: int):
         super().__init__()
-        self.block, self.config = gpt.blocks[index], gpt.config
+        self.block, self.config = _built(lambda: Block(config), config, seed, f"blocks.{index}."), config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rotary = None
@@ -60,9 +78,9 @@ class BlockPipe(nn.Module):
 
 
 class NormPipe(nn.Module):
-    def __init__(self, gpt: GPT):
+    def __init__(self, config: ModelConfig, seed: int):
         super().__init__()
-        self.norm = gpt.norm
+        self.norm = _built(lambda: make_norm(config), config, seed, "norm.")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(x)
@@ -71,9 +89,9 @@ class NormPipe(nn.Module):
 class HeadPipe(nn.Module):
     """The (untied) LM head: x -> logits."""
 
-    def __init__(self, gpt: GPT):
+    def __init__(self, config: ModelConfig, seed: int):
         super().__init__()
-        self.head = gpt.lm_head
+        self.head = _built(lambda: nn.Linear(config.d_model, config.vocab_size, bias=False), config, seed, "lm_head.")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x)
@@ -88,21 +106,19 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return causal_lm_loss(logits, shift_labels=targets)
 
 
-def layers_of(gpt: GPT) -> list:
-    """The pipeline's layers, in order; each wraps (shares) the GPT's own modules."""
-    from deepspeed.pipe import TiedLayerSpec
+def layers_of(config: ModelConfig, seed: int) -> list:
+    """The pipeline's layers, in order, as DeepSpeed's LayerSpecs: a stage builds only its own layers, each with the
+    values the whole GPT of `seed` would have there (`dsllm.model.initial_value`)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-    tied = gpt.config.tie_embeddings
-    first = (
-        TiedLayerSpec("embedding", EmbeddingPipe, gpt, tied_weight_attr=["tok.weight"]) if tied else EmbeddingPipe(gpt)
-    )
-    blocks = [BlockPipe(gpt, i) for i in range(gpt.config.n_layers)]
-    last = (
-        TiedLayerSpec("embedding", EmbeddingPipe, gpt, forward_fn=tied_head, tied_weight_attr=["tok.weight"])
-        if tied
-        else HeadPipe(gpt)
-    )
-    return [first, *blocks, NormPipe(gpt), last]
+    if config.tie_embeddings:
+        weight = ["tok.weight"]
+        first = TiedLayerSpec("embedding", EmbeddingPipe, config, seed, tied_weight_attr=weight)
+        last = TiedLayerSpec("embedding", EmbeddingPipe, config, seed, forward_fn=tied_head, tied_weight_attr=weight)
+    else:
+        first, last = LayerSpec(EmbeddingPipe, config, seed), LayerSpec(HeadPipe, config, seed)
+    blocks = [LayerSpec(BlockPipe, config, seed, i) for i in range(config.n_layers)]
+    return [first, *blocks, LayerSpec(NormPipe, config, seed), last]
 
 
 def to_gpt_state(n_layers: int, index: int, layer_state: dict) -> dict:
@@ -198,10 +214,10 @@ def blocks_per_stage(config, stages: int, partition: str) -> list[int]:
     return [sum(is_block[parts[s] : parts[s + 1]]) for s in range(stages)]
 
 
-def pipeline_module(gpt: GPT, stages: int, partition: str, tensor: int = 1):
-    """DeepSpeed's PipelineModule over `gpt` in `stages` stages (after init_distributed); with `tensor` > 1 on its
-    pipe x data x model grid (the model axis fastest: a stage's tensor-parallel ranks are consecutive, as AutoTP's
-    own mesh has them), for AutoTP to split each stage's layers. The model's activation
+def pipeline_module(config: ModelConfig, seed: int, stages: int, partition: str, tensor: int = 1):
+    """DeepSpeed's PipelineModule of the GPT of `config` and `seed` in `stages` stages (after init_distributed);
+    with `tensor` > 1 on its pipe x data x model grid (the model axis fastest: a stage's tensor-parallel ranks are
+    consecutive, as AutoTP's own mesh has them), for AutoTP to split each stage's layers. The model's activation
     checkpointing becomes the module's: each transformer block recomputed in backward (torch's non-reentrant
     checkpoint, or DeepSpeed's), the embedding and the head not."""
     import functools
@@ -215,13 +231,13 @@ def pipeline_module(gpt: GPT, stages: int, partition: str, tensor: int = 1):
         data = dist.get_world_size() // (stages * tensor)
         layout = {"topology": PipeModelDataParallelTopology(num_pp=stages, num_mp=tensor, num_dp=data)}
     checkpointing = {"activation_checkpoint_interval": 0}
-    if gpt.config.activation_checkpointing != "none":
+    if config.activation_checkpointing != "none":
         checkpointing = {"activation_checkpoint_interval": 1, "checkpointable_layers": [BlockPipe.__name__]}
-        if gpt.config.activation_checkpointing == "torch":
+        if config.activation_checkpointing == "torch":
             checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
             checkpointing["activation_checkpoint_func"] = checkpoint
     return PipelineModule(
-        layers=layers_of(gpt),
+        layers=layers_of(config, seed),
         **layout,
         loss_fn=next_token_loss,
         partition_method=PARTITIONS[partition],

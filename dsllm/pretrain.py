@@ -312,7 +312,6 @@ def run(plan: Pretraining) -> dict:
     from dsllm.engine import build_engine, engine_options, init_distributed, new_model, window_loss
     from dsllm.loop import loop_settings, step_log_for, train_loop
     from dsllm.metrics import MetricsLog
-    from dsllm.model import GPT
     from dsllm.model_dir import WEIGHTS_FILE
     from dsllm.run_control import RunLock
 
@@ -327,7 +326,7 @@ def run(plan: Pretraining) -> dict:
     import torch
 
     torch.manual_seed(config.seed)
-    model = new_model(spec, lambda: GPT(spec.model))
+    model = new_model(spec)
     engine = build_engine(
         spec, model, device, window_loss, **engine_options(config), load_universal=checkpointer.universal
     )

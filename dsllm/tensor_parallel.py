@@ -6,19 +6,29 @@ We hand AutoTP our own layer specs (its `partition_config`) instead of letting i
   query heads and the key/value heads they read; `mlp.fc` (SwiGLU) over two, [gate | up];
 - `attn.proj` and `mlp.proj` are row-parallel: one all-reduce after each, the only forward communication;
 - the LM head is split over the vocabulary with DeepSpeed's vocabulary-parallel cross-entropy (no rank holds
-  the full logits). A tied embedding shares that shard (a vocabulary-parallel lookup); an untied one stays
-  replicated (AutoTP splits untied embeddings only along the hidden size, which our blocks cannot take).
+  the full logits). A tied embedding shares that shard (a vocabulary-parallel lookup). An untied one is split
+  over the vocabulary too, by DeepSpeed's own `VocabParallelEmbedding` put in place before the engine starts
+  (`split_embedding`): AutoTP would split it only along the hidden size, which our blocks cannot take.
 
 Every other parameter (norms, learned positions) is replicated. AutoTP builds a data x tensor mesh over the
 whole world, tensor axis fastest, so rank r is tensor rank r % T of replica r // T: with T up to the GPUs of a
 node, the all-reduces stay on NVLink. With pipeline stages (3D) AutoTP splits each stage's layers on the pipeline
 grid's groups instead (`dsllm.engine._fit_3d`), and the LM head stays whole on the last stage.
+
+A rank builds only its shards (`sharded_gpt`): the GPT on the meta device, split there by AutoTP, each shard then
+filled from its parameter's whole initial value (which depends on the seed and the parameter's name only), so the
+values are those of the whole model and no rank ever holds it.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dsllm.errors import UserError
 from dsllm.model_config import ModelConfig
+
+if TYPE_CHECKING:  # torch is imported where it is used: the command lines build their parsers without it
+    import torch
 
 
 def autotp_section(model: ModelConfig, size: int, vocabulary_parallel: bool = True) -> dict:
@@ -43,6 +53,94 @@ def autotp_section(model: ModelConfig, size: int, vocabulary_parallel: bool = Tr
         "vocab_parallel_lm_head": vocabulary_parallel,
         "partition_config": {"use_default_specs": False, "layer_specs": specs},
     }
+
+
+def split_embedding(gpt, group) -> None:
+    """Replace `gpt`'s untied token embedding by DeepSpeed's VocabParallelEmbedding over the tensor-parallel
+    `group`: each rank keeps (and trains) its rows of the vocabulary, looks up the tokens they hold and an
+    all-reduce sums the lookups. The parameter stays the same object (its data becomes the shard), so an optimizer
+    group holding it still does; marked replaced, so AutoTP leaves it as it is and records how it is split."""
+    from deepspeed.module_inject.layers import VocabParallelEmbedding, set_autotp_mode
+
+    set_autotp_mode(training=True)  # (as deepspeed.initialize sets it later) else the layer freezes its weight
+    embedding = VocabParallelEmbedding(gpt.tok_embeddings, mp_group=group, name="tok_embeddings")
+    embedding.replaced = True
+    gpt.tok_embeddings = embedding
+
+
+def sharded_gpt(config: ModelConfig, seed: int, section: dict, group) -> torch.nn.Module:
+    """The GPT of `config` and `seed` split over the tensor-parallel `group` by AutoTP with the `tensor_parallel`
+    `section` of the DeepSpeed JSON, as DeepSpeed's engine would split it, but built on the meta device and each
+    shard then filled with its values (`dsllm.model.initial_value` of the whole parameter, cut by the layer's own
+    partition function): a rank holds its shards and one whole parameter at a time, never the whole model. The
+    steps are those of DeepSpeed 0.19.8's engine (`_apply_autotp_partitioning` with a partition_config), which
+    then finds the model marked split (`ds_autotp_parsed`) and takes it as it is."""
+    import torch
+    import torch.nn as nn
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+    from deepspeed.module_inject.auto_tp import AutoTP
+    from deepspeed.module_inject.layers import (
+        TensorParallel_Layer,
+        VocabParallelLinear,
+        collect_autotp_universal_checkpoint_info,
+        set_autotp_mode,
+    )
+    from deepspeed.runtime.tensor_parallel.config import get_tensor_parallel_config
+    from deepspeed.sequence.cross_entropy import configure_vocab_parallel_loss
+
+    from dsllm.model import GPT, initial_value
+
+    with torch.device("meta"):
+        gpt = GPT(config, seed)
+    shapes = {name: p.shape for name, p in gpt.named_parameters()}  # a tied weight: under its first name
+    if not config.tie_embeddings:
+        split_embedding(gpt, group)
+    tp = get_tensor_parallel_config({"tensor_parallel": section})
+    set_autotp_mode(training=True)
+    autotp = AutoTP(
+        module=gpt,
+        all_reduce_linears=(),
+        prefix="",
+        state_dict=None,
+        linear_layer_setting=(nn.Linear, nn.Embedding),
+        orig_layer_impl=None,
+        keep_module_on_host=tp.keep_module_on_host,
+        partition_config=tp.get_partition_config_object(),
+        vocab_parallel_lm_head=tp.vocab_parallel_lm_head is True,
+        model_config=config,
+        tp_grain_size=tp.tensor_parallel.tp_grain_size,
+        training_mode=True,
+    )
+    autotp.set_tensor_parallel_config(section["autotp_size"], group)
+    autotp.update_linear_policies()
+    autotp._replace_module(gpt)
+    names = {id(p): name for name, p in gpt.named_parameters()}
+    with torch.no_grad():
+        for layer in gpt.modules():
+            params = [p for p in layer.parameters(recurse=False) if p.is_meta]  # a tied weight: filled once
+            for p in params:
+                _fill(p, initial_value(names[id(p)], shapes[names[id(p)]], config, seed))
+            if params and isinstance(layer, TensorParallel_Layer):
+                layer._tp_partition([layer.weight, getattr(layer, "bias", None)])  # the whole value -> its shard
+    leftover = [name for name, p in gpt.named_parameters() if p.is_meta]
+    if leftover:  # a parameter of no module's own (cannot happen with GPT's modules)
+        raise RuntimeError(f"sharded_gpt left {leftover} without values")
+    autotp.register_replicated_grad_hooks(gpt)
+    heads = [m for m in gpt.modules() if isinstance(m, VocabParallelLinear)]
+    if heads:
+        configure_vocab_parallel_loss(gpt, heads[0], backend=tp.vocab_parallel_ce_backend)
+    setattr(gpt, UNIVERSAL_CHECKPOINT_INFO, collect_autotp_universal_checkpoint_info(gpt))
+    gpt.ds_autotp_parsed = True
+    return gpt
+
+
+def _fill(param, value) -> None:
+    """`param` (on the meta device) becomes `value`, keeping its identity and the attributes AutoTP set on it."""
+    import torch
+
+    attributes = dict(param.__dict__)
+    torch.utils.swap_tensors(param, torch.nn.Parameter(value, requires_grad=param.requires_grad))
+    param.__dict__.update(attributes)
 
 
 def unsplittable(model: ModelConfig, size: int) -> tuple[str, int, str] | None:

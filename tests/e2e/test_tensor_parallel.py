@@ -8,8 +8,11 @@ folder `dsllm evaluate` scores as the run did and `dsllm export` turns into a Hu
 import json
 
 import pytest
+import torch
 from runs import command, dsllm, exported_logit_diff, pretrain, run_until_killed, train_records
 from test_pipeline import val_losses
+
+from dsllm.safe_load import weights_only_loads
 
 STEPS = 20
 ARGS = ["--max-steps", STEPS, "--micro-batch-size", 4, "--grad-accum", 2, "--precision", "fp32", "--seq-len", 32]
@@ -62,8 +65,15 @@ def test_two_tensor_ranks_reproduce_the_single_rank_run(dataset_dir, single, ten
     ours, theirs = val_losses(out), val_losses(single[model])
     assert sorted(ours) == [10, 20] and all(ours[s] == pytest.approx(theirs[s], rel=1e-5) for s in ours)
     tag = out / "checkpoints" / "step00000020"
-    assert json.loads((tag / "dsllm_complete.json").read_text())["tensor_parallel"] == 2
-    assert (tag / "mp_rank_01_model_states.pt").is_file()  # each tensor rank saved its shard
+    marker = json.loads((tag / "dsllm_complete.json").read_text())
+    assert marker["tensor_parallel"] == 2
+    # each tensor rank saved its shard: half the vocabulary rows of the embedding and of an untied head
+    vocab = marker["model"]["vocab_size"]
+    for rank in (0, 1):
+        with weights_only_loads():
+            module = torch.load(tag / f"mp_rank_0{rank}_model_states.pt", map_location="cpu")["module"]
+        assert module["tok_embeddings.weight"].shape[0] == vocab // 2
+        assert module["lm_head.weight"].shape[0] == vocab // 2
     # the merged weights are the model the run validated
     scored = dsllm("evaluate", "--checkpoint", out, "--data", dataset_dir, "--max-windows", 8, "--seq-len", 32)
     assert scored.returncode == 0, scored.stderr

@@ -1,6 +1,7 @@
-"""A model bigger than one host: under ZeRO-3 every rank builds the model inside deepspeed.zero.Init
-(`dsllm.engine.new_model`), so each rank's host memory holds its partition, never the whole fp32 model.
-Real launcher, 2 real ranks, real model build; the same curve as without it is in test_pretrain.py."""
+"""A model bigger than one host: under ZeRO-3 every rank builds the model inside deepspeed.zero.Init, and a
+pipeline stage builds only its own layers (`dsllm.engine.new_model`), so each rank's host memory holds its part,
+never the whole fp32 model. Real launcher, 2 real ranks, real model build; the same curves as without it are in
+test_pretrain.py and test_pipeline.py."""
 
 import json
 import subprocess
@@ -21,23 +22,32 @@ import json, re, resource, sys
 from pathlib import Path
 
 from dsllm.engine import init_distributed, new_model
-from dsllm.model import GPT
 from dsllm.pretrain import preflight
 from dsllm.train_config import TrainConfig
 
-data, out, ds, model = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
+data, out, ds, model, layout = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
+
+
+def planned(model):
+    config = TrainConfig(ds_config=ds, data=data, out=out, model="tiny", model_overrides=model, seq_len=32,
+                         micro_batch_size=1, precision="fp32", resume="none", loader_workers=0, **json.loads(layout))
+    return preflight(config)
+
+
 model = json.loads(model)
-plan = preflight(TrainConfig(ds_config=ds, data=data, out=out, model="tiny", model_overrides=model, seq_len=32,
-                             micro_batch_size=1, precision="fp32", resume="none", loader_workers=0))
+plan = planned(model)
 init_distributed(plan.spec.world, 60)
 
 def rss_mib():
     return int(re.search(r"VmRSS:\\s*(\\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 
+# the same layout once at 1/64 of the size first: what any build costs once (code pages, process groups), so what
+# is measured next is what the model's size costs
+new_model(planned({**model, "d_model": 64, "n_heads": 2, "n_kv_heads": 2}).spec)
 before, peak_before = rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-gpt = new_model(plan.spec, lambda: GPT(plan.spec.model))
+gpt = new_model(plan.spec)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-params = sum(getattr(p, "ds_numel", p.numel()) for p in gpt.parameters())
+params = sum(getattr(p, "ds_numel", p.numel()) for p in gpt.parameters())  # a stage's, a tensor rank's shards
 local = sum(getattr(p, "ds_tensor", p).numel() for p in gpt.parameters())
 result = {"rank": plan.spec.world.rank, "added_mib": rss_mib() - before,
           "peak_added_mib": peak - max(before, peak_before), "params": params, "local": local}
@@ -46,22 +56,27 @@ Path(out, f"rank{plan.spec.world.rank}.json").write_text(json.dumps(result))
 """
 
 
-def build_memory(dataset_dir, tmp_path, ds: str) -> list[dict]:
-    script = tmp_path / "build.py"
+def build_memory(dataset_dir, tmp_path, ds: str, layout: dict | None = None) -> list[dict]:
+    script, out = tmp_path / "build.py", tmp_path / f"out-{ds}"
     script.write_text(SCRIPT)
     proc = subprocess.run(
         ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), str(script), str(dataset_dir),
-         str(tmp_path / f"out-{ds}"), str(ROOT / "ds_configs" / ds), json.dumps(BIG)],
+         str(out), str(ROOT / "ds_configs" / ds), json.dumps(BIG), json.dumps(layout or {})],
         cwd=ROOT, env={**env(), "PYTHONPATH": str(ROOT), "GLIBC_TUNABLES": FREED_MEMORY_RETURNS},
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [json.loads((tmp_path / f"out-{ds}" / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def whole(dataset_dir, tmp_path_factory):
+    """Each rank's build of the full fp32 model (ZeRO-2: every rank holds all of it)."""
+    return build_memory(dataset_dir, tmp_path_factory.mktemp("whole"), "zero2.json")
 
 
 @pytest.mark.multirank
-def test_zero3_ranks_build_only_their_partition(dataset_dir, tmp_path):
-    whole = build_memory(dataset_dir, tmp_path, "zero2.json")  # every rank builds the full fp32 model
+def test_zero3_ranks_build_only_their_partition(dataset_dir, tmp_path, whole):
     parted = build_memory(dataset_dir, tmp_path, "zero3.json")
     params = whole[0]["params"]
     assert params > 70e6 and all(r["params"] == params for r in whole + parted)
@@ -70,5 +85,19 @@ def test_zero3_ranks_build_only_their_partition(dataset_dir, tmp_path):
     model_mib = params * 4 / 2**20
     for full, part in zip(sorted(whole, key=lambda r: r["rank"]), sorted(parted, key=lambda r: r["rank"])):
         assert full["peak_added_mib"] > 0.9 * model_mib, full
+        assert part["peak_added_mib"] <= 0.6 * full["peak_added_mib"], (part, full)
+        assert part["added_mib"] <= 0.6 * full["added_mib"], (part, full)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("layout", [{"pipeline_parallel": 2}, {"tensor_parallel": 2}], ids=["pp2", "tp2"])
+def test_pipeline_stages_and_tensor_ranks_build_only_their_part(dataset_dir, tmp_path, whole, layout):
+    """PP=2 or TP=2 on ZeRO-1: a stage builds its half of the blocks (and the embedding or the head), a tensor rank
+    its shards (the meta-device model split by AutoTP, each shard then filled), not the whole model first."""
+    parts = build_memory(dataset_dir, tmp_path, "zero1.json", layout)
+    params = whole[0]["params"]
+    assert sum(r["params"] for r in parts) >= params  # the parts cover the model (replicated norms, tied weight)
+    assert all(r["params"] <= 0.6 * params for r in parts)
+    for full, part in zip(sorted(whole, key=lambda r: r["rank"]), sorted(parts, key=lambda r: r["rank"])):
         assert part["peak_added_mib"] <= 0.6 * full["peak_added_mib"], (part, full)
         assert part["added_mib"] <= 0.6 * full["added_mib"], (part, full)

@@ -1,5 +1,5 @@
 """Pipeline layouts: each one DeepSpeed cannot run is refused by pre-flight (one line naming the flag, before any
-rank starts), and the pipeline's layers are the GPT's own modules, mapped back onto GPT's parameter names. The
+rank starts), and the pipeline's layers, each built apart, are the GPT's own, mapped back onto its parameter names. The
 runs themselves (2 real ranks) are in tests/e2e/test_pipeline.py."""
 
 import dataclasses
@@ -70,27 +70,30 @@ def test_a_valid_layout_resolves_the_data_parallel_batch(dataset_dir, tmp_path):
 
 @pytest.mark.parametrize("tied", [True, False])
 @pytest.mark.parametrize("positions", ["rope", "learned"])
-def test_the_layers_are_the_gpts_modules_and_map_back_to_its_names(tied, positions):
-    """What DeepSpeed builds on the stages (a tied spec once, its head as forward_fn) holds the GPT's own
-    parameters under names `to_gpt_state` maps back, and running the layers in order is the GPT's forward."""
+def test_the_layers_built_apart_are_the_gpts_and_map_back_to_its_names(tied, positions):
+    """What DeepSpeed builds on the stages (each layer on its own; a tied spec once, its head as forward_fn) holds
+    the values the whole GPT of the same seed has, under names `to_gpt_state` maps back, and running the layers in
+    order is the GPT's forward."""
     from deepspeed.pipe import TiedLayerSpec
 
     config = resolve_model_config("tiny", {**SMALL, "tie_embeddings": tied, "positions": positions})
-    gpt = GPT(config)
-    layers, built, state, run = layers_of(gpt), {}, {}, []
+    gpt = GPT(config, seed=1234)
+    layers, built, state, run = layers_of(config, 1234), {}, {}, []
     assert len(layers) == config.n_layers + 3
-    for index, layer in enumerate(layers):
-        if isinstance(layer, TiedLayerSpec):
-            module = built.setdefault(layer.key, layer.build())
-            if layer.forward_fn is not None:  # the tied head: the embedding's weight, saved with layer 0
-                run.append(functools.partial(layer.forward_fn, module))
+    for index, spec in enumerate(layers):
+        if isinstance(spec, TiedLayerSpec):
+            module = built.setdefault(spec.key, spec.build())
+            if spec.forward_fn is not None:  # the tied head: the embedding's weight, saved with layer 0
+                run.append(functools.partial(spec.forward_fn, module))
                 continue
-            layer = module
-        run.append(layer)
-        state.update(to_gpt_state(config.n_layers, index, layer.state_dict()))
+        else:
+            module = spec.build()
+        run.append(module)
+        state.update(to_gpt_state(config.n_layers, index, module.state_dict()))
     expected = {k: v for k, v in gpt.state_dict().items() if not (tied and k == "lm_head.weight")}
     assert sorted(state) == sorted(expected)
-    assert all(state[k].data_ptr() == expected[k].data_ptr() for k in expected)  # the same tensors, not copies
+    assert all(torch.equal(state[k], expected[k]) for k in expected)
+    assert not torch.equal(state["blocks.0.attn.qkv.weight"], GPT(config, seed=1235).blocks[0].attn.qkv.weight)
     idx = torch.randint(0, config.vocab_size, (2, 16))
     x = idx
     for layer in run:
@@ -100,15 +103,13 @@ def test_the_layers_are_the_gpts_modules_and_map_back_to_its_names(tied, positio
 
 RECOMPUTES = """
 import json, sys, torch, deepspeed
-from dsllm.model import GPT
 from dsllm.model_config import resolve_model_config
 from dsllm.pipeline import BlockPipe, next_token_loss, pipeline_module
 deepspeed.init_distributed(dist_backend="gloo")
 calls = {}
 for mode in ("none", "torch", "deepspeed"):
-    torch.manual_seed(0)
-    gpt = GPT(resolve_model_config("tiny", {**json.loads(sys.argv[1]), "activation_checkpointing": mode}))
-    module = pipeline_module(gpt, 1, "blocks").train()
+    config = resolve_model_config("tiny", {**json.loads(sys.argv[1]), "activation_checkpointing": mode})
+    module = pipeline_module(config, 0, 1, "blocks").train()
     count = [0]
     for layer in module.forward_funcs:
         if isinstance(layer, BlockPipe):
