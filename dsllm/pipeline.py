@@ -98,7 +98,16 @@ class HeadPipe(nn.Module):
 
 
 def tied_head(embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, embedding.tok.weight)
+    """Logits of the embedding's weight. When tensor parallelism split it over the vocabulary (3D), a column-
+    parallel projection as AutoTP's own layers make it: each rank its slice of the logits, gathered, and the
+    gradient of x summed over the ranks in backward (each rank's slice of the vocabulary gives a part of it)."""
+    group = getattr(embedding.tok, "mp_group", None)  # DeepSpeed's VocabParallelEmbedding
+    if group is None:
+        return F.linear(x, embedding.tok.weight)
+    from deepspeed.module_inject.layers import ColumnParallel, GatherFromTensorParallelRegion
+
+    logits = F.linear(ColumnParallel.apply(group, x), embedding.tok.weight)
+    return GatherFromTensorParallelRegion.apply(group, logits, tuple(embedding.tok._partition_sizes))
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -217,7 +226,8 @@ def blocks_per_stage(config, stages: int, partition: str) -> list[int]:
 def pipeline_module(config: ModelConfig, seed: int, stages: int, partition: str, tensor: int = 1):
     """DeepSpeed's PipelineModule of the GPT of `config` and `seed` in `stages` stages (after init_distributed);
     with `tensor` > 1 on its pipe x data x model grid (the model axis fastest: a stage's tensor-parallel ranks are
-    consecutive, as AutoTP's own mesh has them), for AutoTP to split each stage's layers. The model's activation
+    consecutive, as AutoTP's own mesh has them), for AutoTP to split each stage's layers, the embedding split over
+    the vocabulary here. The model's activation
     checkpointing becomes the module's: each transformer block recomputed in backward (torch's non-reentrant
     checkpoint, or DeepSpeed's), the embedding and the head not."""
     import functools
@@ -236,10 +246,17 @@ def pipeline_module(config: ModelConfig, seed: int, stages: int, partition: str,
         if config.activation_checkpointing == "torch":
             checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
             checkpointing["activation_checkpoint_func"] = checkpoint
-    return PipelineModule(
+    module = PipelineModule(
         layers=layers_of(config, seed),
         **layout,
         loss_fn=next_token_loss,
         partition_method=PARTITIONS[partition],
         **checkpointing,
     )
+    if tensor > 1:  # the embedding (and a tied head's copy of it) over the vocabulary; AutoTP splits the blocks
+        from dsllm.tensor_parallel import split_embedding
+
+        for layer in module.modules():
+            if isinstance(layer, EmbeddingPipe):
+                split_embedding(layer, "tok", module.mpu().get_slice_parallel_group())
+    return module

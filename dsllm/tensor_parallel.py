@@ -13,7 +13,8 @@ We hand AutoTP our own layer specs (its `partition_config`) instead of letting i
 Every other parameter (norms, learned positions) is replicated. AutoTP builds a data x tensor mesh over the
 whole world, tensor axis fastest, so rank r is tensor rank r % T of replica r // T: with T up to the GPUs of a
 node, the all-reduces stay on NVLink. With pipeline stages (3D) AutoTP splits each stage's layers on the pipeline
-grid's groups instead (`dsllm.engine._fit_3d`), and the LM head stays whole on the last stage.
+grid's groups instead (`dsllm.engine._fit_3d`); the embedding and the head are split over the vocabulary there too,
+the head's logits gathered for the pipeline's loss.
 
 A rank builds only its shards (`sharded_gpt`): the GPT on the meta device, split there by AutoTP, each shard then
 filled from its parameter's whole initial value (which depends on the seed and the parameter's name only), so the
@@ -33,7 +34,9 @@ if TYPE_CHECKING:  # torch is imported where it is used: the command lines build
 
 def autotp_section(model: ModelConfig, size: int, vocabulary_parallel: bool = True) -> dict:
     """The DeepSpeed JSON's `tensor_parallel` section for the GPT split over `size` ranks. `vocabulary_parallel`:
-    the LM head and its loss split over the vocabulary (not in a pipeline, whose head is a layer of its own)."""
+    the LM head and its loss split over the vocabulary. Not in a pipeline, whose head is a layer of its own and
+    whose loss sees whole logits: there an untied head (`HeadPipe`) is split column-wise, by the vocabulary too,
+    and its logits gathered (`dsllm.pipeline` splits the embedding and gathers a tied head's logits itself)."""
     q, kv = model.n_heads * model.head_dim, model.kv_heads * model.head_dim
     fc = {"patterns": [r".*\.mlp\.fc\.weight$"], "partition_type": "column"}
     if model.mlp == "swiglu":
@@ -48,6 +51,8 @@ def autotp_section(model: ModelConfig, size: int, vocabulary_parallel: bool = Tr
         fc,
         {"patterns": [r".*\.attn\.proj\.weight$", r".*\.mlp\.proj\.weight$"], "partition_type": "row"},
     ]
+    if not vocabulary_parallel:
+        specs.append({"patterns": [r".*\.head\.weight$"], "partition_type": "column", "gather_output": True})
     return {
         "autotp_size": size,
         "vocab_parallel_lm_head": vocabulary_parallel,
@@ -55,17 +60,17 @@ def autotp_section(model: ModelConfig, size: int, vocabulary_parallel: bool = Tr
     }
 
 
-def split_embedding(gpt, group) -> None:
-    """Replace `gpt`'s untied token embedding by DeepSpeed's VocabParallelEmbedding over the tensor-parallel
+def split_embedding(owner, name: str, group) -> None:
+    """Replace the token embedding `owner.<name>` by DeepSpeed's VocabParallelEmbedding over the tensor-parallel
     `group`: each rank keeps (and trains) its rows of the vocabulary, looks up the tokens they hold and an
     all-reduce sums the lookups. The parameter stays the same object (its data becomes the shard), so an optimizer
     group holding it still does; marked replaced, so AutoTP leaves it as it is and records how it is split."""
     from deepspeed.module_inject.layers import VocabParallelEmbedding, set_autotp_mode
 
     set_autotp_mode(training=True)  # (as deepspeed.initialize sets it later) else the layer freezes its weight
-    embedding = VocabParallelEmbedding(gpt.tok_embeddings, mp_group=group, name="tok_embeddings")
+    embedding = VocabParallelEmbedding(getattr(owner, name), mp_group=group, name=name)
     embedding.replaced = True
-    gpt.tok_embeddings = embedding
+    setattr(owner, name, embedding)
 
 
 def sharded_gpt(config: ModelConfig, seed: int, section: dict, group) -> torch.nn.Module:
@@ -94,7 +99,7 @@ def sharded_gpt(config: ModelConfig, seed: int, section: dict, group) -> torch.n
         gpt = GPT(config, seed)
     shapes = {name: p.shape for name, p in gpt.named_parameters()}  # a tied weight: under its first name
     if not config.tie_embeddings:
-        split_embedding(gpt, group)
+        split_embedding(gpt, "tok_embeddings", group)
     tp = get_tensor_parallel_config({"tensor_parallel": section})
     set_autotp_mode(training=True)
     autotp = AutoTP(

@@ -133,6 +133,7 @@ def test_3d_reproduces_the_single_rank_run_and_resumes_on_another_layout(dataset
     assert sorted(p.name for p in tag.glob("zero_pp_rank_0_mp_rank_*")) == [
         f"zero_pp_rank_0_mp_rank_0{i}_optim_states.pt" for i in range(4)
     ]  # one per stage x tensor rank (DeepSpeed numbered them by tensor rank: the stages overwrote each other's)
+    assert stage_shards(tag) == {"0": ["tok.weight"]}  # the (tied) embedding: half the vocabulary on each
     scored = dsllm("evaluate", "--checkpoint", out, "--data", dataset_dir, "--max-windows", 8, "--seq-len", 32)
     assert scored.returncode == 0, scored.stderr
     assert json.loads(scored.stdout)["loss"] == pytest.approx(val_losses(out)[20], rel=1e-5)
@@ -143,3 +144,38 @@ def test_3d_reproduces_the_single_rank_run_and_resumes_on_another_layout(dataset
     ours, theirs = train_records(other), train_records(single["tied"])
     assert sorted(ours) == list(range(13, STEPS + 1))
     assert all(ours[s]["loss"] == pytest.approx(theirs[s]["loss"], rel=1e-5) for s in ours)
+
+
+def stage_shards(tag) -> dict[str, list[str]]:
+    """The pipeline layers' weights of a 3D checkpoint that each tensor rank holds half the vocabulary rows of:
+    {layer index: [names]}, checked equal on both tensor ranks."""
+    vocab = json.loads((tag / "dsllm_complete.json").read_text())["model"]["vocab_size"]
+    found = {}
+    with weights_only_loads():
+        for rank in (0, 1):
+            shards = {}
+            for path in sorted(tag.glob(f"layer_*-model_0{rank}-model_states.pt")):
+                state = torch.load(path, map_location="cpu")
+                names = [k for k, v in state.items() if v.shape[0] == vocab // 2]
+                if names:
+                    shards[path.name.split("-")[0].removeprefix("layer_").lstrip("0") or "0"] = names
+            found[rank] = shards
+    assert found[0] == found[1]
+    return found[0]
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_3d_splits_an_untied_embedding_and_head_over_the_vocabulary(dataset_dir, single, tmp_path):
+    """PP=2 x TP=2, Llama-style (untied): the first stage's embedding and the last stage's head are split over the
+    vocabulary on each stage's tensor ranks (the head's logits gathered for the pipeline's loss), on the single-rank
+    curve; the merged weights score as the run did."""
+    out = tmp_path / "run"
+    model = MODELS["llama"]
+    pretrain(dataset_dir, out, *RUN, *model, "--pipeline-parallel", 2, "--tensor-parallel", 2, ranks=4, ds="zero1.json")
+    same_curve(out, single["llama"])
+    assert val_losses(out)[20] == pytest.approx(val_losses(single["llama"])[20], rel=1e-5)
+    assert stage_shards(out / "checkpoints" / "step00000020") == {"0": ["tok.weight"], "4": ["head.weight"]}
+    scored = dsllm("evaluate", "--checkpoint", out, "--data", dataset_dir, "--max-windows", 8, "--seq-len", 32)
+    assert scored.returncode == 0, scored.stderr
+    assert json.loads(scored.stdout)["loss"] == pytest.approx(val_losses(out)[20], rel=1e-5)
