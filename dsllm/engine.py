@@ -99,7 +99,7 @@ def new_model(spec: RunSpec) -> torch.nn.Module:
     layout needs it, so no rank ever holds the whole model (a 7B model on 8 ranks is a part of it on each, not 8
     copies), with the values of the whole model (each parameter's comes from the seed and its name). A pipeline:
     DeepSpeed's PipelineModule, each stage building only its own layers (dsllm.pipeline; with tensor parallelism
-    too, AutoTP then splits them in the engine). Tensor parallelism: each rank builds only its shards
+    too, only its shards of them). Tensor parallelism: each rank builds only its shards
     (dsllm.tensor_parallel.sharded_gpt). ZeRO-3: built inside `deepspeed.zero.Init`, which partitions each module's
     parameters as soon as that module is built; the model initialises its weights through `Module.apply`, which
     zero.Init gathers, runs on rank 0 and broadcasts."""
@@ -109,12 +109,13 @@ def new_model(spec: RunSpec) -> torch.nn.Module:
         from dsllm.pipeline import pipeline_module
 
         stages, partition = spec.pipeline_stages, spec.pipeline_partition
-        return pipeline_module(spec.model, init_seed(), stages, partition, spec.tensor_parallel)
+        section = spec.ds.get("tensor_parallel")
+        return pipeline_module(spec.model, init_seed(), stages, partition, spec.tensor_parallel, section)
     if spec.tensor_parallel > 1:  # (ZeRO-1/2 only: pre-flight refuses ZeRO-0/3 with tensor parallelism)
-        from dsllm.tensor_parallel import sharded_gpt
+        from dsllm.tensor_parallel import TensorSplit, sharded_gpt
 
-        group = tensor_mesh(spec).get_tensor_model_parallel_group()
-        return sharded_gpt(spec.model, init_seed(), spec.ds["tensor_parallel"], group)
+        split = TensorSplit(spec.ds["tensor_parallel"], tensor_mesh(spec).get_tensor_model_parallel_group())
+        return sharded_gpt(spec.model, init_seed(), split)
     if spec.zero_stage != 3:
         return GPT(spec.model)
     import deepspeed

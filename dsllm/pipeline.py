@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from dsllm.errors import UserError
 from dsllm.model import Block, causal_lm_loss, init_weights, make_norm, rotary_embedding
 from dsllm.model_config import ModelConfig
+from dsllm.tensor_parallel import TensorSplit, split_on_meta
 
 # how a run's --pipeline-partition maps to DeepSpeed's partition_method
 PARTITIONS = {
@@ -33,22 +34,38 @@ PARTITIONS = {
 }
 
 
-def _built(factory, config: ModelConfig, seed: int, prefix: str) -> nn.Module:
-    """`factory()` built on the meta device (no memory, no default initialisation), then given storage and the
-    values the whole GPT's parameters named `prefix`... have (`initial_value`)."""
-    with torch.device("meta"):
+def _built(factory, config: ModelConfig, seed: int, prefix: str, split: TensorSplit | None = None) -> nn.Module:
+    """`factory()` built on the meta device (no memory, no default initialisation), then given the values the whole
+    GPT's parameters named `prefix`... have (`initial_value`). With a tensor-parallel `split` (3D), only this rank's
+    shards of them (`split_on_meta`, under the GPT's own names; a token embedding split over the vocabulary)."""
+    if split is None:
+        with torch.device("meta"):
+            module = factory()
+        module.to_empty(device="cpu")
+        init_weights(module, config, seed, prefix)
+        return module
+    path = prefix.rstrip(".").split(".")  # "blocks.3." -> nested {"blocks": {"3": module}}: the GPT's names
+
+    def nested() -> nn.Module:
         module = factory()
-    module.to_empty(device="cpu")
-    init_weights(module, config, seed, prefix)
+        for name in reversed(path):
+            module = nn.ModuleDict({name: module})
+        return module
+
+    embedding = path[0] if path == ["tok_embeddings"] else None
+    module, _ = split_on_meta(nested, config, seed, split, embedding)
+    for name in path:
+        module = module[name]
     return module
 
 
 class EmbeddingPipe(nn.Module):
     """Token (+ learned position) embedding and dropout: idx [B, T] -> x [B, T, d]."""
 
-    def __init__(self, config: ModelConfig, seed: int):
+    def __init__(self, config: ModelConfig, seed: int, split: TensorSplit | None = None):
         super().__init__()
-        self.tok = _built(lambda: nn.Embedding(config.vocab_size, config.d_model), config, seed, "tok_embeddings.")
+        token = lambda: nn.Embedding(config.vocab_size, config.d_model)  # noqa: E731
+        self.tok = _built(token, config, seed, "tok_embeddings.", split)
         self.pos = None
         if config.positions == "learned":
             position = lambda: nn.Embedding(config.max_seq_len, config.d_model)  # noqa: E731
@@ -65,9 +82,9 @@ class EmbeddingPipe(nn.Module):
 class BlockPipe(nn.Module):
     """One transformer block; its rotary tables come from the sequence length."""
 
-    def __init__(self, config: ModelConfig, seed: int, index: int):
+    def __init__(self, config: ModelConfig, seed: int, index: int, split: TensorSplit | None = None):
         super().__init__()
-        self.block, self.config = _built(lambda: Block(config), config, seed, f"blocks.{index}."), config
+        self.block, self.config = _built(lambda: Block(config), config, seed, f"blocks.{index}.", split), config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rotary = None
@@ -89,9 +106,10 @@ class NormPipe(nn.Module):
 class HeadPipe(nn.Module):
     """The (untied) LM head: x -> logits."""
 
-    def __init__(self, config: ModelConfig, seed: int):
+    def __init__(self, config: ModelConfig, seed: int, split: TensorSplit | None = None):
         super().__init__()
-        self.head = _built(lambda: nn.Linear(config.d_model, config.vocab_size, bias=False), config, seed, "lm_head.")
+        head = lambda: nn.Linear(config.d_model, config.vocab_size, bias=False)  # noqa: E731
+        self.head = _built(head, config, seed, "lm_head.", split)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(x)
@@ -115,18 +133,21 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return causal_lm_loss(logits, shift_labels=targets)
 
 
-def layers_of(config: ModelConfig, seed: int) -> list:
+def layers_of(config: ModelConfig, seed: int, split: TensorSplit | None = None) -> list:
     """The pipeline's layers, in order, as DeepSpeed's LayerSpecs: a stage builds only its own layers, each with the
-    values the whole GPT of `seed` would have there (`dsllm.model.initial_value`)."""
+    values the whole GPT of `seed` would have there (`dsllm.model.initial_value`); with a tensor-parallel `split`,
+    only this rank's shards of them."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     if config.tie_embeddings:
         weight = ["tok.weight"]
-        first = TiedLayerSpec("embedding", EmbeddingPipe, config, seed, tied_weight_attr=weight)
-        last = TiedLayerSpec("embedding", EmbeddingPipe, config, seed, forward_fn=tied_head, tied_weight_attr=weight)
+        first = TiedLayerSpec("embedding", EmbeddingPipe, config, seed, split, tied_weight_attr=weight)
+        last = TiedLayerSpec(
+            "embedding", EmbeddingPipe, config, seed, split, forward_fn=tied_head, tied_weight_attr=weight
+        )
     else:
-        first, last = LayerSpec(EmbeddingPipe, config, seed), LayerSpec(HeadPipe, config, seed)
-    blocks = [LayerSpec(BlockPipe, config, seed, i) for i in range(config.n_layers)]
+        first, last = LayerSpec(EmbeddingPipe, config, seed, split), LayerSpec(HeadPipe, config, seed, split)
+    blocks = [LayerSpec(BlockPipe, config, seed, i, split) for i in range(config.n_layers)]
     return [first, *blocks, LayerSpec(NormPipe, config, seed), last]
 
 
@@ -223,12 +244,14 @@ def blocks_per_stage(config, stages: int, partition: str) -> list[int]:
     return [sum(is_block[parts[s] : parts[s + 1]]) for s in range(stages)]
 
 
-def pipeline_module(config: ModelConfig, seed: int, stages: int, partition: str, tensor: int = 1):
+def pipeline_module(
+    config: ModelConfig, seed: int, stages: int, partition: str, tensor: int = 1, section: dict | None = None
+):
     """DeepSpeed's PipelineModule of the GPT of `config` and `seed` in `stages` stages (after init_distributed);
     with `tensor` > 1 on its pipe x data x model grid (the model axis fastest: a stage's tensor-parallel ranks are
-    consecutive, as AutoTP's own mesh has them), for AutoTP to split each stage's layers, the embedding split over
-    the vocabulary here. The model's activation
-    checkpointing becomes the module's: each transformer block recomputed in backward (torch's non-reentrant
+    consecutive, as AutoTP's own mesh has them), each rank building only its shards of its stage's layers, split by
+    AutoTP with the DeepSpeed JSON's tensor_parallel `section` (dsllm.tensor_parallel.autotp_section). The model's
+    activation checkpointing becomes the module's: each transformer block recomputed in backward (torch's non-reentrant
     checkpoint, or DeepSpeed's), the embedding and the head not."""
     import functools
 
@@ -236,27 +259,30 @@ def pipeline_module(config: ModelConfig, seed: int, stages: int, partition: str,
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
-    layout = {"num_stages": stages}
+    layout, split = {"num_stages": stages}, None
     if tensor > 1:
         data = dist.get_world_size() // (stages * tensor)
-        layout = {"topology": PipeModelDataParallelTopology(num_pp=stages, num_mp=tensor, num_dp=data)}
+        topology = PipeModelDataParallelTopology(num_pp=stages, num_mp=tensor, num_dp=data)
+        layout = {"topology": topology}
+        # the stage's tensor group, the ranks of the grid's slice group (which exists only once PipelineModule has
+        # built the layers): every rank creates every group, in the same order. AutoTP in training mode reads it
+        # from DeepSpeed's `groups`, not from its argument (engine.build_engine sets the grid's there later)
+        from deepspeed.utils import groups
+
+        for ranks in topology.get_axis_comm_lists("model"):
+            group = dist.new_group(ranks)
+            if dist.get_rank() in ranks:
+                split, groups._TENSOR_MODEL_PARALLEL_GROUP = TensorSplit(section, group), group
     checkpointing = {"activation_checkpoint_interval": 0}
     if config.activation_checkpointing != "none":
         checkpointing = {"activation_checkpoint_interval": 1, "checkpointable_layers": [BlockPipe.__name__]}
         if config.activation_checkpointing == "torch":
             checkpoint = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
             checkpointing["activation_checkpoint_func"] = checkpoint
-    module = PipelineModule(
-        layers=layers_of(config, seed),
+    return PipelineModule(
+        layers=layers_of(config, seed, split),
         **layout,
         loss_fn=next_token_loss,
         partition_method=PARTITIONS[partition],
         **checkpointing,
     )
-    if tensor > 1:  # the embedding (and a tied head's copy of it) over the vocabulary; AutoTP splits the blocks
-        from dsllm.tensor_parallel import split_embedding
-
-        for layer in module.modules():
-            if isinstance(layer, EmbeddingPipe):
-                split_embedding(layer, "tok", module.mpu().get_slice_parallel_group())
-    return module

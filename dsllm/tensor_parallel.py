@@ -12,18 +12,21 @@ We hand AutoTP our own layer specs (its `partition_config`) instead of letting i
 
 Every other parameter (norms, learned positions) is replicated. AutoTP builds a data x tensor mesh over the
 whole world, tensor axis fastest, so rank r is tensor rank r % T of replica r // T: with T up to the GPUs of a
-node, the all-reduces stay on NVLink. With pipeline stages (3D) AutoTP splits each stage's layers on the pipeline
-grid's groups instead (`dsllm.engine._fit_3d`); the embedding and the head are split over the vocabulary there too,
-the head's logits gathered for the pipeline's loss.
+node, the all-reduces stay on NVLink. With pipeline stages (3D) the groups are the pipeline grid's (a stage's
+tensor ranks, `dsllm.engine._fit_3d`); the embedding and the head are split over the vocabulary there too, the
+head's logits gathered for the pipeline's loss.
 
-A rank builds only its shards (`sharded_gpt`): the GPT on the meta device, split there by AutoTP, each shard then
-filled from its parameter's whole initial value (which depends on the seed and the parameter's name only), so the
-values are those of the whole model and no rank ever holds it.
+A rank builds only its shards (`split_on_meta`): the GPT (`sharded_gpt`), or in 3D each layer of its stage
+(`dsllm.pipeline`), on the meta device, split there by AutoTP, each shard then filled from its parameter's whole
+initial value (which depends on the seed and the parameter's name only), so the values are those of the whole
+model and no rank ever holds it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from dsllm.errors import UserError
 from dsllm.model_config import ModelConfig
@@ -51,8 +54,8 @@ def autotp_section(model: ModelConfig, size: int, vocabulary_parallel: bool = Tr
         fc,
         {"patterns": [r".*\.attn\.proj\.weight$", r".*\.mlp\.proj\.weight$"], "partition_type": "row"},
     ]
-    if not vocabulary_parallel:
-        specs.append({"patterns": [r".*\.head\.weight$"], "partition_type": "column", "gather_output": True})
+    if not vocabulary_parallel:  # (split where a stage is built, under GPT's own names: dsllm.pipeline)
+        specs.append({"patterns": [r"^lm_head\.weight$"], "partition_type": "column", "gather_output": True})
     return {
         "autotp_size": size,
         "vocab_parallel_lm_head": vocabulary_parallel,
@@ -73,37 +76,42 @@ def split_embedding(owner, name: str, group) -> None:
     setattr(owner, name, embedding)
 
 
-def sharded_gpt(config: ModelConfig, seed: int, section: dict, group) -> torch.nn.Module:
-    """The GPT of `config` and `seed` split over the tensor-parallel `group` by AutoTP with the `tensor_parallel`
-    `section` of the DeepSpeed JSON, as DeepSpeed's engine would split it, but built on the meta device and each
-    shard then filled with its values (`dsllm.model.initial_value` of the whole parameter, cut by the layer's own
-    partition function): a rank holds its shards and one whole parameter at a time, never the whole model. The
-    steps are those of DeepSpeed 0.19.8's engine (`_apply_autotp_partitioning` with a partition_config), which
-    then finds the model marked split (`ds_autotp_parsed`) and takes it as it is."""
+@dataclasses.dataclass(frozen=True)
+class TensorSplit:
+    """How a rank splits what it builds: the DeepSpeed JSON's `tensor_parallel` section (`autotp_section`) and the
+    rank's tensor-parallel process group."""
+
+    section: dict
+    group: Any
+
+
+def split_on_meta(
+    build: Callable[[], torch.nn.Module], config: ModelConfig, seed: int, split: TensorSplit, embedding=None
+):
+    """`build()` (the GPT, or a part of it nested under the GPT's own names) built on the meta device, split there by
+    AutoTP with `split.section`, as DeepSpeed's engine would split it, and `embedding` (the name of a token
+    embedding directly under the built module) over the vocabulary; then every parameter filled, a shard with its
+    whole `initial_value` cut by its layer's own partition function: a rank holds its shards and one whole
+    parameter at a time, never the whole module. The split layers are marked replaced, so a later AutoTP pass (the
+    engine's, over a pipeline's stage) leaves them. Returns (the module, the AutoTP instance). The steps are those
+    of DeepSpeed 0.19.8's engine (`_apply_autotp_partitioning` with a partition_config)."""
     import torch
     import torch.nn as nn
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
     from deepspeed.module_inject.auto_tp import AutoTP
-    from deepspeed.module_inject.layers import (
-        TensorParallel_Layer,
-        VocabParallelLinear,
-        collect_autotp_universal_checkpoint_info,
-        set_autotp_mode,
-    )
+    from deepspeed.module_inject.layers import TensorParallel_Layer, set_autotp_mode
     from deepspeed.runtime.tensor_parallel.config import get_tensor_parallel_config
-    from deepspeed.sequence.cross_entropy import configure_vocab_parallel_loss
 
-    from dsllm.model import GPT, initial_value
+    from dsllm.model import initial_value
 
     with torch.device("meta"):
-        gpt = GPT(config, seed)
-    shapes = {name: p.shape for name, p in gpt.named_parameters()}  # a tied weight: under its first name
-    if not config.tie_embeddings:
-        split_embedding(gpt, "tok_embeddings", group)
-    tp = get_tensor_parallel_config({"tensor_parallel": section})
+        module = build()
+    shapes = {name: p.shape for name, p in module.named_parameters()}  # a tied weight: under its first name
+    if embedding is not None:
+        split_embedding(module, embedding, split.group)
+    tp = get_tensor_parallel_config({"tensor_parallel": split.section})
     set_autotp_mode(training=True)
     autotp = AutoTP(
-        module=gpt,
+        module=module,
         all_reduce_linears=(),
         prefix="",
         state_dict=None,
@@ -116,24 +124,43 @@ def sharded_gpt(config: ModelConfig, seed: int, section: dict, group) -> torch.n
         tp_grain_size=tp.tensor_parallel.tp_grain_size,
         training_mode=True,
     )
-    autotp.set_tensor_parallel_config(section["autotp_size"], group)
+    autotp.set_tensor_parallel_config(split.section["autotp_size"], split.group)
     autotp.update_linear_policies()
-    autotp._replace_module(gpt)
-    names = {id(p): name for name, p in gpt.named_parameters()}
+    autotp._replace_module(module)
+    names = {id(p): name for name, p in module.named_parameters()}
     with torch.no_grad():
-        for layer in gpt.modules():
+        for layer in module.modules():
             params = [p for p in layer.parameters(recurse=False) if p.is_meta]  # a tied weight: filled once
             for p in params:
                 _fill(p, initial_value(names[id(p)], shapes[names[id(p)]], config, seed))
-            if params and isinstance(layer, TensorParallel_Layer):
-                layer._tp_partition([layer.weight, getattr(layer, "bias", None)])  # the whole value -> its shard
-    leftover = [name for name, p in gpt.named_parameters() if p.is_meta]
+            if isinstance(layer, TensorParallel_Layer):
+                if params:
+                    layer._tp_partition([layer.weight, getattr(layer, "bias", None)])  # the whole value -> its shard
+                layer.replaced = True
+    leftover = [name for name, p in module.named_parameters() if p.is_meta]
     if leftover:  # a parameter of no module's own (cannot happen with GPT's modules)
-        raise RuntimeError(f"sharded_gpt left {leftover} without values")
+        raise RuntimeError(f"split_on_meta left {leftover} without values")
+    return module, autotp
+
+
+def sharded_gpt(config: ModelConfig, seed: int, split: TensorSplit) -> torch.nn.Module:
+    """The GPT of `config` and `seed` as this tensor-parallel rank's shards (`split_on_meta`), finished as
+    DeepSpeed's engine finishes AutoTP's split (gradient hooks, the vocabulary-parallel loss, the universal
+    checkpoint's layout); the engine then finds the model marked split (`ds_autotp_parsed`) and takes it as it is."""
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+    from deepspeed.module_inject.layers import VocabParallelLinear, collect_autotp_universal_checkpoint_info
+    from deepspeed.runtime.tensor_parallel.config import get_tensor_parallel_config
+    from deepspeed.sequence.cross_entropy import configure_vocab_parallel_loss
+
+    from dsllm.model import GPT
+
+    embedding = None if config.tie_embeddings else "tok_embeddings"  # (a tied one: the LM head's shard)
+    gpt, autotp = split_on_meta(lambda: GPT(config, seed), config, seed, split, embedding)
     autotp.register_replicated_grad_hooks(gpt)
     heads = [m for m in gpt.modules() if isinstance(m, VocabParallelLinear)]
     if heads:
-        configure_vocab_parallel_loss(gpt, heads[0], backend=tp.vocab_parallel_ce_backend)
+        backend = get_tensor_parallel_config({"tensor_parallel": split.section}).vocab_parallel_ce_backend
+        configure_vocab_parallel_loss(gpt, heads[0], backend=backend)
     setattr(gpt, UNIVERSAL_CHECKPOINT_INFO, collect_autotp_universal_checkpoint_info(gpt))
     gpt.ds_autotp_parsed = True
     return gpt
