@@ -116,8 +116,8 @@ def new_model(spec: RunSpec) -> torch.nn.Module:
 
         split = TensorSplit(spec.ds["tensor_parallel"], tensor_mesh(spec).get_tensor_model_parallel_group())
         return sharded_gpt(spec.model, init_seed(), split)
-    if spec.zero_stage != 3:
-        return GPT(spec.model)
+    if spec.zero_stage != 3:  # (sparse blocks: only on ZeRO-0/1/2)
+        return GPT(spec.model, expert_parallel=spec.expert_parallel, expert_rank=spec.expert_rank)
     import deepspeed
 
     with deepspeed.zero.Init(config_dict_or_path=spec.deepspeed_config(), mpu=tensor_mesh(spec)):
@@ -138,7 +138,8 @@ def tensor_mesh(spec: RunSpec):
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """Decay matrices; not norms, biases or embeddings (a tied head is the embedding; an embedding split over the
-    vocabulary too). `model` may be a pipeline stage's part of it."""
+    vocabulary too). `model` may be a pipeline stage's part of it. Experts' parameters (MoE) form groups of their
+    own, as DeepSpeed's MoE needs."""
     from deepspeed.module_inject.layers import VocabParallelEmbedding
 
     embeddings = (torch.nn.Embedding, VocabParallelEmbedding)
@@ -147,7 +148,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for param in model.parameters():
         ndim = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitioned (zero.Init): data is empty
         (no_decay if ndim < 2 or id(param) in no_decay_ids else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    from deepspeed.moe.utils import has_moe_layers, split_params_into_different_moe_groups_for_optimizer
+
+    if has_moe_layers(model)[0]:  # experts' parameters in groups of their own: DeepSpeed reduces them apart
+        for group, name in zip(groups, ("decay", "no_decay")):
+            group["name"] = name
+        groups = split_params_into_different_moe_groups_for_optimizer(groups)
+    return groups
 
 
 def cosine_schedule(warmup: int, max_steps: int, min_lr_ratio: float) -> Callable[[int], float]:

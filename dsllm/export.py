@@ -37,6 +37,11 @@ _LLAMA_NEEDS = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
 
 def hf_family(config: ModelConfig) -> str:
     """'gpt2' or 'llama'; any other combination raises ConfigError naming the option with no equivalent."""
+    if config.moe_experts:
+        raise ConfigError(
+            f"model.moe_experts = {config.moe_experts}: exporting a Mixture-of-Experts model to Hugging Face "
+            "(MixtralForCausalLM) is not supported yet; evaluate and generate work on the model folder as it is"
+        )
     family, needs, name = (
         ("gpt2", _GPT2_NEEDS, "GPT2LMHeadModel")
         if config.positions == "learned"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import zlib
 from collections.abc import Callable
 
@@ -126,15 +127,52 @@ class MLP(nn.Module):
         return self.dropout(self.proj(h))
 
 
+def moe_mlp(config: ModelConfig, expert_parallel: int = 1) -> nn.Module:
+    """A sparse block's MLP: DeepSpeed's MoE layer over `config.moe_experts` copies of the model's own MLP (each
+    initialised apart, by its name: `expert_names`), a top-k router (the k highest gates, as Mixtral; not
+    DeepSpeed's default of sampling the second) with a capacity per expert in training (tokens beyond it dropped,
+    as GShard does), split over `expert_parallel` ranks (all-to-all before and after the experts). In evaluation
+    and generation no token is dropped (capacity factor experts / top_k: an expert could take every token), so a
+    score does not depend on which windows share a batch. Its forward returns (output, load-balancing loss,
+    tokens per expert)."""
+    from deepspeed.moe.layer import MoE
+
+    return MoE(
+        config.d_model,
+        MLP(config),
+        num_experts=config.moe_experts,
+        ep_size=expert_parallel,
+        k=config.moe_top_k,
+        capacity_factor=config.moe_capacity_factor,
+        eval_capacity_factor=config.moe_experts / config.moe_top_k,
+        min_capacity=config.moe_min_capacity,
+        top2_2nd_expert_sampling=False,
+    )
+
+
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, index: int = 0, expert_parallel: int = 1):
         super().__init__()
         self.norm1, self.attn = make_norm(config), Attention(config)
-        self.norm2, self.mlp = make_norm(config), MLP(config)
+        self.norm2 = make_norm(config)
+        self.mlp = moe_mlp(config, expert_parallel) if config.is_sparse(index) else MLP(config)
 
     def forward(self, x, rotary=None, mask=None, cache=None):
         x = x + self.attn(self.norm1(x), rotary, mask, cache)
-        return x + self.mlp(self.norm2(x))
+        h = self.mlp(self.norm2(x))
+        return x + (h[0] if isinstance(h, tuple) else h)  # (an MoE layer's: output, loss, counts)
+
+
+_LOCAL_EXPERT = re.compile(r"\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.")
+
+
+def expert_names(name: str, first_expert: int = 0) -> str:
+    """A parameter's name with DeepSpeed's MoE layer's inner path as the model's own: the router
+    ("blocks.1.mlp.deepspeed_moe.gate.wg.weight" -> "blocks.1.mlp.router.weight") and each expert by its index among
+    all of the layer's experts (a rank holding experts from `first_expert` on numbers its own from 0):
+    "blocks.1.mlp.deepspeed_moe.experts.deepspeed_experts.0.fc.weight" -> "blocks.1.mlp.experts.2.fc.weight"."""
+    name = name.replace(".mlp.deepspeed_moe.gate.wg.", ".mlp.router.")
+    return _LOCAL_EXPERT.sub(lambda m: f".mlp.experts.{first_expert + int(m.group(1))}.", name)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels=None, vocab_size=None, shift_labels=None, **_) -> torch.Tensor:
@@ -159,19 +197,20 @@ def initial_value(name: str, shape, config: ModelConfig, seed: int) -> torch.Ten
     if kind == "bias":
         return torch.zeros(shape)
     std = config.init_std
-    if module.endswith(("attn.proj", "mlp.proj")):
+    if module.rsplit(".", 1)[-1] == "proj":  # attn.proj, mlp.proj, an expert's proj
         std /= math.sqrt(2 * config.n_layers)
     generator = torch.Generator().manual_seed((seed + zlib.crc32(name.encode())) % 2**63)
     return torch.empty(shape).normal_(0.0, std, generator=generator)
 
 
 @torch.no_grad()
-def init_weights(module: nn.Module, config: ModelConfig, seed: int, prefix: str = "") -> None:
+def init_weights(module: nn.Module, config: ModelConfig, seed: int, prefix: str = "", first_expert: int = 0) -> None:
     """Set every parameter of `module` (the GPT, or a part of it whose parameters are named `prefix` + their name
     in the part) to its `initial_value`. Through `Module.apply`: under deepspeed.zero.Init (ZeRO-3), which
     partitions each module's parameters as soon as it is built, apply is the one place that gathers them first.
     A parameter on the meta device is left as it is (nothing to set)."""
-    names = {id(p): prefix + name for name, p in module.named_parameters()}  # a tied weight: its first name
+    # a tied weight: its first name; an expert's: its index among all the layer's experts (`expert_names`)
+    names = {id(p): expert_names(prefix + name, first_expert) for name, p in module.named_parameters()}
 
     def visit(m: nn.Module) -> None:
         for p in m.parameters(recurse=False):
@@ -183,8 +222,10 @@ def init_weights(module: nn.Module, config: ModelConfig, seed: int, prefix: str 
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig, seed: int | None = None):
-        """`seed` the weights' (`initial_value`); by default drawn from torch's global generator."""
+    def __init__(self, config: ModelConfig, seed: int | None = None, expert_parallel: int = 1, expert_rank: int = 0):
+        """`seed` the weights' (`initial_value`); by default drawn from torch's global generator. With sparse
+        blocks split over `expert_parallel` ranks, this rank (`expert_rank` among them) holds experts
+        expert_rank x experts / expert_parallel on."""
         super().__init__()
         config.validate()
         self.config = config
@@ -194,7 +235,7 @@ class GPT(nn.Module):
             nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
         )
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, i, expert_parallel) for i in range(config.n_layers))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -202,7 +243,36 @@ class GPT(nn.Module):
         # the loss of logits and (already shifted) targets; DeepSpeed's AutoTP swaps in its vocabulary-parallel
         # loss when the LM head is split over the vocabulary (HF's hook: logits, labels=None, shift_labels=...)
         self.loss_function = causal_lm_loss
-        init_weights(self, config, seed)
+        init_weights(self, config, seed, first_expert=expert_rank * (config.moe_experts // expert_parallel))
+
+    def moe_layers(self) -> list[nn.Module]:
+        """The sparse blocks' MoE layers (DeepSpeed's), in order."""
+        return [block.mlp for i, block in enumerate(self.blocks) if self.config.is_sparse(i)]
+
+    def moe_stats(self) -> dict[str, float] | None:
+        """The routing of the last forward over all sparse blocks (None for a dense model): the load-balancing loss
+        (summed over the blocks), the smallest and largest share of the routed tokens one expert of a block got (an
+        even spread is 1/experts each), and the fraction of routed tokens dropped for want of capacity (DeepSpeed's
+        capacity: max(ceil(tokens / experts x capacity factor x top_k), min capacity) per expert; an expert keeps
+        its first tokens up to it)."""
+        layers = self.moe_layers()
+        if not layers or getattr(layers[0].deepspeed_moe, "exp_counts", None) is None:
+            return None
+        config, shares, dropped, routed = self.config, [], 0.0, 0.0
+        for layer in layers:
+            counts = layer.deepspeed_moe.exp_counts.double()
+            tokens = float(counts.sum()) / config.moe_top_k
+            cap = max(math.ceil(tokens / config.moe_experts * config.moe_capacity_factor * config.moe_top_k),
+                      config.moe_min_capacity)  # fmt: skip
+            shares += (counts / counts.sum()).tolist()
+            dropped += float((counts - cap).clamp(min=0).sum())
+            routed += float(counts.sum())
+        return {
+            "aux_loss": float(sum(layer.deepspeed_moe.l_aux.detach() for layer in layers)),
+            "expert_share_min": min(shares),
+            "expert_share_max": max(shares),
+            "dropped_fraction": dropped / routed,
+        }
 
     def forward(
         self,
@@ -240,6 +310,8 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = self.loss_function(logits, shift_labels=targets)
+            if self.training and self.config.moe_experts:  # the routers' load-balancing loss, trained with it
+                loss = loss + self.config.moe_aux_loss_coef * sum(m.deepspeed_moe.l_aux for m in self.moe_layers())
         return logits, loss
 
     def _checkpoint(self, fn, x):
@@ -370,12 +442,11 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     6N: forward (2) + backward (4) multiply-adds of every weight used in a matmul — all parameters
     except the embedding lookup tables (token embedding when untied, learned positions); the LM head
     is counted (tied or not). 12*L*H*Q*T: attention scores and weighted values (H*Q = d_model),
-    forward and backward, over a full T x T score matrix (causal masking not discounted)."""
+    forward and backward, over a full T x T score matrix (causal masking not discounted). A sparse (MoE) block
+    counts the weights a token goes through: its router and top_k experts' MLPs, not all of them."""
     c = config
-    per_layer = (
-        c.d_model * (c.n_heads + 2 * c.kv_heads) * c.head_dim
-        + c.d_model * c.d_model
-        + c.d_model * c.mlp_hidden_size * (3 if c.mlp == "swiglu" else 2)
-    )
-    matmul_params = c.n_layers * per_layer + c.d_model * c.vocab_size
+    mlp = c.d_model * c.mlp_hidden_size * (3 if c.mlp == "swiglu" else 2)
+    per_layer = c.d_model * (c.n_heads + 2 * c.kv_heads) * c.head_dim + c.d_model * c.d_model + mlp
+    sparse = c.sparse_blocks * ((c.moe_top_k - 1) * mlp + c.d_model * c.moe_experts)
+    matmul_params = c.n_layers * per_layer + sparse + c.d_model * c.vocab_size
     return 6 * matmul_params + 12 * c.n_layers * c.d_model * seq_len

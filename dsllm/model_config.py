@@ -66,6 +66,19 @@ class ModelConfig:
     """normal init std; residual output projections get init_std / sqrt(2 * n_layers)"""
     activation_checkpointing: str = "none"
     """recompute each block in backward: 'none', 'torch' or 'deepspeed'"""
+    moe_experts: int = 0
+    """experts of a sparse (Mixture-of-Experts) block's MLP, DeepSpeed's MoE layer; 0 = every block dense"""
+    moe_top_k: int = 2
+    """experts each token is routed to (1 or 2)"""
+    moe_every: int = 1
+    """every K-th block is sparse (blocks K-1, 2K-1, ...); 1 = all of them"""
+    moe_capacity_factor: float = 1.0
+    """in training an expert takes at most top_k x tokens / experts x this many tokens of a batch, the rest are
+    dropped (evaluation and generation drop none)"""
+    moe_min_capacity: int = 4
+    """an expert's capacity is never below this many tokens"""
+    moe_aux_loss_coef: float = 0.01
+    """weight of the load-balancing loss (summed over the sparse blocks) added to the training loss"""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -88,8 +101,17 @@ class ModelConfig:
         m = self.mlp_multiple_of
         return m * math.ceil(8 * self.d_model / 3 / m)
 
-    def num_parameters(self) -> int:
-        """Parameter count without building the model (a tied embedding/head counts once)."""
+    def is_sparse(self, block: int) -> bool:
+        """Whether block `block` (0-based) has a Mixture-of-Experts MLP."""
+        return self.moe_experts > 0 and (block + 1) % self.moe_every == 0
+
+    @property
+    def sparse_blocks(self) -> int:
+        return sum(self.is_sparse(i) for i in range(self.n_layers))
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count without building the model (a tied embedding/head counts once). `active`: what one token
+        goes through, a sparse block's MLP counted top_k times (not once per expert) and its router once."""
         d, hd = self.d_model, self.head_dim
         bias = int(self.bias)
         attention = (
@@ -100,7 +122,9 @@ class ModelConfig:
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         positions = self.max_seq_len * d if self.positions == "learned" else 0
-        return self.n_layers * (attention + mlp + 2 * norm) + norm + embeddings + positions
+        dense = self.n_layers * (attention + mlp + 2 * norm) + norm + embeddings + positions
+        experts = self.moe_top_k if active else self.moe_experts
+        return dense + self.sparse_blocks * ((experts - 1) * mlp + d * self.moe_experts)
 
     # -- checks -------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -135,6 +159,31 @@ class ModelConfig:
             raise ConfigError(f"model.dropout = {self.dropout}: must be in [0, 1)")
         if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
             raise ConfigError("model.norm_eps, model.rope_theta and model.init_std must be positive")
+        self._validate_moe()
+
+    def _validate_moe(self) -> None:
+        if self.moe_experts == 0:
+            return
+        if not isinstance(self.moe_experts, int) or self.moe_experts < 2:
+            raise ConfigError(f"model.moe_experts = {self.moe_experts!r}: use 0 (dense) or at least 2 experts")
+        if self.moe_top_k not in (1, 2) or self.moe_top_k > self.moe_experts:
+            raise ConfigError(
+                f"model.moe_top_k = {self.moe_top_k!r}: DeepSpeed's MoE routes each token to 1 or 2 experts; use 1 or 2"
+            )
+        if not isinstance(self.moe_every, int) or not 1 <= self.moe_every <= self.n_layers:
+            raise ConfigError(
+                f"model.moe_every = {self.moe_every!r}: must be 1 (every block sparse) to n_layers = {self.n_layers}"
+            )
+        if self.moe_capacity_factor <= 0 or self.moe_min_capacity < 0 or self.moe_aux_loss_coef < 0:
+            raise ConfigError(
+                "model.moe_capacity_factor must be positive, model.moe_min_capacity and model.moe_aux_loss_coef "
+                "not negative"
+            )
+        if self.activation_checkpointing == "deepspeed":
+            raise ConfigError(
+                "model.activation_checkpointing = 'deepspeed' with model.moe_experts: DeepSpeed's recompute would "
+                "drop the load-balancing loss's gradient (it is not a block output); use 'torch'"
+            )
 
     def check_seq_len(self, seq_len: int) -> None:
         """A training or generation length must fit the position table / RoPE cache."""

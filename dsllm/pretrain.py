@@ -56,6 +56,37 @@ class Pretraining:
     checkpointer: Checkpointer
 
 
+def _check_experts(model, stages: int, tensor: int, experts: int, data: int, zero_stage: int, ds_config: str) -> None:
+    """Mixture-of-Experts blocks run on data parallelism with ZeRO-0/1/2, their experts split over `experts` of the
+    `data` data-parallel ranks (DeepSpeed's MoE layer has no pipeline or AutoTP path of ours yet, and DeepSpeed
+    does not train MoE layers under ZeRO-3)."""
+    if experts > 1 and not model.moe_experts:
+        raise UserError(
+            f"--expert-parallel {experts}: the model has no experts to split; set --model.moe_experts (a multiple of "
+            f"{experts}) or drop --expert-parallel"
+        )
+    if not model.moe_experts:
+        return
+    if stages > 1 or tensor > 1:
+        flag = f"--pipeline-parallel {stages}" if stages > 1 else f"--tensor-parallel {tensor}"
+        raise UserError(f"--model.moe_experts {model.moe_experts} with {flag}: not supported yet; drop one of them")
+    if zero_stage == 3:
+        raise UserError(
+            f"--model.moe_experts {model.moe_experts} with {ds_config} (ZeRO-3): DeepSpeed does not train MoE layers "
+            "under ZeRO-3; use ds_configs/zero1.json or zero2.json"
+        )
+    if model.moe_experts % experts:
+        raise UserError(
+            f"--expert-parallel {experts}: the {model.moe_experts} experts of a sparse block do not split evenly over "
+            f"{experts} ranks; use a divisor of --model.moe_experts"
+        )
+    if data % experts:
+        raise UserError(
+            f"--expert-parallel {experts}: the {data} data-parallel rank(s) do not divide into groups of {experts}; "
+            f"launch a multiple of {experts} ranks or change --expert-parallel"
+        )
+
+
 def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec:
     """The DeepSpeed JSON with "auto" filled for this hardware and world, as a RunSpec (pre-flight, no process
     group). Fine-tuning resolves its spec here too."""
@@ -84,6 +115,8 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
         hidden_size=model.d_model,
     )
     check_tensor_parallel(model, world.size, tensor, stages, config.compile, stage)
+    experts = getattr(config, "expert_parallel", 1)
+    _check_experts(model, stages, tensor, experts, world.size // (stages * tensor), stage, config.ds_config)
     if stages > 1 and stage >= 2:
         raise UserError(
             f"--pipeline-parallel {stages} with {config.ds_config} (ZeRO-{stage}): ZeRO-2 and 3 partition the "
@@ -95,7 +128,7 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
     partition = getattr(config, "pipeline_partition", "blocks")
     if tensor > 1:
         ds["tensor_parallel"] = autotp_section(model, tensor, vocabulary_parallel=stages == 1)
-    return RunSpec(world, model, seq_len, batch, precision, stage, ds, stages, partition, tensor)
+    return RunSpec(world, model, seq_len, batch, precision, stage, ds, stages, partition, tensor, experts)
 
 
 def model_for_data(config: TrainConfig, vocab_size: int) -> ModelConfig:
@@ -196,6 +229,7 @@ def write_run_files(plan: Pretraining) -> Path:
             "zero_stage": spec.zero_stage,
             "pipeline_stages": spec.pipeline_stages,
             "tensor_parallel": spec.tensor_parallel,
+            "expert_parallel": spec.expert_parallel,
             "data_parallel_size": spec.data_parallel_size,
         },
         "deepspeed": spec.ds,
@@ -250,6 +284,8 @@ class WindowValidator:
         from dsllm.scoring import evaluate
 
         spec = self.plan.spec
+        # the routing of this rank's last training micro batch (a Mixture-of-Experts model), before evaluation's own
+        routing = getattr(self.engine.ds.module, "moe_stats", lambda: None)()
         result = evaluate(
             self.engine.score,
             self.windows,
@@ -261,11 +297,18 @@ class WindowValidator:
             spec.data_parallel_size,
             counted=spec.tensor_parallel_rank == 0,
         )
-        self.log.write(
-            {"step": step, **result, "samples": self.data.consumed_samples},
+        line = (
             f"eval step {step} | val loss {result['val_loss']:.4f} | ppl {result['perplexity']:.2f} | "
-            f"bits/byte {result['bits_per_byte']:.4f}",
+            f"bits/byte {result['bits_per_byte']:.4f}"
         )
+        extra = {}
+        if routing is not None:
+            extra = {"moe": routing}
+            line += (
+                f" | experts: aux loss {routing['aux_loss']:.4f}, token share {routing['expert_share_min']:.2f}-"
+                f"{routing['expert_share_max']:.2f}, dropped {100 * routing['dropped_fraction']:.1f}%"
+            )
+        self.log.write({"step": step, **result, **extra, "samples": self.data.consumed_samples}, line)
         return result
 
 

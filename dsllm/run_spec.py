@@ -32,6 +32,7 @@ class RunSpec:
     pipeline_stages: int = 1  # DeepSpeed's PipelineModule stages; world.size / pipeline_stages are data-parallel
     pipeline_partition: str = "blocks"  # how the layers split over the stages (dsllm.pipeline.PARTITIONS)
     tensor_parallel: int = 1  # DeepSpeed AutoTP ranks per layer: consecutive ranks (a data x tensor mesh)
+    expert_parallel: int = 1  # DeepSpeed MoE ep_size: consecutive data-parallel ranks split each sparse block's experts
 
     @property
     def tokens_per_step(self) -> int:
@@ -52,6 +53,12 @@ class RunSpec:
     def tensor_parallel_rank(self) -> int:
         return self.world.rank % self.tensor_parallel
 
+    @property
+    def expert_rank(self) -> int:
+        """This rank's place among the ranks that split the experts (DeepSpeed's expert-parallel groups are
+        consecutive ranks), so it holds experts expert_rank x experts / expert_parallel on."""
+        return self.world.rank % self.expert_parallel
+
     def layout(self) -> str:
         """The parallel layout as said at start-up: '' for data parallelism alone, else which ranks hold what."""
         data = self.data_parallel_size
@@ -63,6 +70,11 @@ class RunSpec:
             return f" ({stages}{size} tensor-parallel x {data} data-parallel; tensor groups: ranks {groups}{more})"
         if self.pipeline_stages > 1:
             return f" ({self.pipeline_stages} pipeline stages x {data} data-parallel)"
+        if self.expert_parallel > 1:
+            size, count = self.expert_parallel, data // self.expert_parallel
+            groups = ", ".join(f"{g * size}-{g * size + size - 1}" for g in range(min(count, 4)))
+            more = ", ..." if count > 4 else ""
+            return f" ({data} data-parallel; experts split over ranks {groups}{more})"
         return ""
 
     def deepspeed_config(self, load_universal: bool = False) -> dict[str, Any]:

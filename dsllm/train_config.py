@@ -161,6 +161,9 @@ class TrainConfig(RunConfig):
     tensor_parallel: int = 1
     """tensor-parallel ranks (DeepSpeed's AutoTP): each block's attention heads, MLP width and the vocabulary are
     split over this many consecutive ranks (keep them inside a node); the ranks / this are data-parallel replicas"""
+    expert_parallel: int = 1
+    """expert-parallel ranks (DeepSpeed's MoE ep_size): each sparse block's experts are split over this many
+    consecutive data-parallel ranks, which send each other their tokens (all-to-all); divides --model.moe_experts"""
     pipeline_partition: str = "blocks"
     """how the layers split over the stages: blocks (as many transformer blocks each), uniform (as many layers each,
     the LM head counting as one: lighter last stage), or parameters"""
@@ -172,6 +175,7 @@ class TrainConfig(RunConfig):
         "sample_tokens": 0,
         "pipeline_parallel": 1,
         "tensor_parallel": 1,
+        "expert_parallel": 1,
     }
 
     def check(self) -> None:

@@ -132,6 +132,13 @@ class Checkpointer:
                 f"pass --precision {marker.precision} to resume it"
             )
         saved_world, saved_stage, stage = marker.world_size, marker.zero_stage, spec.zero_stage
+        experts = (marker.world_size, marker.expert_parallel, marker.zero_stage)
+        if marker.model.get("moe_experts") and experts != (spec.world.size, spec.expert_parallel, spec.zero_stage):
+            raise UserError(
+                f"{checkpoint}: a Mixture-of-Experts checkpoint of {experts[0]} rank(s), --expert-parallel "
+                f"{experts[1]}, ZeRO-{experts[2]}; resume it with the same (experts on another layout are not "
+                "supported yet)"
+            )
         # universal: AutoTP shards merged and re-split, a pipeline's layers re-partitioned (their names do not
         # depend on the stage count; to and from no pipeline they are renamed)
         saved_layout, layout = (
@@ -255,6 +262,7 @@ class Checkpointer:
                 kind=self.kind,
                 pipeline_stages=spec.pipeline_stages,
                 tensor_parallel=spec.tensor_parallel,
+                expert_parallel=spec.expert_parallel,
             )
             commit(staging, marker)
             prune(self.checkpoints, self.keep)

@@ -22,8 +22,10 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 
     marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
     require_model_states(checkpoint, marker["zero_stage"])
+    if marker["model"].get("moe_experts"):
+        return _experts_state_dict(checkpoint)
     if marker.get("tensor_parallel", 1) > 1:
-        return _tensor_parallel_state_dict(checkpoint, marker["model"], marker.get("pipeline_stages", 1) > 1)
+        return _universal_state_dict(checkpoint, marker["model"], marker.get("pipeline_stages", 1) > 1)
     with weights_only_loads():
         if marker.get("pipeline_stages", 1) > 1:
             return _pipeline_state_dict(checkpoint, marker["model"]["n_layers"])
@@ -52,7 +54,19 @@ def _pipeline_state_dict(checkpoint: Path, n_layers: int) -> dict[str, torch.Ten
     return {k: v.float() for k, v in state.items()}
 
 
-def _tensor_parallel_state_dict(checkpoint: Path, model: dict, pipeline: bool) -> dict[str, torch.Tensor]:
+def _experts_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """A Mixture-of-Experts checkpoint's weights, in the training precision (as ZeRO-0's): DeepSpeed saves the
+    module without its experts (mp_rank_00) and each expert in a file of its own, under its index among all of the
+    layer's experts, which are GPT's names with every expert on one rank. (DeepSpeed 0.19.8's universal conversion
+    doubles an expert replicated on 2 data-parallel ranks, and zero_to_fp32 reads no expert files.)"""
+    with weights_only_loads():
+        state = torch.load(checkpoint / model_states_file(0), map_location="cpu")["module"]
+        for path in sorted(checkpoint.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+            state.update(torch.load(path, map_location="cpu"))
+    return {k: v.float() for k, v in state.items()}
+
+
+def _universal_state_dict(checkpoint: Path, model: dict, pipeline: bool) -> dict[str, torch.Tensor]:
     """A tensor-parallel checkpoint's weights: DeepSpeed's universal checkpoint merges each parameter's AutoTP
     shards (the q|k|v and gate|up sub-parameters each in place) and a pipeline's stages into zero/NAME/fp32.pt;
     converted once, cached next to the checkpoint, and the resume path uses the same folder. A pipeline's names
