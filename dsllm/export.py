@@ -33,15 +33,25 @@ if TYPE_CHECKING:  # torch loads inside the functions that use it, so `--help` a
 
 _GPT2_NEEDS = {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
 _LLAMA_NEEDS = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+_MIXTRAL_NEEDS = {"bias": False, "moe_every": 1, "moe_top_k": 2}
+_MIXTRAL_WHY = {
+    "moe_every": " (every block sparse)",
+    "moe_top_k": " (it renormalises the chosen experts' gates, so one expert gets weight 1; DeepSpeed's top-1 keeps "
+    "the gate's probability)",
+}
 
 
 def hf_family(config: ModelConfig) -> str:
     """'gpt2' or 'llama'; any other combination raises ConfigError naming the option with no equivalent."""
-    if config.moe_experts:
-        raise ConfigError(
-            f"model.moe_experts = {config.moe_experts}: exporting a Mixture-of-Experts model to Hugging Face "
-            "(MixtralForCausalLM) is not supported yet; evaluate and generate work on the model folder as it is"
-        )
+    if config.moe_experts:  # MixtralForCausalLM: Llama's blocks, each MLP sparse
+        for field, value in {**_LLAMA_NEEDS, **_MIXTRAL_NEEDS}.items():
+            if getattr(config, field) != value:
+                raise ConfigError(
+                    f"model.{field} = {getattr(config, field)!r} has no Hugging Face equivalent for a "
+                    f"Mixture-of-Experts model: MixtralForCausalLM needs {field} = {value!r}"
+                    + _MIXTRAL_WHY.get(field, "")
+                )
+        return "mixtral"
     family, needs, name = (
         ("gpt2", _GPT2_NEEDS, "GPT2LMHeadModel")
         if config.positions == "learned"
@@ -68,6 +78,8 @@ def _split_qkv(weight: torch.Tensor, config: ModelConfig):
 
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    import torch
+
     config, family = model.config, hf_family(model.config)
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     out: dict[str, torch.Tensor] = {}
@@ -98,9 +110,17 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
                 for name, part in zip(names, _split_qkv(sd[f"{ours}attn.qkv.{kind}"], config)):
                     out[f"{theirs}self_attn.{name}.{kind}"] = part
                 out[f"{theirs}self_attn.o_proj.{kind}"] = sd[f"{ours}attn.proj.{kind}"]
+                if family == "mixtral":
+                    continue
                 gate, up = sd[f"{ours}mlp.fc.{kind}"].chunk(2, dim=0)
                 out[f"{theirs}mlp.gate_proj.{kind}"], out[f"{theirs}mlp.up_proj.{kind}"] = gate, up
                 out[f"{theirs}mlp.down_proj.{kind}"] = sd[f"{ours}mlp.proj.{kind}"]
+            if family == "mixtral":  # the router, and the experts stacked: [gate | up] as ours, then down
+                moe = f"{ours}mlp.deepspeed_moe."
+                experts = [f"{moe}experts.deepspeed_experts.{e}." for e in range(config.moe_experts)]
+                out[f"{theirs}mlp.gate.weight"] = sd[f"{moe}gate.wg.weight"]
+                out[f"{theirs}mlp.experts.gate_up_proj"] = torch.stack([sd[f"{e}fc.weight"] for e in experts])
+                out[f"{theirs}mlp.experts.down_proj"] = torch.stack([sd[f"{e}proj.weight"] for e in experts])
         out["model.norm.weight"] = sd["norm.weight"]
     if not config.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
@@ -133,10 +153,22 @@ def hf_config(config: ModelConfig, eos: int) -> dict:
             "attn_pdrop": config.dropout,
             "scale_attn_weights": True,
         }
+    if hf_family(config) == "mixtral":
+        common = {
+            **common,
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "num_local_experts": config.moe_experts,
+            "num_experts_per_tok": config.moe_top_k,
+            "router_aux_loss_coef": config.moe_aux_loss_coef,
+            "router_jitter_noise": 0.0,
+            "output_router_logits": False,
+            "sliding_window": None,
+        }
+    else:
+        common = {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     return {
         **common,
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
         "hidden_size": config.d_model,
         "intermediate_size": config.mlp_hidden_size,
         "num_hidden_layers": config.n_layers,

@@ -26,7 +26,10 @@ CASES = {
     "llama_gqa_tied": dict(LLAMA, n_kv_heads=4),
     "llama_mqa_bias": dict(LLAMA, n_kv_heads=1, bias=True, tie_embeddings=False),
     "llama_mha": dict(LLAMA),
+    "mixtral_untied": dict(LLAMA, n_kv_heads=2, tie_embeddings=False, moe_experts=4, moe_top_k=2),
+    "mixtral_tied": dict(LLAMA, n_kv_heads=4, moe_experts=8, moe_top_k=2, mlp_hidden=48),
 }
+ARCHITECTURES = {"learned": "GPT2LMHeadModel", "rope": "LlamaForCausalLM"}
 
 
 def random_model(fields, seed=0):
@@ -51,7 +54,7 @@ def test_logits_parity_in_transformers(tmp_path, tokenizer_dir, case):
     export_hf(model, tokenizer_dir / "tokenizer.json", tmp_path / "hf")
     diff, hf = max_logit_diff(model, tmp_path / "hf")
     assert diff < 1e-4, diff
-    expected = "GPT2LMHeadModel" if model.config.positions == "learned" else "LlamaForCausalLM"
+    expected = "MixtralForCausalLM" if model.config.moe_experts else ARCHITECTURES[model.config.positions]
     assert type(hf).__name__ == expected
     assert hf.config.tie_word_embeddings == model.config.tie_embeddings
     weights = load_file(tmp_path / "hf" / "model.safetensors")
@@ -114,6 +117,9 @@ def test_tokenizer_loads_with_autotokenizer(tmp_path, tokenizer_dir):
         (dict(n_kv_heads=2), r"model.n_kv_heads = 2 .*no grouped-query attention"),
         (dict(positions="rope"), r"model.norm = 'layernorm' .*LlamaForCausalLM needs norm = 'rmsnorm'"),
         (dict(positions="rope", norm="rmsnorm"), r"model.mlp = 'gelu' .*LlamaForCausalLM needs mlp = 'swiglu'"),
+        (dict(LLAMA, moe_experts=4, moe_top_k=1), r"model.moe_top_k = 1 .*MixtralForCausalLM needs moe_top_k = 2"),
+        (dict(LLAMA, moe_experts=4, moe_every=3), r"model.moe_every = 3 .*needs moe_every = 1 \(every block sparse"),
+        (dict(LLAMA, moe_experts=4, bias=True), r"model.bias = True .*Mixture-of-Experts .*needs bias = False"),
     ],
 )
 def test_combinations_without_an_hf_equivalent_are_refused(tmp_path, tokenizer_dir, fields, message):
