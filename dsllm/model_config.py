@@ -259,6 +259,30 @@ PRESETS: dict[str, dict] = {
     "llama-1.3b": _llama(2048, 24, 16, 8),
     "llama-3b": _llama(3072, 28, 24, 8),
     "llama-7b": _llama(4096, 32, 32, 8, max_seq_len=4096, mlp_hidden=14336),  # Mistral-7B shape
+    # Mixture-of-Experts (DeepSpeed's MoE layer, top-2 as Mixtral): the CPU demo with 4 experts per block, and
+    # Mixtral-8x7B's shape (46.7B parameters, 12.9B active per token)
+    "tiny-moe": dict(
+        vocab_size=8192,
+        max_seq_len=256,
+        n_layers=4,
+        d_model=256,
+        n_heads=4,
+        n_kv_heads=2,
+        positions="rope",
+        norm="rmsnorm",
+        mlp="swiglu",
+        mlp_multiple_of=64,
+        bias=False,
+        tie_embeddings=True,
+        moe_experts=4,
+        moe_top_k=2,
+    ),
+    "mixtral-8x7b": {
+        **_llama(4096, 32, 32, 8, max_seq_len=32768, mlp_hidden=14336),
+        "rope_theta": 1e6,
+        "moe_experts": 8,
+        "moe_top_k": 2,
+    },
 }
 
 

@@ -222,7 +222,10 @@ def plan(
     headroom = HEADROOM_FRACTION * usable
     world = gpus * nodes
     rows = []
-    for config in CONFIGS:
+    # Mixture-of-Experts: every GPU holds all experts (no --expert-parallel here), and DeepSpeed trains MoE layers on
+    # ZeRO-0/1/2 only, without dsllm's pipeline or tensor layouts
+    configs = [c for c in CONFIGS if not (model.moe_experts and c.startswith("zero3"))]
+    for config in configs:
         device, host = model_state_gib(params, largest, config, gpus, nodes)
         row = {
             "config": config,
@@ -242,13 +245,15 @@ def plan(
             }
         rows.append(row)
     recommended, too_tight = _recommend(rows, headroom)
-    layout_rows = layouts(model, gpus, nodes, micro_batch, seq_len, usable, headroom)
+    layout_rows = [] if model.moe_experts else layouts(model, gpus, nodes, micro_batch, seq_len, usable, headroom)
     interconnect = interconnect or ("pcie" if gpu.name in PCIE_KINDS else "nvlink")
-    flops = 6 * params + 12 * model.n_layers * model.d_model * seq_len  # PaLM, as dsllm.model.flops_per_token
+    active = model.num_parameters(active=True)  # (a sparse block: its router and top-k experts)
+    flops = 6 * active + 12 * model.n_layers * model.d_model * seq_len  # PaLM, as dsllm.model.flops_per_token
     tokens_per_second = mfu * gpu.peak_tflops * 1e12 * world / flops
     budget = CHINCHILLA_TOKENS_PER_PARAM * params
     return {
         "parameters": params,
+        "active_parameters": active,
         "model": model.to_dict(),
         "gpus_per_node": gpus,
         "nodes": nodes,
@@ -316,9 +321,20 @@ def advice(result: dict) -> list[str]:
     return lines
 
 
+def _active(result: dict) -> str:
+    """', N active' for a Mixture-of-Experts model (what a token goes through), else ''."""
+    active = result["active_parameters"]
+    return (
+        f" ({active:,} active per token; ZeRO-0/1/2, every GPU holding all experts)"
+        if active != result["parameters"]
+        else ""
+    )
+
+
 def render(result: dict, name: str, host_source: str) -> str:
     lines = [
-        f"{name}: {result['parameters']:,} parameters on {result['nodes']} node(s) x {result['gpus_per_node']} "
+        f"{name}: {result['parameters']:,} parameters{_active(result)} on {result['nodes']} node(s) x "
+        f"{result['gpus_per_node']} "
         f"{result['gpu']} ({result['gpu_memory_gib']:.1f} GiB, {result['usable_gib']:.1f} usable, "
         f"{result['peak_tflops']:g} TFLOPS bf16); micro batch {result['micro_batch']} x {result['seq_len']} tokens",
         f"host memory {result['host_ram_gib']:.1f} GiB per node ({host_source}); a config fits with at least "

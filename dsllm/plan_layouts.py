@@ -128,6 +128,11 @@ def recommend_layout(recommended: dict | None, layout_rows: list[dict], intercon
 
 def layout_advice(result: dict) -> str:
     best = result["recommended_layout"]
+    if best["kind"] is None and result["model"]["moe_experts"]:
+        return (
+            "layout: none fits; dsllm's tensor and pipeline parallelism do not take Mixture-of-Experts blocks yet "
+            "(--expert-parallel splits the experts over data-parallel ranks)"
+        )
     if best["kind"] is None:
         return "layout: none fits, with tensor or pipeline parallelism either"
     if best["kind"] == "data":

@@ -105,3 +105,32 @@ def test_flops_count_the_experts_a_token_goes_through():
     two = moe(moe_top_k=2)
     mlp = 64 * two.mlp_hidden_size * 3  # SwiGLU: gate, up, down
     assert flops_per_token(two, 32) == flops_per_token(dense, 32) + router + 6 * 2 * mlp
+
+
+def test_presets():
+    """Mixtral-8x7B's published count (46,702,792,704; 12.9B active), and the CPU demo as built."""
+    mixtral = resolve_model_config("mixtral-8x7b")
+    assert mixtral.num_parameters() == 46_702_792_704
+    assert round(mixtral.num_parameters(active=True) / 1e9, 1) == 12.9
+    tiny = resolve_model_config("tiny-moe")
+    assert tiny.num_parameters() == sum(p.numel() for p in GPT(tiny, seed=0).parameters())
+    assert tiny.sparse_blocks == tiny.n_layers and tiny.moe_top_k == 2
+
+
+def test_plan_counts_active_parameters_and_offers_only_what_runs():
+    """`dsllm plan` for Mixtral's shape: the speed from the active parameters, no ZeRO-3 rows (DeepSpeed trains MoE
+    layers on ZeRO-0/1/2) and no tensor/pipeline layouts (not for MoE blocks yet), said in the advice."""
+    from dsllm.plan import parse_gpus, plan, render
+
+    gpus, h100 = parse_gpus("8xH100")
+    config = resolve_model_config("mixtral-8x7b")
+    result = plan(config, gpus, h100, nodes=2, seq_len=4096, host_ram_gib=2048)
+    assert result["active_parameters"] == config.num_parameters(active=True) < result["parameters"]
+    assert [r["config"] for r in result["configs"]] == ["zero0", "zero1", "zero2", "zero2_offload"]
+    assert result["layouts"] == []
+    dense = plan(resolve_model_config("llama-7b"), gpus, h100, nodes=2, seq_len=4096, host_ram_gib=2048)
+    # throughput follows the FLOPs of the parameters a token goes through: 12.9B active vs 7.2B dense
+    ratio = dense["tokens_per_second"] / result["tokens_per_second"]
+    assert 1.5 < ratio < 1.8
+    text = render(result, "mixtral-8x7b", "--host-ram-gib")
+    assert "12,879,925,248 active per token" in text and "do not take Mixture-of-Experts blocks yet" in text

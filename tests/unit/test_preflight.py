@@ -121,7 +121,7 @@ def test_plain_python_exit_code_and_help():
     )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --model 'gpt5': unknown preset; use one of tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b, "
-        "llama-125m, llama-350m, llama-1.3b, llama-3b, llama-7b or a JSON file"
+        "llama-125m, llama-350m, llama-1.3b, llama-3b, llama-7b, tiny-moe, mixtral-8x7b or a JSON file"
     ]
     help_text = subprocess.run(
         ["python", "launch/pretrain.py", "--help"],
