@@ -235,6 +235,8 @@ CASES = [
     pretrain_flag("--warmup-steps", "-3", ("--warmup-steps -3", "0 or more")),
     pretrain_flag("--beta2", "1", ("--beta2 1.0", "[0, 1)")),
     pretrain_flag("--weight-decay", "-0.1", ("--weight-decay -0.1", "0 or more")),
+    pretrain_flag("--expert-parallel", "2", ("--expert-parallel 2", "no experts to split", "--model.moe_experts")),
+    pretrain_flag("--model.moe_experts", "1", ("model.moe_experts = 1", "at least 2 experts")),
     # -- the dataset --------------------------------------------------------------------------------------------
     Case(
         "token-id-past-vocab",
