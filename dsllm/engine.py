@@ -255,11 +255,12 @@ class Engine:
             loss = engine.train_batch(iter(()))
         return loss.to(self.device), engine.was_step_applied()
 
-    def score(self, inputs: torch.Tensor, targets: torch.Tensor):
-        """(logits, mean loss) of a batch for scoring (`dsllm.scoring.evaluate`). A pipeline gives (logits, None)
-        on its last stage and (None, None) on the others: its eval schedule runs the batch through every stage."""
+    def score(self, inputs: torch.Tensor, targets: torch.Tensor, **forward):
+        """(logits, mean loss) of a batch for scoring (`dsllm.scoring.evaluate`); `forward`: GPT.forward's
+        positions and mask (document masking). A pipeline gives (logits, None) on its last stage and (None, None)
+        on the others: its eval schedule runs the batch through every stage."""
         if not self.pipeline:
-            return self.ds(inputs, targets)
+            return self.ds(inputs, targets, **forward)
         engine = self.ds
         engine.reset_activation_shape()  # a scoring batch may be shorter than a training micro batch
         self._shape_changed = True
@@ -399,6 +400,19 @@ def engine_options(config) -> dict[str, Any]:
         "schedule": cosine_schedule(config.warmup, config.max_steps, config.min_lr_ratio),
         "compile": config.compile,
     }
+
+
+def document_window_loss(eot: int) -> LossOf:
+    """`window_loss` with attention kept inside each document of a window (`--document-mask`): positions and a
+    block-diagonal causal mask from the <|endoftext|> (`eot`) that starts every document."""
+    from dsllm.data.documents import document_layout
+
+    def loss(module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+        batch = batch.to(device, non_blocking=True)
+        inputs = batch[:, :-1]
+        return module(inputs, batch[:, 1:], **document_layout(inputs, eot))[1]
+
+    return loss
 
 
 def window_loss(module, batch: torch.Tensor, device: torch.device) -> torch.Tensor:

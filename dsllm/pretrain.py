@@ -123,6 +123,11 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
             "gradients, which DeepSpeed's pipeline engine accumulates whole across micro batches; use "
             "ds_configs/zero1.json (or zero0.json) with pipeline stages"
         )
+    if stages > 1 and getattr(config, "document_mask", False):
+        raise UserError(
+            f"--document-mask with --pipeline-parallel {stages}: not supported yet (the stages pass each other the "
+            "hidden states only, not the mask); drop one of them"
+        )
     seq_len = config.seq_len or model.max_seq_len
     model.check_seq_len(seq_len)
     partition = getattr(config, "pipeline_partition", "blocks")
@@ -275,7 +280,15 @@ class WindowValidator:
         self.plan, self.engine, self.device, self.log, self.data = plan, engine, device, log, data
         self.windows = TokenWindows(plan.val, plan.spec.seq_len)
         self.indices = eval_indices(self.windows, plan.config.eval_windows)
-        self.byte_lengths = token_byte_lengths(load_tokenizer(plan.data_dir / TOKENIZER_FILE))
+        tokenizer = load_tokenizer(plan.data_dir / TOKENIZER_FILE)
+        self.byte_lengths = token_byte_lengths(tokenizer)
+        self.score = engine.score
+        if plan.config.document_mask:  # scored as trained: attention inside each document
+            from dsllm.data.documents import document_layout
+            from dsllm.tokenizer import eot_id
+
+            eot = eot_id(tokenizer)
+            self.score = lambda inputs, targets: engine.score(inputs, targets, **document_layout(inputs, eot))
 
     def should_validate(self, step: int, last_step: bool) -> bool:
         return step % self.plan.config.eval_interval == 0 or last_step
@@ -287,7 +300,7 @@ class WindowValidator:
         # the routing of this rank's last training micro batch (a Mixture-of-Experts model), before evaluation's own
         routing = getattr(self.engine.ds.module, "moe_stats", lambda: None)()
         result = evaluate(
-            self.engine.score,
+            self.score,
             self.windows,
             self.indices,
             spec.batch.micro,
@@ -352,7 +365,14 @@ def run(plan: Pretraining) -> dict:
     """Train the checked run to the end; returns {"step", "val_loss", ...} of the final evaluation."""
     import torch.distributed as dist
 
-    from dsllm.engine import build_engine, engine_options, init_distributed, new_model, window_loss
+    from dsllm.engine import (
+        build_engine,
+        document_window_loss,
+        engine_options,
+        init_distributed,
+        new_model,
+        window_loss,
+    )
     from dsllm.loop import loop_settings, step_log_for, train_loop
     from dsllm.metrics import MetricsLog
     from dsllm.model_dir import WEIGHTS_FILE
@@ -370,9 +390,12 @@ def run(plan: Pretraining) -> dict:
 
     torch.manual_seed(config.seed)
     model = new_model(spec)
-    engine = build_engine(
-        spec, model, device, window_loss, **engine_options(config), load_universal=checkpointer.universal
-    )
+    loss_of = window_loss
+    if config.document_mask:  # (its validation too: WindowValidator)
+        from dsllm.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer
+
+        loss_of = document_window_loss(eot_id(load_tokenizer(plan.data_dir / TOKENIZER_FILE)))
+    engine = build_engine(spec, model, device, loss_of, **engine_options(config), load_universal=checkpointer.universal)
     loader = make_loader(plan, device)
     step, counters = 0, {"nonfinite_in_a_row": 0, "skipped_steps": 0}
     if checkpointer.resume_from is not None:

@@ -15,6 +15,7 @@ import random
 
 import torch
 
+from dsllm.data.documents import segment_mask
 from dsllm.errors import UserError
 from dsllm.jsonl import read_jsonl
 from dsllm.tokenizer import encode_as_text
@@ -107,16 +108,11 @@ class Packed:
         return digest.hexdigest()
 
     def batch(self, rows: list[int]) -> dict:
-        seg = self.segments[rows]
-        T = seg.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        mask = (seg[:, :, None] == seg[:, None, :]) & causal & (seg[:, None, :] >= 0)
-        mask |= torch.eye(T, dtype=torch.bool)  # a padding position sees itself: no empty softmax row
         return {
             "idx": self.idx[rows],
             "targets": self.targets[rows],
             "positions": self.positions[rows],
-            "mask": mask[:, None],
+            "mask": segment_mask(self.segments[rows]),
         }
 
 

@@ -161,6 +161,9 @@ class TrainConfig(RunConfig):
     tensor_parallel: int = 1
     """tensor-parallel ranks (DeepSpeed's AutoTP): each block's attention heads, MLP width and the vocabulary are
     split over this many consecutive ranks (keep them inside a node); the ranks / this are data-parallel replicas"""
+    document_mask: bool = False
+    """attention stays inside each document of a window (block-diagonal causal mask from the <|endoftext|> that
+    starts every document; positions restart there), in training and in its validation"""
     expert_parallel: int = 1
     """expert-parallel ranks (DeepSpeed's MoE ep_size): each sparse block's experts are split over this many
     consecutive data-parallel ranks, which send each other their tokens (all-to-all); divides --model.moe_experts"""
