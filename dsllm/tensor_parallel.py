@@ -124,6 +124,7 @@ def split_on_meta(
         tp_grain_size=tp.tensor_parallel.tp_grain_size,
         training_mode=True,
     )
+    # (in training mode AutoTP takes the group from DeepSpeed's `groups`, where the callers have put this one)
     autotp.set_tensor_parallel_config(split.section["autotp_size"], split.group)
     autotp.update_linear_policies()
     autotp._replace_module(module)
