@@ -232,22 +232,24 @@ def _gpt2(d_model: int, n_layers: int, n_heads: int) -> dict:
     return dict(vocab_size=50257, max_seq_len=1024, n_layers=n_layers, d_model=d_model, n_heads=n_heads)
 
 
+# CPU demo: llama-style, ~5M parameters at an 8k vocabulary
+_TINY = dict(
+    vocab_size=8192,
+    max_seq_len=256,
+    n_layers=4,
+    d_model=256,
+    n_heads=4,
+    n_kv_heads=2,
+    positions="rope",
+    norm="rmsnorm",
+    mlp="swiglu",
+    mlp_multiple_of=64,
+    bias=False,
+    tie_embeddings=True,
+)
+
 PRESETS: dict[str, dict] = {
-    # CPU demo: llama-style, ~5M parameters at an 8k vocabulary
-    "tiny": dict(
-        vocab_size=8192,
-        max_seq_len=256,
-        n_layers=4,
-        d_model=256,
-        n_heads=4,
-        n_kv_heads=2,
-        positions="rope",
-        norm="rmsnorm",
-        mlp="swiglu",
-        mlp_multiple_of=64,
-        bias=False,
-        tie_embeddings=True,
-    ),
+    "tiny": _TINY,
     # GPT-2 (learned positions, LayerNorm, GELU, biases, tied): 124M / 355M / 774M / 1.56B parameters
     "gpt2-124m": _gpt2(768, 12, 12),
     "gpt2-350m": _gpt2(1024, 24, 16),
@@ -261,22 +263,7 @@ PRESETS: dict[str, dict] = {
     "llama-7b": _llama(4096, 32, 32, 8, max_seq_len=4096, mlp_hidden=14336),  # Mistral-7B shape
     # Mixture-of-Experts (DeepSpeed's MoE layer, top-2 as Mixtral): the CPU demo with 4 experts per block, and
     # Mixtral-8x7B's shape (46.7B parameters, 12.9B active per token)
-    "tiny-moe": dict(
-        vocab_size=8192,
-        max_seq_len=256,
-        n_layers=4,
-        d_model=256,
-        n_heads=4,
-        n_kv_heads=2,
-        positions="rope",
-        norm="rmsnorm",
-        mlp="swiglu",
-        mlp_multiple_of=64,
-        bias=False,
-        tie_embeddings=True,
-        moe_experts=4,
-        moe_top_k=2,
-    ),
+    "tiny-moe": {**_TINY, "moe_experts": 4, "moe_top_k": 2},
     "mixtral-8x7b": {
         **_llama(4096, 32, 32, 8, max_seq_len=32768, mlp_hidden=14336),
         "rope_theta": 1e6,

@@ -118,6 +118,17 @@ def run_until_killed(cmd, out, kill_after_step, **popen):
     return proc
 
 
+def killed_then_resumed(data, out, *args, ranks=1, ds="zero2.json") -> subprocess.CompletedProcess:
+    """A pretraining run killed (-9) after step 9, then started again with --resume auto (the default); checks the
+    run was killed before its end and says it resumed from a checkpoint before the kill (saves every 4 steps: step 8,
+    or 12 when the kill came late). Returns the resumed run's process."""
+    proc = run_until_killed(command(data, out, *args, ranks=ranks, ds=ds), out, kill_after_step=9)
+    assert proc.returncode != 0, "the run finished before it could be killed"
+    resumed = pretrain(data, out, *args, ranks=ranks, ds=ds)
+    assert "resumed from" in resumed.stdout and ("at step 8 " in resumed.stdout or "at step 12 " in resumed.stdout)
+    return resumed
+
+
 def rank_process(proc: subprocess.Popen, local_rank: int):
     """The rank among the descendants of a process this test started (never a process found by name)."""
     import psutil

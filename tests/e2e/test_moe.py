@@ -7,7 +7,7 @@ evaluation logs the routing (load-balancing loss, token shares, dropped tokens).
 import json
 
 import pytest
-from runs import command, dsllm, exported_logit_diff, pretrain, run_until_killed, train_records
+from runs import dsllm, exported_logit_diff, killed_then_resumed, pretrain, train_records
 from test_pipeline import val_losses
 
 STEPS = 20
@@ -62,11 +62,7 @@ def test_experts_split_over_two_ranks_train_as_replicated_ones(dataset_dir, repl
 @pytest.mark.multirank
 def test_kill_9_then_resume_continues_exactly(dataset_dir, split, tmp_path):
     out = tmp_path / "killed"
-    cmd = command(dataset_dir, out, *RUN, "--expert-parallel", 2, ranks=2, ds="zero1.json")
-    proc = run_until_killed(cmd, out, kill_after_step=9)
-    assert proc.returncode != 0, "the run finished before it could be killed"
-    resumed = pretrain(dataset_dir, out, *RUN, "--expert-parallel", 2, ranks=2, ds="zero1.json")
-    assert "resumed from" in resumed.stdout and ("at step 8 " in resumed.stdout or "at step 12 " in resumed.stdout)
+    killed_then_resumed(dataset_dir, out, *RUN, "--expert-parallel", 2, ranks=2, ds="zero1.json")
     uninterrupted, records = train_records(split[0]), train_records(out)
     assert sorted(records) == list(range(1, STEPS + 1))
     assert all(records[s]["loss"] == uninterrupted[s]["loss"] for s in records)  # bit for bit

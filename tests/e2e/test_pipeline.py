@@ -7,7 +7,7 @@ run did and `dsllm export` turns into a Hugging Face model; kill -9 and --resume
 import json
 
 import pytest
-from runs import command, dsllm, exported_logit_diff, pretrain, run_until_killed, train_records
+from runs import dsllm, exported_logit_diff, killed_then_resumed, pretrain, train_records
 
 STEPS = 16
 # 2 micro batches of 4 per step: the 1F1B schedule has a micro batch in flight on each stage
@@ -79,11 +79,7 @@ def test_activation_checkpointing_per_stage_keeps_the_curve(dataset_dir, single,
 @pytest.mark.slow
 def test_kill_9_then_resume_continues_the_pipeline_run_exactly(dataset_dir, single, tmp_path):
     out = tmp_path / "killed"
-    cmd = command(dataset_dir, out, *RUN, "--pipeline-parallel", 2, ranks=2, ds="zero1.json")
-    proc = run_until_killed(cmd, out, kill_after_step=9)
-    assert proc.returncode != 0, "the run finished before it could be killed"
-    resumed = pretrain(dataset_dir, out, *RUN, "--pipeline-parallel", 2, ranks=2, ds="zero1.json")
-    assert "resumed from" in resumed.stdout and ("at step 8 " in resumed.stdout or "at step 12 " in resumed.stdout)
+    killed_then_resumed(dataset_dir, out, *RUN, "--pipeline-parallel", 2, ranks=2, ds="zero1.json")
     reference, records = train_records(single["true"]), train_records(out)
     for step in range(1, STEPS + 1):
         assert records[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-5), step

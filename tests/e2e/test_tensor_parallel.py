@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from runs import command, dsllm, exported_logit_diff, pretrain, run_until_killed, train_records
+from runs import dsllm, exported_logit_diff, killed_then_resumed, pretrain, train_records
 from test_pipeline import val_losses
 
 from dsllm.safe_load import weights_only_loads
@@ -86,11 +86,7 @@ def test_two_tensor_ranks_reproduce_the_single_rank_run(dataset_dir, single, ten
 @pytest.mark.slow
 def test_kill_9_then_resume_continues_exactly_and_on_one_rank_too(dataset_dir, single, tensor, tmp_path):
     out = tmp_path / "killed"
-    cmd = command(dataset_dir, out, *RUN, "--tensor-parallel", 2, ranks=2, ds="zero1.json")
-    proc = run_until_killed(cmd, out, kill_after_step=9)
-    assert proc.returncode != 0, "the run finished before it could be killed"
-    resumed = pretrain(dataset_dir, out, *RUN, "--tensor-parallel", 2, ranks=2, ds="zero1.json")
-    assert "resumed from" in resumed.stdout and ("at step 8 " in resumed.stdout or "at step 12 " in resumed.stdout)
+    killed_then_resumed(dataset_dir, out, *RUN, "--tensor-parallel", 2, ranks=2, ds="zero1.json")
     same_curve(out, single["tied"])
     uninterrupted, records = train_records(tensor["tied"][0]), train_records(out)
     assert all(records[s]["loss"] == uninterrupted[s]["loss"] for s in records)  # bit for bit
