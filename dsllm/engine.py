@@ -10,8 +10,9 @@ Parallel layouts plug in here: data parallel (ZeRO 0-3), and pipelines (`--pipel
 `train_batch(data_iter)` runs the micro batches through the stages (1F1B); `Engine.train_batch` has the same
 shape for that reason. Tensor parallelism is DeepSpeed's AutoTP, driven by the JSON's `tensor_parallel` section
 (`dsllm.tensor_parallel`): `build_engine` passes AutoTP's data x tensor mesh as the mpu (`tensor_mesh`), or in 3D
-hands AutoTP the pipeline grid's groups (`_fit_3d`). Sequence and expert parallelism will hand DeepSpeed their
-process groups through the `mpu` argument of `build_engine` the same way.
+hands AutoTP the pipeline grid's groups (`_fit_3d`). Sequence parallelism (DeepSpeed-Ulysses, `dsllm.sequence_parallel`)
+hands DeepSpeed its sequence x data groups as the mpu the same way (`parallel_groups`); expert parallelism is
+DeepSpeed's MoE layer, which makes its groups itself.
 """
 
 from __future__ import annotations
@@ -116,12 +117,27 @@ def new_model(spec: RunSpec) -> torch.nn.Module:
 
         split = TensorSplit(spec.ds["tensor_parallel"], tensor_mesh(spec).get_tensor_model_parallel_group())
         return sharded_gpt(spec.model, init_seed(), split)
+    sequence = None
+    if spec.sequence_parallel > 1:
+        from dsllm.sequence_parallel import SequenceSplit
+
+        sequence = SequenceSplit.of(spec.sequence_parallel)
     if spec.zero_stage != 3:  # (sparse blocks: only on ZeRO-0/1/2)
-        return GPT(spec.model, expert_parallel=spec.expert_parallel, expert_rank=spec.expert_rank)
+        return GPT(spec.model, expert_parallel=spec.expert_parallel, expert_rank=spec.expert_rank, sequence=sequence)
     import deepspeed
 
-    with deepspeed.zero.Init(config_dict_or_path=spec.deepspeed_config(), mpu=tensor_mesh(spec)):
-        return GPT(spec.model)
+    with deepspeed.zero.Init(config_dict_or_path=spec.deepspeed_config(), mpu=parallel_groups(spec)):
+        return GPT(spec.model, sequence=sequence)
+
+
+def parallel_groups(spec: RunSpec):
+    """The mpu DeepSpeed gets for the layout (its groups beyond data parallelism): AutoTP's data x tensor mesh, the
+    sequence x data groups of DeepSpeed-Ulysses, or None. (A pipeline's grid comes with its PipelineModule.)"""
+    if spec.sequence_parallel > 1:
+        from dsllm.sequence_parallel import sequence_mesh
+
+        return sequence_mesh(spec.sequence_parallel)
+    return tensor_mesh(spec)
 
 
 def tensor_mesh(spec: RunSpec):
@@ -198,6 +214,11 @@ class Engine:
         self.pipeline = spec.pipeline_stages > 1
         self._shape_changed = False  # a pipeline scored batches of another shape since the last training batch
         self._check_finite_first = spec.zero_stage == 0 and spec.precision == "fp32" and not self.pipeline
+        self.sequence = None  # sequence parallelism: each rank scores its piece of the windows
+        if spec.sequence_parallel > 1:
+            from dsllm.sequence_parallel import SequenceSplit
+
+            self.sequence = SequenceSplit.of(spec.sequence_parallel)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -258,7 +279,10 @@ class Engine:
     def score(self, inputs: torch.Tensor, targets: torch.Tensor, **forward):
         """(logits, mean loss) of a batch for scoring (`dsllm.scoring.evaluate`); `forward`: GPT.forward's
         positions and mask (document masking). A pipeline gives (logits, None) on its last stage and (None, None)
-        on the others: its eval schedule runs the batch through every stage."""
+        on the others: its eval schedule runs the batch through every stage. Sequence parallelism: (None, mean
+        loss), each rank scoring its piece of the windows."""
+        if self.sequence is not None:
+            return self.sequence.score(self.ds, inputs, targets)
         if not self.pipeline:
             return self.ds(inputs, targets, **forward)
         engine = self.ds
@@ -300,7 +324,6 @@ def build_engine(
     schedule: Callable[[int], float],
     compile: bool = False,
     load_universal: bool = False,
-    mpu=None,
 ) -> Engine:
     """DeepSpeed's engine around `model`. The optimizer and scheduler are the JSON's when it names them,
     else torch's AdamW (decay on matrices only) and `schedule` (a factor of `lr` per step)."""
@@ -314,6 +337,7 @@ def build_engine(
     if "scheduler" not in ds:
         lr_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)  # noqa: E731
     ops.announce_builds(_main_only(spec.world), ops.ops_for_config(ds))
+    mpu = None
     if spec.tensor_parallel > 1 and spec.pipeline_stages > 1:
         # 3D: the pipeline's pipe x data x model grid holds the groups; AutoTP reads DeepSpeed's `groups`, which
         # would otherwise build a data x tensor mesh over the whole world (mixing the stages): hand it the grid's
@@ -323,8 +347,8 @@ def build_engine(
         ds_groups._TENSOR_MODEL_PARALLEL_GROUP = grid.get_slice_parallel_group()
         ds_groups._DATA_PARALLEL_GROUP = grid.get_data_parallel_group()
         ds_groups._MODEL_PARALLEL_GROUP = grid.get_model_parallel_group()  # stages x tensor ranks: the norm's
-    elif spec.tensor_parallel > 1 and mpu is None:
-        mpu = tensor_mesh(spec)
+    else:
+        mpu = parallel_groups(spec)
     ds_logger = logging.getLogger("DeepSpeed")
     level = ds_logger.level
     ds_logger.setLevel(logging.ERROR)  # its scheduler warns about reading the lr before step 1

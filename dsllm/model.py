@@ -71,8 +71,20 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def _attend(q, k, v, mask=None, dropout: float = 0.0, layout: str = "bhtd"):
+    """Causal (or `mask`ed) attention over [B, H, T, D] (layout "bhtd") or [B, T, H, D] ("bthd": DeepSpeed-Ulysses'
+    layout, the whole sequence and a share of the heads), with grouped-query heads."""
+    if layout == "bthd":
+        return _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, dropout).transpose(1, 2)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, sequence=None):
+        """`sequence`: a `dsllm.sequence_parallel.SequenceSplit` when this rank holds a piece of each window
+        (DeepSpeed-Ulysses: the heads are exchanged for the sequence around attention)."""
         super().__init__()
         # no head counts kept: a tensor-parallel rank holds a share of the heads, read off its projection's width
         # (DeepSpeed's AutoTP divides module attributes named like head counts, and not all of them)
@@ -82,6 +94,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.ulysses = None
+        if sequence is not None:
+            from deepspeed.sequence.layer import DistributedAttention
+
+            # [B, T/N, H, D] -> all-to-all -> [B, T, H/N, D], attention, and back (scatter heads, gather sequence)
+            self.ulysses = DistributedAttention(_attend, sequence.group, scatter_idx=2, gather_idx=1)
 
     def forward(self, x, rotary=None, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
@@ -96,16 +114,12 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         if cache is not None:
             k, v = cache.update(k, v)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=kv_heads != heads,
-        )
-        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, -1)))
+        dropout = self.dropout if self.training else 0.0
+        if self.ulysses is not None:
+            y = self.ulysses(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0, None, mask, dropout, "bthd")
+        else:
+            y = _attend(q, k, v, mask, dropout).transpose(1, 2)
+        return self.resid_dropout(self.proj(y.reshape(B, T, -1)))
 
 
 class MLP(nn.Module):
@@ -151,9 +165,9 @@ def moe_mlp(config: ModelConfig, expert_parallel: int = 1) -> nn.Module:
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, index: int = 0, expert_parallel: int = 1):
+    def __init__(self, config: ModelConfig, index: int = 0, expert_parallel: int = 1, sequence=None):
         super().__init__()
-        self.norm1, self.attn = make_norm(config), Attention(config)
+        self.norm1, self.attn = make_norm(config), Attention(config, sequence)
         self.norm2 = make_norm(config)
         self.mlp = moe_mlp(config, expert_parallel) if config.is_sparse(index) else MLP(config)
 
@@ -222,10 +236,19 @@ def init_weights(module: nn.Module, config: ModelConfig, seed: int, prefix: str 
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig, seed: int | None = None, expert_parallel: int = 1, expert_rank: int = 0):
+    def __init__(
+        self,
+        config: ModelConfig,
+        seed: int | None = None,
+        expert_parallel: int = 1,
+        expert_rank: int = 0,
+        sequence=None,
+    ):
         """`seed` the weights' (`initial_value`); by default drawn from torch's global generator. With sparse
         blocks split over `expert_parallel` ranks, this rank (`expert_rank` among them) holds experts
-        expert_rank x experts / expert_parallel on."""
+        expert_rank x experts / expert_parallel on. `sequence` (a `dsllm.sequence_parallel.SequenceSplit`): this
+        rank sees a piece of each window, its attention exchanging heads for sequence with the others'; such a
+        model's forward needs the piece's `positions`."""
         super().__init__()
         config.validate()
         self.config = config
@@ -235,7 +258,7 @@ class GPT(nn.Module):
             nn.Embedding(config.max_seq_len, config.d_model) if config.positions == "learned" else None
         )
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, i, expert_parallel) for i in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, i, expert_parallel, sequence) for i in range(config.n_layers))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:

@@ -21,6 +21,7 @@ from dsllm.ds_config import load_ds_config, resolve_ds_config
 from dsllm.errors import ArgumentParser, UserError
 from dsllm.model_config import ConfigError, ModelConfig, resolve_model_config
 from dsllm.run_spec import RunSpec, World
+from dsllm.sequence_parallel import check_sequence_parallel
 from dsllm.tensor_parallel import autotp_section, check_tensor_parallel
 from dsllm.train_config import RunConfig, TrainConfig
 
@@ -105,16 +106,34 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
             f'{config.ds_config}: has a "tensor_parallel" section; remove it and use --tensor-parallel N (dsllm '
             "gives DeepSpeed's AutoTP the layer specs of its GPT)"
         )
+    if "sequence_parallel_size" in raw:
+        raise UserError(
+            f'{config.ds_config}: has "sequence_parallel_size"; remove it and use --sequence-parallel N (dsllm hands '
+            "DeepSpeed its sequence groups)"
+        )
+    sequence = getattr(config, "sequence_parallel", 1)
+    seq_len = config.seq_len or model.max_seq_len
     ds, batch, precision, stage = resolve_ds_config(
         raw,
         config,
-        world.size // (stages * tensor),  # the data-parallel size: the batch arithmetic counts replicas only
+        world.size // (stages * tensor * sequence),  # the data-parallel size: the batch arithmetic counts replicas
         config.ds_config,
         supports_bf16,
         on_gpu,
         hidden_size=model.d_model,
     )
     check_tensor_parallel(model, world.size, tensor, stages, config.compile, stage)
+    check_sequence_parallel(
+        model,
+        world.size,
+        sequence,
+        seq_len,
+        stages=stages,
+        tensor=tensor,
+        zero_stage=stage,
+        document_mask=getattr(config, "document_mask", False),
+        compile_=config.compile,
+    )
     experts = getattr(config, "expert_parallel", 1)
     _check_experts(model, stages, tensor, experts, world.size // (stages * tensor), stage, config.ds_config)
     if stages > 1 and stage >= 2:
@@ -128,12 +147,11 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
             f"--document-mask with --pipeline-parallel {stages}: not supported yet (the stages pass each other the "
             "hidden states only, not the mask); drop one of them"
         )
-    seq_len = config.seq_len or model.max_seq_len
     model.check_seq_len(seq_len)
     partition = getattr(config, "pipeline_partition", "blocks")
     if tensor > 1:
         ds["tensor_parallel"] = autotp_section(model, tensor, vocabulary_parallel=stages == 1)
-    return RunSpec(world, model, seq_len, batch, precision, stage, ds, stages, partition, tensor, experts)
+    return RunSpec(world, model, seq_len, batch, precision, stage, ds, stages, partition, tensor, experts, sequence)
 
 
 def model_for_data(config: TrainConfig, vocab_size: int) -> ModelConfig:
@@ -235,6 +253,7 @@ def write_run_files(plan: Pretraining) -> Path:
             "pipeline_stages": spec.pipeline_stages,
             "tensor_parallel": spec.tensor_parallel,
             "expert_parallel": spec.expert_parallel,
+            "sequence_parallel": spec.sequence_parallel,
             "data_parallel_size": spec.data_parallel_size,
         },
         "deepspeed": spec.ds,
@@ -259,10 +278,10 @@ def make_loader(plan: Pretraining, device):
 
     spec = plan.spec
     return ResumableLoader(
-        TokenWindows(plan.train, spec.seq_len),
+        TokenWindows(plan.train, spec.seq_len, piece=(spec.sequence_parallel_rank, spec.sequence_parallel)),
         spec.batch.micro,
         plan.config.seed,
-        spec.data_parallel_rank,  # a pipeline's stages read the same samples
+        spec.data_parallel_rank,  # a pipeline's stages (a sequence group's ranks) read the same samples (pieces)
         spec.data_parallel_size,
         num_workers=plan.config.loader_workers,
         pin_memory=device.type == "cuda",
@@ -308,7 +327,7 @@ class WindowValidator:
             self.byte_lengths,
             spec.data_parallel_rank,
             spec.data_parallel_size,
-            counted=spec.tensor_parallel_rank == 0,
+            counted=spec.tensor_parallel_rank == 0 and spec.sequence_parallel_rank == 0,
         )
         line = (
             f"eval step {step} | val loss {result['val_loss']:.4f} | ppl {result['perplexity']:.2f} | "
@@ -391,7 +410,11 @@ def run(plan: Pretraining) -> dict:
     torch.manual_seed(config.seed)
     model = new_model(spec)
     loss_of = window_loss
-    if config.document_mask:  # (its validation too: WindowValidator)
+    if spec.sequence_parallel > 1:  # (its validation: Engine.score)
+        from dsllm.sequence_parallel import SequenceSplit
+
+        loss_of = SequenceSplit.of(spec.sequence_parallel).window_loss
+    elif config.document_mask:  # (its validation too: WindowValidator)
         from dsllm.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer
 
         loss_of = document_window_loss(eot_id(load_tokenizer(plan.data_dir / TOKENIZER_FILE)))

@@ -33,6 +33,7 @@ class RunSpec:
     pipeline_partition: str = "blocks"  # how the layers split over the stages (dsllm.pipeline.PARTITIONS)
     tensor_parallel: int = 1  # DeepSpeed AutoTP ranks per layer: consecutive ranks (a data x tensor mesh)
     expert_parallel: int = 1  # DeepSpeed MoE ep_size: consecutive data-parallel ranks split each sparse block's experts
+    sequence_parallel: int = 1  # DeepSpeed-Ulysses: consecutive ranks each hold a piece of every window
 
     @property
     def tokens_per_step(self) -> int:
@@ -40,14 +41,20 @@ class RunSpec:
 
     @property
     def data_parallel_size(self) -> int:
-        return self.world.size // (self.pipeline_stages * self.tensor_parallel)
+        return self.world.size // (self.pipeline_stages * self.tensor_parallel * self.sequence_parallel)
 
     @property
     def data_parallel_rank(self) -> int:
         """This rank's data-parallel index. DeepSpeed's pipe x data x model grid (and AutoTP's data x tensor mesh)
-        numbers the tensor axis fastest, then the data axis: rank = (stage * D + replica) * T + tensor index.
-        Ranks that differ only in their stage or tensor index read the same samples."""
-        return (self.world.rank // self.tensor_parallel) % self.data_parallel_size
+        numbers the tensor axis fastest, then the data axis: rank = (stage * D + replica) * T + tensor index; its
+        sequence groups are consecutive ranks too: rank = replica * S + piece. Ranks that differ only in their
+        stage, tensor index or piece read the same samples."""
+        return (self.world.rank // (self.tensor_parallel * self.sequence_parallel)) % self.data_parallel_size
+
+    @property
+    def sequence_parallel_rank(self) -> int:
+        """Which piece of every window this rank holds (sequence parallelism)."""
+        return self.world.rank % self.sequence_parallel
 
     @property
     def tensor_parallel_rank(self) -> int:
@@ -63,18 +70,17 @@ class RunSpec:
         """The parallel layout as said at start-up: '' for data parallelism alone, else which ranks hold what."""
         data = self.data_parallel_size
         if self.tensor_parallel > 1:
-            size, count = self.tensor_parallel, data * self.pipeline_stages
-            groups = ", ".join(f"{g * size}-{g * size + size - 1}" for g in range(min(count, 4)))
-            more = ", ..." if count > 4 else ""
+            groups = _rank_groups(self.tensor_parallel, data * self.pipeline_stages)
             stages = f"{self.pipeline_stages} pipeline stages x " if self.pipeline_stages > 1 else ""
-            return f" ({stages}{size} tensor-parallel x {data} data-parallel; tensor groups: ranks {groups}{more})"
+            return f" ({stages}{self.tensor_parallel} tensor-parallel x {data} data-parallel; tensor groups: {groups})"
         if self.pipeline_stages > 1:
             return f" ({self.pipeline_stages} pipeline stages x {data} data-parallel)"
+        if self.sequence_parallel > 1:
+            groups = _rank_groups(self.sequence_parallel, data)
+            return f" ({self.sequence_parallel} sequence-parallel x {data} data-parallel; sequence groups: {groups})"
         if self.expert_parallel > 1:
-            size, count = self.expert_parallel, data // self.expert_parallel
-            groups = ", ".join(f"{g * size}-{g * size + size - 1}" for g in range(min(count, 4)))
-            more = ", ..." if count > 4 else ""
-            return f" ({data} data-parallel; experts split over ranks {groups}{more})"
+            groups = _rank_groups(self.expert_parallel, data // self.expert_parallel)
+            return f" ({data} data-parallel; experts split over {groups})"
         return ""
 
     def deepspeed_config(self, load_universal: bool = False) -> dict[str, Any]:
@@ -89,3 +95,9 @@ class RunSpec:
         else:
             ds.pop("checkpoint", None)
         return ds
+
+
+def _rank_groups(size: int, count: int) -> str:
+    """'ranks 0-1, 2-3, ...': the first of `count` groups of `size` consecutive ranks."""
+    groups = ", ".join(f"{g * size}-{g * size + size - 1}" for g in range(min(count, 4)))
+    return f"ranks {groups}" + (", ..." if count > 4 else "")

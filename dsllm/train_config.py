@@ -167,6 +167,9 @@ class TrainConfig(RunConfig):
     expert_parallel: int = 1
     """expert-parallel ranks (DeepSpeed's MoE ep_size): each sparse block's experts are split over this many
     consecutive data-parallel ranks, which send each other their tokens (all-to-all); divides --model.moe_experts"""
+    sequence_parallel: int = 1
+    """sequence-parallel ranks (DeepSpeed-Ulysses): each window is split along its length over this many consecutive
+    ranks, which exchange heads for sequence around attention (all-to-all); divides the heads and --seq-len"""
     pipeline_partition: str = "blocks"
     """how the layers split over the stages: blocks (as many transformer blocks each), uniform (as many layers each,
     the LM head counting as one: lighter last stage), or parameters"""
@@ -179,6 +182,7 @@ class TrainConfig(RunConfig):
         "pipeline_parallel": 1,
         "tensor_parallel": 1,
         "expert_parallel": 1,
+        "sequence_parallel": 1,
     }
 
     def check(self) -> None:

@@ -144,3 +144,17 @@ def dataset_dir(tmp_path_factory, corpus_jsonl, tokenizer_dir) -> Path:
         )
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def single(dataset_dir, tmp_path_factory) -> dict[str, Path]:
+    """The single-rank runs the parallel layouts (tensor, 3D, sequence) must reproduce: one rank, ZeRO-1, one run of
+    runs.LAYOUT_RUN per model of runs.LAYOUT_MODELS, made once per session."""
+    from runs import LAYOUT_MODELS, LAYOUT_RUN, pretrain
+
+    runs = {}
+    for name, model in LAYOUT_MODELS.items():
+        out = tmp_path_factory.mktemp("single") / "run"
+        pretrain(dataset_dir, out, *LAYOUT_RUN, *model, ds="zero1.json")
+        runs[name] = out
+    return runs

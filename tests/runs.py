@@ -32,6 +32,17 @@ SMALL_MODEL = [
     "32",
 ]
 VENV_BIN = Path(sys.executable).parent
+# the runs each parallel layout (tensor, 3D, sequence) must reproduce: the `single` fixture (tests/conftest.py)
+LAYOUT_STEPS = 20
+LAYOUT_RUN = ["--max-steps", LAYOUT_STEPS, "--micro-batch-size", 4, "--grad-accum", 2, "--precision", "fp32"]
+LAYOUT_RUN += ["--seq-len", 32, "--eval-interval", 10, "--save-interval", 4, "--sample-tokens", 8]
+LAYOUT_MODELS = {
+    "tied": [],
+    "llama": [
+        *("--model.tie_embeddings", "false", "--model.mlp", "swiglu", "--model.positions", "rope"),
+        *("--model.norm", "rmsnorm", "--model.bias", "false"),
+    ],
+}
 
 
 def free_port() -> int:
@@ -82,6 +93,17 @@ def pretrain(data, out, *args, ranks=1, ds="zero2.json", expect=0):
     if expect is not None:
         assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def same_curve(out, reference, first=1):
+    """A layout run's loss and learning rate at every step are the reference's (LAYOUT_RUN), loss to 1e-5."""
+    import pytest
+
+    ours, theirs = train_records(out), train_records(reference)
+    assert sorted(ours) == list(range(1, LAYOUT_STEPS + 1))
+    for step in range(first, LAYOUT_STEPS + 1):
+        assert ours[step]["loss"] == pytest.approx(theirs[step]["loss"], rel=1e-5), step
+        assert ours[step]["lr"] == pytest.approx(theirs[step]["lr"], rel=1e-9)
 
 
 def train_records(out):

@@ -160,6 +160,14 @@ class Checkpointer:
                 "universal checkpoint converts only between stages 1-3: resume with ZeRO-"
                 f"{saved_stage} (--ds_config ds_configs/zero{saved_stage}.json)"
             )
+        if 1 < max(marker.sequence_parallel, spec.sequence_parallel):
+            raise UserError(
+                f"{checkpoint}: saved by {saved_world} rank(s) with ZeRO-{saved_stage} and --sequence-parallel "
+                f"{marker.sequence_parallel}; with sequence parallelism a checkpoint resumes on the same number of "
+                "ranks and ZeRO stage only (DeepSpeed 0.19.8 records its sequence groups as tensor parallelism, which "
+                "its universal conversion then fails on); or start a new run from its weights with --init and a new "
+                "--out"
+            )
         if saved_stage == 3 and stage != 3:
             raise UserError(
                 f"{checkpoint}: a ZeRO-3 checkpoint cannot be resumed on ZeRO-{stage}: DeepSpeed 0.19.8's universal "
@@ -263,6 +271,7 @@ class Checkpointer:
                 pipeline_stages=spec.pipeline_stages,
                 tensor_parallel=spec.tensor_parallel,
                 expert_parallel=spec.expert_parallel,
+                sequence_parallel=spec.sequence_parallel,
             )
             commit(staging, marker)
             prune(self.checkpoints, self.keep)

@@ -58,6 +58,7 @@ class Marker:
     pipeline_stages: int = 1  # DeepSpeed pipeline stages: the weights are in per-layer files (layer_NN-*)
     tensor_parallel: int = 1  # AutoTP ranks: each holds a shard of the weights (mp_rank_NN files)
     expert_parallel: int = 1  # MoE ep_size: each rank saved its experts (layer_L_expert_E_* files, E global)
+    sequence_parallel: int = 1  # DeepSpeed-Ulysses sequence groups (the files are those of as many plain ranks)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

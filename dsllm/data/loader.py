@@ -15,13 +15,19 @@ from dsllm.data.sampler import WindowOrder, WindowSampler
 
 class TokenWindows(Dataset):
     """Window i is tokens[i*seq_len : i*seq_len + seq_len + 1] (inputs and shifted targets), read from
-    the memory map without loading the file; windows do not overlap and the last partial one is dropped."""
+    the memory map without loading the file; windows do not overlap and the last partial one is dropped.
+    `piece` (p, n): only the p-th of n equal pieces of each window is read, with the token after it (sequence
+    parallelism: the rank holding piece p of every window)."""
 
-    def __init__(self, data: str | os.PathLike | TokenFile, seq_len: int):
+    def __init__(self, data: str | os.PathLike | TokenFile, seq_len: int, piece: tuple[int, int] = (0, 1)):
         self.file = data if isinstance(data, TokenFile) else TokenFile(data)
         if seq_len < 1:
             raise ValueError("seq_len must be positive")
+        if seq_len % piece[1] or not 0 <= piece[0] < piece[1]:
+            raise ValueError(f"piece {piece[0]} of {piece[1]}: not an equal piece of a {seq_len}-token window")
         self.seq_len = seq_len
+        self.piece_length = seq_len // piece[1]
+        self.piece_start = piece[0] * self.piece_length
 
     def __len__(self) -> int:
         return max(0, (self.file.num_tokens - 1) // self.seq_len)
@@ -29,8 +35,8 @@ class TokenWindows(Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         if not 0 <= index < len(self):
             raise IndexError(f"window {index} outside 0..{len(self) - 1}")
-        start = index * self.seq_len
-        window = self.file.tokens[start : start + self.seq_len + 1]
+        start = index * self.seq_len + self.piece_start
+        window = self.file.tokens[start : start + self.piece_length + 1]
         return torch.from_numpy(window.astype(np.int64))
 
     def order(self, seed: int) -> WindowOrder:

@@ -9,55 +9,35 @@ import json
 
 import pytest
 import torch
-from runs import dsllm, exported_logit_diff, killed_then_resumed, pretrain, train_records
+from runs import (
+    LAYOUT_MODELS,
+    LAYOUT_RUN,
+    LAYOUT_STEPS,
+    dsllm,
+    exported_logit_diff,
+    killed_then_resumed,
+    pretrain,
+    same_curve,
+    train_records,
+)
 from test_pipeline import val_losses
 
 from dsllm.safe_load import weights_only_loads
-
-STEPS = 20
-ARGS = ["--max-steps", STEPS, "--micro-batch-size", 4, "--grad-accum", 2, "--precision", "fp32", "--seq-len", 32]
-RUN = [*ARGS, "--eval-interval", 10, "--save-interval", 4, "--sample-tokens", 8]
-MODELS = {
-    "tied": [],
-    "llama": [
-        *("--model.tie_embeddings", "false", "--model.mlp", "swiglu", "--model.positions", "rope"),
-        *("--model.norm", "rmsnorm", "--model.bias", "false"),
-    ],
-}
-
-
-@pytest.fixture(scope="module")
-def single(dataset_dir, tmp_path_factory):
-    """The references: one rank, ZeRO-1, one run per model."""
-    runs = {}
-    for name, model in MODELS.items():
-        out = tmp_path_factory.mktemp("single") / "run"
-        pretrain(dataset_dir, out, *RUN, *model, ds="zero1.json")
-        runs[name] = out
-    return runs
-
-
-def same_curve(out, reference, first=1):
-    ours, theirs = train_records(out), train_records(reference)
-    assert sorted(ours) == list(range(1, STEPS + 1))
-    for step in range(first, STEPS + 1):
-        assert ours[step]["loss"] == pytest.approx(theirs[step]["loss"], rel=1e-5), step
-        assert ours[step]["lr"] == pytest.approx(theirs[step]["lr"], rel=1e-9)
 
 
 @pytest.fixture(scope="module")
 def tensor(dataset_dir, tmp_path_factory):
     """The TP=2 runs (2 ranks, ZeRO-1), one per model: {name: (run folder, the trainer's stdout)}."""
     runs = {}
-    for name, model in MODELS.items():
+    for name, model in LAYOUT_MODELS.items():
         out = tmp_path_factory.mktemp("tp2") / "run"
-        proc = pretrain(dataset_dir, out, *RUN, *model, "--tensor-parallel", 2, ranks=2, ds="zero1.json")
+        proc = pretrain(dataset_dir, out, *LAYOUT_RUN, *model, "--tensor-parallel", 2, ranks=2, ds="zero1.json")
         runs[name] = out, proc.stdout
     return runs
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", LAYOUT_MODELS)
 def test_two_tensor_ranks_reproduce_the_single_rank_run(dataset_dir, single, tensor, tmp_path, model):
     out, stdout = tensor[model]
     assert "(2 tensor-parallel x 1 data-parallel; tensor groups: ranks 0-1), ZeRO-1, fp32" in stdout
@@ -86,16 +66,16 @@ def test_two_tensor_ranks_reproduce_the_single_rank_run(dataset_dir, single, ten
 @pytest.mark.slow
 def test_kill_9_then_resume_continues_exactly_and_on_one_rank_too(dataset_dir, single, tensor, tmp_path):
     out = tmp_path / "killed"
-    killed_then_resumed(dataset_dir, out, *RUN, "--tensor-parallel", 2, ranks=2, ds="zero1.json")
+    killed_then_resumed(dataset_dir, out, *LAYOUT_RUN, "--tensor-parallel", 2, ranks=2, ds="zero1.json")
     same_curve(out, single["tied"])
     uninterrupted, records = train_records(tensor["tied"][0]), train_records(out)
     assert all(records[s]["loss"] == uninterrupted[s]["loss"] for s in records)  # bit for bit
     # another layout: the TP=2 checkpoint of step 12 continues on one rank (universal checkpoint: shards merged)
     other = tmp_path / "one-rank"
-    moved = pretrain(dataset_dir, other, *RUN, "--resume", out / "checkpoints" / "step00000012", ds="zero1.json")
+    moved = pretrain(dataset_dir, other, *LAYOUT_RUN, "--resume", out / "checkpoints" / "step00000012", ds="zero1.json")
     assert "through a universal checkpoint" in moved.stdout and "at step 12 " in moved.stdout
     ours, theirs = train_records(other), train_records(single["tied"])
-    assert sorted(ours) == list(range(13, STEPS + 1))
+    assert sorted(ours) == list(range(13, LAYOUT_STEPS + 1))
     assert all(ours[s]["loss"] == pytest.approx(theirs[s]["loss"], rel=1e-5) for s in ours)
 
 
@@ -105,7 +85,9 @@ def test_two_tensor_ranks_by_two_replicas_reproduce_the_single_rank_run(dataset_
     """4 ranks: replica d holds ranks 2d and 2d+1 (AutoTP's mesh numbers the tensor axis fastest); each replica
     reads half of every micro batch. Micro 2 x 2 accumulation x 2 replicas is the reference's global batch of 8."""
     out = tmp_path / "run"
-    proc = pretrain(dataset_dir, out, *RUN, "--micro-batch-size", 2, "--tensor-parallel", 2, ranks=4, ds="zero1.json")
+    proc = pretrain(
+        dataset_dir, out, *LAYOUT_RUN, "--micro-batch-size", 2, "--tensor-parallel", 2, ranks=4, ds="zero1.json"
+    )
     assert "on 4 rank(s) (2 tensor-parallel x 2 data-parallel; tensor groups: ranks 0-1, 2-3)" in proc.stdout
     same_curve(out, single["tied"])
     assert val_losses(out)[20] == pytest.approx(val_losses(single["tied"])[20], rel=1e-5)
@@ -119,7 +101,9 @@ def test_3d_reproduces_the_single_rank_run_and_resumes_on_another_layout(dataset
     through the universal checkpoint from 4 stage x tensor shards, score as the run did; and the step-12 checkpoint
     continues on 2 ranks as 2 stages without tensor parallelism, on the same curve."""
     out = tmp_path / "run"
-    proc = pretrain(dataset_dir, out, *RUN, "--pipeline-parallel", 2, "--tensor-parallel", 2, ranks=4, ds="zero1.json")
+    proc = pretrain(
+        dataset_dir, out, *LAYOUT_RUN, "--pipeline-parallel", 2, "--tensor-parallel", 2, ranks=4, ds="zero1.json"
+    )
     assert "on 4 rank(s) (2 pipeline stages x 2 tensor-parallel x 1 data-parallel; tensor groups: ranks 0-1, 2-3)" in (
         proc.stdout
     )
@@ -135,10 +119,12 @@ def test_3d_reproduces_the_single_rank_run_and_resumes_on_another_layout(dataset
     assert json.loads(scored.stdout)["loss"] == pytest.approx(val_losses(out)[20], rel=1e-5)
     other = tmp_path / "pp2"
     step12 = out / "checkpoints" / "step00000012"
-    moved = pretrain(dataset_dir, other, *RUN, "--pipeline-parallel", 2, "--resume", step12, ranks=2, ds="zero1.json")
+    moved = pretrain(
+        dataset_dir, other, *LAYOUT_RUN, "--pipeline-parallel", 2, "--resume", step12, ranks=2, ds="zero1.json"
+    )
     assert "through a universal checkpoint" in moved.stdout and "at step 12 " in moved.stdout
     ours, theirs = train_records(other), train_records(single["tied"])
-    assert sorted(ours) == list(range(13, STEPS + 1))
+    assert sorted(ours) == list(range(13, LAYOUT_STEPS + 1))
     assert all(ours[s]["loss"] == pytest.approx(theirs[s]["loss"], rel=1e-5) for s in ours)
 
 
@@ -167,8 +153,19 @@ def test_3d_splits_an_untied_embedding_and_head_over_the_vocabulary(dataset_dir,
     vocabulary on each stage's tensor ranks (the head's logits gathered for the pipeline's loss), on the single-rank
     curve; the merged weights score as the run did."""
     out = tmp_path / "run"
-    model = MODELS["llama"]
-    pretrain(dataset_dir, out, *RUN, *model, "--pipeline-parallel", 2, "--tensor-parallel", 2, ranks=4, ds="zero1.json")
+    model = LAYOUT_MODELS["llama"]
+    pretrain(
+        dataset_dir,
+        out,
+        *LAYOUT_RUN,
+        *model,
+        "--pipeline-parallel",
+        2,
+        "--tensor-parallel",
+        2,
+        ranks=4,
+        ds="zero1.json",
+    )
     same_curve(out, single["llama"])
     assert val_losses(out)[20] == pytest.approx(val_losses(single["llama"])[20], rel=1e-5)
     assert stage_shards(out / "checkpoints" / "step00000020") == {"0": ["tok.weight"], "4": ["head.weight"]}

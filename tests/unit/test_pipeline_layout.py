@@ -30,9 +30,7 @@ def check(dataset_dir, tmp_path, ranks, ds="zero1.json", model=None, **options):
         data=str(dataset_dir),
         out=str(tmp_path / "run"),
         model_overrides={**SMALL, **(model or {})},
-        seq_len=32,
-        micro_batch_size=4,
-        **options,
+        **{"seq_len": 32, "micro_batch_size": 4, **options},
     )
     return preflight(config, World(rank=0, local_rank=0, size=ranks))
 
