@@ -29,6 +29,7 @@ from dsllm.run_control import (
     control_group,
     local_peer_pids,
 )
+from dsllm.seq_len_warmup import SeqLenWarmup
 
 
 class TrainingData(Protocol):
@@ -91,6 +92,7 @@ class StepLog:
         flops_per_token: float,
         peak_tflops: float | None,
         world_size: int,
+        seq_len_warmup: SeqLenWarmup | None = None,
     ):
         self.log, self.interval, self.max_steps = log, interval, max_steps
         self.tokens_per_step, self.flops, self.peak, self.world_size = (
@@ -99,6 +101,7 @@ class StepLog:
             peak_tflops,
             world_size,
         )
+        self.seq_len_warmup = seq_len_warmup
         self.loss = torch.zeros((), device=device)
         self.steps, self.first_step, self.start_step = 0, start_step, start_step
         self.window_start = self.run_start = time.perf_counter()
@@ -144,6 +147,10 @@ class StepLog:
             record["memory_gib"],
             eta,
         )
+        if self.seq_len_warmup is not None:  # the window length of the step just trained
+            record["seq_len"] = self.seq_len_warmup.length(step - 1)
+            if record["seq_len"] < self.seq_len_warmup.seq_len:
+                line += f" | seq_len {record['seq_len']}"
         self.log.write(record, line)
         self.loss.zero_()
         batches.seconds = 0.0
@@ -162,8 +169,11 @@ def loop_settings(config) -> LoopSettings:
     )
 
 
-def step_log_for(config, spec, log: MetricsLog, device: torch.device, start_step: int) -> StepLog:
-    """The step log of a run (a RunConfig and its RunSpec), counting throughput from `start_step`."""
+def step_log_for(
+    config, spec, log: MetricsLog, device: torch.device, start_step: int, seq_len_warmup: SeqLenWarmup | None = None
+) -> StepLog:
+    """The step log of a run (a RunConfig and its RunSpec), counting throughput from `start_step`; with a
+    sequence-length warmup, each record has its window length."""
     from dsllm.metrics import peak_tflops
     from dsllm.model import flops_per_token
 
@@ -177,6 +187,7 @@ def step_log_for(config, spec, log: MetricsLog, device: torch.device, start_step
         flops_per_token=flops_per_token(spec.model, spec.seq_len),
         peak_tflops=config.peak_tflops or peak_tflops(),
         world_size=spec.world.size,
+        seq_len_warmup=seq_len_warmup,
     )
 
 

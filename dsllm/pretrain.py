@@ -21,6 +21,7 @@ from dsllm.ds_config import load_ds_config, resolve_ds_config
 from dsllm.errors import ArgumentParser, UserError
 from dsllm.model_config import ConfigError, ModelConfig, resolve_model_config
 from dsllm.run_spec import RunSpec, World
+from dsllm.seq_len_warmup import seq_len_warmup
 from dsllm.sequence_parallel import check_sequence_parallel
 from dsllm.tensor_parallel import autotp_section, check_tensor_parallel
 from dsllm.train_config import RunConfig, TrainConfig
@@ -132,6 +133,7 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
         tensor=tensor,
         zero_stage=stage,
         document_mask=getattr(config, "document_mask", False),
+        seq_len_warmup=getattr(config, "seq_len_warmup", 0),
         compile_=config.compile,
     )
     experts = getattr(config, "expert_parallel", 1)
@@ -147,7 +149,14 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
             f"--document-mask with --pipeline-parallel {stages}: not supported yet (the stages pass each other the "
             "hidden states only, not the mask); drop one of them"
         )
+    warmup = getattr(config, "seq_len_warmup", 0)
+    if stages > 1 and warmup:
+        raise UserError(
+            f"--seq-len-warmup with --pipeline-parallel {stages}: not supported yet (DeepSpeed's pipeline engine "
+            "passes activations of one fixed shape between the stages); drop one of them"
+        )
     model.check_seq_len(seq_len)
+    seq_len_warmup(warmup, getattr(config, "seq_len_start", None), seq_len)  # refuses a start not --seq-len halved
     partition = getattr(config, "pipeline_partition", "blocks")
     if tensor > 1:
         ds["tensor_parallel"] = autotp_section(model, tensor, vocabulary_parallel=stages == 1)
@@ -418,6 +427,9 @@ def run(plan: Pretraining) -> dict:
         from dsllm.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer
 
         loss_of = document_window_loss(eot_id(load_tokenizer(plan.data_dir / TOKENIZER_FILE)))
+    warmup = seq_len_warmup(config.seq_len_warmup, config.seq_len_start, spec.seq_len)
+    if warmup is not None:  # (validation scores full windows)
+        loss_of = warmup.loss(loss_of)
     engine = build_engine(spec, model, device, loss_of, **engine_options(config), load_universal=checkpointer.universal)
     loader = make_loader(plan, device)
     step, counters = 0, {"nonfinite_in_a_row": 0, "skipped_steps": 0}
@@ -425,6 +437,8 @@ def run(plan: Pretraining) -> dict:
         state = checkpointer.load(engine)
         loader.load_state_dict(state["data"])  # refuses another dataset (fingerprint) loudly
         step, counters = state["step"], state["counters"]
+        if warmup is not None and engine.ds.global_steps != step:  # the window length is read from global_steps
+            raise RuntimeError(f"DeepSpeed restored global_steps {engine.ds.global_steps} at step {step}")
         how = ""
         if checkpointer.universal:
             how = " through a universal checkpoint (world size, ZeRO stage or parallel layout changed)"
@@ -440,7 +454,8 @@ def run(plan: Pretraining) -> dict:
         + spec.layout()
         + f", ZeRO-{spec.zero_stage}, "
         f"{spec.precision}, global batch {spec.batch.global_size} x {spec.seq_len} tokens, "
-        f"{config.max_steps} steps -> {config.out}",
+        + (f"windows from {warmup.start} tokens over {warmup.steps} steps, " if warmup is not None else "")
+        + f"{config.max_steps} steps -> {config.out}",
     )
     step, result = train_loop(
         engine,
@@ -450,7 +465,7 @@ def run(plan: Pretraining) -> dict:
         counters=counters,
         validator=validator,
         checkpointer=checkpointer,
-        step_log=step_log_for(config, spec, log, device, step),
+        step_log=step_log_for(config, spec, log, device, step, warmup),
         rank=world.rank,
     )
     if result is None:  # resumed at max_steps: nothing to train, still report

@@ -37,6 +37,7 @@ def check_sequence_parallel(
     tensor: int,
     zero_stage: int,
     document_mask: bool,
+    seq_len_warmup: int,
     compile_: bool,
 ) -> None:
     """A sequence-parallel layout that cannot run is one line before any rank starts."""
@@ -48,6 +49,7 @@ def check_sequence_parallel(
         (tensor > 1, f"--tensor-parallel {tensor}"),
         (bool(model.moe_experts), f"--model.moe_experts {model.moe_experts}"),
         (document_mask, "--document-mask"),
+        (bool(seq_len_warmup), f"--seq-len-warmup {seq_len_warmup}"),
         (compile_, "--compile"),
     ]
     for present, other in others:

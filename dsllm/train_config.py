@@ -164,6 +164,11 @@ class TrainConfig(RunConfig):
     document_mask: bool = False
     """attention stays inside each document of a window (block-diagonal causal mask from the <|endoftext|> that
     starts every document; positions restart there), in training and in its validation"""
+    seq_len_warmup: int = 0
+    """steps over which the window length grows from --seq-len-start to --seq-len (0: off); the same tokens per step,
+    each window cut into shorter ones; validation scores full windows"""
+    seq_len_start: int | None = None
+    """the warmup's first window length: --seq-len halved (/2, /4, ...); default: --seq-len / 8, at least 8 tokens"""
     expert_parallel: int = 1
     """expert-parallel ranks (DeepSpeed's MoE ep_size): each sparse block's experts are split over this many
     consecutive data-parallel ranks, which send each other their tokens (all-to-all); divides --model.moe_experts"""
@@ -183,12 +188,23 @@ class TrainConfig(RunConfig):
         "tensor_parallel": 1,
         "expert_parallel": 1,
         "sequence_parallel": 1,
+        "seq_len_warmup": 0,
+        "seq_len_start": 1,
     }
 
     def check(self) -> None:
         super().check()
         if self.pipeline_partition not in PIPELINE_PARTITIONS:
             raise UserError(f"--pipeline-partition {self.pipeline_partition}: use {', '.join(PIPELINE_PARTITIONS)}")
+        if self.seq_len_warmup >= self.max_steps:
+            raise UserError(
+                f"--seq-len-warmup {self.seq_len_warmup} is not below --max-steps {self.max_steps}; shorten the warmup"
+            )
+        if self.seq_len_start is not None and not self.seq_len_warmup:
+            raise UserError(
+                f"--seq-len-start {self.seq_len_start} without --seq-len-warmup: there is no warmup to start; pass "
+                "--seq-len-warmup STEPS or drop --seq-len-start"
+            )
 
 
 @dataclasses.dataclass(kw_only=True)

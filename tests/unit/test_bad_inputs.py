@@ -76,10 +76,11 @@ def pretrain_ds(name: str, bad_input: str, expect: tuple[str, ...], **changes) -
     )
 
 
-def pretrain_flag(flag: str, value: str, expect: tuple[str, ...]) -> Case:
+def pretrain_flag(flag: str, value: str, expect: tuple[str, ...], *others: str) -> Case:
+    """`flag value` (with `others`, the flags it contradicts) on an otherwise good pretraining command."""
     return Case(
         f"pretrain{flag}-{value}",
-        f"`{flag} {value}`",
+        f"`{flag} {value}`" + (f" with `{' '.join(others)}`" if others else ""),
         PRETRAIN,
         (
             "--ds_config",
@@ -91,6 +92,7 @@ def pretrain_flag(flag: str, value: str, expect: tuple[str, ...]) -> Case:
             *SMALL_MODEL,
             flag,
             value,
+            *others,
         ),
         expect,
     )
@@ -237,6 +239,18 @@ CASES = [
     pretrain_flag("--weight-decay", "-0.1", ("--weight-decay -0.1", "0 or more")),
     pretrain_flag("--expert-parallel", "2", ("--expert-parallel 2", "no experts to split", "--model.moe_experts")),
     pretrain_flag("--model.moe_experts", "1", ("model.moe_experts = 1", "at least 2 experts")),
+    pretrain_flag("--seq-len-warmup", "300", ("--seq-len-warmup 300 is not below --max-steps 300",)),
+    pretrain_flag("--seq-len-start", "16", ("--seq-len-start 16 without --seq-len-warmup", "pass --seq-len-warmup")),
+    pretrain_flag(
+        "--seq-len-start", "24", ("--seq-len-start 24: not --seq-len 64 halved", "32, 16, 8"), "--seq-len-warmup", "10"
+    ),
+    pretrain_flag(
+        "--seq-len-warmup",
+        "10",
+        ("--seq-len 12 has no half of 8 tokens", "--seq-len-start (one of 6, 3)"),
+        "--seq-len",
+        "12",
+    ),
     # -- the dataset --------------------------------------------------------------------------------------------
     Case(
         "token-id-past-vocab",

@@ -27,6 +27,7 @@ from dsllm.world import World
         (4, None, {"pipeline_parallel": 2}, "--sequence-parallel 2 with --pipeline-parallel 2: not supported yet"),
         (2, {"moe_experts": 4}, {}, "--sequence-parallel 2 with --model.moe_experts 4: not supported yet"),
         (2, None, {"document_mask": True}, "--sequence-parallel 2 with --document-mask: not supported yet"),
+        (2, None, {"seq_len_warmup": 2}, "--sequence-parallel 2 with --seq-len-warmup 2: not supported yet"),
         (2, None, {"compile": True}, "--sequence-parallel 2 with --compile: not supported yet"),
     ],
 )
