@@ -20,6 +20,7 @@ POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 CHECKPOINTING = ("none", "torch", "deepspeed")
+ROPE_SCALINGS = ("none", "linear", "yarn")
 
 
 class ConfigError(UserError):
@@ -46,6 +47,12 @@ class ModelConfig:
     """'learned' (GPT-2) or 'rope' (rotary)"""
     rope_theta: float = 10000.0
     """rotary base wavelength"""
+    rope_scaling: str = "none"
+    """RoPE scaling for a context longer than trained: 'none', 'linear' (positions interpolated) or 'yarn'"""
+    rope_scaling_factor: float = 1.0
+    """how many times the trained context the scaled RoPE covers"""
+    rope_original_max_seq_len: int | None = None
+    """the context the model was trained at (YaRN's original_max_position_embeddings)"""
     norm: str = "layernorm"
     """'layernorm' or 'rmsnorm'"""
     norm_eps: float = 1e-5
@@ -133,6 +140,7 @@ class ModelConfig:
             ("norm", NORMS),
             ("mlp", MLPS),
             ("activation_checkpointing", CHECKPOINTING),
+            ("rope_scaling", ROPE_SCALINGS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name} = {getattr(self, name)!r}: unknown; use one of {', '.join(allowed)}")
@@ -160,6 +168,24 @@ class ModelConfig:
         if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
             raise ConfigError("model.norm_eps, model.rope_theta and model.init_std must be positive")
         self._validate_moe()
+        self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        if self.rope_scaling == "none":
+            return
+        if self.positions != "rope":
+            raise ConfigError(
+                f"model.rope_scaling = {self.rope_scaling!r} scales rotary positions; set positions = 'rope'"
+            )
+        if not self.rope_scaling_factor > 1:
+            raise ConfigError(
+                f"model.rope_scaling_factor = {self.rope_scaling_factor}: must be above 1 (how many times the trained "
+                "context the model should cover)"
+            )
+        if self.rope_scaling == "yarn" and not (self.rope_original_max_seq_len or 0) >= 1:
+            raise ConfigError(
+                "model.rope_scaling = 'yarn' needs model.rope_original_max_seq_len: the context it was trained at"
+            )
 
     def _validate_moe(self) -> None:
         if self.moe_experts == 0:
