@@ -21,6 +21,17 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 CHECKPOINTING = ("none", "torch", "deepspeed")
 ROPE_SCALINGS = ("none", "linear", "yarn")
+# What no weight's shape depends on: a run that starts from trained weights (--init) may change these. max_seq_len
+# only with RoPE (computed per position; learned positions are a table of max_seq_len rows).
+WEIGHT_FREE_FIELDS = (
+    "max_seq_len",
+    "rope_theta",
+    "rope_scaling",
+    "rope_scaling_factor",
+    "rope_original_max_seq_len",
+    "dropout",
+    "activation_checkpointing",
+)
 
 
 class ConfigError(UserError):
@@ -335,10 +346,36 @@ def resolve_model_config(spec: str, overrides: dict[str, Any] | None = None) -> 
         values = values.get("model", values)
     else:
         raise ConfigError(f"--model {spec!r}: unknown preset; use one of {', '.join(PRESETS)} or a JSON file")
+    return ModelConfig.from_dict(_with_overrides(values, overrides), where=spec)
+
+
+def _with_overrides(values: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """`values` with each `--model.FIELD VALUE` of `overrides` parsed into the field's type."""
     hints = typing.get_type_hints(ModelConfig)
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     for name, raw in (overrides or {}).items():
         if name not in fields:
             raise ConfigError(f"--model.{name}: unknown model field; known fields: {', '.join(sorted(fields))}")
         values[name] = _parse_value(name, hints[name], raw)
-    return ModelConfig.from_dict(values, where=spec)
+    return values
+
+
+def continued_model_config(trained: ModelConfig, overrides: dict[str, Any], where: str) -> ModelConfig:
+    """The model of a run that starts from `trained`'s weights (`where` names them): its config with `overrides`,
+    which may change only WEIGHT_FREE_FIELDS (an override equal to the trained value changes nothing)."""
+    values = _with_overrides(trained.to_dict(), overrides)
+    for name in overrides:
+        if values[name] == getattr(trained, name):
+            continue
+        if name not in WEIGHT_FREE_FIELDS:
+            raise ConfigError(
+                f"--model.{name} {values[name]}: changes the shape of the weights of {where} ({name} = "
+                f"{getattr(trained, name)!r} there); a run from trained weights may change only "
+                f"{', '.join(WEIGHT_FREE_FIELDS)}: drop it"
+            )
+        if name == "max_seq_len" and trained.positions == "learned":
+            raise ConfigError(
+                f"--model.max_seq_len {values[name]}: {where} has learned positions, a table of {trained.max_seq_len} "
+                "rows that cannot be resized; drop the override (only a RoPE model's context can be extended)"
+            )
+    return ModelConfig.from_dict(values, where=where)
