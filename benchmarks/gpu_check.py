@@ -101,11 +101,7 @@ def attention_backend(case: tuple, device, seq_len: int, batch: int) -> dict:
     attention = Attention(config).to(device)
     x = torch.randn(batch, seq_len, config.d_model, device=device, requires_grad=True)
     positions = torch.arange(seq_len, device=device).expand(batch, seq_len)
-    rotary = (
-        rotary_embedding(positions, config.head_dim, config.rope_theta, torch.bfloat16)
-        if config.positions == "rope"
-        else None
-    )
+    rotary = rotary_embedding(positions, config, torch.bfloat16) if config.positions == "rope" else None
     mask = packed_mask(batch, seq_len, device) if with_mask else None
 
     def step():

@@ -38,6 +38,7 @@ NOT_IN_A_STEP = (  # pretraining's options that change nothing in a step: not of
     "peak_tflops",
     "stop_grace",
     "sample_tokens",
+    "init",  # the weights' values: a step costs the same from any
 )
 
 

@@ -179,11 +179,24 @@ def hf_config(config: ModelConfig, eos: int) -> dict:
         "max_position_embeddings": config.max_seq_len,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "rope_parameters": hf_rope_parameters(config),
         "attention_bias": config.bias,
         "mlp_bias": config.bias,
         "attention_dropout": config.dropout,
     }
+
+
+def hf_rope_parameters(config: ModelConfig) -> dict:
+    """transformers' `rope_parameters` for the model's RoPE scaling (`dsllm.model.rope_frequencies`)."""
+    parameters = {"rope_type": "default" if config.rope_scaling == "none" else config.rope_scaling}
+    parameters["rope_theta"] = config.rope_theta
+    if config.rope_scaling != "none":
+        parameters["factor"] = config.rope_scaling_factor
+    if config.rope_scaling == "yarn":
+        parameters.update(
+            original_max_position_embeddings=config.rope_original_max_seq_len, beta_fast=32.0, beta_slow=1.0
+        )
+    return parameters
 
 
 def hf_tokenizer(tokenizer: Tokenizer) -> Tokenizer:

@@ -40,14 +40,36 @@ def make_norm(config: ModelConfig) -> nn.Module:
     return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
 
-def rotary_embedding(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """RoPE's inverse frequencies [head_dim / 2] and the factor on cos and sin, as Hugging Face computes them for
+    the model's `rope_scaling`: 'none'; 'linear' (positions interpolated: every frequency / factor); 'yarn' (YaRN:
+    the high frequencies kept, the low ones interpolated, a linear ramp between the dimensions that turn
+    beta_fast = 32 and beta_slow = 1 times over the original context, and cos, sin x (0.1 ln factor + 1))."""
+    dim, base = config.head_dim, config.rope_theta
+    powers = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if config.rope_scaling == "none":
+        return 1.0 / powers, 1.0
+    factor = config.rope_scaling_factor
+    if config.rope_scaling == "linear":
+        return 1.0 / (factor * powers), 1.0
+
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times over the context
+        return dim * math.log(config.rope_original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = max(math.floor(correction_dim(32)), 0), min(math.ceil(correction_dim(1)), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+    inv_freq = (1.0 / (factor * powers)) * ramp + (1.0 / powers) * (1 - ramp)
+    return inv_freq, 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def rotary_embedding(positions: torch.Tensor, config: ModelConfig, dtype: torch.dtype):
     """cos and sin for `positions` [B, T], shaped [B, 1, T, head_dim], in the half-split layout
-    (dimension i pairs with i + head_dim/2, as in Hugging Face Llama). Computed in fp32 each call, so
-    a model cast to bf16 keeps exact angles."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    angles = positions.float()[..., None] * inv_freq  # [B, T, head_dim/2]
+    (dimension i pairs with i + head_dim/2, as in Hugging Face Llama), with the model's RoPE scaling
+    (`rope_frequencies`). Computed in fp32 each call, so a model cast to bf16 keeps exact angles."""
+    inv_freq, scale = rope_frequencies(config)
+    angles = positions.float()[..., None] * inv_freq.to(positions.device)  # [B, T, head_dim/2]
     angles = torch.cat((angles, angles), dim=-1)[:, None]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -319,7 +341,7 @@ class GPT(nn.Module):
         x = self.dropout(x)
         rotary = None
         if self.config.positions == "rope":
-            rotary = rotary_embedding(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+            rotary = rotary_embedding(positions, self.config, x.dtype)
         checkpointed = self.training and caches is None and self.config.activation_checkpointing != "none"
         for i, block in enumerate(self.blocks):
             if checkpointed:

@@ -20,6 +20,18 @@ POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 CHECKPOINTING = ("none", "torch", "deepspeed")
+ROPE_SCALINGS = ("none", "linear", "yarn")
+# What no weight's shape depends on: a run that starts from trained weights (--init) may change these. max_seq_len
+# only with RoPE (computed per position; learned positions are a table of max_seq_len rows).
+WEIGHT_FREE_FIELDS = (
+    "max_seq_len",
+    "rope_theta",
+    "rope_scaling",
+    "rope_scaling_factor",
+    "rope_original_max_seq_len",
+    "dropout",
+    "activation_checkpointing",
+)
 
 
 class ConfigError(UserError):
@@ -46,6 +58,12 @@ class ModelConfig:
     """'learned' (GPT-2) or 'rope' (rotary)"""
     rope_theta: float = 10000.0
     """rotary base wavelength"""
+    rope_scaling: str = "none"
+    """RoPE scaling for a context longer than trained: 'none', 'linear' (positions interpolated) or 'yarn'"""
+    rope_scaling_factor: float = 1.0
+    """how many times the trained context the scaled RoPE covers"""
+    rope_original_max_seq_len: int | None = None
+    """the context the model was trained at (YaRN's original_max_position_embeddings)"""
     norm: str = "layernorm"
     """'layernorm' or 'rmsnorm'"""
     norm_eps: float = 1e-5
@@ -133,6 +151,7 @@ class ModelConfig:
             ("norm", NORMS),
             ("mlp", MLPS),
             ("activation_checkpointing", CHECKPOINTING),
+            ("rope_scaling", ROPE_SCALINGS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"model.{name} = {getattr(self, name)!r}: unknown; use one of {', '.join(allowed)}")
@@ -160,6 +179,24 @@ class ModelConfig:
         if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
             raise ConfigError("model.norm_eps, model.rope_theta and model.init_std must be positive")
         self._validate_moe()
+        self._validate_rope_scaling()
+
+    def _validate_rope_scaling(self) -> None:
+        if self.rope_scaling == "none":
+            return
+        if self.positions != "rope":
+            raise ConfigError(
+                f"model.rope_scaling = {self.rope_scaling!r} scales rotary positions; set positions = 'rope'"
+            )
+        if not self.rope_scaling_factor > 1:
+            raise ConfigError(
+                f"model.rope_scaling_factor = {self.rope_scaling_factor}: must be above 1 (how many times the trained "
+                "context the model should cover)"
+            )
+        if self.rope_scaling == "yarn" and not (self.rope_original_max_seq_len or 0) >= 1:
+            raise ConfigError(
+                "model.rope_scaling = 'yarn' needs model.rope_original_max_seq_len: the context it was trained at"
+            )
 
     def _validate_moe(self) -> None:
         if self.moe_experts == 0:
@@ -309,10 +346,36 @@ def resolve_model_config(spec: str, overrides: dict[str, Any] | None = None) -> 
         values = values.get("model", values)
     else:
         raise ConfigError(f"--model {spec!r}: unknown preset; use one of {', '.join(PRESETS)} or a JSON file")
+    return ModelConfig.from_dict(_with_overrides(values, overrides), where=spec)
+
+
+def _with_overrides(values: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """`values` with each `--model.FIELD VALUE` of `overrides` parsed into the field's type."""
     hints = typing.get_type_hints(ModelConfig)
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     for name, raw in (overrides or {}).items():
         if name not in fields:
             raise ConfigError(f"--model.{name}: unknown model field; known fields: {', '.join(sorted(fields))}")
         values[name] = _parse_value(name, hints[name], raw)
-    return ModelConfig.from_dict(values, where=spec)
+    return values
+
+
+def continued_model_config(trained: ModelConfig, overrides: dict[str, Any], where: str) -> ModelConfig:
+    """The model of a run that starts from `trained`'s weights (`where` names them): its config with `overrides`,
+    which may change only WEIGHT_FREE_FIELDS (an override equal to the trained value changes nothing)."""
+    values = _with_overrides(trained.to_dict(), overrides)
+    for name in overrides:
+        if values[name] == getattr(trained, name):
+            continue
+        if name not in WEIGHT_FREE_FIELDS:
+            raise ConfigError(
+                f"--model.{name} {values[name]}: changes the shape of the weights of {where} ({name} = "
+                f"{getattr(trained, name)!r} there); a run from trained weights may change only "
+                f"{', '.join(WEIGHT_FREE_FIELDS)}: drop it"
+            )
+        if name == "max_seq_len" and trained.positions == "learned":
+            raise ConfigError(
+                f"--model.max_seq_len {values[name]}: {where} has learned positions, a table of {trained.max_seq_len} "
+                "rows that cannot be resized; drop the override (only a RoPE model's context can be extended)"
+            )
+    return ModelConfig.from_dict(values, where=where)

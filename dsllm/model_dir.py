@@ -44,7 +44,8 @@ def save_model_dir(
     return directory
 
 
-def _model_config(config_path: Path) -> ModelConfig:
+def read_model_config(config_path: Path) -> ModelConfig:
+    """The model config in a model or run folder's config.json (its "model" entry)."""
     if not config_path.is_file():
         raise UserError(f"{config_path}: missing; the model folder or run is incomplete")
     try:
@@ -73,7 +74,7 @@ def resolve_model_source(path: str | os.PathLike) -> tuple[Path, Path | None, Pa
 def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
     """Load a model (see `resolve_model_source`); weights that do not fit the config are a UserError."""
     config_path, checkpoint, _ = resolve_model_source(path)
-    config = _model_config(config_path)
+    config = read_model_config(config_path)
     model = GPT(config)
     source = Path(path) / WEIGHTS_FILE if checkpoint is None else checkpoint
     try:

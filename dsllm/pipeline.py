@@ -90,7 +90,7 @@ class BlockPipe(nn.Module):
         rotary = None
         if self.config.positions == "rope":
             positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], x.shape[1])
-            rotary = rotary_embedding(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+            rotary = rotary_embedding(positions, self.config, x.dtype)
         return self.block(x, rotary)
 
 

@@ -24,7 +24,7 @@ from dsllm.run_spec import RunSpec, World
 from dsllm.seq_len_warmup import seq_len_warmup
 from dsllm.sequence_parallel import check_sequence_parallel
 from dsllm.tensor_parallel import autotp_section, check_tensor_parallel
-from dsllm.train_config import RunConfig, TrainConfig
+from dsllm.train_config import DEFAULT_MODEL, RunConfig, TrainConfig
 
 # what changes a run's speed or placement: kept in config.json
 RECORDED_ENV = (
@@ -56,6 +56,7 @@ class Pretraining:
     train: TokenFile
     val: TokenFile
     checkpointer: Checkpointer
+    init_weights: dict | None = None  # --init's weights on the CPU, for a fresh start (dsllm.continued)
 
 
 def _check_experts(model, stages: int, tensor: int, experts: int, data: int, zero_stage: int, ds_config: str) -> None:
@@ -165,7 +166,7 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
 
 def model_for_data(config: TrainConfig, vocab_size: int) -> ModelConfig:
     """The model of --model and --model.FIELD, its vocabulary sized to the dataset's tokenizer."""
-    model = resolve_model_config(config.model, config.model_overrides)
+    model = resolve_model_config(config.model or DEFAULT_MODEL, config.model_overrides)
     if "vocab_size" not in config.model_overrides:  # a preset's vocabulary gives way to the dataset's tokenizer
         padded = VOCAB_MULTIPLE * math.ceil(vocab_size / VOCAB_MULTIPLE)
         return dataclasses.replace(model, vocab_size=padded)
@@ -184,6 +185,11 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
 
     world = world or World.from_env()
     load_ds_config(config.ds_config)  # a missing or malformed JSON is the first thing to say
+    if config.init is not None:
+        from dsllm.model_dir import model_inputs
+        from dsllm.paths import check_output_apart
+
+        check_output_apart(config.out, "--out", model_inputs(config.init, "--init"))
     if config.data is None:
         from dsllm.data.default_corpus import build_default_dataset
 
@@ -211,7 +217,12 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
                 f"{split.bin_path}: token id {largest} is not below the tokenizer's vocabulary size "
                 f"{vocab_size}; re-create the dataset with data_pipeline/prepare.py"
             )
-    model = model_for_data(config, train.vocab_size)
+    if config.init is None:
+        model = model_for_data(config, train.vocab_size)
+    else:
+        from dsllm.continued import init_model_config
+
+        model = init_model_config(config, train.header.tokenizer_hash, data_dir)
     model.check_seq_len(config.seq_len or model.max_seq_len)
     seq_len = config.seq_len or model.max_seq_len
     for name, split in (("train", train), ("val", val)):
@@ -221,10 +232,19 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
                 f"{seq_len + 1}; use a shorter --seq-len or more data"
             )
     spec = resolve_spec(config, model, world)
+    if config.init is not None:
+        from dsllm.continued import check_init_layout
+
+        check_init_layout(spec, config)
     from dsllm.checkpoint.checkpointer import Checkpointer
 
     checkpointer = Checkpointer.for_run(config, spec, train.fingerprint)
-    return Pretraining(config, spec, data_dir, train, val, checkpointer)
+    weights = None
+    if config.init is not None and checkpointer.resume_from is None:  # a run with checkpoints of its own resumes them
+        from dsllm.continued import init_weights
+
+        weights = init_weights(config.init)
+    return Pretraining(config, spec, data_dir, train, val, checkpointer, weights)
 
 
 def write_run_files(plan: Pretraining) -> Path:
@@ -418,6 +438,9 @@ def run(plan: Pretraining) -> dict:
 
     torch.manual_seed(config.seed)
     model = new_model(spec)
+    if plan.init_weights is not None:  # (None when the run resumes a checkpoint of its own)
+        model.load_state_dict(plan.init_weights)
+        _say(world, f"starting from the weights of {config.init}, with a fresh optimizer and schedule")
     loss_of = window_loss
     if spec.sequence_parallel > 1:  # (its validation: Engine.score)
         from dsllm.sequence_parallel import SequenceSplit

@@ -16,6 +16,7 @@ from dsllm.errors import UserError
 
 PIPELINE_PARTITIONS = ("blocks", "uniform", "parameters")  # dsllm.pipeline.PARTITIONS maps them for DeepSpeed
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEFAULT_MODEL = "tiny"  # pretraining's --model when neither it nor --init is given
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -142,12 +143,18 @@ class RunConfig:
 
 @dataclasses.dataclass(kw_only=True)
 class TrainConfig(RunConfig):
-    """Pretraining: a prepared token dataset and a model preset (or JSON) with --model.FIELD overrides."""
+    """Pretraining: a prepared token dataset and a model preset (or JSON, or a trained model's weights with --init)
+    with --model.FIELD overrides."""
 
     data: str | None = None
     """prepared dataset folder (data_pipeline/prepare.py); default: the embedded default corpus"""
-    model: str = "tiny"
-    """model preset name or JSON file; change single fields with --model.FIELD VALUE"""
+    model: str | None = None
+    """model preset name or JSON file (default: tiny, or with --init the --init model); change single fields with
+    --model.FIELD VALUE"""
+    init: str | None = None
+    """a trained run, checkpoint or model folder whose weights the run starts from (its model; --model.FIELD may
+    change only RoPE, max_seq_len, dropout and recompute), with a fresh optimizer and schedule at step 0; a run with
+    checkpoints of its own resumes them instead"""
     model_overrides: dict = dataclasses.field(default_factory=dict)
     """{field: value} from --model.FIELD VALUE"""
     eval_windows: int = 64

@@ -57,7 +57,8 @@ def env() -> dict:
     return {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
-def command(data, out, *args, ranks=1, ds="zero2.json"):
+def command(data, out, *args, ranks=1, ds="zero2.json", model=tuple(SMALL_MODEL)):
+    """`model`: the --model options (none for a run whose model comes from --init)."""
     train_args = [
         "launch/pretrain.py",
         "--ds_config",
@@ -66,7 +67,7 @@ def command(data, out, *args, ranks=1, ds="zero2.json"):
         str(data),
         "--out",
         str(out),
-        *SMALL_MODEL,
+        *model,
         "--seq-len",
         "32",
         "--lr",
@@ -86,9 +87,14 @@ def command(data, out, *args, ranks=1, ds="zero2.json"):
     return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), *train_args]
 
 
-def pretrain(data, out, *args, ranks=1, ds="zero2.json", expect=0):
+def pretrain(data, out, *args, ranks=1, ds="zero2.json", expect=0, model=tuple(SMALL_MODEL)):
     proc = subprocess.run(
-        command(data, out, *args, ranks=ranks, ds=ds), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600
+        command(data, out, *args, ranks=ranks, ds=ds, model=model),
+        cwd=ROOT,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if expect is not None:
         assert proc.returncode == expect, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -169,9 +175,9 @@ def dsllm(*args, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
-def exported_logit_diff(run, hf_dir) -> float:
+def exported_logit_diff(run, hf_dir, seq_len=32) -> float:
     """`dsllm export` of a run folder to `hf_dir`, then the largest difference between its logits in transformers
-    and the run's own model on a fixed random batch."""
+    and the run's own model on a fixed random batch of two `seq_len`-token rows."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -180,7 +186,7 @@ def exported_logit_diff(run, hf_dir) -> float:
     exported = dsllm("export", "--checkpoint", run, "--output", hf_dir)
     assert exported.returncode == 0, exported.stderr
     ours, hf = load_model_dir(run).eval(), AutoModelForCausalLM.from_pretrained(hf_dir).eval()
-    idx = torch.randint(0, ours.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    idx = torch.randint(0, ours.config.vocab_size, (2, seq_len), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return (ours(idx)[0] - hf(idx).logits).abs().max().item()
 

@@ -118,7 +118,7 @@ class Checkpointer:
         if marker.kind != self.kind:
             raise UserError(
                 f"{checkpoint}: a {marker.kind} checkpoint, this is a {self.kind} run; use another --out, "
-                "or start from its weights (--init for fine-tuning)"
+                "or start from its weights (--init)"
             )
         if marker.model != model:
             changed = sorted(k for k in marker.model if marker.model[k] != model.get(k))

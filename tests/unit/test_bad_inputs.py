@@ -128,6 +128,51 @@ def dataset_with_id(token_id: int) -> Callable[[Path, Path], None]:
     return write
 
 
+def model_folder(tokenizer_texts: list[str] | None = None, damaged: bool = False, **fields):
+    """A writer of a small trained-model folder (random weights) for --init, tokenized as the test dataset, or
+    with a tokenizer trained on `tokenizer_texts`; `damaged`: its weights file cut in half."""
+
+    def write(path: Path, data: Path) -> None:
+        from dsllm.model import GPT
+        from dsllm.model_config import ModelConfig
+        from dsllm.model_dir import WEIGHTS_FILE, save_model_dir
+        from dsllm.tokenizer import save_tokenizer, train_tokenizer
+
+        shape = dict(vocab_size=320, max_seq_len=64, n_layers=1, d_model=32, n_heads=2, mlp_multiple_of=32)
+        save_model_dir(GPT(ModelConfig(**{**shape, **fields})), path, data / "tokenizer.json")
+        if tokenizer_texts:
+            save_tokenizer(train_tokenizer(tokenizer_texts, vocab_size=280, show_progress=False), path)
+        if damaged:
+            weights = (path / WEIGHTS_FILE).read_bytes()
+            (path / WEIGHTS_FILE).write_bytes(weights[: len(weights) // 2])
+
+    return write
+
+
+def pretrain_init(name: str, bad_input: str, args: tuple[str, ...], expect: tuple[str, ...], **folder) -> Case:
+    """`launch/pretrain.py --init FOLDER` (a model_folder(**folder)) with `args` added."""
+    return Case(
+        name,
+        bad_input,
+        PRETRAIN,
+        (
+            "--ds_config",
+            str(ROOT / "ds_configs" / "zero2.json"),
+            "--data",
+            "{data}",
+            "--out",
+            "{tmp}/out",
+            "--init",
+            "{init}",
+            "--seq-len",
+            "32",
+            *args,
+        ),
+        expect,
+        {"init": model_folder(**folder)},
+    )
+
+
 TOKENIZER_ARGS = ("--vocab-size", "300", "--output", "{tmp}/tok")
 PREPARE_ARGS = ("--tokenizer", "{tokenizer}", "--output", "{tmp}/prepared", "--workers", "1")
 CASES = [
@@ -269,6 +314,52 @@ CASES = [
         ),
         ("train.bin: token id 310", "vocabulary size 300", "prepare.py"),
         {"bad_data": dataset_with_id(310)},
+    ),
+    # -- starting from a trained model (--init) -----------------------------------------------------------------
+    pretrain_init(
+        "init-shape-override",
+        "`--init` with an override that changes a weight's shape",
+        ("--model.d_model", "64"),
+        ("--model.d_model 64: changes the shape of the weights of --init", "d_model = 32 there", "drop it"),
+        positions="rope",
+    ),
+    pretrain_init(
+        "init-other-preset",
+        "`--init` with another `--model` preset",
+        ("--model", "gpt2-124m"),
+        ("--model gpt2-124m: not the model of --init", "n_layers = 12, there 1", "drop --model"),
+    ),
+    pretrain_init(
+        "init-learned-max-seq-len",
+        "`--init` of a learned-position model with a longer `--model.max_seq_len`",
+        ("--model.max_seq_len", "128"),
+        ("--model.max_seq_len 128:", "has learned positions, a table of 64 rows", "only a RoPE model's context"),
+    ),
+    pretrain_init(
+        "init-other-tokenizer",
+        "`--init` of a model tokenized otherwise than `--data`",
+        (),
+        ("its tokenizer", "is not the one --data", "was made with", "prepare.py --tokenizer"),
+        tokenizer_texts=[f"other words {i} " * 8 for i in range(300)],
+    ),
+    pretrain_init(
+        "init-damaged-weights",
+        "`--init` folder with a damaged `model.safetensors`",
+        (),
+        ("model.safetensors: cannot load these weights", "the files are damaged"),
+        damaged=True,
+    ),
+    pretrain_init(
+        "init-zero3",
+        "`--init` with ZeRO-3",
+        ("--ds_config", str(ROOT / "ds_configs" / "zero3.json")),
+        ("--init", "zero3.json (ZeRO-3): not supported yet", "zero2.json"),
+    ),
+    pretrain_init(
+        "init-out-is-init",
+        "`--out` the `--init` folder",
+        ("--out", "{init}"),
+        ("contains", "which --init reads", "choose another --out"),
     ),
     # -- corpus inputs ------------------------------------------------------------------------------------------
     Case(

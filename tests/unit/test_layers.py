@@ -13,7 +13,7 @@ LAYERS = {  # docs/architecture.md's table; a new module gets a row here and the
     4: ["model", "pipeline", "tensor_parallel", "sequence_parallel", "metrics", "scoring"],
     5: ["checkpoint", "model_dir", "safe_load"],
     6: ["engine", "loop", "run_control", "seq_len_warmup"],
-    7: ["pretrain", "finetune"],
+    7: ["pretrain", "continued", "finetune"],
     8: [
         "cli",
         "__main__",

@@ -149,7 +149,8 @@ def test_rmsnorm_and_rotary():
     norm = RMSNorm(8, 1e-6)
     x = torch.randn(3, 8)
     assert torch.allclose(norm(x).pow(2).mean(-1), torch.ones(3), atol=1e-4)
-    cos, sin = rotary_embedding(torch.arange(5)[None], 8, 10000.0, torch.float32)
+    rope = ModelConfig(d_model=16, n_heads=2, positions="rope", rope_theta=10000.0)  # head_dim 8
+    cos, sin = rotary_embedding(torch.arange(5)[None], rope, torch.float32)
     q = torch.randn(1, 2, 5, 8)
     rotated = apply_rotary(q, cos, sin)
     assert torch.allclose(rotated.norm(dim=-1), q.norm(dim=-1), atol=1e-5)  # a rotation keeps length
@@ -187,3 +188,12 @@ def test_activation_checkpointing_gives_identical_gradients(mode):
         model(idx[:, :-1], idx[:, 1:])[1].backward()
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_rope_scaling_options_are_checked():
+    with pytest.raises(ConfigError, match="model.rope_scaling = 'yarn' scales rotary positions; set positions"):
+        ModelConfig(rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_max_seq_len=256)
+    with pytest.raises(ConfigError, match="model.rope_scaling_factor = 1.0: must be above 1"):
+        ModelConfig(positions="rope", rope_scaling="linear")
+    with pytest.raises(ConfigError, match="needs model.rope_original_max_seq_len"):
+        ModelConfig(positions="rope", rope_scaling="yarn", rope_scaling_factor=4.0)

@@ -110,6 +110,45 @@ def test_data_errors(capsys, tmp_path, dataset_dir):
     assert "the train split has" in sequence_too_long and "use a shorter --seq-len" in sequence_too_long
 
 
+def test_init_takes_the_trained_model_and_its_weights(tmp_path, dataset_dir):
+    """--init: the model of the folder with the overrides its weights allow (one equal to the trained value is
+    harmless), and its weights read in pre-flight, by the names of the run's model."""
+    import torch
+
+    from dsllm.model import GPT
+    from dsllm.model_config import ModelConfig
+    from dsllm.model_dir import save_model_dir
+    from dsllm.pretrain import preflight
+    from dsllm.train_config import TrainConfig
+    from dsllm.world import World
+
+    shape = dict(vocab_size=320, max_seq_len=64, n_layers=1, d_model=32, n_heads=2, positions="rope", norm="rmsnorm")
+    trained = GPT(ModelConfig(**shape, mlp="swiglu", mlp_multiple_of=32, bias=False, tie_embeddings=False))
+    save_model_dir(trained, tmp_path / "base", dataset_dir / "tokenizer.json")
+    extend = {"rope_scaling": "yarn", "rope_scaling_factor": "4", "rope_original_max_seq_len": "64"}
+    config = TrainConfig(
+        ds_config=str(ROOT / "ds_configs" / "zero2.json"),
+        data=str(dataset_dir),
+        out=str(tmp_path / "extended"),
+        init=str(tmp_path / "base"),
+        model_overrides={**extend, "max_seq_len": "256", "n_layers": "1", "dropout": "0.1"},
+        seq_len=128,
+    )
+    plan = preflight(config, World(rank=0, local_rank=0, size=1))
+    changed = {k: v for k, v in plan.spec.model.to_dict().items() if v != trained.config.to_dict()[k]}
+    assert changed == {
+        "rope_scaling": "yarn",
+        "rope_scaling_factor": 4.0,
+        "rope_original_max_seq_len": 64,
+        "max_seq_len": 256,
+        "dropout": 0.1,
+    }
+    model = GPT(plan.spec.model)
+    model.load_state_dict(plan.init_weights)  # strict: every name and shape
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in model.state_dict().items())
+    assert not (tmp_path / "extended").exists()
+
+
 def test_plain_python_exit_code_and_help():
     proc = subprocess.run(
         ["python", "launch/pretrain.py", "--ds_config", "ds_configs/zero2.json", "--model", "gpt5"],
