@@ -45,7 +45,7 @@ pretrain: $(OPS_STAMP)
 
 # Every test: tests/unit, tests/e2e and tests/multinode (about half an hour on 2 CPU cores)
 test: $(OPS_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=40 tests
 
 # The unit tier: functions and commands that answer in seconds, no launcher, no training run (about 2 minutes
 # on 2 CPU cores)
