@@ -4,6 +4,7 @@ by log-likelihood."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -153,6 +154,11 @@ def run_seq_len(config_file: Path) -> int | None:
     return (json.loads(config_file.read_text()).get("run") or {}).get("seq_len")
 
 
+def run_document_mask(config_file: Path) -> bool:
+    """Whether the run trained with --document-mask (config.json's train.document_mask); False for a model folder."""
+    return bool((json.loads(config_file.read_text()).get("train") or {}).get("document_mask"))
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="dsllm evaluate",
@@ -187,6 +193,12 @@ def build_parser() -> ArgumentParser:
         type=positive,
         metavar="T",
         help="tokens per window (default: the run's training --seq-len, else model.max_seq_len)",
+    )
+    parser.add_argument(
+        "--document-mask",
+        action=argparse.BooleanOptionalAction,
+        help="attention inside each document of a window (the <|endoftext|> starting each one), as pretraining's "
+        "--document-mask (default: as the run trained)",
     )
     parser.add_argument(
         "--choices",
@@ -239,14 +251,21 @@ def main(argv=None) -> int:
             f"evaluating {len(indices):,} of {len(windows):,} windows ({seq_len} tokens each) of the {args.split} "
             f"split in batches of {args.batch_size} on {device}"
         )
+        score = model
+        masked = run_document_mask(config_file) if args.document_mask is None else args.document_mask
+        if masked:  # scored as such a run trains and validates: attention inside each document
+            from dsllm.data.documents import document_scored
+
+            score = document_scored(model, eot_id(tokenizer))
         scores = evaluate(
-            model, windows, indices, args.batch_size, device, token_byte_lengths(tokenizer), progress=True
+            score, windows, indices, args.batch_size, device, token_byte_lengths(tokenizer), progress=True
         )
         result.update(
             {
                 "data": str(args.data),
                 "split": args.split,
                 "seq_len": seq_len,
+                "document_mask": masked,
                 "windows": len(indices),
                 "windows_in_split": len(windows),
                 "tokens": scores["tokens"],

@@ -332,11 +332,10 @@ class WindowValidator:
         self.byte_lengths = token_byte_lengths(tokenizer)
         self.score = engine.score
         if plan.config.document_mask:  # scored as trained: attention inside each document
-            from dsllm.data.documents import document_layout
+            from dsllm.data.documents import document_scored
             from dsllm.tokenizer import eot_id
 
-            eot = eot_id(tokenizer)
-            self.score = lambda inputs, targets: engine.score(inputs, targets, **document_layout(inputs, eot))
+            self.score = document_scored(engine.score, eot_id(tokenizer))
 
     def should_validate(self, step: int, last_step: bool) -> bool:
         return step % self.plan.config.eval_interval == 0 or last_step

@@ -3,6 +3,8 @@ fine-tuning example) into another, and positions that restart with each."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -25,3 +27,10 @@ def document_layout(idx: torch.Tensor, eot: int) -> dict[str, torch.Tensor]:
     steps = torch.arange(T, device=idx.device).expand_as(idx)
     first = torch.where(starts, steps, torch.zeros_like(steps)).cummax(dim=1).values  # its document's first token
     return {"positions": steps - first, "mask": segment_mask(starts.long().cumsum(dim=1))}
+
+
+def document_scored(score: Callable, eot: int) -> Callable:
+    """`score(inputs, targets, **forward)` (a model, or `Engine.score`) as `(inputs, targets)` with attention inside
+    each document (`document_layout`): how a --document-mask run's windows are scored, in its validation and by
+    `dsllm evaluate`."""
+    return lambda inputs, targets: score(inputs, targets, **document_layout(inputs, eot))

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from runs import pretrain, train_records
+from runs import dsllm, pretrain, train_records
 from test_pipeline import val_losses
 
 from dsllm.data.documents import document_layout
@@ -39,6 +39,15 @@ def test_training_and_validation_see_one_document_at_a_time(dataset_dir, tmp_pat
     logged = val_losses(masked)[4]
     assert scored(masked=True) == pytest.approx(logged, rel=1e-6)
     assert abs(scored() - logged) > 1e-5
+    # `dsllm evaluate` scores such a run as it validated (its config.json says so), or plainly when told
+    for flags, masked_score in (([], True), (["--no-document-mask"], False), (["--document-mask"], True)):
+        proc = dsllm("evaluate", "--checkpoint", masked, "--data", dataset_dir, "--seq-len", 32, "--max-windows", 32,
+                     "--batch-size", 4, *flags)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout)
+        assert result["document_mask"] is masked_score
+        expected = scored(masked=True) if masked_score else scored()
+        assert result["loss"] == pytest.approx(expected, rel=1e-6), flags
 
 
 def test_pipeline_stages_refuse_it(dataset_dir, tmp_path):
