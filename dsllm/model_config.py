@@ -135,14 +135,24 @@ class ModelConfig:
         attention = (
             d * (self.n_heads + 2 * self.kv_heads) * hd + d * d + bias * ((self.n_heads + 2 * self.kv_heads) * hd + d)
         )
-        fc_out = self.mlp_hidden_size * (2 if self.mlp == "swiglu" else 1)
-        mlp = d * fc_out + self.mlp_hidden_size * d + bias * (fc_out + d)
+        mlp = self.mlp_parameters
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         positions = self.max_seq_len * d if self.positions == "learned" else 0
         dense = self.n_layers * (attention + mlp + 2 * norm) + norm + embeddings + positions
         experts = self.moe_top_k if active else self.moe_experts
         return dense + self.sparse_blocks * ((experts - 1) * mlp + d * self.moe_experts)
+
+    @property
+    def mlp_parameters(self) -> int:
+        """One MLP's parameters (a dense block's, or one expert's)."""
+        fc_out = self.mlp_hidden_size * (2 if self.mlp == "swiglu" else 1)
+        return self.d_model * fc_out + self.mlp_hidden_size * self.d_model + int(self.bias) * (fc_out + self.d_model)
+
+    @property
+    def expert_parameters(self) -> int:
+        """Every expert of every sparse block (what --expert-parallel splits over ranks; the routers stay whole)."""
+        return self.sparse_blocks * self.moe_experts * self.mlp_parameters
 
     # -- checks -------------------------------------------------------------------------------------
     def validate(self) -> None:

@@ -207,11 +207,14 @@ def plan(
     *,
     host_ram_gib: float,
     interconnect: str | None = None,
+    expert_parallel: int = 1,
 ) -> dict:
     """Every config's memory per GPU and per node against `gpu` and `host_ram_gib`, the recommendation, and the
-    expected speed; `gpus` per node."""
+    expected speed; `gpus` per node. `expert_parallel`: a Mixture-of-Experts model's experts split over this many
+    GPUs (`dsllm pretrain --expert-parallel`)."""
     seq_len = seq_len or model.max_seq_len
     model.check_seq_len(seq_len)
+    _check_expert_parallel(model, expert_parallel, gpus * nodes)
     if gpu.memory_gib <= RESERVED_GIB:
         raise UserError(
             f"--gpu-memory-gib {gpu.memory_gib:g}: not above the {RESERVED_GIB} GiB every GPU keeps for the CUDA "
@@ -222,11 +225,18 @@ def plan(
     headroom = HEADROOM_FRACTION * usable
     world = gpus * nodes
     rows = []
-    # Mixture-of-Experts: every GPU holds all experts (no --expert-parallel here), and DeepSpeed trains MoE layers on
-    # ZeRO-0/1/2 only, without dsllm's pipeline or tensor layouts
+    # Mixture-of-Experts: DeepSpeed trains MoE layers on ZeRO-0/1/2 only, without dsllm's pipeline or tensor layouts
     configs = [c for c in CONFIGS if not (model.moe_experts and c.startswith("zero3"))]
     for config in configs:
         device, host = model_state_gib(params, largest, config, gpus, nodes)
+        if expert_parallel > 1:
+            # a GPU holds 1/E of the experts (ZeRO-partitioned over the ranks holding the same ones) and builds only
+            # those; offloaded optimizer states stay one share of every parameter per rank, as without the split
+            experts = model.expert_parameters
+            device = model_state_gib(params - experts, largest, config, gpus, nodes)[0]
+            device += model_state_gib(experts // expert_parallel, largest, config, world // expert_parallel, 1)[0]
+            if not config.endswith("offload"):
+                host = model_state_gib(params - experts + experts // expert_parallel, largest, config, gpus, nodes)[1]
         row = {
             "config": config,
             "model_states_gib": device,
@@ -257,6 +267,7 @@ def plan(
         "model": model.to_dict(),
         "gpus_per_node": gpus,
         "nodes": nodes,
+        "expert_parallel": expert_parallel,
         "gpu": gpu.name,
         "gpu_memory_gib": gpu.memory_gib,
         "peak_tflops": gpu.peak_tflops,
@@ -323,12 +334,30 @@ def advice(result: dict) -> list[str]:
 
 def _active(result: dict) -> str:
     """', N active' for a Mixture-of-Experts model (what a token goes through), else ''."""
-    active = result["active_parameters"]
-    return (
-        f" ({active:,} active per token; ZeRO-0/1/2, every GPU holding all experts)"
-        if active != result["parameters"]
-        else ""
-    )
+    active, split = result["active_parameters"], result["expert_parallel"]
+    if active == result["parameters"]:
+        return ""
+    held = f"the experts split over {split} GPUs" if split > 1 else "every GPU holding all experts"
+    return f" ({active:,} active per token; ZeRO-0/1/2, {held})"
+
+
+def _check_expert_parallel(model: ModelConfig, size: int, world: int) -> None:
+    """--expert-parallel as pretraining takes it: experts to split, evenly, over groups of GPUs the world divides
+    into."""
+    if size == 1:
+        return
+    if not model.moe_experts:
+        raise UserError(f"--expert-parallel {size}: the model has no experts to split; plan a Mixture-of-Experts model")
+    if model.moe_experts % size:
+        raise UserError(
+            f"--expert-parallel {size}: the {model.moe_experts} experts of a sparse block do not split evenly over "
+            f"{size} GPUs; use a divisor of {model.moe_experts}"
+        )
+    if world % size:
+        raise UserError(
+            f"--expert-parallel {size}: the {world} GPU(s) do not divide into groups of {size}; plan a multiple of "
+            f"{size} GPUs or another --expert-parallel"
+        )
 
 
 def render(result: dict, name: str, host_source: str) -> str:
@@ -414,6 +443,13 @@ def build_parser() -> ArgumentParser:
         + ", ".join(sorted(PCIE_KINDS))
         + "; nvlink otherwise)",
     )
+    p.add_argument(
+        "--expert-parallel",
+        type=positive,
+        default=1,
+        metavar="E",
+        help="a Mixture-of-Experts model's experts split over E GPUs (pretraining's --expert-parallel)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     return p
 
@@ -445,6 +481,7 @@ def main(argv=None) -> int:
         args.mfu,
         host_ram_gib=host_ram,
         interconnect=args.interconnect,
+        expert_parallel=args.expert_parallel,
     )
     result["host_ram_source"] = host_source
     print(json.dumps(result, indent=2) if args.json else render(result, args.model, host_source))

@@ -3,9 +3,12 @@ line each; parameter counts (total and active) match the built model; every expe
 the same whichever rank holds it; the load-balancing loss is part of the training loss only; the routing
 statistics count what DeepSpeed's router did."""
 
+import re
+
 import pytest
 import torch
 
+from dsllm.errors import UserError
 from dsllm.model import GPT, expert_names
 from dsllm.model_config import ConfigError, resolve_model_config
 
@@ -134,3 +137,32 @@ def test_plan_counts_active_parameters_and_offers_only_what_runs():
     assert 1.5 < ratio < 1.8
     text = render(result, "mixtral-8x7b", "--host-ram-gib")
     assert "12,879,925,248 active per token" in text and "do not take Mixture-of-Experts blocks yet" in text
+
+
+def test_plan_with_expert_parallelism_counts_a_gpus_share_of_the_experts():
+    """`dsllm plan --expert-parallel 8`: each GPU holds 1/8 of the experts, ZeRO-partitioned over the 2 of 16 GPUs
+    holding the same ones, and the rest of the model as before; the host builds only its share."""
+    from dsllm.plan import main, model_state_gib, parse_gpus, plan, render
+
+    gpus, h100 = parse_gpus("8xH100")
+    config = resolve_model_config("mixtral-8x7b")
+    assert config.expert_parameters == 32 * 8 * 3 * 4096 * 14336  # 32 sparse blocks x 8 SwiGLU experts
+    whole = plan(config, gpus, h100, nodes=2, seq_len=4096, host_ram_gib=2048)
+    split = plan(config, gpus, h100, nodes=2, seq_len=4096, host_ram_gib=2048, expert_parallel=8)
+    rows = {row["config"]: row for row in split["configs"]}
+    dense, experts = config.num_parameters() - config.expert_parameters, config.expert_parameters // 8
+    expected = model_state_gib(dense, 1, "zero2", 8, 2)[0] + model_state_gib(experts, 1, "zero2", 2, 1)[0]
+    assert rows["zero2"]["model_states_gib"] == pytest.approx(expected)
+    before = {row["config"]: row for row in whole["configs"]}
+    assert rows["zero1"]["model_states_gib"] < before["zero1"]["model_states_gib"] / 6
+    assert rows["zero2"]["host_gib_per_node"] < before["zero2"]["host_gib_per_node"] / 6
+    assert split["recommended"]["config"] == "zero2" and whole["recommended"] is None
+    assert "the experts split over 8 GPUs" in render(split, "mixtral-8x7b", "--host-ram-gib")
+    for flags, message in (
+        (["--expert-parallel", "3"], "the 8 experts of a sparse block do not split evenly over 3 GPUs"),
+        (["--gpus", "6xH100", "--expert-parallel", "4"], "the 6 GPU(s) do not divide into groups of 4"),
+        (["--model", "llama-7b", "--expert-parallel", "2"], "the model has no experts to split"),
+    ):
+        args = ["--model", "mixtral-8x7b", "--gpus", "8xH100", "--host-ram-gib", "2048", *flags]
+        with pytest.raises(UserError, match=re.escape(message)):
+            main(args)
