@@ -28,6 +28,8 @@ from runs import SMALL_MODEL, env
 
 RECORD_ENV = "DSLLM_BAD_INPUTS_RECORD"  # a JSONL file: each case appends {name, command, input, answer}
 PRETRAIN = "launch/pretrain.py"
+ZERO2 = ("--ds_config", str(ROOT / "ds_configs" / "zero2.json"))
+GOOD_DATA = ("--data", "{data}", "--out", "{tmp}/out")  # a good pretraining command's dataset and run folder
 COMMAND_MAINS = {  # the command as a user types it -> (module, main function) it runs
     PRETRAIN: ("dsllm.pretrain", "main"),
     "data_pipeline/prepare.py": ("dsllm.data.prepare", "main"),
@@ -70,7 +72,7 @@ def pretrain_ds(name: str, bad_input: str, expect: tuple[str, ...], **changes) -
         name,
         bad_input,
         PRETRAIN,
-        ("--ds_config", "{ds.json}", "--data", "{data}", "--out", "{tmp}/out", *SMALL_MODEL, "--seq-len", "32"),
+        ("--ds_config", "{ds.json}", *GOOD_DATA, *SMALL_MODEL, "--seq-len", "32"),
         expect,
         {"ds.json": ds_json(**changes)},
     )
@@ -82,18 +84,7 @@ def pretrain_flag(flag: str, value: str, expect: tuple[str, ...], *others: str) 
         f"pretrain{flag}-{value}",
         f"`{flag} {value}`" + (f" with `{' '.join(others)}`" if others else ""),
         PRETRAIN,
-        (
-            "--ds_config",
-            str(ROOT / "ds_configs" / "zero2.json"),
-            "--data",
-            "{data}",
-            "--out",
-            "{tmp}/out",
-            *SMALL_MODEL,
-            flag,
-            value,
-            *others,
-        ),
+        (*ZERO2, *GOOD_DATA, *SMALL_MODEL, flag, value, *others),
         expect,
     )
 
@@ -155,19 +146,7 @@ def pretrain_init(name: str, bad_input: str, args: tuple[str, ...], expect: tupl
         name,
         bad_input,
         PRETRAIN,
-        (
-            "--ds_config",
-            str(ROOT / "ds_configs" / "zero2.json"),
-            "--data",
-            "{data}",
-            "--out",
-            "{tmp}/out",
-            "--init",
-            "{init}",
-            "--seq-len",
-            "32",
-            *args,
-        ),
+        (*ZERO2, *GOOD_DATA, "--init", "{init}", "--seq-len", "32", *args),
         expect,
         {"init": model_folder(**folder)},
     )
@@ -301,17 +280,7 @@ CASES = [
         "token-id-past-vocab",
         "dataset with a token id past the tokenizer's vocabulary",
         PRETRAIN,
-        (
-            "--ds_config",
-            str(ROOT / "ds_configs" / "zero2.json"),
-            "--data",
-            "{bad_data}",
-            "--out",
-            "{tmp}/out",
-            *SMALL_MODEL,
-            "--seq-len",
-            "32",
-        ),
+        (*ZERO2, "--data", "{bad_data}", "--out", "{tmp}/out", *SMALL_MODEL, "--seq-len", "32"),
         ("train.bin: token id 310", "vocabulary size 300", "prepare.py"),
         {"bad_data": dataset_with_id(310)},
     ),
