@@ -188,10 +188,13 @@ def hf_config(config: ModelConfig, eos: int) -> dict:
 
 def hf_rope_parameters(config: ModelConfig) -> dict:
     """transformers' `rope_parameters` for the model's RoPE scaling (`dsllm.model.rope_frequencies`)."""
-    parameters = {"rope_type": "default" if config.rope_scaling == "none" else config.rope_scaling}
-    parameters["rope_theta"] = config.rope_theta
-    if config.rope_scaling != "none":
-        parameters["factor"] = config.rope_scaling_factor
+    if config.rope_scaling in ("none", "ntk"):  # NTK-aware scaling is plain RoPE with a larger base
+        return {"rope_type": "default", "rope_theta": config.rope_base}
+    parameters = {
+        "rope_type": config.rope_scaling,
+        "rope_theta": config.rope_theta,
+        "factor": config.rope_scaling_factor,
+    }
     if config.rope_scaling == "yarn":
         parameters.update(
             original_max_position_embeddings=config.rope_original_max_seq_len, beta_fast=32.0, beta_slow=1.0

@@ -42,12 +42,14 @@ def make_norm(config: ModelConfig) -> nn.Module:
 
 def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """RoPE's inverse frequencies [head_dim / 2] and the factor on cos and sin, as Hugging Face computes them for
-    the model's `rope_scaling`: 'none'; 'linear' (positions interpolated: every frequency / factor); 'yarn' (YaRN:
+    the model's `rope_scaling`: 'none'; 'linear' (positions interpolated: every frequency / factor); 'ntk' (NTK-aware
+    scaling: `ModelConfig.rope_base`, the base x factor^(d / (d - 2)), so the lowest frequency is divided by the
+    factor and the highest kept; exported as plain RoPE with that base); 'yarn' (YaRN:
     the high frequencies kept, the low ones interpolated, a linear ramp between the dimensions that turn
     beta_fast = 32 and beta_slow = 1 times over the original context, and cos, sin x (0.1 ln factor + 1))."""
-    dim, base = config.head_dim, config.rope_theta
+    dim, base = config.head_dim, config.rope_base
     powers = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    if config.rope_scaling == "none":
+    if config.rope_scaling in ("none", "ntk"):
         return 1.0 / powers, 1.0
     factor = config.rope_scaling_factor
     if config.rope_scaling == "linear":

@@ -20,7 +20,7 @@ POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 CHECKPOINTING = ("none", "torch", "deepspeed")
-ROPE_SCALINGS = ("none", "linear", "yarn")
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
 # What no weight's shape depends on: a run that starts from trained weights (--init) may change these. max_seq_len
 # only with RoPE (computed per position; learned positions are a table of max_seq_len rows).
 WEIGHT_FREE_FIELDS = (
@@ -59,7 +59,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """rotary base wavelength"""
     rope_scaling: str = "none"
-    """RoPE scaling for a context longer than trained: 'none', 'linear' (positions interpolated) or 'yarn'"""
+    """RoPE scaling for a context longer than trained: 'none', 'linear' (positions interpolated), 'ntk' (NTK-aware:
+    the base raised so the lowest frequency stretches by the factor, the highest kept) or 'yarn'"""
     rope_scaling_factor: float = 1.0
     """how many times the trained context the scaled RoPE covers"""
     rope_original_max_seq_len: int | None = None
@@ -142,6 +143,14 @@ class ModelConfig:
         dense = self.n_layers * (attention + mlp + 2 * norm) + norm + embeddings + positions
         experts = self.moe_top_k if active else self.moe_experts
         return dense + self.sparse_blocks * ((experts - 1) * mlp + d * self.moe_experts)
+
+    @property
+    def rope_base(self) -> float:
+        """RoPE's base wavelength: rope_theta, raised by NTK-aware scaling ('ntk') to theta x factor^(d / (d - 2)),
+        which divides the lowest frequency by the factor and keeps the highest."""
+        if self.rope_scaling != "ntk":
+            return self.rope_theta
+        return self.rope_theta * self.rope_scaling_factor ** (self.head_dim / (self.head_dim - 2))
 
     @property
     def mlp_parameters(self) -> int:

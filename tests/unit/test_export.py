@@ -27,6 +27,7 @@ CASES = {
     "llama_mqa_bias": dict(LLAMA, n_kv_heads=1, bias=True, tie_embeddings=False),
     "llama_mha": dict(LLAMA),
     "llama_linear_rope": dict(LLAMA, n_kv_heads=2, rope_scaling="linear", rope_scaling_factor=4.0),
+    "llama_ntk": dict(LLAMA, n_kv_heads=2, rope_scaling="ntk", rope_scaling_factor=4.0),
     "llama_yarn": dict(LLAMA, n_kv_heads=2, rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_max_seq_len=16),
     "mixtral_untied": dict(LLAMA, n_kv_heads=2, tie_embeddings=False, moe_experts=4, moe_top_k=2),
     "mixtral_tied": dict(LLAMA, n_kv_heads=4, moe_experts=8, moe_top_k=2, mlp_hidden=48),
