@@ -153,7 +153,7 @@ class CleaningReport:
 
 
 class Deduplicator:
-    """Remembers the hashes of kept documents (about 60 bytes of memory per unique document)."""
+    """Remembers the hashes of kept documents (about 110 bytes of memory per unique document, measured)."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled

@@ -2,7 +2,7 @@
 
 The main process reads, deduplicates, splits and writes; worker processes clean and tokenize batches.
 At most `2 x workers` batches are in flight, so memory stays bounded whatever the corpus size (the
-dedup set grows by ~60 bytes per unique document). Output is staged in `OUT/.partial-<pid>/` and
+dedup set grows by ~110 bytes per unique document). Output is staged in `OUT/.partial-<pid>/` and
 moved into place only when complete, `meta.json` last: an interrupted run leaves no valid dataset.
 """
 
