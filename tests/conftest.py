@@ -131,6 +131,18 @@ def peak_rss_kib(module: str, *args, env: dict | None = None) -> tuple[int, int,
     return main_kib, child_kib, proc.stdout
 
 
+@pytest.fixture
+def hf_offline(monkeypatch, tmp_path):
+    """`datasets` without the network and with a cache of the test's own, here and in the processes a test
+    starts: `hf:` inputs in tests are local folders."""
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-home" / "datasets")
+
+
 @pytest.fixture(scope="session")
 def corpus_texts() -> list[str]:
     return make_documents(400)

@@ -31,7 +31,7 @@ from dsllm.data.cleaning import (
 )
 from dsllm.data.encode_workers import _batches, _BatchResult, _process
 from dsllm.data.format import FORMAT_VERSION, IndexHeader, TokenFileWriter, paths_for
-from dsllm.data.sources import CorpusReader, add_input_arguments, skipped_summary
+from dsllm.data.sources import CorpusReader, add_input_arguments, describe_input, local_input_paths, skipped_summary
 from dsllm.errors import ArgumentParser, UserError
 from dsllm.paths import check_output_apart
 from dsllm.tokenizer import (
@@ -153,7 +153,11 @@ def prepare(config: PrepareConfig, log: Callable[[str], None] | None = None) -> 
     started = time.perf_counter()
     output = Path(config.output)
     tokenizer_file = resolve_tokenizer_file(config.tokenizer)
-    check_output_apart(output, "--output", [("--input", p) for p in config.inputs] + [("--tokenizer", tokenizer_file)])
+    check_output_apart(
+        output,
+        "--output",
+        [("--input", p) for p in local_input_paths(config.inputs)] + [("--tokenizer", tokenizer_file)],
+    )
     existing = _existing_dataset(output) if output.is_dir() else []
     if existing and not config.overwrite:
         raise UserError(
@@ -234,7 +238,7 @@ def _metadata(config, reader, report, headers, vocab_size, tok_hash, eot, tokens
         "format_version": FORMAT_VERSION,
         "dsllm_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "inputs": [str(Path(p).resolve()) for p in config.inputs],
+        "inputs": [describe_input(p) for p in config.inputs],
         "files_read": stats.files,
         "files_skipped": stats.skipped_files,
         "text_key": config.text_key,

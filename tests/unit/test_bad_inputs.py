@@ -396,6 +396,20 @@ CASES = [
         {"bad.parquet": damaged_parquet},
         subprocess=True,
     ),
+    Case(
+        "hf-stream-malformed",
+        "`--input hf:corpus` (no split)",
+        "data_pipeline/prepare.py",
+        ("--input", "hf:corpus", *PREPARE_ARGS),
+        ("hf:corpus: not a dataset spelling datasets can stream; use hf:NAME[:CONFIG]:SPLIT",),
+    ),
+    Case(
+        "hf-stream-missing",
+        "`--input hf:FOLDER:train` with no such folder (or a split, config or Hub name that does not load)",
+        "data_pipeline/prepare.py",
+        ("--input", "hf:{tmp}/missing:train", *PREPARE_ARGS),
+        ("missing:train: datasets cannot stream it (Couldn't find any data file at", "check the NAME, CONFIG"),
+    ),
     # -- generate and plan --------------------------------------------------------------------------------------
     Case(
         "temperature-huge",

@@ -437,3 +437,41 @@ def test_data_command_parsers_are_light_and_every_option_has_help(module):
     proc = run_script(DATA_COMMANDS[module], "--help", check_rc=0)
     for option in found["options"]:
         assert option in proc.stdout, (option, proc.stdout)
+
+
+def test_a_streaming_datasets_source_prepares_in_bounded_memory(tmp_path, tokenizer_dir, hf_offline):
+    """`--input hf:FOLDER:train` streams through datasets.load_dataset(..., streaming=True): 4x the corpus, the
+    same peak memory (within 10%), in the main process and in the workers. The corpus is sharded, as large ones
+    are: datasets reads a JSON file in 10 MB chunks, so one file under 10 MB would be read whole."""
+
+    def write_corpus(folder, shards):
+        folder.mkdir()
+        for shard in range(shards):
+            texts = make_documents(2000, seed=shard, max_words=120)
+            write_jsonl(folder / f"part-{shard:02d}.jsonl", [f"{shard} {t}" for t in texts])
+        return sum(p.stat().st_size for p in folder.iterdir())
+
+    small_bytes = write_corpus(tmp_path / "small", 2)
+    big_bytes = write_corpus(tmp_path / "big", 8)
+    peaks = {}
+    for name in ("small", "big"):
+        main_kib, worker_kib, stdout = peak_rss_kib(
+            "dsllm.data.prepare",
+            "--input",
+            f"hf:{tmp_path / name}:train",
+            "--tokenizer",
+            tokenizer_dir,
+            "--output",
+            tmp_path / f"{name}-out",
+            "--workers",
+            2,
+        )
+        peaks[name] = main_kib, worker_kib
+        assert f"documents  read {4000 if name == 'small' else 16000:,}" in stdout
+    (small_main, small_workers), (big_main, big_workers) = peaks["small"], peaks["big"]
+    print(
+        f"streaming {small_bytes / 1e6:.1f} -> {big_bytes / 1e6:.1f} MB: peak RSS main {small_main} -> {big_main} "
+        f"KiB, workers {small_workers} -> {big_workers} KiB"
+    )
+    assert big_main < 1.1 * small_main and big_workers < 1.1 * small_workers, peaks
+    assert json.loads((tmp_path / "big-out" / "meta.json").read_text())["inputs"] == [f"hf:{tmp_path / 'big'}:train"]
