@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from dsllm.data.cleaning import (
+    NEAR_DUPLICATE,
     CleaningConfig,
     CleaningReport,
     Deduplicator,
@@ -16,6 +17,7 @@ from dsllm.data.cleaning import (
     document_hash,
     drop_reason,
 )
+from dsllm.data.near_dedup import NearDeduplicator, Signer
 from dsllm.data.sources import CorpusReader, add_input_arguments, skipped_summary
 from dsllm.errors import ArgumentParser, UserError
 from dsllm.tokenizer import TOKENIZER_FILE, check_full_vocab, save_tokenizer, tokenizer_hash, train_tokenizer
@@ -43,16 +45,21 @@ def build_parser() -> ArgumentParser:
 def cleaned_documents(
     reader: CorpusReader, cleaning: CleaningConfig, report: CleaningReport, progress: bool | None = None
 ) -> Iterator[str]:
-    """The reader's documents after cleaning, length filter and exact dedup; `report` counts what was dropped."""
+    """The reader's documents after cleaning, length filter, exact (and near) dedup, as `prepare` drops them;
+    `report` counts what was dropped."""
     from tqdm import tqdm
 
     dedup = Deduplicator(cleaning.dedup)
+    near = NearDeduplicator() if cleaning.near_dedup is not None else None
+    signer = Signer(cleaning.near_dedup) if near is not None else None
     for text in tqdm(reader, desc="reading", unit="doc", disable=None if progress is None else not progress):
         report.read += 1
         text = clean(text, cleaning)
         reason = drop_reason(text, cleaning)
         if reason is None and dedup.is_duplicate(document_hash(text)):
             reason = "duplicate"
+        if reason is None and near is not None and near.is_duplicate(signer.band_keys([text])[0]):
+            reason = NEAR_DUPLICATE
         if reason is not None:
             report.dropped[reason] += 1
             continue
@@ -71,7 +78,7 @@ def main(argv=None) -> int:
     skipped = skipped_summary(reader.stats.skipped_files)
     if skipped:
         print(skipped, flush=True)
-    report = CleaningReport()
+    report = CleaningReport.for_config(cleaning)
     texts = cleaned_documents(reader, cleaning, report)
     tokenizer = train_tokenizer(texts, args.vocab_size, args.min_frequency, require_full_vocab=False)
     report.check_not_empty(args.input)

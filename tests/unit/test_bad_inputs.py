@@ -410,6 +410,17 @@ CASES = [
         ("--input", "hf:{tmp}/missing:train", *PREPARE_ARGS),
         ("missing:train: datasets cannot stream it (Couldn't find any data file at", "check the NAME, CONFIG"),
     ),
+    *(
+        Case(
+            f"near-dedup-threshold-{value}",
+            f"`--near-dedup-threshold {value}`",
+            "data_pipeline/prepare.py",
+            ("--input", "{c.jsonl}", *PREPARE_ARGS, "--near-dedup-threshold", value),
+            (f"--near-dedup-threshold {value} is outside (0, 1]",),
+            {"c.jsonl": jsonl_line('{"text": "another good document"}')},
+        )
+        for value in ("0", "1.5", "nan")
+    ),
     # -- generate and plan --------------------------------------------------------------------------------------
     Case(
         "temperature-huge",
