@@ -412,6 +412,25 @@ CASES = [
     ),
     *(
         Case(
+            f"sample-bytes-{value}",
+            f"`--sample-bytes {value}`",
+            "tokenizer/train_tokenizer.py",
+            ("--input", "{c.jsonl}", *TOKENIZER_ARGS, "--sample-bytes", value),
+            (f"--sample-bytes {value}: give a positive number of bytes",),
+            {"c.jsonl": jsonl_line('{"text": "another good document"}')},
+        )
+        for value in ("0", "-5")
+    ),
+    Case(
+        "sample-bytes-below-every-document",
+        "`--sample-bytes` smaller than every document",
+        "tokenizer/train_tokenizer.py",
+        ("--input", "{c.jsonl}", *TOKENIZER_ARGS, "--sample-bytes", "10"),
+        ("--sample-bytes 10 is smaller than every document left after cleaning", "give a larger"),
+        {"c.jsonl": jsonl_line('{"text": "another good document, longer than ten bytes"}')},
+    ),
+    *(
+        Case(
             f"near-dedup-threshold-{value}",
             f"`--near-dedup-threshold {value}`",
             "data_pipeline/prepare.py",
