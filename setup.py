@@ -19,6 +19,7 @@ setup(
         "deepspeed>=0.19.8,<0.20",
         "tokenizers>=0.20",
         "datasets>=3.0",
+        "datasketch>=2.0,<3",  # --near-dedup: MinHash (scheme affine32, new in 2.0) and MinHashLSH's band choice
         "numpy>=1.26",
         "pyarrow>=15",
         "zstandard>=0.22",

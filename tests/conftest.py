@@ -108,6 +108,41 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> str
     return lines[0]
 
 
+def peak_rss_kib(module: str, *args, env: dict | None = None) -> tuple[int, int, str]:
+    """Run `MODULE.main(ARGS)` in a process of its own; (peak RSS of that process, of its largest child, in KiB,
+    and its stdout). A fresh process per measurement, as a peak only ever grows. The process's own peak is
+    VmHWM, its memory map's high-water mark: ru_maxrss would carry over this (pytest's, far larger) process's
+    peak through exec and hide any growth below it. A child's (spawned worker's) ru_maxrss likewise starts from
+    the measured process's RSS when it was started."""
+    driver = (
+        f"import resource, sys; from {module} import main; main(sys.argv[1:]); "
+        "hwm = next(int(line.split()[1]) for line in open('/proc/self/status') if line.startswith('VmHWM:')); "
+        "print(hwm, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", driver, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stderr
+    main_kib, child_kib = map(int, proc.stdout.strip().splitlines()[-1].split())
+    return main_kib, child_kib, proc.stdout
+
+
+@pytest.fixture
+def hf_offline(monkeypatch, tmp_path):
+    """`datasets` without the network and with a cache of the test's own, here and in the processes a test
+    starts: `hf:` inputs in tests are local folders."""
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-home" / "datasets")
+
+
 @pytest.fixture(scope="session")
 def corpus_texts() -> list[str]:
     return make_documents(400)

@@ -2,7 +2,8 @@
 
 Order: strip HTML -> unicode (NFC, control characters) -> whitespace -> length; exact-duplicate
 removal uses the hash of the cleaned text and happens in the process that writes (it needs the
-global set of hashes). Whitespace normalisation keeps indentation, so code survives it.
+global set of hashes), and so does near-duplicate removal (`near_dedup`, off by default) after it.
+Whitespace normalisation keeps indentation, so code survives it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import html
 import re
 import unicodedata
 
+from dsllm.data.near_dedup import DEFAULT_THRESHOLD, NUM_PERM, SHINGLE_WORDS
 from dsllm.errors import UserError
 
 # Tags that end a line of text: replaced by a newline so words on either side do not merge.
@@ -62,6 +64,7 @@ class CleaningConfig:
     normalize_whitespace: bool = True
     dedup: bool = True
     min_chars: int = 32
+    near_dedup: float | None = None  # the Jaccard threshold of near-duplicate removal; None: off
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)
@@ -117,6 +120,7 @@ def document_hash(text: str) -> bytes:
 
 
 DROP_REASONS = ("empty", "too_short", "duplicate")
+NEAR_DUPLICATE = "near_duplicate"  # a reason of its own, in reports only when near-dedup is on
 
 
 def drop_reason(cleaned: str, config: CleaningConfig) -> str | None:
@@ -133,6 +137,13 @@ class CleaningReport:
     read: int = 0
     kept: int = 0
     dropped: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+
+    @classmethod
+    def for_config(cls, cleaning: CleaningConfig) -> CleaningReport:
+        report = cls()
+        if cleaning.near_dedup is not None:
+            report.dropped[NEAR_DUPLICATE] = 0
+        return report
 
     def as_dict(self) -> dict:
         return {"documents_read": self.read, "dropped": dict(self.dropped), "documents_kept": self.kept}
@@ -153,7 +164,7 @@ class CleaningReport:
 
 
 class Deduplicator:
-    """Remembers the hashes of kept documents (about 60 bytes of memory per unique document)."""
+    """Remembers the hashes of kept documents (about 110 bytes of memory per unique document, measured)."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -191,6 +202,19 @@ def add_cleaning_arguments(parser) -> None:
     )
     group.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep exact duplicate documents")
     group.add_argument(
+        "--near-dedup",
+        action="store_true",
+        help=f"also drop near duplicates (MinHash LSH over word {SHINGLE_WORDS}-grams, {NUM_PERM} permutations; "
+        "off by default)",
+    )
+    group.add_argument(
+        "--near-dedup-threshold",
+        type=float,
+        default=None,
+        metavar="J",
+        help=f"Jaccard similarity of the near-dedup in (0, 1] (default {DEFAULT_THRESHOLD}); implies --near-dedup",
+    )
+    group.add_argument(
         "--min-chars",
         type=int,
         default=CleaningConfig.min_chars,
@@ -202,10 +226,19 @@ def add_cleaning_arguments(parser) -> None:
 def cleaning_config_from_args(args) -> CleaningConfig:
     if args.min_chars < 0:
         raise UserError(f"--min-chars is {args.min_chars}; give 0 or more")
+    threshold = args.near_dedup_threshold
+    if threshold is not None and not 0 < threshold <= 1:  # nan fails the comparison too
+        raise UserError(
+            f"--near-dedup-threshold {threshold:g} is outside (0, 1]: it is the Jaccard similarity of word "
+            f"{SHINGLE_WORDS}-gram sets above which documents are near duplicates (default {DEFAULT_THRESHOLD})"
+        )
+    if threshold is None and args.near_dedup:
+        threshold = DEFAULT_THRESHOLD
     return CleaningConfig(
         strip_html=args.strip_html,
         normalize_unicode=args.normalize_unicode,
         normalize_whitespace=args.normalize_whitespace,
         dedup=args.dedup,
         min_chars=args.min_chars,
+        near_dedup=threshold,
     )

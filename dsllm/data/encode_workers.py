@@ -1,6 +1,6 @@
-"""The data stage's worker processes: the corpus in batches of documents, each cleaned and tokenized in a
-process of its own (`_process` keeps at most 2 x workers batches in flight and yields results in order), and
-what to say when the pool breaks (which worker died, and why it likely did)."""
+"""The data stage's worker processes: the corpus in batches of documents, each cleaned and tokenized (and, with
+near-dedup, signed) in a process of its own (`_process` keeps at most 2 x workers batches in flight and yields
+results in order), and what to say when the pool breaks (which worker died, and why it likely did)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from concurrent.futures.process import BrokenProcessPool
 import numpy as np
 
 from dsllm.data.cleaning import CleaningConfig, clean, document_hash, drop_reason
+from dsllm.data.near_dedup import Signer
 from dsllm.data.sources import CorpusReader
 from dsllm.errors import UserError
 from dsllm.tokenizer import encode_as_text, eot_id
@@ -53,7 +54,8 @@ def _init_worker(tokenizer_json: str, cleaning: CleaningConfig, threads: int = 1
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(tokenizer_json)
-    _worker.update(tokenizer=tokenizer, eot=eot_id(tokenizer), cleaning=cleaning)
+    signer = Signer(cleaning.near_dedup) if cleaning.near_dedup is not None else None
+    _worker.update(tokenizer=tokenizer, eot=eot_id(tokenizer), cleaning=cleaning, signer=signer)
 
 
 @dataclasses.dataclass
@@ -62,6 +64,7 @@ class _BatchResult:
     hashes: list[bytes]  # per kept document
     lengths: np.ndarray  # per kept document, tokens including the final end-of-text
     tokens: np.ndarray  # kept documents' tokens, concatenated
+    near_keys: np.ndarray | None = None  # per kept document, its near-dedup band keys (with --near-dedup)
 
 
 def _clean_and_tokenize(texts: list[str]) -> _BatchResult:
@@ -80,7 +83,8 @@ def _clean_and_tokenize(texts: list[str]) -> _BatchResult:
     tokens[ends - 1] = eot
     for doc, end in zip(ids, ends):
         tokens[end - 1 - len(doc) : end - 1] = doc
-    return _BatchResult(reasons, [document_hash(t) for t in kept], lengths, tokens)
+    near_keys = _worker["signer"].band_keys(kept) if _worker["signer"] is not None else None
+    return _BatchResult(reasons, [document_hash(t) for t in kept], lengths, tokens, near_keys)
 
 
 @dataclasses.dataclass

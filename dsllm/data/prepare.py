@@ -2,8 +2,9 @@
 
 The main process reads, deduplicates, splits and writes; worker processes clean and tokenize batches.
 At most `2 x workers` batches are in flight, so memory stays bounded whatever the corpus size (the
-dedup set grows by ~60 bytes per unique document). Output is staged in `OUT/.partial-<pid>/` and
-moved into place only when complete, `meta.json` last: an interrupted run leaves no valid dataset.
+dedup set grows by ~110 bytes per unique document, the near-dedup index by ~660 bytes per kept one). Output is
+staged in `OUT/.partial-<pid>/` and moved into place only when complete, `meta.json` last: an interrupted run
+leaves no valid dataset.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from dsllm import __version__
 from dsllm.data.cleaning import (
+    NEAR_DUPLICATE,
     CleaningConfig,
     CleaningReport,
     Deduplicator,
@@ -31,7 +33,9 @@ from dsllm.data.cleaning import (
 )
 from dsllm.data.encode_workers import _batches, _BatchResult, _process
 from dsllm.data.format import FORMAT_VERSION, IndexHeader, TokenFileWriter, paths_for
-from dsllm.data.sources import CorpusReader, add_input_arguments, skipped_summary
+from dsllm.data.near_dedup import NearDeduplicator
+from dsllm.data.near_dedup import describe as describe_near_dedup
+from dsllm.data.sources import CorpusReader, add_input_arguments, describe_input, local_input_paths, skipped_summary
 from dsllm.errors import ArgumentParser, UserError
 from dsllm.paths import check_output_apart
 from dsllm.tokenizer import (
@@ -153,7 +157,11 @@ def prepare(config: PrepareConfig, log: Callable[[str], None] | None = None) -> 
     started = time.perf_counter()
     output = Path(config.output)
     tokenizer_file = resolve_tokenizer_file(config.tokenizer)
-    check_output_apart(output, "--output", [("--input", p) for p in config.inputs] + [("--tokenizer", tokenizer_file)])
+    check_output_apart(
+        output,
+        "--output",
+        [("--input", p) for p in local_input_paths(config.inputs)] + [("--tokenizer", tokenizer_file)],
+    )
     existing = _existing_dataset(output) if output.is_dir() else []
     if existing and not config.overwrite:
         raise UserError(
@@ -178,8 +186,9 @@ def prepare(config: PrepareConfig, log: Callable[[str], None] | None = None) -> 
     splits = None
     try:
         splits = _SplitWriter(stage, vocab_size, tok_hash, config.val_fraction, config.seed)
-        report = CleaningReport()
+        report = CleaningReport.for_config(config.cleaning)
         dedup = Deduplicator(config.cleaning.dedup)
+        near = NearDeduplicator() if config.cleaning.near_dedup is not None else None
         tokens_out = 0
         with tqdm(desc="prepare", unit="doc", disable=None if config.progress is None else not config.progress) as bar:
             for size, result in _process(_batches(reader), config.workers, tokenizer.to_str(), config.cleaning):
@@ -189,6 +198,11 @@ def prepare(config: PrepareConfig, log: Callable[[str], None] | None = None) -> 
                         report.dropped[reason] += 1
                 keep = [not dedup.is_duplicate(d) for d in result.hashes]
                 report.dropped["duplicate"] += keep.count(False)
+                if near is not None:  # after exact dedup, in input order: the same result with any --workers
+                    for i, kept in enumerate(keep):
+                        if kept and near.is_duplicate(result.near_keys[i]):
+                            keep[i] = False
+                            report.dropped[NEAR_DUPLICATE] += 1
                 if not all(keep):
                     keep_tokens = np.repeat(np.array(keep, dtype=bool), result.lengths)
                     result = _BatchResult(
@@ -234,7 +248,7 @@ def _metadata(config, reader, report, headers, vocab_size, tok_hash, eot, tokens
         "format_version": FORMAT_VERSION,
         "dsllm_version": __version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "inputs": [str(Path(p).resolve()) for p in config.inputs],
+        "inputs": [describe_input(p) for p in config.inputs],
         "files_read": stats.files,
         "files_skipped": stats.skipped_files,
         "text_key": config.text_key,
@@ -243,6 +257,7 @@ def _metadata(config, reader, report, headers, vocab_size, tok_hash, eot, tokens
         "seed": config.seed,
         "workers": config.workers,
         "cleaning": config.cleaning.describe(),
+        "near_dedup": describe_near_dedup(config.cleaning.near_dedup),
         "tokenizer": {"file": TOKENIZER_FILE, "hash": tok_hash.hex(), "vocab_size": vocab_size, "eot_id": eot},
         "splits": {
             name: {
@@ -276,6 +291,13 @@ def format_report(meta: dict) -> str:
         f"{r['documents_with_replacements']:,} documents)",
         f"tokens out {r['tokens_out']:,} (vocab {meta['tokenizer']['vocab_size']:,})",
     ]
+    near = meta.get("near_dedup")
+    if near is not None:
+        lines.append(
+            f"near-dedup {r['dropped'][NEAR_DUPLICATE]:,} near duplicates removed (Jaccard {near['threshold']} over "
+            f"word {near['shingle_words']}-grams, {near['num_perm']} permutations in {near['bands']} bands of "
+            f"{near['rows']})"
+        )
     for name, split in meta["splits"].items():
         lines.append(f"{name:<10} {split['documents']:,} documents, {split['tokens']:,} tokens ({split['dtype']})")
     lines.append(

@@ -2,8 +2,10 @@
 
 Formats: plain text (`.txt`, `.text`, `.md`, `.rst`: one document per file, or one per line with
 `split_lines`), `.jsonl`, `.jsonl.gz`, `.jsonl.zst`, `.parquet` (streamed by row group), folders saved
-with `datasets.save_to_disk`, and folders of these. Other files in a folder are skipped and counted by
-extension (`skipped_summary`). Everything streams: memory does not grow with the corpus.
+with `datasets.save_to_disk`, folders of these, and `hf:NAME[:CONFIG]:SPLIT`: a dataset `datasets.load_dataset`
+streams (a Hub name, or a local folder of data files), read batch by batch and never materialised. Other files in
+a folder are skipped and counted by extension (`skipped_summary`). Everything streams: memory does not grow with
+the corpus.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ READABLE = ".jsonl .jsonl.gz .jsonl.zst .parquet .txt .text .md .rst files or da
 SKIPPED_FIX = "pass them as .txt/.md or convert them"
 NO_EXTENSION = "(no extension)"
 HF_DATASET_MARKERS = ("dataset_dict.json", "state.json")
+HF_STREAM_PREFIX = "hf:"
+HF_STREAM_FORM = "hf:NAME[:CONFIG]:SPLIT"
+HF_STREAM_SPELLING = f"{HF_STREAM_FORM} (e.g. hf:allenai/c4:en:train, or hf:corpus/:train for a local folder)"
 _BATCH_ROWS = 1024
 
 
@@ -52,6 +57,69 @@ class ReadStats:
     replaced_bytes: int = 0  # invalid UTF-8 bytes replaced by U+FFFD
     documents_with_replacements: int = 0
     skipped_files: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class HFStream:
+    """An `--input hf:NAME[:CONFIG]:SPLIT`: `datasets.load_dataset(NAME, CONFIG, split=SPLIT, streaming=True)`,
+    so a Hub corpus larger than the disk is read as it downloads, and a local folder of data files (.jsonl,
+    .parquet, ...) is read without a conversion. A colon separates the parts, so NAME holds none."""
+
+    spec: str  # as the user wrote it: the name in messages and in meta.json
+    name: str
+    config: str | None
+    split: str
+
+    @classmethod
+    def parse(cls, spec: str) -> HFStream:
+        parts = spec[len(HF_STREAM_PREFIX) :].split(":")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise InputError(f"{spec}: not a dataset spelling datasets can stream; use {HF_STREAM_SPELLING}")
+        return cls(spec, parts[0], parts[1] if len(parts) == 3 else None, parts[-1])
+
+    def local_path(self) -> Path | None:
+        """NAME when it is a folder here (an output must stay apart from it), else None (a Hub name)."""
+        return Path(self.name) if Path(self.name).is_dir() else None
+
+    def load(self):
+        """The streaming dataset; a name, config or split that does not load is an InputError, before any work."""
+        import datasets
+
+        try:
+            return datasets.load_dataset(self.name, self.config, split=self.split, streaming=True)
+        except Exception as err:  # datasets raises many types: missing files, bad split or config, offline Hub
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+            raise InputError(
+                f"{self.spec}: datasets cannot stream it ({reason}); check the NAME, CONFIG and SPLIT "
+                f"of {HF_STREAM_FORM}"
+            ) from None
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def is_stream(raw: str | os.PathLike) -> bool:
+    """Whether an --input is an `hf:` dataset spelling rather than a path."""
+    return isinstance(raw, str) and raw.startswith(HF_STREAM_PREFIX)
+
+
+def local_input_paths(inputs: list[str | os.PathLike]) -> list[str | os.PathLike]:
+    """The inputs that are paths here (files, folders, the folder of a local `hf:` dataset): what an output
+    must not overlap."""
+    paths: list[str | os.PathLike] = []
+    for raw in inputs:
+        if not is_stream(raw):
+            paths.append(raw)
+        else:
+            local = HFStream.parse(raw).local_path()
+            if local is not None:
+                paths.append(local)
+    return paths
+
+
+def describe_input(raw: str | os.PathLike) -> str:
+    """An input as meta.json records it: a path resolved, an `hf:` spelling as given."""
+    return raw if is_stream(raw) else str(Path(raw).resolve())
 
 
 def input_kind(path: Path) -> str | None:
@@ -114,7 +182,8 @@ def add_input_arguments(parser) -> None:
         nargs="+",
         required=True,
         metavar="PATH",
-        help="files or folders: .jsonl .jsonl.gz .jsonl.zst .parquet, text (.txt .text .md .rst), save_to_disk folders",
+        help="files or folders: .jsonl .jsonl.gz .jsonl.zst .parquet, text (.txt .text .md .rst), save_to_disk "
+        f"folders; or a dataset datasets streams: {HF_STREAM_SPELLING}",
     )
     parser.add_argument("--text-key", default="text", help="the JSONL field or Parquet/datasets column with the text")
     parser.add_argument(
@@ -142,9 +211,16 @@ class CorpusReader:
         self.text_key = text_key
         self.split_lines = split_lines
         self.stats = ReadStats()
-        self.files: list[tuple[Path, str]] = []
+        self.files: list[tuple[Path | HFStream, str]] = []
+        self._streams: dict[str, object] = {}  # spec -> the datasets.IterableDataset, loaded up front
         seen: set[str] = set()
         for raw in inputs:
+            if is_stream(raw):
+                stream = HFStream.parse(raw)
+                if stream.spec not in self._streams:  # the same input twice is read once
+                    self._streams[stream.spec] = self._open_stream(stream)
+                    self.files.append((stream, "hf-stream"))
+                continue
             path = Path(raw)
             if not path.exists():
                 raise InputError(f"{path}: no such file or folder; check the --input path")
@@ -177,6 +253,7 @@ class CorpusReader:
             ".jsonl.zst": self._read_jsonl,
             ".parquet": self._read_parquet,
             "hf": self._read_hf,
+            "hf-stream": self._read_stream,
         }
         for path, kind in self.files:
             self.stats.files += 1
@@ -246,7 +323,7 @@ class CorpusReader:
             except _stream_errors() as err:  # gzip/zstd damage shows up while reading
                 raise InputError(f"{path}: cannot be read ({err}); check the file is complete") from None
 
-    def _arrow_texts(self, path: Path, column) -> Iterator[str]:
+    def _arrow_texts(self, path: Path | HFStream, column) -> Iterator[str]:
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -263,7 +340,7 @@ class CorpusReader:
         for value in column.to_pylist():
             yield "" if value is None else value
 
-    def _check_column(self, path: Path, names: list[str]) -> None:
+    def _check_column(self, path: Path | HFStream, names: list[str]) -> None:
         if self.text_key not in names:
             raise InputError(
                 f"{path}: no '{self.text_key}' column (found: {', '.join(names)}); "
@@ -306,3 +383,28 @@ class CorpusReader:
             table = split.select_columns([self.text_key]).with_format("arrow")
             for batch in table.iter(batch_size=_BATCH_ROWS):
                 yield from self._arrow_texts(path, batch.column(0))
+
+    def _open_stream(self, stream: HFStream):
+        dataset = stream.load()
+        names = dataset.column_names  # None when datasets learns the columns only by reading
+        if names is not None:
+            self._check_column(stream, names)
+            dataset = dataset.select_columns([self.text_key])  # the other columns are not decoded
+        return dataset.with_format("arrow")
+
+    def _read_stream(self, stream: HFStream) -> Iterator[str]:
+        batches, rows = self._streams[stream.spec].iter(batch_size=_BATCH_ROWS), 0
+        while True:
+            try:  # a damaged file, or a lost connection, shows up while reading
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as err:  # datasets and its builders raise many types
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+                raise InputError(
+                    f"{stream}: reading failed after row {rows:,} ({reason}); check the dataset's files "
+                    "(or the connection) and run again"
+                ) from None
+            self._check_column(stream, batch.column_names)
+            rows += batch.num_rows
+            yield from self._arrow_texts(stream, batch.column(self.text_key))

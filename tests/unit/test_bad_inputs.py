@@ -365,6 +365,50 @@ CASES = [
         {"bad.parquet": damaged_parquet},
         subprocess=True,
     ),
+    Case(
+        "hf-stream-malformed",
+        "`--input hf:corpus` (no split)",
+        "data_pipeline/prepare.py",
+        ("--input", "hf:corpus", *PREPARE_ARGS),
+        ("hf:corpus: not a dataset spelling datasets can stream; use hf:NAME[:CONFIG]:SPLIT",),
+    ),
+    Case(
+        "hf-stream-missing",
+        "`--input hf:FOLDER:train` with no such folder (or a split, config or Hub name that does not load)",
+        "data_pipeline/prepare.py",
+        ("--input", "hf:{tmp}/missing:train", *PREPARE_ARGS),
+        ("missing:train: datasets cannot stream it (Couldn't find any data file at", "check the NAME, CONFIG"),
+    ),
+    *(
+        Case(
+            f"sample-bytes-{value}",
+            f"`--sample-bytes {value}`",
+            "tokenizer/train_tokenizer.py",
+            ("--input", "{c.jsonl}", *TOKENIZER_ARGS, "--sample-bytes", value),
+            (f"--sample-bytes {value}: give a positive number of bytes",),
+            {"c.jsonl": jsonl_line('{"text": "another good document"}')},
+        )
+        for value in ("0", "-5")
+    ),
+    Case(
+        "sample-bytes-below-every-document",
+        "`--sample-bytes` smaller than every document",
+        "tokenizer/train_tokenizer.py",
+        ("--input", "{c.jsonl}", *TOKENIZER_ARGS, "--sample-bytes", "10"),
+        ("--sample-bytes 10 is smaller than every document left after cleaning", "give a larger"),
+        {"c.jsonl": jsonl_line('{"text": "another good document, longer than ten bytes"}')},
+    ),
+    *(
+        Case(
+            f"near-dedup-threshold-{value}",
+            f"`--near-dedup-threshold {value}`",
+            "data_pipeline/prepare.py",
+            ("--input", "{c.jsonl}", *PREPARE_ARGS, "--near-dedup-threshold", value),
+            (f"--near-dedup-threshold {value} is outside (0, 1]",),
+            {"c.jsonl": jsonl_line('{"text": "another good document"}')},
+        )
+        for value in ("0", "1.5", "nan")
+    ),
     # -- generate and plan --------------------------------------------------------------------------------------
     Case(
         "temperature-huge",

@@ -186,3 +186,43 @@ def test_damaged_gzip_is_a_user_error(tmp_path):
     path.write_bytes(gzip.compress(b'{"text": "a"}\n' * 1000)[:60])
     with pytest.raises(InputError, match="cannot be read"):
         read(path)
+
+
+def test_a_streaming_datasets_source_gives_what_the_files_give(tmp_path, hf_offline):
+    """`hf:NAME[:CONFIG]:SPLIT` streams through datasets.load_dataset(streaming=True); a local folder of data files
+    stands in for a Hub name (no network in tests). Documents, byte counts and null texts are as for the files."""
+    (tmp_path / "jsonl").mkdir()
+    write_jsonl(tmp_path / "jsonl" / "a.jsonl", TEXTS[:2], key="body")
+    write_jsonl(tmp_path / "jsonl" / "b.jsonl", TEXTS[2:], key="body")
+    docs, stats = read(f"hf:{tmp_path / 'jsonl'}:train", text_key="body")
+    assert docs == TEXTS and stats.files == 1 and stats.documents == 3
+    assert stats.bytes_in == sum(len(t.encode()) for t in TEXTS)
+
+    (tmp_path / "parquet").mkdir()
+    texts = [f"row {i}" for i in range(2500)] + [None]  # more than one batch; a null text is an empty document
+    pq.write_table(pa.table({"text": texts, "n": range(2501)}), tmp_path / "parquet" / "p.parquet", row_group_size=700)
+    spec = f"hf:{tmp_path / 'parquet'}:default:train"  # with a CONFIG
+    docs, stats = read(spec, spec)  # the same input twice is read once
+    assert docs == texts[:-1] + [""] and stats.bytes_in == sum(len(t) for t in texts[:-1])
+
+    with pytest.raises(InputError, match=r"no 'body' column \(found: text, n\); pass --text-key"):
+        CorpusReader([spec], text_key="body")
+
+
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        ("hf:", "not a dataset spelling datasets can stream; use hf:NAME[:CONFIG]:SPLIT"),
+        ("hf:corpus", "not a dataset spelling"),
+        ("hf:corpus::train", "not a dataset spelling"),
+        ("hf:a:b:c:d", "not a dataset spelling"),
+        ("hf:{tmp}/missing:train", "datasets cannot stream it (Couldn't find any data file at"),
+        ("hf:{tmp}/corpus:validation", "datasets cannot stream it (Bad split: validation"),
+    ],
+)
+def test_bad_streaming_spellings_fail_before_reading(tmp_path, hf_offline, spec, fragment):
+    (tmp_path / "corpus").mkdir()
+    write_jsonl(tmp_path / "corpus" / "a.jsonl", TEXTS)
+    with pytest.raises(InputError) as caught:
+        CorpusReader([spec.format(tmp=tmp_path)])
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
