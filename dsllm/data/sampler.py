@@ -4,6 +4,9 @@ Global sample i is window `permutation_e(i mod N)` of epoch e = i // N, where th
 keyed Feistel network over [0, N) (cycle-walking): O(1) memory, no shuffle array, and the same for
 any world size or loader worker count. Rank r of W takes global samples r, r+W, r+2W, ... from the
 consumed-samples position, so every optimizer step sees the same global batch whatever W is.
+
+`WindowSampler` takes any order with `window(i)`, `state()` and `check(state, consumed)`: one dataset's
+`WindowOrder` here, a weighted mixture's `dsllm.data.mixture.MixtureOrder`.
 """
 
 from __future__ import annotations
@@ -58,6 +61,42 @@ class WindowOrder:
             position = self._feistel(position, keys)
         return position
 
+    def state(self) -> dict:
+        """What a checkpoint records of the order, so that a resumed run can prove it reads the same."""
+        return {
+            "fingerprint": self.fingerprint,
+            "seq_len": self.seq_len,
+            "seed": self.seed,
+            "num_windows": self.num_windows,
+        }
+
+    def check(self, state: dict, consumed_samples: int) -> None:
+        """Refuse (DataFingerprintError) a checkpoint's `state()` that is not this order's."""
+        if "mixture" in state:
+            raise DataFingerprintError(
+                f"the checkpoint was trained on a mixture of {', '.join(state['mixture']['sources'])}, but --data is "
+                f"one dataset ({self.fingerprint}): resuming would silently change the data; pass the original "
+                "--data or start a new run"
+            )
+        if state["fingerprint"] != self.fingerprint:
+            raise DataFingerprintError(
+                f"the checkpoint was trained on dataset {state['fingerprint']}, but --data is {self.fingerprint}: "
+                "resuming would silently change the data; pass the original dataset or start a new run"
+            )
+        check_seq_len_and_seed(state, self.seq_len, self.seed)
+
+    def seen(self, consumed_samples: int) -> dict | None:
+        """Per-source accounting (a mixture's); one dataset has none."""
+        return None
+
+
+def check_seq_len_and_seed(state: dict, seq_len: int, seed: int) -> None:
+    if state["seq_len"] != seq_len or state["seed"] != seed:
+        raise DataFingerprintError(
+            f"the checkpoint used seq_len {state['seq_len']} and data seed {state['seed']}, this run "
+            f"{seq_len} and {seed}: the sample order would change; use the checkpoint's values"
+        )
+
 
 class WindowSampler:
     """Endless, resumable, rank-sharded sampler of window indices (a torch `Sampler` by duck typing)."""
@@ -75,25 +114,9 @@ class WindowSampler:
             index += self.world_size
 
     def state_dict(self) -> dict:
-        o = self.order
-        return {
-            "consumed_samples": self.consumed_samples,
-            "fingerprint": o.fingerprint,
-            "seq_len": o.seq_len,
-            "seed": o.seed,
-            "num_windows": o.num_windows,
-        }
+        return {"consumed_samples": self.consumed_samples, **self.order.state()}
 
     def load_state_dict(self, state: dict) -> None:
-        o = self.order
-        if state["fingerprint"] != o.fingerprint:
-            raise DataFingerprintError(
-                f"the checkpoint was trained on dataset {state['fingerprint']}, but --data is {o.fingerprint}: "
-                "resuming would silently change the data; pass the original dataset or start a new run"
-            )
-        if state["seq_len"] != o.seq_len or state["seed"] != o.seed:
-            raise DataFingerprintError(
-                f"the checkpoint used seq_len {state['seq_len']} and data seed {state['seed']}, this run "
-                f"{o.seq_len} and {o.seed}: the sample order would change; use the checkpoint's values"
-            )
-        self.consumed_samples = int(state["consumed_samples"])
+        consumed = int(state["consumed_samples"])
+        self.order.check(state, consumed)
+        self.consumed_samples = consumed
