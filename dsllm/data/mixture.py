@@ -355,6 +355,7 @@ class MixtureOrder:
         self.block = max(BLOCK, len(sources) ** 2)
         self.key = combined_fingerprint(self.fingerprints)
         self._cache: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+        self._current: tuple[int, int, list[int], list[int]] = (0, 0, [], [])  # [first, end) sample of the last block
         self.bases = [[0] * len(sources)]  # each source's samples before each phase
         for phase in range(len(phases) - 1):
             counts = self._drawn_in(phase, self.starts[phase + 1] - self.starts[phase])
@@ -378,14 +379,16 @@ class MixtureOrder:
         import numpy as np
 
         before, after = self._apportion(phase, block), self._apportion(phase, block + 1)
-        slots = np.repeat(np.arange(len(self.names)), [a - b for a, b in zip(after, before)])
+        counts = [a - b for a, b in zip(after, before)]
+        slots = np.repeat(np.arange(len(self.names)), counts)  # each source's places, in source order
         key = f"{self.seed}|{self.key}|{self.seq_len}|{phase}|{block}".encode()
         noise = np.frombuffer(hashlib.shake_256(key).digest(8 * self.block), dtype="<u8")
         sources = slots[np.argsort(noise, kind="stable")]
+        # a source's j-th place (in order of appearance) reads its sample base + before + j
+        firsts = np.cumsum([0, *counts[:-1]])
+        shift = np.array(self.bases[phase]) + np.array(before) - firsts
         numbers = np.empty(self.block, dtype=np.int64)
-        for s, base in enumerate(self.bases[phase]):
-            places = np.flatnonzero(sources == s)
-            numbers[places] = base + before[s] + np.arange(len(places))
+        numbers[np.argsort(sources, kind="stable")] = np.arange(self.block) + shift[slots]
         if len(self._cache) >= 8:  # ranks read one block at a time: a few recent ones suffice
             self._cache.clear()
         self._cache[(phase, block)] = arranged = (sources.tolist(), numbers.tolist())
@@ -403,11 +406,18 @@ class MixtureOrder:
         return counts
 
     def window(self, global_index: int) -> int:
-        phase = bisect_right(self.starts, global_index) - 1
-        block, place = divmod(global_index - self.starts[phase], self.block)
-        sources, numbers = self._arrange(phase, block)
-        s = sources[place]
-        return self.offsets[s] + self.orders[s].window(numbers[place])
+        first, end, sources, numbers = self._current
+        if not first <= global_index < end:  # (a rank reads on inside one block: the lookup once per block)
+            phase = bisect_right(self.starts, global_index) - 1
+            block = (global_index - self.starts[phase]) // self.block
+            first = self.starts[phase] + block * self.block
+            end = (
+                first + self.block if phase + 1 == len(self.starts) else min(first + self.block, self.starts[phase + 1])
+            )
+            self._current = (first, end, *self._arrange(phase, block))
+            _, _, sources, numbers = self._current
+        s = sources[global_index - first]
+        return self.offsets[s] + self.orders[s].window(numbers[global_index - first])
 
     def drawn(self, consumed_samples: int) -> dict[str, int]:
         """Each source's samples among the first `consumed_samples` global samples."""
