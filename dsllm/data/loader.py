@@ -32,12 +32,13 @@ class TokenWindows(Dataset):
         self.seq_len = seq_len
         self.piece_length = seq_len // piece[1]
         self.piece_start = piece[0] * self.piece_length
+        self._len = max(0, (self.file.num_tokens - 1) // seq_len)  # (read per sample: kept, the file never changes)
 
     def __len__(self) -> int:
-        return max(0, (self.file.num_tokens - 1) // self.seq_len)
+        return self._len
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        if not 0 <= index < len(self):
+        if not 0 <= index < self._len:
             raise IndexError(f"window {index} outside 0..{len(self) - 1}")
         start = index * self.seq_len + self.piece_start
         window = self.file.tokens[start : start + self.piece_length + 1]

@@ -14,10 +14,11 @@ sample index), so any world size and worker count see the same global batches an
 exactly, with no history kept: the samples of a phase (the run between two schedule entries) are cut into blocks
 of `BLOCK`; the first k blocks of a phase hold floor(w_s * k * BLOCK) samples of each source s (the heaviest takes
 the rest), so each block holds every share to within one sample and any whole number of blocks holds it exactly,
-however small a weight is. Inside a block the sources' places are shuffled by a keyed hash (SHAKE-256: the same
-bytes on every machine and library version). Source s's n-th sample is window `n` of its own `WindowOrder` (a
-keyed permutation of its windows per epoch), and n follows in closed form from the sample index and the counts
-each earlier phase ended with. A one-source mixture reads exactly what its folder alone reads.
+however small a weight is. Inside a block the places are dealt by a keyed permutation (the windows' own keyed
+Feistel network, `WindowOrder`), and a source's places read its next samples in order. Source s's n-th sample
+is window `n` of its own `WindowOrder` (a keyed permutation of its windows per epoch), and n follows in closed
+form from the sample index and the counts each earlier phase ended with. A one-source mixture reads exactly what
+its folder alone reads. All of it runs in numpy on a rank's next chunk of samples (`dsllm.data.sampler.CHUNK`).
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from dsllm.data.sampler import DataFingerprintError, WindowOrder, check_seq_len_and_seed
 from dsllm.errors import UserError
 
 if TYPE_CHECKING:
     from dsllm.data.format import TokenFile
 
-BLOCK = 100  # samples per stratified block (at least sources squared: see MixtureOrder._apportion)
+BLOCK = 256  # samples per stratified block: a power of 4, at least sources squared (see MixtureOrder._apportion)
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 MIXTURE_FILES = (".json", ".yaml", ".yml")
 EXAMPLE = "web=data/web:0.7,code=data/code:0.3"
@@ -352,14 +355,16 @@ class MixtureOrder:
         self.offsets = [sum(self.num_windows[:s]) for s in range(len(sources))]
         self.starts = [start for start, _ in phases]
         self.weights = [[weights[name] for name in self.names] for _, weights in phases]
-        self.block = max(BLOCK, len(sources) ** 2)
+        self.block = BLOCK
+        while self.block < len(sources) ** 2:  # a power of 4: a keyed permutation of [0, block) walks no cycles
+            self.block *= 4
         self.key = combined_fingerprint(self.fingerprints)
-        self._cache: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
-        self._current: tuple[int, int, list[int], list[int]] = (0, 0, [], [])  # [first, end) sample of the last block
-        self.bases = [[0] * len(sources)]  # each source's samples before each phase
+        # each phase's deal: block k's places in a keyed permutation of [0, block) (its "epoch" k)
+        self.dealers = [WindowOrder(self.block, f"{self.key}|phase {p}", seq_len, seed) for p in range(len(phases))]
+        self._cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.bases = [np.zeros(len(sources), dtype=np.int64)]  # each source's samples before each phase
         for phase in range(len(phases) - 1):
-            counts = self._drawn_in(phase, self.starts[phase + 1] - self.starts[phase])
-            self.bases.append([base + count for base, count in zip(self.bases[phase], counts)])
+            self.bases.append(self.bases[phase] + self._drawn_in(phase, self.starts[phase + 1] - self.starts[phase]))
 
     def _apportion(self, phase: int, blocks: int) -> list[int]:
         """Each source's samples in the first `blocks` blocks of a phase: floor(w * total), the heaviest source the
@@ -371,59 +376,69 @@ class MixtureOrder:
         counts[heaviest] = total - sum(c for s, c in enumerate(counts) if s != heaviest)
         return counts
 
-    def _arrange(self, phase: int, block: int) -> tuple[list[int], list[int]]:
-        """Block `block` of a phase: (source of each place, that source's sample number there), cached."""
+    def _arrange(self, phase: int, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block `block` of a phase: (source, that source's sample number) at each of its places, cached. Source s
+        owns c_s = A_s(k+1) - A_s(k) of the block's slots (in source order), place q gets slot pi_k(q) (the phase's
+        keyed permutation of [0, block), its "epoch" k), and a source's j-th place in order reads its sample
+        base_s + A_s(k) + j: a prefix of a block (where a phase ends) reads each source's next samples, no gaps."""
         hit = self._cache.get((phase, block))
         if hit is not None:
             return hit
-        import numpy as np
-
         before, after = self._apportion(phase, block), self._apportion(phase, block + 1)
         counts = [a - b for a, b in zip(after, before)]
-        slots = np.repeat(np.arange(len(self.names)), counts)  # each source's places, in source order
-        key = f"{self.seed}|{self.key}|{self.seq_len}|{phase}|{block}".encode()
-        noise = np.frombuffer(hashlib.shake_256(key).digest(8 * self.block), dtype="<u8")
-        sources = slots[np.argsort(noise, kind="stable")]
-        # a source's j-th place (in order of appearance) reads its sample base + before + j
-        firsts = np.cumsum([0, *counts[:-1]])
-        shift = np.array(self.bases[phase]) + np.array(before) - firsts
+        owners = np.repeat(np.arange(len(self.names)), counts)  # slot -> source
+        sources = owners[self.dealers[phase].windows(block * self.block + np.arange(self.block))]
+        shift = self.bases[phase] + np.array(before) - (np.cumsum(counts) - counts)  # number = shift + slot of rank
         numbers = np.empty(self.block, dtype=np.int64)
-        numbers[np.argsort(sources, kind="stable")] = np.arange(self.block) + shift[slots]
-        if len(self._cache) >= 8:  # ranks read one block at a time: a few recent ones suffice
+        numbers[np.argsort(sources, kind="stable")] = np.arange(self.block) + shift[owners]
+        if len(self._cache) >= 16:  # a rank reads on block by block: the last few suffice
             self._cache.clear()
-        self._cache[(phase, block)] = arranged = (sources.tolist(), numbers.tolist())
-        return arranged
+        self._cache[(phase, block)] = sources, numbers
+        return sources, numbers
 
-    def _drawn_in(self, phase: int, count: int) -> list[int]:
+    def _deal(self, phase: int, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source, its sample number) of a phase's samples, given as offsets from the phase's start."""
+        blocks, places = np.divmod(offsets, self.block)
+        sources, numbers = np.empty_like(offsets), np.empty_like(offsets)
+        for block in np.unique(blocks).tolist():
+            here = blocks == block
+            arranged = self._arrange(phase, block)
+            sources[here], numbers[here] = arranged[0][places[here]], arranged[1][places[here]]
+        return sources, numbers
+
+    def _drawn_in(self, phase: int, count: int) -> np.ndarray:
         """Each source's samples among the first `count` of a phase."""
-        import numpy as np
-
         block, rest = divmod(count, self.block)
-        counts = self._apportion(phase, block)
+        counts = np.array(self._apportion(phase, block), dtype=np.int64)
         if rest:
-            partial = np.bincount(self._arrange(phase, block)[0][:rest], minlength=len(self.names))
-            counts = [c + int(p) for c, p in zip(counts, partial)]
+            counts += np.bincount(self._arrange(phase, block)[0][:rest], minlength=len(self.names))
         return counts
 
+    def windows(self, global_indices) -> np.ndarray:
+        """The mixture's window of each global sample index (int64 array in, int64 array out)."""
+        indices = np.asarray(global_indices, dtype=np.int64)
+        if len(self.names) == 1:  # nothing to deal: sample i is the source's sample i, as its folder alone
+            return self.orders[0].windows(indices)
+        sources, numbers = np.empty_like(indices), np.empty_like(indices)
+        phases = np.searchsorted(self.starts, indices, side="right") - 1
+        for phase in np.unique(phases).tolist():
+            here = phases == phase
+            sources[here], numbers[here] = self._deal(phase, indices[here] - self.starts[phase])
+        out = np.empty_like(indices)
+        for s, order in enumerate(self.orders):
+            mine = sources == s
+            if mine.any():
+                out[mine] = self.offsets[s] + order.windows(numbers[mine])
+        return out
+
     def window(self, global_index: int) -> int:
-        first, end, sources, numbers = self._current
-        if not first <= global_index < end:  # (a rank reads on inside one block: the lookup once per block)
-            phase = bisect_right(self.starts, global_index) - 1
-            block = (global_index - self.starts[phase]) // self.block
-            first = self.starts[phase] + block * self.block
-            end = (
-                first + self.block if phase + 1 == len(self.starts) else min(first + self.block, self.starts[phase + 1])
-            )
-            self._current = (first, end, *self._arrange(phase, block))
-            _, _, sources, numbers = self._current
-        s = sources[global_index - first]
-        return self.offsets[s] + self.orders[s].window(numbers[global_index - first])
+        return int(self.windows([global_index])[0])
 
     def drawn(self, consumed_samples: int) -> dict[str, int]:
         """Each source's samples among the first `consumed_samples` global samples."""
         phase = bisect_right(self.starts, consumed_samples) - 1
-        counts = self._drawn_in(phase, consumed_samples - self.starts[phase])
-        return {name: base + c for name, base, c in zip(self.names, self.bases[phase], counts)}
+        counts = self.bases[phase] + self._drawn_in(phase, consumed_samples - self.starts[phase])
+        return dict(zip(self.names, counts.tolist()))
 
     def seen(self, consumed_samples: int) -> dict[str, dict]:
         """Per source: training tokens read (samples x seq_len) and epochs (samples / its windows)."""
