@@ -193,18 +193,18 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
         from dsllm.paths import check_output_apart
 
         check_output_apart(config.out, "--out", model_inputs(config.init, "--init"))
-    mixture = None
-    if config.data is None:
-        from dsllm.data.default_corpus import build_default_dataset
-
-        data_dir = build_default_dataset(log=print if world.is_main else (lambda message: None))
-        sources = [open_source(data_dir.name, data_dir, f"--data {data_dir}")]
-    elif (parsed := parse_data(config.data)) is None:
-        data_dir = Path(config.data)
-        sources = [open_source(data_dir.name, data_dir, f"--data {data_dir}")]
-    else:
-        mixture = open_mixture(parsed)
+    parsed = None if config.data is None else parse_data(config.data)
+    mixture = None if parsed is None else open_mixture(parsed)
+    if mixture is not None:
         sources, data_dir = list(mixture.sources), mixture.sources[0].dir
+    else:
+        if config.data is None:
+            from dsllm.data.default_corpus import build_default_dataset
+
+            data_dir = build_default_dataset(log=print if world.is_main else (lambda message: None))
+        else:
+            data_dir = Path(config.data)
+        sources = [open_source(data_dir.name, data_dir, f"--data {data_dir}")]
     train, val = sources[0].train, sources[0].val
     if config.init is None:
         model = model_for_data(config, train.vocab_size)
