@@ -3,17 +3,20 @@
 
 1. the ceiling: raw `encode_batch_fast` on the cleaned texts in memory, at 1 and N threads;
 2. `prepare` end to end (read, clean, tokenize, dedup, split, write) at 1 and N workers, as a share of (1);
-3. the training loader's random-window read rate, against what a training step consumes.
+3. the training loader's random-window read rate, against what a training step consumes, from one dataset and from
+   a weighted mixture of three (the corpus's documents dealt into three datasets, weights 0.6/0.3/0.1), whose rate
+   should be >= 0.8 of the one dataset's.
 
     python benchmarks/data_pipeline.py                                 # standard library corpus
     python benchmarks/data_pipeline.py --quick --results-dir /tmp/b    # CI-sized smoke run
 
-Writes YYYY-MM-DD-data-pipeline-<hardware>.{md,json} to --results-dir (default benchmarks/results/).
+Writes YYYY-MM-DD-data-pipeline-<hardware>[-TAG].{md,json} to --results-dir (default benchmarks/results/).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -31,6 +34,8 @@ from dsllm.errors import ArgumentParser, UserError, run_cli
 REPO = Path(__file__).resolve().parents[1]
 TARGET_PREPARE_SHARE = 0.8  # prepare should run at >= 80% of the raw encode rate
 TARGET_LOADER_HEADROOM = 100  # the loader should read >= 100x what training consumes
+TARGET_MIXTURE_SHARE = 0.8  # a 3-source mixture's loader should read >= 80% of one dataset's rate
+MIXTURE = {"web": 0.6, "code": 0.3, "books": 0.1}  # (names only: the corpus's documents dealt round-robin)
 CONSUMERS = [  # tokens/s one training process consumes
     {"name": "CPU 3.45M-param model, bf16 (measured, 2-core dev machine)", "tokens_per_second": 15_000},
     {"name": "GPU anchor: llm.c GPT-2 124M, one H100", "tokens_per_second": 468_000},
@@ -69,6 +74,7 @@ def parse_args(argv):
     p.add_argument("--loader-batches", type=int, help="batches timed per loader trial (default 1000, quick 20)")
     p.add_argument("--trials", type=int, help="repeats of each measurement, the best is kept (default 3, quick 1)")
     p.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"), help="where the .md/.json go")
+    p.add_argument("--tag", help="appended to the results' file names (e.g. mixture)")
     p.add_argument("--_job", help=argparse.SUPPRESS)  # child process mode: run one measurement, print it as JSON
     args = p.parse_args(argv)
     for name, value in PRESETS["quick" if args.quick else "full"].items():
@@ -199,32 +205,62 @@ def best_of(runs: list[dict]) -> dict:
 
 
 # -- 3. the loader -----------------------------------------------------------------------------------
-def loader_rate(dataset: Path, seq_len: int, micro_batch: int, num_workers: int, batches: int, trials: int) -> dict:
-    from dsllm.data.loader import ResumableLoader, TokenWindows
+def mixture_sources(inputs: list[str], tokenizer: str, cleaning, workers: int, work: Path) -> dict[str, Path]:
+    """Three prepared datasets of one tokenizer: the corpus's documents dealt round-robin into MIXTURE's names."""
+    from dsllm.data.default_corpus import VAL_FRACTION
+    from dsllm.data.prepare import PrepareConfig, prepare
+    from dsllm.data.sources import CorpusReader
 
-    windows = TokenWindows(dataset / "train", seq_len)
-    startups, trial_seconds = [], []
+    names, folders = list(MIXTURE), {}
+    with contextlib.ExitStack() as stack:
+        files = {name: stack.enter_context(open(work / f"{name}.jsonl", "w", encoding="utf-8")) for name in names}
+        for i, text in enumerate(CorpusReader(inputs)):
+            files[names[i % len(names)]].write(json.dumps({"text": text}) + "\n")
+    for name in names:
+        folders[name] = work / f"mixture-{name}"
+        config = PrepareConfig(
+            inputs=[str(work / f"{name}.jsonl")],
+            tokenizer=tokenizer,
+            output=str(folders[name]),
+            val_fraction=VAL_FRACTION,
+            workers=workers,
+            cleaning=cleaning,
+            progress=False,
+        )
+        prepare(config)
+    return folders
+
+
+def loader_rates(datasets: dict, seq_len: int, micro_batch: int, num_workers: int, batches: int, trials: int) -> dict:
+    """{name: rate} of each dataset's loader (TokenWindows or MixtureWindows), trials interleaved so that a slow spell
+    of a noisy machine hits them alike."""
+    from dsllm.data.loader import ResumableLoader
+
+    startups, trial_seconds = {name: [] for name in datasets}, {name: [] for name in datasets}
     for trial in range(trials):
-        start = time.perf_counter()
-        stream = iter(ResumableLoader(windows, micro_batch, seed=trial, num_workers=num_workers))
-        next(stream)  # the first batch pays for starting workers: timed apart
-        ready = time.perf_counter()
-        for _ in range(batches):
-            next(stream)
-        trial_seconds.append(time.perf_counter() - ready)
-        startups.append(ready - start)
-        stream.close()
-    seconds = min(trial_seconds)
-    tokens = batches * micro_batch * seq_len
-    return {
-        "num_workers": num_workers,
-        "windows": len(windows),
-        "seconds": round(seconds, 4),
-        "tokens_per_second": round(tokens / seconds, 1),
-        "batches_per_second": round(batches / seconds, 1),
-        "startup_seconds": round(min(startups), 3),
-        "trial_seconds": [round(s, 4) for s in trial_seconds],
-    }
+        for name, windows in datasets.items():
+            start = time.perf_counter()
+            stream = iter(ResumableLoader(windows, micro_batch, seed=trial, num_workers=num_workers))
+            next(stream)  # the first batch pays for starting workers: timed apart
+            ready = time.perf_counter()
+            for _ in range(batches):
+                next(stream)
+            trial_seconds[name].append(time.perf_counter() - ready)
+            startups[name].append(ready - start)
+            stream.close()
+    rates = {}
+    for name, windows in datasets.items():
+        seconds = min(trial_seconds[name])
+        rates[name] = {
+            "num_workers": num_workers,
+            "windows": len(windows),
+            "seconds": round(seconds, 4),
+            "tokens_per_second": round(batches * micro_batch * seq_len / seconds, 1),
+            "batches_per_second": round(batches / seconds, 1),
+            "startup_seconds": round(min(startups[name]), 3),
+            "trial_seconds": [round(s, 4) for s in trial_seconds[name]],
+        }
+    return rates
 
 
 # -- provenance --------------------------------------------------------------------------------------
@@ -342,6 +378,25 @@ def report_markdown(r: dict) -> str:
         "| consumer | tokens/s |",
         "|---|---:|",
     ] + [f"| {k['name']} | {k['tokens_per_second']:,} |" for k in CONSUMERS]
+    weights = "/".join(f"{w:g}" for w in r["mixture_weights"].values())
+    lines += [
+        "",
+        f"## Loader: a weighted mixture of 3 datasets ({weights}) vs one dataset",
+        "",
+        f"| num_workers | one dataset tokens/s | mixture tokens/s | share (target >= {TARGET_MIXTURE_SHARE}) |",
+        "|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {one['num_workers']} | {one['tokens_per_second']:,.0f} | {mix['tokens_per_second']:,.0f} | "
+        f"{mix['share_of_single']:.2f} |"
+        for one, mix in zip(r["loader"], r["loader_mixture"])
+    ]
+    lines += [
+        "",
+        "The mixture's datasets are the corpus's documents dealt round-robin into three, prepared with the same "
+        "tokenizer; its loader reads them in the mixture's order (`dsllm.data.mixture`), trials interleaved with "
+        "the one dataset's.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -351,8 +406,11 @@ def main(argv=None) -> int:
         job = json.loads(Path(args._job).read_text())
         print(json.dumps(encode_rate(job) if job["kind"] == "encode" else prepare_rate(job)))
         return 0
+    from fractions import Fraction
+
     from dsllm.data.cleaning import CleaningConfig
     from dsllm.data.default_corpus import CODE_CLEANING
+    from dsllm.data.loader import MixtureWindows, TokenWindows
 
     started, load_at_start = datetime.datetime.now(), os.getloadavg()[0]
     cleaning = CleaningConfig() if args.input else CODE_CLEANING
@@ -399,15 +457,22 @@ def main(argv=None) -> int:
         encode, prepared = [best_of(encode_runs[n]) for n in parallel], [best_of(prepare_runs[n]) for n in parallel]
         for p, e in zip(prepared, encode):
             p["share_of_raw_encode"] = round(e["seconds"] / p["seconds"], 3)
-        print(f"timing the loader at num_workers {args.loader_workers}", file=sys.stderr)
-        loader = [
-            loader_rate(
-                work / f"data-{parallel[-1]}", args.seq_len, args.micro_batch, n, args.loader_batches, args.trials
-            )
+        sources = mixture_sources(inputs, tokenizer, cleaning, parallel[-1], work)
+        datasets = {"single": TokenWindows(work / f"data-{parallel[-1]}" / "train", args.seq_len)}
+        phases = [(0, {name: Fraction(str(weight)) for name, weight in MIXTURE.items()})]
+        datasets["mixture"] = MixtureWindows(
+            {name: TokenWindows(folder / "train", args.seq_len) for name, folder in sources.items()}, phases
+        )
+        print(f"timing the loader at num_workers {args.loader_workers}, one dataset and a mixture", file=sys.stderr)
+        rates = [
+            loader_rates(datasets, args.seq_len, args.micro_batch, n, args.loader_batches, args.trials)
             for n in args.loader_workers
         ]
+    loader, mixture = [rate["single"] for rate in rates], [rate["mixture"] for rate in rates]
     for row in loader:
         row["headroom"] = [round(row["tokens_per_second"] / k["tokens_per_second"], 1) for k in CONSUMERS]
+    for row, single in zip(mixture, loader):
+        row["share_of_single"] = round(row["tokens_per_second"] / single["tokens_per_second"], 3)
     corpus.update(text_bytes=encode[0]["text_bytes"], tokens=encode[0]["tokens"])
     result = {
         "benchmark": "data_pipeline",
@@ -422,11 +487,18 @@ def main(argv=None) -> int:
         "encode": encode,
         "prepare": prepared,
         "loader": loader,
+        "loader_mixture": mixture,
+        "mixture_weights": MIXTURE,
         "consumption": CONSUMERS,
-        "targets": {"prepare_share_of_raw_encode": TARGET_PREPARE_SHARE, "loader_headroom": TARGET_LOADER_HEADROOM},
+        "targets": {
+            "prepare_share_of_raw_encode": TARGET_PREPARE_SHARE,
+            "loader_headroom": TARGET_LOADER_HEADROOM,
+            "mixture_share_of_single": TARGET_MIXTURE_SHARE,
+        },
     }
     markdown = report_markdown(result)
-    stem = Path(args.results_dir) / f"{started:%Y-%m-%d}-data-pipeline-{result['hardware']['slug']}"
+    tag = f"-{re.sub(r'[^a-z0-9]+', '-', args.tag.lower()).strip('-')}" if args.tag else ""
+    stem = Path(args.results_dir) / f"{started:%Y-%m-%d}-data-pipeline-{result['hardware']['slug']}{tag}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     Path(f"{stem}.md").write_text(markdown)

@@ -100,24 +100,29 @@ def split_model_overrides(argv: list[str]) -> tuple[dict[str, str], list[str]]:
     return overrides, rest
 
 
+def read_json_or_yaml(file: Path, option: str) -> Any:
+    """The value a .yaml/.yml (safe_load) or JSON file holds; a malformed one is refused naming `option` and the
+    file (recipes, mixture files)."""
+    is_yaml = file.suffix.lower() in (".yaml", ".yml")
+    try:
+        text = file.read_text()
+        if is_yaml:
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except Exception as err:  # json's ValueError, yaml's YAMLError, a file that is not UTF-8
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{option} {file}: not valid {'YAML' if is_yaml else 'JSON'} ({first}); fix the file") from None
+
+
 def read_recipe(path: str, cls: type) -> dict[str, Any]:
     """The option values of a recipe file, keyed by field name; unknown keys are refused with did-you-mean.
     A recipe may name its model overrides under "model_overrides" (or write "model" as {"preset": ..., FIELD: ...})."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"--recipe {path}: no such file; see launch/recipes/ for examples")
-    text = file.read_text()
-    is_yaml = file.suffix in (".yaml", ".yml")
-    try:
-        if is_yaml:
-            import yaml
-
-            values = yaml.safe_load(text)
-        else:
-            values = json.loads(text)
-    except Exception as err:  # json's ValueError or yaml's YAMLError
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"--recipe {path}: not valid {'YAML' if is_yaml else 'JSON'} ({first}); fix the file") from None
+    values = read_json_or_yaml(file, "--recipe")
     if not isinstance(values, dict):
         raise UserError(f"--recipe {path}: must hold a mapping of option: value")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}

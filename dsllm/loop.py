@@ -33,7 +33,8 @@ from dsllm.seq_len_warmup import SeqLenWarmup
 
 
 class TrainingData(Protocol):
-    """The batches a run trains on, resumable at a step boundary."""
+    """The batches a run trains on, resumable at a step boundary. It may also have `report() -> (fields, warnings)`:
+    fields for each step record (a mixture's per-source tokens and epochs) and lines to print once."""
 
     consumed_samples: int
 
@@ -151,7 +152,9 @@ class StepLog:
             record["seq_len"] = self.seq_len_warmup.length(step - 1)
             if record["seq_len"] < self.seq_len_warmup.seq_len:
                 line += f" | seq_len {record['seq_len']}"
-        self.log.write(record, line)
+        fields, warnings = data.report() if hasattr(data, "report") else ({}, [])
+        record.update(fields)
+        self.log.write(record, "\n".join([line, *warnings]))
         self.loss.zero_()
         batches.seconds = 0.0
         self.steps, self.window_start, self.first_step = 0, time.perf_counter(), step

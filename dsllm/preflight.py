@@ -41,10 +41,10 @@ def probe(data: str | None) -> dict:
 
     fingerprint = None
     if data:
-        from dsllm.data.format import TokenFile
+        from dsllm.data.mixture import train_fingerprint
 
         try:
-            fingerprint = TokenFile(Path(data) / "train").fingerprint
+            fingerprint = train_fingerprint(data)  # a folder's, or a mixture's sources' combined
         except UserError as err:
             fingerprint = f"unreadable: {err}"
     gpus = []

@@ -44,11 +44,14 @@ VOCAB_MULTIPLE = 64  # embedding rows padded so matmuls tile well; the extra ids
 if TYPE_CHECKING:  # (imported where used: `dsllm pretrain --help` loads no torch)
     from dsllm.checkpoint.checkpointer import Checkpointer
     from dsllm.data.format import TokenFile
+    from dsllm.data.mixture import Mixture
 
 
 @dataclasses.dataclass(frozen=True)
 class Pretraining:
-    """A checked pretraining run: its options, the resolved spec, the data and the resume decision."""
+    """A checked pretraining run: its options, the resolved spec, the data and the resume decision. With a mixture
+    (`--data` of several sources), `data_dir`, `train` and `val` are its first source's (the tokenizer, the
+    sample prompt), and `mixture` has them all."""
 
     config: TrainConfig
     spec: RunSpec
@@ -57,6 +60,7 @@ class Pretraining:
     val: TokenFile
     checkpointer: Checkpointer
     init_weights: dict | None = None  # --init's weights on the CPU, for a fresh start (dsllm.continued)
+    mixture: Mixture | None = None
 
 
 def _check_experts(model, stages: int, tensor: int, experts: int, data: int, zero_stage: int, ds_config: str) -> None:
@@ -180,8 +184,7 @@ def model_for_data(config: TrainConfig, vocab_size: int) -> ModelConfig:
 
 def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
     """Resolve and check data, model, DeepSpeed JSON and resume point; raise UserError on any mismatch."""
-    from dsllm.data.format import TokenFile
-    from dsllm.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_hash
+    from dsllm.data.mixture import open_mixture, open_source, parse_data
 
     world = world or World.from_env()
     load_ds_config(config.ds_config)  # a missing or malformed JSON is the first thing to say
@@ -190,33 +193,19 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
         from dsllm.paths import check_output_apart
 
         check_output_apart(config.out, "--out", model_inputs(config.init, "--init"))
-    if config.data is None:
-        from dsllm.data.default_corpus import build_default_dataset
-
-        data_dir = build_default_dataset(log=print if world.is_main else (lambda message: None))
+    parsed = None if config.data is None else parse_data(config.data)
+    mixture = None if parsed is None else open_mixture(parsed)
+    if mixture is not None:
+        sources, data_dir = list(mixture.sources), mixture.sources[0].dir
     else:
-        data_dir = Path(config.data)
-        if not (data_dir / "meta.json").is_file():
-            raise UserError(
-                f"--data {data_dir}: not a prepared dataset (no meta.json); create it with data_pipeline/prepare.py"
-            )
-    if not (data_dir / "val.idx").exists():
-        raise UserError(f"--data {data_dir}: has no val split; re-run prepare with --val-fraction above 0")
-    train, val = TokenFile(data_dir / "train"), TokenFile(data_dir / "val")
-    tokenizer = load_tokenizer(data_dir / TOKENIZER_FILE)
-    if tokenizer_hash(tokenizer) != train.header.tokenizer_hash:
-        raise UserError(
-            f"{data_dir / TOKENIZER_FILE}: does not match the tokenizer the dataset was made with; "
-            "run data_pipeline/validate.py and re-create the dataset"
-        )
-    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-    for split in (train, val):  # ids past the tokenizer train silently on padded rows, or crash the embedding
-        largest = split.max_token_id()
-        if largest >= vocab_size:
-            raise UserError(
-                f"{split.bin_path}: token id {largest} is not below the tokenizer's vocabulary size "
-                f"{vocab_size}; re-create the dataset with data_pipeline/prepare.py"
-            )
+        if config.data is None:
+            from dsllm.data.default_corpus import build_default_dataset
+
+            data_dir = build_default_dataset(log=print if world.is_main else (lambda message: None))
+        else:
+            data_dir = Path(config.data)
+        sources = [open_source(data_dir.name, data_dir, f"--data {data_dir}")]
+    train, val = sources[0].train, sources[0].val
     if config.init is None:
         model = model_for_data(config, train.vocab_size)
     else:
@@ -225,26 +214,27 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
         model = init_model_config(config, train.header.tokenizer_hash, data_dir)
     model.check_seq_len(config.seq_len or model.max_seq_len)
     seq_len = config.seq_len or model.max_seq_len
-    for name, split in (("train", train), ("val", val)):
-        if split.num_tokens <= seq_len:
-            raise UserError(
-                f"--data {data_dir}: the {name} split has {split.num_tokens} tokens, not one window of "
-                f"{seq_len + 1}; use a shorter --seq-len or more data"
-            )
+    for source in sources:
+        source.check_seq_len(seq_len)
     spec = resolve_spec(config, model, world)
+    if mixture is not None:
+        mixture.boundaries(spec.batch.global_size, spec.seq_len)  # refuses a schedule out of order
     if config.init is not None:
         from dsllm.continued import check_init_layout
 
         check_init_layout(spec, config)
     from dsllm.checkpoint.checkpointer import Checkpointer
 
-    checkpointer = Checkpointer.for_run(config, spec, train.fingerprint)
+    checkpointer = Checkpointer.for_run(config, spec, train.fingerprint if mixture is None else mixture.fingerprint)
     weights = None
     if config.init is not None and checkpointer.resume_from is None:  # a run with checkpoints of its own resumes them
         from dsllm.continued import init_weights
 
         weights = init_weights(config.init)
-    return Pretraining(config, spec, data_dir, train, val, checkpointer, weights)
+    if mixture is not None and world.is_main:
+        for note in mixture.spec.notes:  # weights scaled to sum to 1: said once, before the run starts
+            print(note, flush=True)
+    return Pretraining(config, spec, data_dir, train, val, checkpointer, weights, mixture)
 
 
 def write_run_files(plan: Pretraining) -> Path:
@@ -260,13 +250,19 @@ def write_run_files(plan: Pretraining) -> Path:
 
     spec, out = plan.spec, Path(plan.config.out)
     out.mkdir(parents=True, exist_ok=True)
+    if plan.mixture is None:
+        data = {
+            "dir": str(plan.data_dir.resolve()),
+            "train_fingerprint": plan.train.fingerprint,
+            "val_fingerprint": plan.val.fingerprint,
+        }
+    else:
+        data = {"mixture": plan.mixture.record(spec.batch.global_size, spec.seq_len)}
     record = {
         "model": spec.model.to_dict(),
         "train": dataclasses.asdict(plan.config),
         "data": {
-            "dir": str(plan.data_dir.resolve()),
-            "train_fingerprint": plan.train.fingerprint,
-            "val_fingerprint": plan.val.fingerprint,
+            **data,
             "tokenizer_hash": plan.train.header.tokenizer_hash.hex(),
             "vocab_size": plan.train.vocab_size,
         },
@@ -302,23 +298,34 @@ def write_run_files(plan: Pretraining) -> Path:
 
 def make_loader(plan: Pretraining, device):
     """The training batches: worker processes prefetch, pinned memory on GPU so `.to(device, non_blocking=True)`
-    overlaps the copy with compute."""
-    from dsllm.data.loader import ResumableLoader, TokenWindows
+    overlaps the copy with compute. A mixture's come from every source, in its order (dsllm.data.mixture)."""
+    from dsllm.data.loader import MixtureWindows, ResumableLoader, TokenWindows
 
     spec = plan.spec
+    piece = (spec.sequence_parallel_rank, spec.sequence_parallel)
+    if plan.mixture is None:
+        windows = TokenWindows(plan.train, spec.seq_len, piece=piece)
+    else:
+        windows = MixtureWindows(
+            {s.name: TokenWindows(s.train, spec.seq_len, piece=piece) for s in plan.mixture.sources},
+            plan.mixture.boundaries(spec.batch.global_size, spec.seq_len),
+        )
     return ResumableLoader(
-        TokenWindows(plan.train, spec.seq_len, piece=(spec.sequence_parallel_rank, spec.sequence_parallel)),
+        windows,
         spec.batch.micro,
         plan.config.seed,
         spec.data_parallel_rank,  # a pipeline's stages (a sequence group's ranks) read the same samples (pieces)
         spec.data_parallel_size,
         num_workers=plan.config.loader_workers,
         pin_memory=device.type == "cuda",
+        max_epochs_warning=plan.config.max_epochs_warning,
     )
 
 
 class WindowValidator:
-    """Validation loss, perplexity and bits per byte on the same fixed windows at every evaluation."""
+    """Validation loss, perplexity and bits per byte on the same fixed windows at every evaluation. A mixture
+    scores --eval-windows windows of each source's val split: `val_loss_by_source` each, and `val_loss` over all
+    of them (every source with the same number of windows counts alike, whatever the weights in force)."""
 
     def __init__(self, plan: Pretraining, engine, device, log, data):
         from dsllm.data.loader import TokenWindows
@@ -326,8 +333,11 @@ class WindowValidator:
         from dsllm.tokenizer import TOKENIZER_FILE, load_tokenizer
 
         self.plan, self.engine, self.device, self.log, self.data = plan, engine, device, log, data
-        self.windows = TokenWindows(plan.val, plan.spec.seq_len)
-        self.indices = eval_indices(self.windows, plan.config.eval_windows)
+        vals = {None: plan.val} if plan.mixture is None else {s.name: s.val for s in plan.mixture.sources}
+        self.sets = {}  # source name (None: the one dataset) -> (windows, their fixed indices)
+        for name, val in vals.items():
+            windows = TokenWindows(val, plan.spec.seq_len)
+            self.sets[name] = (windows, eval_indices(windows, plan.config.eval_windows))
         tokenizer = load_tokenizer(plan.data_dir / TOKENIZER_FILE)
         self.byte_lengths = token_byte_lengths(tokenizer)
         self.score = engine.score
@@ -341,26 +351,33 @@ class WindowValidator:
         return step % self.plan.config.eval_interval == 0 or last_step
 
     def validate(self, step: int) -> dict:
-        from dsllm.scoring import evaluate
+        from dsllm.scoring import score_totals, scores
 
         spec = self.plan.spec
         # the routing of this rank's last training micro batch (a Mixture-of-Experts model), before evaluation's own
         routing = getattr(self.engine.ds.module, "moe_stats", lambda: None)()
-        result = evaluate(
-            self.score,
-            self.windows,
-            self.indices,
-            spec.batch.micro,
-            self.device,
-            self.byte_lengths,
-            spec.data_parallel_rank,
-            spec.data_parallel_size,
-            counted=spec.tensor_parallel_rank == 0 and spec.sequence_parallel_rank == 0,
-        )
+        totals = {
+            name: score_totals(
+                self.score,
+                windows,
+                indices,
+                spec.batch.micro,
+                self.device,
+                self.byte_lengths,
+                spec.data_parallel_rank,
+                spec.data_parallel_size,
+                counted=spec.tensor_parallel_rank == 0 and spec.sequence_parallel_rank == 0,
+            )
+            for name, (windows, indices) in self.sets.items()
+        }
+        result = scores(*(sum(parts) for parts in zip(*totals.values())))
         line = (
             f"eval step {step} | val loss {result['val_loss']:.4f} | ppl {result['perplexity']:.2f} | "
             f"bits/byte {result['bits_per_byte']:.4f}"
         )
+        if self.plan.mixture is not None:
+            result["val_loss_by_source"] = {name: scores(*parts)["val_loss"] for name, parts in totals.items()}
+            line += " | by source: " + ", ".join(f"{n} {v:.4f}" for n, v in result["val_loss_by_source"].items())
         extra = {}
         if routing is not None:
             extra = {"moe": routing}

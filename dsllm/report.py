@@ -7,8 +7,9 @@ loss.png: training and validation loss against steps and against tokens; lr.png:
 step from 0, replayed with the run's own scheduler from config.json (warmup included), with the logged values
 on it; throughput.png: tokens/s (and MFU on a known GPU) from zero; attention.png: every head of every layer
 attending over the tokens of a prompt, labelled with the tokens, on one colour scale (the run's model, the
-final weights or newest checkpoint). Rows of metrics.jsonl that a resumed run wrote again count once (the
-later one).
+final weights or newest checkpoint); sources.png, for a run on a weighted mixture: the training tokens read from
+each source (a schedule's switch is a change of slope) and each source's validation loss. Rows of metrics.jsonl
+that a resumed run wrote again count once (the later one).
 """
 
 from __future__ import annotations
@@ -218,6 +219,33 @@ def series_figure(train: list[dict], keys: list[tuple[str, str]], title: str):
     return fig
 
 
+def sources_figure(train: list[dict], evals: list[dict]):
+    """A mixture's sources: training tokens read from each (cumulative) and its validation loss, against steps."""
+    plt = _plt()
+    fig, (tokens_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    names = sorted({name for r in train for name in r.get("sources", {})} | _by_source(evals))
+    for name in names:
+        read = [(r["step"], r["sources"][name]["tokens"]) for r in train if name in r.get("sources", {})]
+        if read:
+            tokens_ax.plot(*zip(*read), lw=1.2, label=name)
+        losses = [(r["step"], r["val_loss_by_source"][name]) for r in evals if name in r.get("val_loss_by_source", {})]
+        if losses:
+            loss_ax.plot(*zip(*losses), "o-", lw=1.2, label=name)
+    tokens_ax.set(xlabel="step", ylabel="training tokens read", title="tokens per source")
+    loss_ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="validation loss per source")
+    for ax in (tokens_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend()
+    tokens_ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    return fig
+
+
+def _by_source(evals: list[dict]) -> set[str]:
+    return {name for r in evals for name in r.get("val_loss_by_source", {})}
+
+
 def token_label(token: str, width: int = 10) -> str:
     """A decoded token as a tick label: whitespace made visible (space as ·, \\n, \\t), cut to `width` characters
     with an ellipsis, `$` escaped so matplotlib does not read it as math."""
@@ -315,11 +343,21 @@ def summary(
             + (f", {final['bits_per_byte']:.4f} bits/byte" if "bits_per_byte" in final else "")
             + f" at step {final['step']:,}; best {best['val_loss']:.4f} at step {best['step']:,}"
         )
+        if final.get("val_loss_by_source"):
+            by_source = ", ".join(f"{name} {loss:.4f}" for name, loss in final["val_loss_by_source"].items())
+            lines.append(f"- validation loss by source at step {final['step']:,}: {by_source}")
+    read = train[-1].get("sources") if train else None
+    if read:
+        lines.append(
+            "- tokens read by source: "
+            + ", ".join(f"{name} {s['tokens']:,} ({s['epochs']:.2f} epochs)" for name, s in read.items())
+        )
     lines.append("")
     titles = {
         "loss.png": "Loss",
         "lr.png": "Learning rate (from step 0, warmup included)",
         "throughput.png": "Throughput",
+        "sources.png": "Mixture sources: tokens read and validation loss",
         "attention.png": f"Attention maps (layers x heads, {prompt_tokens} prompt tokens)",
     }
     for image in images:
@@ -391,6 +429,9 @@ def main(argv=None) -> int:
         keys = [("tokens_per_second", "tokens/s")] + ([("mfu", "MFU")] if any(r.get("mfu") for r in train) else [])
         save(series_figure(train, keys, "throughput"), out / "throughput.png")
         images += ["loss.png", "lr.png", "throughput.png"]
+    if any("sources" in r for r in train) or _by_source(evals):
+        save(sources_figure(train, evals), out / "sources.png")
+        images.append("sources.png")
     prompt_tokens = 0
     if not args.no_attention:
         from dsllm.model_dir import load_model_dir

@@ -47,8 +47,28 @@ def evaluate(
     progress: bool = False,
     counted: bool = True,
 ) -> dict:
-    """Sum of target-token losses over the windows (sharded across the data-parallel `rank`s, then all-reduced
-    over every rank). `model(inputs, targets)` gives (logits, mean loss): the loss when there is one (a
+    """Loss, perplexity and bits per byte over the windows (`score_totals`, then `scores`)."""
+    totals = score_totals(
+        model, windows, indices, micro_batch, device, byte_lengths, rank, world_size, progress, counted
+    )
+    return scores(*totals)
+
+
+def score_totals(
+    model,
+    windows: TokenWindows,
+    indices: list[int],
+    micro_batch: int,
+    device,
+    byte_lengths: torch.Tensor,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = False,
+    counted: bool = True,
+) -> list[float]:
+    """[summed target-token loss, target tokens, their UTF-8 bytes] over the windows (sharded across the
+    data-parallel `rank`s, then all-reduced over every rank): totals, so that several sets of windows (a mixture's
+    sources) add up. `model(inputs, targets)` gives (logits, mean loss): the loss when there is one (a
     vocabulary-parallel head's logits are a shard), else the logits are scored; (None, None) on a pipeline stage
     before the last. `counted`: False on the ranks whose totals another rank already holds (tensor-parallel
     ranks past the first). `progress`: a bar on stderr when it is a terminal (the command's; the trainer's
@@ -83,7 +103,11 @@ def evaluate(
             )
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(totals)  # (a pipeline's stages before the last contribute zeros)
-    nll, tokens, n_bytes = totals.tolist()
+    return totals.tolist()
+
+
+def scores(nll: float, tokens: float, n_bytes: float) -> dict:
+    """Loss, perplexity and bits per byte of `score_totals`' totals."""
     loss = nll / tokens
     return {
         "val_loss": loss,

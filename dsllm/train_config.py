@@ -147,7 +147,8 @@ class TrainConfig(RunConfig):
     with --model.FIELD overrides."""
 
     data: str | None = None
-    """prepared dataset folder (data_pipeline/prepare.py); default: the embedded default corpus"""
+    """prepared dataset folder (data_pipeline/prepare.py), or a weighted mixture of them: NAME=DIR:WEIGHT,... or a
+    mixture file (.json/.yaml: sources, weights and a schedule); default: the embedded default corpus"""
     model: str | None = None
     """model preset name or JSON file (default: tiny, or with --init the --init model); change single fields with
     --model.FIELD VALUE"""
@@ -158,7 +159,9 @@ class TrainConfig(RunConfig):
     model_overrides: dict = dataclasses.field(default_factory=dict)
     """{field: value} from --model.FIELD VALUE"""
     eval_windows: int = 64
-    """fixed validation windows scored at each evaluation"""
+    """fixed validation windows scored at each evaluation (of each source, with a mixture)"""
+    max_epochs_warning: float = 4.0
+    """with a mixture: warn (once per source) when a source has been read more than this many times over"""
     loader_workers: int = 2
     """DataLoader worker processes per rank"""
     sample_tokens: int = 64
@@ -198,6 +201,7 @@ class TrainConfig(RunConfig):
         "seq_len_warmup": 0,
         "seq_len_start": 1,
     }
+    _ABOVE_ZERO = {**RunConfig._ABOVE_ZERO, "max_epochs_warning": "the epochs a source is read before the warning"}
 
     def check(self) -> None:
         super().check()

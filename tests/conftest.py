@@ -181,6 +181,31 @@ def dataset_dir(tmp_path_factory, corpus_jsonl, tokenizer_dir) -> Path:
     return out
 
 
+def prepare_documents(texts: list[str], tokenizer: Path, out: Path) -> Path:
+    """A prepared dataset (10% val) of `texts` in `out`."""
+    from dsllm.data.prepare import PrepareConfig, prepare
+
+    corpus = write_jsonl(out.with_name(out.name + ".jsonl"), texts)
+    prepare(
+        PrepareConfig(
+            inputs=[str(corpus)], tokenizer=str(tokenizer), output=str(out), val_fraction=0.1, workers=1, progress=False
+        )
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def mixture_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
+    """The sources of a weighted mixture: three small prepared datasets of different documents (and sizes), one
+    tokenizer (the test dataset's)."""
+    root = tmp_path_factory.mktemp("mixture")
+    sizes = {"web": 160, "code": 120, "books": 50}
+    return {
+        name: prepare_documents(make_documents(count, seed=seed), tokenizer_dir, root / name)
+        for seed, (name, count) in enumerate(sizes.items(), start=1)
+    }
+
+
 @pytest.fixture(scope="session")
 def single(dataset_dir, tmp_path_factory) -> dict[str, Path]:
     """The single-rank runs the parallel layouts (tensor, 3D, sequence) must reproduce: one rank, ZeRO-1, one run of

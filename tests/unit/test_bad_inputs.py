@@ -140,6 +140,23 @@ def model_folder(tokenizer_texts: list[str] | None = None, damaged: bool = False
     return write
 
 
+def dataset_of_another_tokenizer(path: Path, data: Path) -> None:
+    """A small prepared dataset made with a tokenizer other than the test dataset's."""
+    from conftest import make_documents, prepare_documents
+
+    from dsllm.tokenizer import save_tokenizer, train_tokenizer
+
+    texts = [f"other words {i} " * 8 for i in range(60)]
+    save_tokenizer(train_tokenizer(texts, vocab_size=280, show_progress=False), path.with_name("other-tokenizer"))
+    prepare_documents(make_documents(60, seed=9), path.with_name("other-tokenizer"), path)
+
+
+def pretrain_mixture(name: str, bad_input: str, mixture: str, expect: tuple[str, ...], **files) -> Case:
+    """`--data MIXTURE` ({data}: the test dataset) on an otherwise good pretraining command."""
+    args = ("--ds_config", str(ROOT / "ds_configs" / "zero2.json"), "--data", mixture, "--out", "{tmp}/out")
+    return Case(name, bad_input, PRETRAIN, (*args, *SMALL_MODEL, "--seq-len", "32"), expect, files)
+
+
 def pretrain_init(name: str, bad_input: str, args: tuple[str, ...], expect: tuple[str, ...], **folder) -> Case:
     """`launch/pretrain.py --init FOLDER` (a model_folder(**folder)) with `args` added."""
     return Case(
@@ -283,6 +300,26 @@ CASES = [
         (*ZERO2, "--data", "{bad_data}", "--out", "{tmp}/out", *SMALL_MODEL, "--seq-len", "32"),
         ("train.bin: token id 310", "vocabulary size 300", "prepare.py"),
         {"bad_data": dataset_with_id(310)},
+    ),
+    # -- weighted mixtures (--data NAME=DIR:WEIGHT,...) -----------------------------------------------------------
+    pretrain_mixture(
+        "mixture-weight-zero",
+        "mixture source with weight 0 (or below)",
+        "web={data}:0.7,code={data}:0",
+        ("source code has weight 0", "a source's weight must be above 0"),
+    ),
+    pretrain_mixture(
+        "mixture-missing-source",
+        "mixture source folder that does not exist",
+        "web={data}:0.7,books={tmp}/books:0.3",
+        ("--data: source books:", "books: no such folder", "prepare it"),
+    ),
+    pretrain_mixture(
+        "mixture-other-tokenizer",
+        "mixture sources made with different tokenizers",
+        "web={data}:0.7,other={other}:0.3",
+        ("sources other and web were made with different tokenizers", "prepare every source with one tokenizer"),
+        other=dataset_of_another_tokenizer,
     ),
     # -- starting from a trained model (--init) -----------------------------------------------------------------
     pretrain_init(

@@ -46,11 +46,14 @@ def test_quick_run_writes_dated_results_with_positive_rates(tmp_path):
     assert {row["num_workers"] for row in result["loader"]} == {0, 2}
     for row in result["loader"]:
         assert row["tokens_per_second"] > 0 and len(row["headroom"]) == len(result["consumption"]) >= 2, row
+    assert [row["num_workers"] for row in result["loader_mixture"]] == [0, 2]  # a 3-source mixture's loader too
+    assert all(row["tokens_per_second"] > 0 and row["share_of_single"] > 0 for row in result["loader_mixture"])
     assert result["corpus"]["tokens"] > 0 and result["corpus"]["documents_encoded"] > 0
 
     markdown = md_file.read_text()
     assert result["git_revision"] in markdown and result["command"] in markdown
     assert "raw encode_batch_fast" in markdown and "prepare end to end" in markdown and "num_workers" in markdown
+    assert "a weighted mixture of 3 datasets (0.6/0.3/0.1) vs one dataset" in markdown
     assert markdown in proc.stdout  # the same table is printed
 
 

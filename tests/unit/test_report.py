@@ -172,3 +172,32 @@ def test_out_over_the_run_is_refused(tmp_path):
         proc = report(run, "--no-attention", "--out", out, expect=2)
         assert_user_error(proc, f"--out {out} {relation} {path}", "which the report reads", "choose another --out")
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_mixture_run_gets_its_sources_plotted(tmp_path):
+    """Per-source tokens read and validation losses (a weighted mixture's metrics) in sources.png and the summary."""
+    from dsllm.report import sources_figure
+
+    run = tmp_path / "run"
+    run.mkdir()
+    read = lambda web, code: {"web": {"tokens": web, "epochs": web / 1000}, "code": {"tokens": code, "epochs": 0.5}}  # noqa: E731
+    lines = [
+        {"step": 1, "loss": 5.0, "lr": 1e-3, "tokens": 100, "tokens_per_second": 50.0, "sources": read(70, 30)},
+        {"step": 2, "loss": 4.0, "lr": 1e-3, "tokens": 200, "tokens_per_second": 50.0, "sources": read(90, 110)},
+        {"step": 2, "val_loss": 4.1, "val_loss_by_source": {"code": 4.3, "web": 3.9}},
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    train, evals = read_metrics(run)
+    fig = sources_figure(train, evals)
+    tokens, losses = fig.axes
+    assert {line.get_label(): list(line.get_ydata()) for line in tokens.get_lines()} == {
+        "code": [30, 110],
+        "web": [70, 90],
+    }
+    assert {line.get_label(): list(line.get_ydata()) for line in losses.get_lines()} == {"code": [4.3], "web": [3.9]}
+    fig.clf()
+    report(run, "--no-attention")
+    assert (run / "report" / "sources.png").read_bytes()[:4] == PNG
+    text = (run / "report" / "summary.md").read_text()
+    assert "validation loss by source at step 2: code 4.3000, web 3.9000" in text
+    assert "tokens read by source: web 90 (0.09 epochs), code 110 (0.50 epochs)" in text and "![Mixture" in text
