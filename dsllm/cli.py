@@ -14,6 +14,7 @@ import sys
 # verb -> (module, what it does); in the order of a run's life
 VERBS = {
     "prepare": ("dsllm.data.prepare", "clean and tokenize a corpus into train/val token files"),
+    "merge-shards": ("dsllm.data.shards", "check a sharded dataset's shards and write its manifest"),
     "train-tokenizer": ("dsllm.data.train_tokenizer", "train a byte-level BPE tokenizer on a corpus"),
     "validate": ("dsllm.data.validate", "check a prepared dataset end to end"),
     "default-corpus": ("dsllm.data.default_corpus", "build the embedded default dataset (Python's own sources)"),

@@ -130,16 +130,16 @@ def score_choices(
 # -- `python -m dsllm evaluate` ------------------------------------------------------------------------------
 def open_split(data: Path, split: str, tokenizer: Tokenizer, tokenizer_file: Path) -> TokenFile:
     """The split's token file, refused when it was made with another tokenizer than the model's."""
-    from dsllm.data.format import TokenFile
+    from dsllm.data.shards import has_split, open_token_file
 
     if not data.is_dir():
         raise UserError(f"--data {data}: no such folder; pass a dataset made by data_pipeline/prepare.py")
-    if not (data / f"{split}.idx").is_file():
+    if not has_split(data, split):
         raise UserError(
             f"--data {data}: no {split} split ({split}.idx); pass a folder made by "
             "data_pipeline/prepare.py and --split train or val"
         )
-    tokens = TokenFile(data / split)
+    tokens = open_token_file(data, split)  # a sharded dataset's too
     if tokens.header.tokenizer_hash != tokenizer_hash(tokenizer):
         raise UserError(
             f"--data {data}: made with another tokenizer (hash {tokens.header.tokenizer_hash.hex()[:16]}) "

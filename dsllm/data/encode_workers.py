@@ -18,6 +18,7 @@ import numpy as np
 
 from dsllm.data.cleaning import CleaningConfig, clean, document_hash, drop_reason
 from dsllm.data.near_dedup import Signer
+from dsllm.data.shards import OTHER_SHARD, shard_of
 from dsllm.data.sources import CorpusReader
 from dsllm.errors import UserError
 from dsllm.tokenizer import encode_as_text, eot_id
@@ -47,7 +48,9 @@ def _single_threaded_blas_for_children() -> Iterator[None]:
                 del os.environ[name]
 
 
-def _init_worker(tokenizer_json: str, cleaning: CleaningConfig, threads: int = 1) -> None:
+def _init_worker(
+    tokenizer_json: str, cleaning: CleaningConfig, threads: int = 1, shard: tuple[int, int] | None = None
+) -> None:
     # Each worker process tokenizes on one thread; parallelism comes from the processes.
     os.environ["RAYON_NUM_THREADS"] = str(threads)
     os.environ["TOKENIZERS_PARALLELISM"] = "false" if threads == 1 else "true"
@@ -55,12 +58,12 @@ def _init_worker(tokenizer_json: str, cleaning: CleaningConfig, threads: int = 1
 
     tokenizer = Tokenizer.from_str(tokenizer_json)
     signer = Signer(cleaning.near_dedup) if cleaning.near_dedup is not None else None
-    _worker.update(tokenizer=tokenizer, eot=eot_id(tokenizer), cleaning=cleaning, signer=signer)
+    _worker.update(tokenizer=tokenizer, eot=eot_id(tokenizer), cleaning=cleaning, signer=signer, shard=shard)
 
 
 @dataclasses.dataclass
 class _BatchResult:
-    reasons: list[str | None]  # per input document: why it was dropped, or None when kept
+    reasons: list[str | None]  # per input document: why it was dropped (or OTHER_SHARD), or None when kept
     hashes: list[bytes]  # per kept document
     lengths: np.ndarray  # per kept document, tokens including the final end-of-text
     tokens: np.ndarray  # kept documents' tokens, concatenated
@@ -68,14 +71,18 @@ class _BatchResult:
 
 
 def _clean_and_tokenize(texts: list[str]) -> _BatchResult:
-    cleaning, tokenizer, eot = _worker["cleaning"], _worker["tokenizer"], _worker["eot"]
-    reasons, kept = [], []
+    cleaning, tokenizer, eot, shard = _worker["cleaning"], _worker["tokenizer"], _worker["eot"], _worker["shard"]
+    reasons, kept, hashes = [], [], []
     for text in texts:
         cleaned = clean(text, cleaning)
-        reason = drop_reason(cleaned, cleaning)
+        digest = document_hash(cleaned)
+        # another shard's document is skipped before its checks and tokenization, the costly part
+        reason = OTHER_SHARD if shard is not None and shard_of(digest, shard[1]) != shard[0] else None
+        reason = reason or drop_reason(cleaned, cleaning)
         reasons.append(reason)
         if reason is None:
             kept.append(cleaned)
+            hashes.append(digest)
     ids = encode_as_text(tokenizer, kept)  # "<|endoftext|>" written in a document is text, not a separator
     lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
     tokens = np.empty(int(lengths.sum()), dtype=np.uint32)
@@ -84,7 +91,7 @@ def _clean_and_tokenize(texts: list[str]) -> _BatchResult:
     for doc, end in zip(ids, ends):
         tokens[end - 1 - len(doc) : end - 1] = doc
     near_keys = _worker["signer"].band_keys(kept) if _worker["signer"] is not None else None
-    return _BatchResult(reasons, [document_hash(t) for t in kept], lengths, tokens, near_keys)
+    return _BatchResult(reasons, hashes, lengths, tokens, near_keys)
 
 
 @dataclasses.dataclass
@@ -140,11 +147,16 @@ def _killed_worker_error(processes: dict, in_flight: list[_Batch], workers: int)
 
 
 def _process(
-    batches: Iterator[_Batch], workers: int, tokenizer_json: str, cleaning: CleaningConfig
+    batches: Iterator[_Batch],
+    workers: int,
+    tokenizer_json: str,
+    cleaning: CleaningConfig,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, _BatchResult]]:
-    """Results in input order, with at most 2 x workers batches in flight (bounded memory)."""
+    """Results in input order, with at most 2 x workers batches in flight (bounded memory). `shard` (index, count):
+    only that shard's documents are kept (`dsllm.data.shards.shard_of`)."""
     if workers == 1:
-        _init_worker(tokenizer_json, cleaning)
+        _init_worker(tokenizer_json, cleaning, shard=shard)
         for batch in batches:
             yield len(batch.texts), _clean_and_tokenize(batch.texts)
         return
@@ -152,7 +164,7 @@ def _process(
     with (
         _single_threaded_blas_for_children(),
         ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_init_worker, initargs=(tokenizer_json, cleaning)
+            workers, mp_context=context, initializer=_init_worker, initargs=(tokenizer_json, cleaning, 1, shard)
         ) as pool,
     ):
         pending: collections.deque = collections.deque()

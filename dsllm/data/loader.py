@@ -15,16 +15,20 @@ from torch.utils.data import DataLoader, Dataset
 from dsllm.data.format import TokenFile
 from dsllm.data.mixture import MixtureOrder
 from dsllm.data.sampler import WindowOrder, WindowSampler
+from dsllm.data.shards import ShardedTokenFile
 
 
 class TokenWindows(Dataset):
     """Window i is tokens[i*seq_len : i*seq_len + seq_len + 1] (inputs and shifted targets), read from
     the memory map without loading the file; windows do not overlap and the last partial one is dropped.
     `piece` (p, n): only the p-th of n equal pieces of each window is read, with the token after it (sequence
-    parallelism: the rank holding piece p of every window)."""
+    parallelism: the rank holding piece p of every window). `data`: a split's prefix, its TokenFile, or a sharded
+    dataset's split (dsllm.data.shards.ShardedTokenFile, read through the same `tokens[a:b]`)."""
 
-    def __init__(self, data: str | os.PathLike | TokenFile, seq_len: int, piece: tuple[int, int] = (0, 1)):
-        self.file = data if isinstance(data, TokenFile) else TokenFile(data)
+    def __init__(
+        self, data: str | os.PathLike | TokenFile | ShardedTokenFile, seq_len: int, piece: tuple[int, int] = (0, 1)
+    ):
+        self.file = TokenFile(data) if isinstance(data, (str, os.PathLike)) else data
         if seq_len < 1:
             raise ValueError("seq_len must be positive")
         if seq_len % piece[1] or not 0 <= piece[0] < piece[1]:

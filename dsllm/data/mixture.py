@@ -38,6 +38,7 @@ from dsllm.errors import UserError
 
 if TYPE_CHECKING:
     from dsllm.data.format import TokenFile
+    from dsllm.data.shards import ShardedTokenFile
 
 BLOCK = 256  # samples per stratified block: a power of 4, at least sources squared (see MixtureOrder._apportion)
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -195,8 +196,8 @@ class Source:
 
     name: str
     dir: Path
-    train: TokenFile
-    val: TokenFile
+    train: TokenFile | ShardedTokenFile
+    val: TokenFile | ShardedTokenFile
     label: str
 
     def check_seq_len(self, seq_len: int) -> None:
@@ -209,16 +210,17 @@ class Source:
 
 
 def open_source(name: str, data_dir: Path, label: str) -> Source:
-    """A dataset folder's splits, refused (one line) when it is not a prepared dataset, has no val split, its
-    tokenizer is not the one its tokens were made with, or a token id is past that tokenizer's vocabulary."""
-    from dsllm.data.format import TokenFile
+    """A dataset folder's splits (a sharded one's too: dsllm.data.shards), refused (one line) when it is not a
+    prepared dataset, has no val split, its tokenizer is not the one its tokens were made with, or a token id is past
+    that tokenizer's vocabulary."""
+    from dsllm.data.shards import has_split, open_token_file
     from dsllm.tokenizer import TOKENIZER_FILE, load_tokenizer, tokenizer_hash
 
     if not (data_dir / "meta.json").is_file():
         raise UserError(f"{label}: not a prepared dataset (no meta.json); create it with data_pipeline/prepare.py")
-    if not (data_dir / "val.idx").exists():
+    if not has_split(data_dir, "val"):
         raise UserError(f"{label}: has no val split; re-run prepare with --val-fraction above 0")
-    train, val = TokenFile(data_dir / "train"), TokenFile(data_dir / "val")
+    train, val = open_token_file(data_dir, "train"), open_token_file(data_dir, "val")
     tokenizer = load_tokenizer(data_dir / TOKENIZER_FILE)
     if tokenizer_hash(tokenizer) != train.header.tokenizer_hash:
         raise UserError(
@@ -322,12 +324,14 @@ def open_mixture(spec: MixtureSpec) -> Mixture:
 def train_fingerprint(data: str) -> str:
     """The fingerprint of --data's training tokens without checking them (multi-host pre-flight compares hosts):
     a folder's train split's, or a mixture's combined one."""
-    from dsllm.data.format import TokenFile
+    from dsllm.data.shards import open_token_file
 
     spec = parse_data(data)
     if spec is None:
-        return TokenFile(Path(data) / "train").fingerprint
-    return combined_fingerprint({name: TokenFile(folder / "train").fingerprint for name, folder in spec.paths.items()})
+        return open_token_file(data, "train").fingerprint
+    return combined_fingerprint(
+        {name: open_token_file(folder, "train").fingerprint for name, folder in spec.paths.items()}
+    )
 
 
 # -- the sample order ----------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from dsllm.data.encode_workers import _batches, _BatchResult, _process
 from dsllm.data.format import FORMAT_VERSION, IndexHeader, TokenFileWriter, paths_for
 from dsllm.data.near_dedup import NearDeduplicator
 from dsllm.data.near_dedup import describe as describe_near_dedup
+from dsllm.data.shards import MANIFEST_FILE, OTHER_SHARD, check_shard_arguments, shard_dir
 from dsllm.data.sources import CorpusReader, add_input_arguments, describe_input, local_input_paths, skipped_summary
 from dsllm.errors import ArgumentParser, UserError
 from dsllm.paths import check_output_apart
@@ -48,7 +49,7 @@ from dsllm.tokenizer import (
 
 SPLITS = ("train", "val")
 META_FILE = "meta.json"
-DATASET_FILES = (META_FILE, "train.bin", "train.idx", "val.bin", "val.idx")
+DATASET_FILES = (META_FILE, "train.bin", "train.idx", "val.bin", "val.idx", MANIFEST_FILE)  # (a merged one's)
 
 
 @dataclasses.dataclass
@@ -64,8 +65,15 @@ class PrepareConfig:
     cleaning: CleaningConfig = dataclasses.field(default_factory=CleaningConfig)
     overwrite: bool = False
     progress: bool | None = None  # None: a progress bar only on a terminal
+    num_shards: int = 1  # > 1: only shard `shard_index`'s documents, into OUTPUT/shard-I-of-K (dsllm.data.shards)
+    shard_index: int | None = None
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        return None if self.shard_index is None else (self.shard_index, self.num_shards)
 
     def check(self) -> None:
+        check_shard_arguments(self.num_shards, self.shard_index)
         if not 0.0 <= self.val_fraction < 1.0:
             raise UserError(f"--val-fraction {self.val_fraction} is outside [0, 1); use e.g. 0.01 (0 for no val split)")
         if self.workers < 1:
@@ -155,7 +163,9 @@ def prepare(config: PrepareConfig, log: Callable[[str], None] | None = None) -> 
     input folders held but that are not inputs (skipped), before any work starts."""
     config.check()
     started = time.perf_counter()
-    output = Path(config.output)
+    root = Path(config.output)
+    output = root if config.shard is None else shard_dir(root, *config.shard)
+    created_root = not root.exists()
     tokenizer_file = resolve_tokenizer_file(config.tokenizer)
     check_output_apart(
         output,
@@ -189,12 +199,15 @@ def prepare(config: PrepareConfig, log: Callable[[str], None] | None = None) -> 
         report = CleaningReport.for_config(config.cleaning)
         dedup = Deduplicator(config.cleaning.dedup)
         near = NearDeduplicator() if config.cleaning.near_dedup is not None else None
-        tokens_out = 0
+        tokens_out = other_shards = 0
         with tqdm(desc="prepare", unit="doc", disable=None if config.progress is None else not config.progress) as bar:
-            for size, result in _process(_batches(reader), config.workers, tokenizer.to_str(), config.cleaning):
+            documents = _batches(reader)
+            for size, result in _process(documents, config.workers, tokenizer.to_str(), config.cleaning, config.shard):
                 report.read += size
                 for reason in result.reasons:
-                    if reason is not None:
+                    if reason == OTHER_SHARD:
+                        other_shards += 1
+                    elif reason is not None:
                         report.dropped[reason] += 1
                 keep = [not dedup.is_duplicate(d) for d in result.hashes]
                 report.dropped["duplicate"] += keep.count(False)
@@ -218,6 +231,11 @@ def prepare(config: PrepareConfig, log: Callable[[str], None] | None = None) -> 
                 bar.set_postfix_str(
                     f"{reader.stats.bytes_in / 1e6 / max(bar.format_dict['elapsed'], 1e-9):.1f} MB/s", refresh=False
                 )
+        if config.shard is not None and report.read > 0 and report.read == other_shards:
+            raise UserError(
+                f"shard {config.shard_index} of {config.num_shards} got none of the {report.read} documents read; "
+                "use fewer --num-shards for this corpus"
+            )
         report.check_not_empty(config.inputs)
         headers = splits.close()
         if "val" in headers and headers["val"].document_count == 0:
@@ -228,6 +246,9 @@ def prepare(config: PrepareConfig, log: Callable[[str], None] | None = None) -> 
         shutil.copyfile(tokenizer_file, stage / TOKENIZER_FILE)
         seconds = time.perf_counter() - started
         meta = _metadata(config, reader, report, headers, vocab_size, tok_hash, eot_id(tokenizer), tokens_out, seconds)
+        if config.shard is not None:  # the merge checks these (dsllm.data.shards.merge_shards)
+            meta["shard"] = {"index": config.shard_index, "count": config.num_shards}
+            meta["report"]["documents_of_other_shards"] = other_shards
         (stage / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         files = [p.name for name in headers for p in paths_for(stage / name)] + [TOKENIZER_FILE]
         _commit(stage, output, files)
@@ -238,8 +259,9 @@ def prepare(config: PrepareConfig, log: Callable[[str], None] | None = None) -> 
         raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-        if created_output and output.is_dir() and not any(output.iterdir()):
-            output.rmdir()
+        for folder in (output, root) if created_root else (output,) if created_output else ():
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _metadata(config, reader, report, headers, vocab_size, tok_hash, eot, tokens_out, seconds) -> dict:
@@ -332,6 +354,20 @@ def build_parser() -> ArgumentParser:
         help="processes that clean and tokenize (default: one per core)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset already in --output")
+    parser.add_argument(
+        "--num-shards",
+        type=int,
+        default=1,
+        metavar="K",
+        help="prepare one of K shards (K machines in parallel; then data_pipeline/merge_shards.py --output DIR)",
+    )
+    parser.add_argument(
+        "--shard-index",
+        type=int,
+        default=None,
+        metavar="I",
+        help="the shard this process prepares, 0..K-1: the documents whose hash falls to it, into DIR/shard-I-of-K",
+    )
     add_cleaning_arguments(parser)
     return parser
 
@@ -351,12 +387,14 @@ def main(argv=None) -> int:
             split_lines=args.split_lines,
             cleaning=cleaning_config_from_args(args),
             overwrite=args.overwrite,
+            num_shards=args.num_shards,
+            shard_index=args.shard_index,
         ),
         log=lambda line: print(line, flush=True),
     )
     print(format_report(meta))
     print(
-        f"wrote {args.output}: "
+        f"wrote {shard_dir(args.output, args.shard_index, args.num_shards) if 'shard' in meta else args.output}: "
         + ", ".join(f"{name}.bin/.idx" for name in meta["splits"])
         + ", tokenizer.json, meta.json"
     )

@@ -117,6 +117,7 @@ def test_the_old_scripts_are_shims_over_the_verbs():
         ("launch/preflight.py", "preflight"),
         ("data_pipeline/prepare.py", "prepare"),
         ("data_pipeline/validate.py", "validate"),
+        ("data_pipeline/merge_shards.py", "merge-shards"),
         ("data_pipeline/default_corpus.py", "default-corpus"),
         ("tokenizer/train_tokenizer.py", "train-tokenizer"),
     ):
