@@ -33,6 +33,7 @@ GOOD_DATA = ("--data", "{data}", "--out", "{tmp}/out")  # a good pretraining com
 COMMAND_MAINS = {  # the command as a user types it -> (module, main function) it runs
     PRETRAIN: ("dsllm.pretrain", "main"),
     "data_pipeline/prepare.py": ("dsllm.data.prepare", "main"),
+    "data_pipeline/merge_shards.py": ("dsllm.data.shards", "main"),
     "tokenizer/train_tokenizer.py": ("dsllm.data.train_tokenizer", "main"),
     "python -m dsllm generate": ("dsllm.generate", "main"),
     "python -m dsllm plan": ("dsllm.plan", "main"),
@@ -149,6 +150,40 @@ def dataset_of_another_tokenizer(path: Path, data: Path) -> None:
     texts = [f"other words {i} " * 8 for i in range(60)]
     save_tokenizer(train_tokenizer(texts, vocab_size=280, show_progress=False), path.with_name("other-tokenizer"))
     prepare_documents(make_documents(60, seed=9), path.with_name("other-tokenizer"), path)
+
+
+def shards(*tokenizers: str | None) -> Callable[[Path, Path], None]:
+    """A writer of a folder of K = len(tokenizers) shards of one corpus: shard i prepared with the test
+    dataset's tokenizer ("data"), another one ("other"), or not at all (None)."""
+
+    def write(path: Path, data: Path) -> None:
+        from conftest import make_documents, write_jsonl
+
+        from dsllm.data.prepare import PrepareConfig, prepare
+        from dsllm.tokenizer import save_tokenizer, train_tokenizer
+
+        corpus = write_jsonl(path.with_name(path.name + ".jsonl"), make_documents(60, seed=5))
+        other = path.with_name(path.name + "-tokenizer")
+        if "other" in tokenizers:
+            texts = [f"other words {i} " * 8 for i in range(60)]
+            save_tokenizer(train_tokenizer(texts, vocab_size=280, show_progress=False), other)
+        for index, tokenizer in enumerate(tokenizers):
+            if tokenizer is not None:
+                folder = data if tokenizer == "data" else other
+                prepare(
+                    PrepareConfig(
+                        [str(corpus)],
+                        str(folder),
+                        str(path),
+                        0.2,
+                        workers=1,
+                        progress=False,
+                        num_shards=len(tokenizers),
+                        shard_index=index,
+                    )
+                )
+
+    return write
 
 
 def pretrain_mixture(name: str, bad_input: str, mixture: str, expect: tuple[str, ...], **files) -> Case:
@@ -445,6 +480,39 @@ CASES = [
             {"c.jsonl": jsonl_line('{"text": "another good document"}')},
         )
         for value in ("0", "1.5", "nan")
+    ),
+    # -- sharded datasets ---------------------------------------------------------------------------------------
+    Case(
+        "shard-index-out-of-range",
+        "`--shard-index 3` with `--num-shards 3`",
+        "data_pipeline/prepare.py",
+        ("--input", "{c.jsonl}", *PREPARE_ARGS, "--num-shards", "3", "--shard-index", "3"),
+        ("--shard-index 3 is outside 0..2 (--num-shards 3)",),
+        {"c.jsonl": jsonl_line('{"text": "another good document"}')},
+    ),
+    Case(
+        "shard-index-missing",
+        "`--num-shards 3` without `--shard-index`",
+        "data_pipeline/prepare.py",
+        ("--input", "{c.jsonl}", *PREPARE_ARGS, "--num-shards", "3"),
+        ("--num-shards 3 needs --shard-index I (0..2)",),
+        {"c.jsonl": jsonl_line('{"text": "another good document"}')},
+    ),
+    Case(
+        "merge-shard-missing",
+        "a shard missing (shards 0 and 2 of 3 prepared)",
+        "data_pipeline/merge_shards.py",
+        ("--output", "{shards}"),
+        ("shard 1 of 3 (shard-1-of-3) is missing or incomplete", "--shard-index 1", "then merge again"),
+        {"shards": shards("data", None, "data")},
+    ),
+    Case(
+        "merge-shard-other-tokenizer",
+        "a shard made with another tokenizer",
+        "data_pipeline/merge_shards.py",
+        ("--output", "{shards}"),
+        ("shard 1 was made with another tokenizer", "prepare every shard with one --tokenizer"),
+        {"shards": shards("data", "other")},
     ),
     # -- generate and plan --------------------------------------------------------------------------------------
     Case(
