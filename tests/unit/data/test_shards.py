@@ -126,3 +126,16 @@ def test_merge_refuses_a_missing_shard_and_writes_nothing(tmp_path, tokenizer_di
     shard(out, 1, 3, tokenizer_dir, make_documents(90, seed=4))
     run_script("data_pipeline/merge_shards.py", "--output", out, check_rc=0)
     assert open_token_file(out, "train").num_documents + open_token_file(out, "val").num_documents == 90
+
+
+def test_pretraining_reads_a_sharded_dataset(sharded_dir, tmp_path):
+    """Two steps on the merged folder: the run records the manifest's combined fingerprints, and its marker too."""
+    from runs import pretrain
+
+    pretrain(sharded_dir, tmp_path / "run", "--max-steps", "2", "--eval-interval", "2")
+    manifest = json.loads((sharded_dir / MANIFEST_FILE).read_text())
+    data = json.loads((tmp_path / "run" / "config.json").read_text())["data"]
+    assert data["train_fingerprint"] == manifest["splits"]["train"]["fingerprint"]
+    assert data["val_fingerprint"] == manifest["splits"]["val"]["fingerprint"]
+    marker = json.loads((tmp_path / "run" / "checkpoints" / "step00000002" / "dsllm_complete.json").read_text())
+    assert marker["train_fingerprint"] == manifest["splits"]["train"]["fingerprint"]
