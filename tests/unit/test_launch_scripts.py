@@ -50,6 +50,22 @@ def test_multi_node_scripts(tmp_path):
     assert mpi.endswith("launch/pretrain.py --ds_config ds_configs/zero2.json --y")
 
 
+def test_shard_preparation_script_runs_one_shard_per_array_task_then_the_merge():
+    """Task I of an array 0-(K-1) prepares shard I of K (its CPUs as workers); `--merge` runs the merge."""
+    array = dict(SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_TASK_MAX="3", SLURM_CPUS_PER_TASK="6")
+    task = dry_run("prepare_shards.sbatch", "--input", "c", "--output", "d", **array)
+    assert task == "python data_pipeline/prepare.py --num-shards 4 --shard-index 2 --workers 6 --input c --output d"
+    rerun = dry_run("prepare_shards.sbatch", SLURM_ARRAY_TASK_ID="5", SLURM_ARRAY_TASK_MAX="5", NUM_SHARDS="16")
+    assert rerun.startswith("python data_pipeline/prepare.py --num-shards 16 --shard-index 5 ")
+    assert (
+        dry_run("prepare_shards.sbatch", "--merge", "--output", "d")
+        == "python data_pipeline/merge_shards.py --output d"
+    )
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", "launch/prepare_shards.sbatch"], cwd=ROOT, env=bare, capture_output=True, text=True)
+    assert proc.returncode == 2 and "sbatch --array=0-(K-1)" in proc.stderr
+
+
 def test_every_variable_a_script_sets_is_explained():
     for script in (
         "single_node_a100.sh",
