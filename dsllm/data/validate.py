@@ -9,6 +9,7 @@ import numpy as np
 
 from dsllm.data.format import TokenFile, TokenFileError, content_hash, new_content_hasher
 from dsllm.data.prepare import META_FILE
+from dsllm.data.shards import MANIFEST_FILE, is_sharded
 from dsllm.errors import ArgumentParser, UserError
 from dsllm.tokenizer import TOKENIZER_FILE, eot_id, load_tokenizer, tokenizer_hash
 
@@ -66,6 +67,11 @@ def validate_dataset(directory: str | Path) -> dict:
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory}: no such dataset folder; create it with data_pipeline/prepare.py")
+    if is_sharded(directory):  # its shards are the datasets written by prepare; the merge checked how they fit
+        raise UserError(
+            f"{directory}: a sharded dataset ({MANIFEST_FILE}); validate each of its shard folders "
+            f"(data_pipeline/validate.py {directory}/shard-I-of-K)"
+        )
     meta_path = directory / META_FILE
     if not meta_path.is_file():
         raise UserError(
