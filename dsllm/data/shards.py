@@ -274,6 +274,12 @@ def _check_shard(output: Path, meta: dict, first: dict, index: int, count: int) 
                 f"{output}: shard {index} was prepared with another {key} ({meta.get(key)}) than shard 0 "
                 f"({first.get(key)}); prepare every shard with the same command but --shard-index"
             )
+    read, read_first = meta["report"]["documents_read"], first["report"]["documents_read"]
+    if read != read_first:  # every shard reads the whole input: another count means the input changed meanwhile
+        raise UserError(
+            f"{output}: shard {index} read {read:,} documents, shard 0 {read_first:,}: the input changed between "
+            "them; prepare every shard from the same input"
+        )
     if set(meta["splits"]) != set(first["splits"]):
         raise UserError(
             f"{output}: shard {index} has the splits {sorted(meta['splits'])}, shard 0 {sorted(first['splits'])}; "
@@ -304,6 +310,11 @@ def merge_shards(output: str | os.PathLike) -> dict:
         raise UserError(
             f"{output}: no such folder; prepare its shards first (data_pipeline/prepare.py --num-shards K "
             f"--shard-index I --output {output})"
+        )
+    if (output / "train.idx").exists() and not is_sharded(output):
+        raise UserError(
+            f"{output}: holds a dataset prepared in one process (train.idx); prepare the shards into a folder of "
+            "their own"
         )
     count = _shard_count(output)
     metas = []

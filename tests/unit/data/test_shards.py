@@ -139,3 +139,31 @@ def test_pretraining_reads_a_sharded_dataset(sharded_dir, tmp_path):
     assert data["val_fingerprint"] == manifest["splits"]["val"]["fingerprint"]
     marker = json.loads((tmp_path / "run" / "checkpoints" / "step00000002" / "dsllm_complete.json").read_text())
     assert marker["train_fingerprint"] == manifest["splits"]["train"]["fingerprint"]
+
+
+def test_merge_and_reading_refuse_shards_that_do_not_fit(sharded_dir, tmp_path):
+    """Shards of other settings or of a changed input are refused by the merge; a shard changed after the merge by
+    the reader (its header against the manifest). Each in one line, the folder left as it was."""
+    import shutil
+
+    from dsllm.data.format import TokenFileError
+    from dsllm.data.shards import merge_shards
+    from dsllm.errors import UserError
+
+    out = tmp_path / "data"
+    shutil.copytree(sharded_dir, out)
+    meta_path = out / "shard-2-of-3" / "meta.json"
+    good = meta_path.read_text()
+    manifest = (out / MANIFEST_FILE).read_text()
+    for key, value, expect in (("seed", 7, "another seed"), ("documents_read", 1, "the input changed")):
+        meta = json.loads(good)
+        (meta["report"] if key == "documents_read" else meta)[key] = value
+        meta_path.write_text(json.dumps(meta))
+        with pytest.raises(UserError, match=f"shard 2 .*{expect}"):
+            merge_shards(out)
+        assert (out / MANIFEST_FILE).read_text() == manifest
+    meta_path.write_text(good)
+    (out / "shard-0-of-3" / "val.idx").write_bytes((out / "shard-1-of-3" / "val.idx").read_bytes())
+    shutil.copyfile(out / "shard-1-of-3" / "val.bin", out / "shard-0-of-3" / "val.bin")
+    with pytest.raises(TokenFileError, match="the shard changed after the merge"):
+        open_token_file(out, "val")
