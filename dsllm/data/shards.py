@@ -94,7 +94,24 @@ def _read_json(path: Path, fix: str) -> dict:
 
 
 def read_manifest(folder: Path) -> dict:
-    return _read_json(folder / MANIFEST_FILE, "merge the shards again (data_pipeline/merge_shards.py)")
+    """The manifest of a sharded dataset, refused in one line when it is not one merge_shards.py wrote (a hand-edited
+    or truncated file): every shard an object with its folder and each split's fingerprint."""
+    path, fix = folder / MANIFEST_FILE, "merge the shards again (data_pipeline/merge_shards.py)"
+    manifest = _read_json(path, fix)
+    shards, splits = manifest.get("shards"), manifest.get("splits")
+    well_formed = isinstance(shards, list) and shards and isinstance(splits, dict)
+    for shard in shards if well_formed else ():
+        well_formed = (
+            isinstance(shard, dict)
+            and isinstance(shard.get("dir"), str)
+            and isinstance(shard.get("splits"), dict)
+            and all(isinstance((shard["splits"].get(name) or {}).get("fingerprint"), str) for name in splits)
+        )
+        if not well_formed:
+            break
+    if not well_formed:
+        raise UserError(f"{path}: not a manifest of shards (a shard's folder or fingerprints missing); {fix}")
+    return manifest
 
 
 def is_sharded(folder: Path) -> bool:

@@ -167,3 +167,19 @@ def test_merge_and_reading_refuse_shards_that_do_not_fit(sharded_dir, tmp_path):
     shutil.copyfile(out / "shard-1-of-3" / "val.bin", out / "shard-0-of-3" / "val.bin")
     with pytest.raises(TokenFileError, match="the shard changed after the merge"):
         open_token_file(out, "val")
+
+
+def test_a_damaged_manifest_is_one_line(sharded_dir, tmp_path):
+    """A manifest edited by hand (a shard without its fingerprints, or no shards) is refused, not a traceback."""
+    import shutil
+
+    from dsllm.errors import UserError
+
+    out = tmp_path / "data"
+    shutil.copytree(sharded_dir, out)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    for damaged in ({**manifest, "shards": [{"dir": "shard-0-of-3"}]}, {**manifest, "shards": []}):
+        (out / MANIFEST_FILE).write_text(json.dumps(damaged))
+        with pytest.raises(UserError, match="not a manifest of shards") as caught:
+            open_token_file(out, "train")
+        assert "\n" not in str(caught.value)
