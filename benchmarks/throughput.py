@@ -7,13 +7,18 @@ swept over model preset x sequence length x micro batch x activation checkpointi
     python benchmarks/throughput.py --model gpt2-124m --ranks 1 2 --offload --tag memory   # memory per ZeRO stage
     python benchmarks/throughput.py --compile both                     # torch.compile under the engine, side by side
     python benchmarks/throughput.py --quick --results-dir /tmp/b       # CI-sized smoke run
+    python benchmarks/throughput.py --model tiny-moe benchmarks/models/tiny-dense-2x.json --ranks 2 --stages 1 \
+        --expert-parallel 2                                            # MoE vs dense of the same active parameters
+    python benchmarks/throughput.py --seq-len 512 --model.max_seq_len 512 --stages 1 --sequence-parallel 2
 
-Every point (model, seq len, micro batch, checkpointing, ranks) runs the plain loop and each ZeRO variant on the same
-model, data, batch and precision. plain: torch AdamW over dsllm.engine.param_groups, the engine's cosine LR,
-clipping 1.0, fp32 or bf16 autocast. zeroN: preflight() -> init_distributed() -> build_engine() on
-ds_configs/zeroN.json, then Engine.train_batch, the training loop's own step. Each variant runs in a fresh process
-(`--_worker`); with N ranks the plain loop stays ONE process (all cores, or one GPU) with micro batch x N: the same
-global batch. Writes YYYY-MM-DD-throughput-<hardware>[-TAG].{md,json,png} to --results-dir.
+Every point (model, seq len, micro batch, checkpointing, ranks) runs the plain loop and each ZeRO variant on the
+same model, data, batch and precision; ppN, tpN, spN and epN are pipeline, tensor-, sequence- (Ulysses) and
+expert-parallel layouts on ZeRO-1 (the last three report their time in collectives, by DeepSpeed's comms logger).
+plain: torch AdamW over dsllm.engine.param_groups, the engine's cosine LR, clipping 1.0, fp32 or bf16 autocast.
+zeroN: preflight() -> init_distributed() -> build_engine() on ds_configs/zeroN.json, then Engine.train_batch, the
+training loop's own step. Each variant runs in a fresh process (`--_worker`); with N ranks the plain loop stays ONE
+process (all cores, or one GPU) with micro batch x N: the same global batch. Writes
+YYYY-MM-DD-throughput-<hardware>[-TAG].{md,json,png} to --results-dir.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from throughput_measure import MARK, pipeline_stages, tensor_parallel, train_config, worker
+from throughput_measure import MARK, ds_config_name, layout, processes, train_config, worker
 from throughput_report import (
     GPU_TARGETS,
     MEMORY_TARGET,
@@ -40,6 +45,7 @@ from throughput_report import (
     TARGETS,
     ds_estimates,
     memory_scaling,
+    model_ratios,
     plan_prediction,
     point_label,
     scaling_table,
@@ -50,6 +56,7 @@ from throughput_report import (
 
 from dsllm.cli_args import split_model_overrides
 from dsllm.errors import ArgumentParser, UserError, run_cli
+from dsllm.model_config import PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK_MODEL = {
@@ -97,6 +104,8 @@ SETTINGS = (  # the options the results record under "settings"
     "micro_batches",
     "pipeline_partition",
     "tensor_parallel",
+    "sequence_parallel",
+    "expert_parallel",
 )
 
 
@@ -162,6 +171,22 @@ def build_parser() -> ArgumentParser:
         default=[],
         help="also tpN: N tensor-parallel ranks (AutoTP, ZeRO-1) x --ranks replicas; reports the time in collectives",
     )
+    p.add_argument(
+        "--sequence-parallel",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also spN: N sequence-parallel ranks (DeepSpeed-Ulysses, ZeRO-1) x --ranks replicas; reports the time in "
+        "collectives and the all-to-alls' share",
+    )
+    p.add_argument(
+        "--expert-parallel",
+        type=int,
+        nargs="+",
+        default=[],
+        help="also epN for Mixture-of-Experts models: the experts split over N of the --ranks data-parallel ranks "
+        "(ZeRO-1; N divides every --ranks); reports the time in collectives and the all-to-alls' share",
+    )
     p.add_argument("--no-plain", action="store_true", help="skip the plain loop (no ratios)")
     p.add_argument("--ranks", type=int, nargs="+", default=[1], help="data-parallel ranks of the ZeRO variants")
     p.add_argument(
@@ -190,10 +215,24 @@ def parse_args(argv):
         least = 0 if name == "warmup_steps" else 1
         if getattr(args, name) is not None and getattr(args, name) < least:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be {least} or more")
-    for name in ("seq_len", "micro_batch_size", "ranks", "pipeline_stages", "tensor_parallel"):
+    for name in (
+        "seq_len",
+        "micro_batch_size",
+        "ranks",
+        "pipeline_stages",
+        "tensor_parallel",
+        "sequence_parallel",
+        "expert_parallel",
+    ):
         bad = [v for v in getattr(args, name) if v is not None and v < 1]
         if bad:
             raise UserError(f"--{name.replace('_', '-')} {bad[0]}: must be 1 or more")
+    for size, ranks in itertools.product(args.expert_parallel, args.ranks):
+        if ranks % size:
+            raise UserError(
+                f"--expert-parallel {size}: --ranks {ranks} does not divide into groups of {size} (the experts are "
+                f"split over {size} of a point's data-parallel ranks); use --ranks that are multiples of {size}"
+            )
     if args.tag and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
         raise UserError(f"--tag {args.tag!r}: use letters, digits, '.', '_' or '-'")
     return args
@@ -212,6 +251,8 @@ def variants(args) -> list[str]:
     names += ["zero2_offload", "zero3_offload"] if args.offload else []
     names += [f"pp{stages}" for stages in args.pipeline_stages]
     names += [f"tp{size}" for size in args.tensor_parallel]
+    names += [f"sp{size}" for size in args.sequence_parallel]
+    names += [f"ep{size}" for size in args.expert_parallel]
     return {
         "off": names,
         "on": [n + "+compile" for n in names],
@@ -219,48 +260,62 @@ def variants(args) -> list[str]:
     }[args.compile]
 
 
-def check_points(args, point_list: list[dict], names: list[str], device_type: str) -> tuple[dict, dict, dict, dict]:
-    """Every input check before any worker starts: each point through preflight. Fills each point's seq_len;
-    returns (shapes by 1-rank point label, DeepSpeed's estimates by (model, ranks), models by name, `dsllm plan`'s
-    GiB per GPU by (point label, variant))."""
+def check_points(
+    args, point_list: list[dict], names: list[str], device_type: str
+) -> tuple[dict, dict, dict, dict, dict]:
+    """Every input check before any worker starts: each point, and each variant of it on its own world size, through
+    preflight. Fills each point's seq_len; returns (shapes by 1-rank point label, DeepSpeed's estimates by (model,
+    ranks), models by name, `dsllm plan`'s GiB per GPU by (point label, variant), skips: why by (point label,
+    variant), for a variant the model has nothing for: epN of a dense model)."""
     from dsllm.model import flops_per_token
     from dsllm.pretrain import preflight
     from dsllm.world import World
 
-    shapes, estimates, models, plans = {}, {}, {}, {}
+    shapes, estimates, models, plans, skips = {}, {}, {}, {}, {}
     for point in point_list:
         spec = preflight(train_config(args, point, "zero0", device_type)).spec
-        for stages in args.pipeline_stages:  # a layout DeepSpeed cannot run is one line now, not a failed row
-            world = World(rank=0, local_rank=0, size=stages * point["ranks"])
-            preflight(
-                train_config(args, {**point, "seq_len": spec.seq_len}, "zero1", device_type, stages=stages), world
-            )
-        for size in args.tensor_parallel:
-            world = World(rank=0, local_rank=0, size=size * point["ranks"])
-            preflight(train_config(args, {**point, "seq_len": spec.seq_len}, "zero1", device_type, tensor=size), world)
         point["seq_len"] = spec.seq_len
+        label = point_label(point)
+        for variant in names:
+            sizes = layout(variant)
+            if sizes["experts"] > 1 and not spec.model.moe_experts:
+                skips[(label, variant)] = f"{point['model']} is dense: no experts to split over ranks"
+                continue
+            if not variant.startswith("plain"):  # a layout DeepSpeed cannot run is one line now, not a failed row
+                world = World(rank=0, local_rank=0, size=processes(variant, point["ranks"]))
+                compiled = variant.endswith("+compile")
+                preflight(train_config(args, point, ds_config_name(variant), device_type, compiled, **sizes), world)
+            plans[(label, variant)] = plan_prediction(spec.model, point, variant)
         parameters = spec.model.num_parameters()
         shapes[point_label({**point, "ranks": 1})] = (
             spec.seq_len,
             flops_per_token(spec.model, spec.seq_len),
             parameters,
         )
-        models[point["model"]] = {"parameters": parameters, "config": spec.model.to_dict()}
+        models[point["model"]] = {
+            "parameters": parameters,
+            "active_parameters": spec.model.num_parameters(active=True),
+            "config": spec.model.to_dict(),
+        }
         if (point["model"], point["ranks"]) not in estimates:
             estimates[(point["model"], point["ranks"])] = ds_estimates(spec.model, point["ranks"])
-        for variant in names:
-            plans[(point_label(point), variant)] = plan_prediction(spec.model, point, variant)
-    return shapes, estimates, models, plans
+    return shapes, estimates, models, plans, skips
 
 
-def run_trials(args, point_list: list[dict], names: list[str], device_type: str) -> list[dict]:
-    """Every variant of every point, --repeats times, interleaved (a slow spell of the machine hits them all)."""
+def run_trials(args, point_list: list[dict], names: list[str], device_type: str, skips: dict) -> list[dict]:
+    """Every variant of every point, --repeats times, interleaved (a slow spell of the machine hits them all); a
+    skipped one (`skips`) is recorded as such, never run."""
     trials, total = [], args.repeats * len(point_list) * len(names)
     for trial in range(args.repeats):
         for point in point_list:
             for variant in names:
                 label = f"[{len(trials) + 1}/{total}] {point_label(point)} {variant} ..."
                 print(label, end=" ", file=sys.stderr, flush=True)
+                skipped = skips.get((point_label(point), variant))
+                if skipped:
+                    trials.append({**point, "variant": variant, "skipped": skipped, "trial": trial})
+                    print(f"skipped: {skipped}", file=sys.stderr, flush=True)
+                    continue
                 trials.append({**run_variant(args, point, variant, device_type), "trial": trial})
                 done = trials[-1].get("error") or f"{trials[-1]['tokens_per_second']:,.0f} tokens/s"
                 print(done, file=sys.stderr, flush=True)
@@ -272,8 +327,10 @@ def run_variant(args, point: dict, variant: str, device_type: str) -> dict:
     from dsllm.engine import free_port
 
     plain = variant.startswith("plain")
-    ranks = 1 if plain else point["ranks"] * pipeline_stages(variant) * tensor_parallel(variant)
+    ranks = processes(variant, point["ranks"])
     micro = point["micro_batch_size"] * (point["ranks"] if plain else 1)  # plain: the same global batch
+    model = point["model"]  # a model JSON as the worker (in the repository) finds it
+    model = model if model in PRESETS or not Path(model).is_file() else str(Path(model).resolve())
     worker_args = [
         str(Path(__file__).resolve()),
         "--_worker",
@@ -281,7 +338,7 @@ def run_variant(args, point: dict, variant: str, device_type: str) -> dict:
         "--data",
         args.data,
         "--model",
-        point["model"],
+        model,
         *[x for k, v in args.model_overrides.items() for x in (f"--model.{k}", str(v))],
         "--micro-batch-size",
         str(micro),
@@ -378,8 +435,8 @@ def main(argv=None) -> int:
         size = {"max_bytes": 300_000, "vocab_size": 1000} if args.quick else {}
         args.data = str(build_default_dataset(**size, log=lambda m: print(m, file=sys.stderr)))
     point_list, names = points(args), variants(args)
-    shapes, estimates, models, plans = check_points(args, point_list, names, device_type)
-    trials = run_trials(args, point_list, names, device_type)
+    shapes, estimates, models, plans, skips = check_points(args, point_list, names, device_type)
+    trials = run_trials(args, point_list, names, device_type, skips)
     peak = args.peak_tflops or peak_tflops()
     rows = summarize(trials, point_list, names, estimates, shapes, peak, plans, gpu=device_type == "cuda")
     import deepspeed  # after DS_ACCELERATOR is set
@@ -404,6 +461,7 @@ def main(argv=None) -> int:
         },
         "rows": rows,
         "memory_scaling": memory_scaling(rows),
+        "model_ratios": model_ratios(rows),
         "trials": trials,
         "ds_estimates": {f"{m} x{n}": e for (m, n), e in estimates.items()},
     }

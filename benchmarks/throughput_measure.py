@@ -29,21 +29,55 @@ MARK = "THROUGHPUT_RESULT "  # the worker's result line on stdout starts with th
 NO_RUN_DIR = Path(tempfile.gettempdir()) / "dsllm-throughput-no-run-dir"  # TrainConfig.out: never written
 
 
-def pipeline_stages(variant: str) -> int:
-    """ppN (N pipeline stages on ZeRO-1) -> N; 1 for every other variant."""
-    return int(variant.removesuffix("+compile")[2:]) if variant.startswith("pp") else 1
+PARALLEL = {"pp": "stages", "tp": "tensor", "sp": "sequence", "ep": "experts"}  # variant prefix: its layout
 
 
-def tensor_parallel(variant: str) -> int:
-    """tpN (N tensor-parallel ranks per replica on ZeRO-1) -> N; 1 for every other variant."""
-    return int(variant.removesuffix("+compile")[2:]) if variant.startswith("tp") else 1
+def layout(variant: str) -> dict[str, int]:
+    """A variant's parallel layout as `train_config`'s keywords: ppN (N pipeline stages), tpN (N tensor-parallel
+    ranks), spN (N sequence-parallel ranks; each x the point's ranks as replicas) or epN (the experts split over N of
+    the point's data-parallel ranks), all on ZeRO-1; 1 for every other variant. E.g. "sp2" -> sequence 2."""
+    base = variant.removesuffix("+compile")
+    return {name: int(base[2:]) if base.startswith(prefix) else 1 for prefix, name in PARALLEL.items()}
+
+
+def processes(variant: str, ranks: int) -> int:
+    """The processes a variant of a point with `ranks` data-parallel ranks runs: one for the plain loop; the ranks
+    times the pipeline stages, tensor- and sequence-parallel ranks (expert parallelism adds none: it splits the
+    experts over the data-parallel ranks)."""
+    if variant.startswith("plain"):
+        return 1
+    sizes = layout(variant)
+    return ranks * sizes["stages"] * sizes["tensor"] * sizes["sequence"]
+
+
+def ds_config_name(variant: str) -> str:
+    """The ds_configs/ file a variant runs on: ZeRO-1 for the parallel layouts, zero0's spec for the plain loop (it
+    builds no engine), else the variant's own."""
+    base = variant.removesuffix("+compile")
+    return "zero0" if base == "plain" else "zero1" if base[:2] in PARALLEL else base
+
+
+def timed_collectives(variant: str) -> bool:
+    """Whether the worker turns DeepSpeed's comms logger on: tensor-, sequence- and expert-parallel variants, whose
+    own collectives (AutoTP's all-reduces, Ulysses' and MoE's all-to-alls) are part of their step."""
+    sizes = layout(variant)
+    return sizes["tensor"] * sizes["sequence"] * sizes["experts"] > 1
 
 
 def train_config(
-    args, point: dict, ds: str, device_type: str, compiled: bool = False, stages: int = 1, tensor: int = 1
+    args,
+    point: dict,
+    ds: str,
+    device_type: str,
+    compiled: bool = False,
+    stages: int = 1,
+    tensor: int = 1,
+    sequence: int = 1,
+    experts: int = 1,
 ):
     """The pretraining options one variant of one point runs with (ds: a ds_configs/ name; `stages` > 1: a
-    pipeline over --micro-batches micro batches per step; `tensor` > 1: AutoTP over that many ranks)."""
+    pipeline over --micro-batches micro batches per step; `tensor` > 1: AutoTP over that many ranks; `sequence` > 1:
+    Ulysses over that many ranks; `experts` > 1: the experts split over that many data-parallel ranks)."""
     from dsllm.train_config import TrainConfig
 
     overrides = {**args.model_overrides, **({"activation_checkpointing": "torch"} if point["checkpointing"] else {})}
@@ -62,6 +96,8 @@ def train_config(
         compile=compiled,
         pipeline_parallel=stages,
         tensor_parallel=tensor,
+        sequence_parallel=sequence,
+        expert_parallel=experts,
         pipeline_partition=args.pipeline_partition,
         grad_accum=args.micro_batches if stages > 1 else None,
     )
@@ -188,14 +224,14 @@ def model_state_gib(loop: Loop, device: torch.device) -> float:
     return max(measured[-1] if measured else 0.0, live_tensor_gib(device.type))
 
 
-def comm_milliseconds() -> float:
-    """Milliseconds this process spent in DeepSpeed's collectives so far, by its comms logger. The logger records,
-    per op and message size, its op's timer read without a reset: a running total, whose largest value is the op's
-    time so far."""
+def comm_milliseconds() -> dict[str, float]:
+    """Milliseconds this process spent in DeepSpeed's collectives so far, by op (all_reduce, all_to_all_single, ...),
+    by its comms logger. The logger records, per op and message size, its op's timer read without a reset: a running
+    total, whose largest value is the op's time so far."""
     from deepspeed.comm import comm
 
     records = comm.comms_logger.comms_dict  # {op: {message bytes: [count, [running ms, ...], ...]}}
-    return sum(max(ms for entry in sizes.values() for ms in entry[1]) for sizes in records.values())
+    return {op: max(ms for entry in sizes.values() for ms in entry[1]) for op, sizes in records.items()}
 
 
 def worker(args) -> int:
@@ -218,11 +254,10 @@ def worker(args) -> int:
         "ranks": 1,
     }
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    stages, tensor = pipeline_stages(variant), tensor_parallel(variant)
-    ds = "zero0" if plain else "zero1" if stages > 1 or tensor > 1 else base
-    plan = preflight(train_config(args, point, ds, device_type, compiled, stages, tensor))
+    sizes, timed = layout(variant), timed_collectives(variant)
+    plan = preflight(train_config(args, point, ds_config_name(variant), device_type, compiled, **sizes))
     spec = plan.spec
-    if tensor > 1:  # DeepSpeed's comms logger times every collective (blocking each, which on CPU they are)
+    if timed:  # DeepSpeed's comms logger times every collective (blocking each, which on CPU they are)
         spec.ds["comms_logger"] = {"enabled": True, "prof_all": True, "verbose": False}
     if plain:
         device = torch.device(device_type)
@@ -239,10 +274,19 @@ def worker(args) -> int:
         args.warmup_steps,
         device,
         barrier=(lambda: None) if plain else dist.barrier,
-        at_timed_start=lambda: before.append(comm_milliseconds()) if tensor > 1 else None,
+        at_timed_start=lambda: before.append(comm_milliseconds()) if timed else None,
     )
-    # this rank's time inside collectives per timed step (all of DeepSpeed's: with one replica, the TP ones)
-    comm_ms = (comm_milliseconds() - before[0]) / args.steps if before else None
+    # this rank's time inside collectives per timed step, by op (all of DeepSpeed's: with one replica, TP's or SP's
+    # own and ZeRO's; torch.distributed's own calls, such as the sequence group's loss all-reduce, are not logged)
+    comm_ops = (
+        {
+            op: (ms - before[0].get(op, 0.0)) / 1000 / args.steps
+            for op, ms in comm_milliseconds().items()
+            if ms > before[0].get(op, 0.0)  # (ops of the start-up only: none)
+        }
+        if timed
+        else None
+    )
     live = model_state_gib(loop, device)
     ranks = [
         {
@@ -253,7 +297,8 @@ def worker(args) -> int:
             "baseline_memory_gib": baseline,
             "model_state_gib": live - live_baseline,
             "first_step_seconds": first_step,
-            "comm_seconds_per_step": comm_ms / 1000 if comm_ms is not None else None,
+            "comm_seconds_per_step": sum(comm_ops.values()) if timed else None,
+            "comm_op_seconds_per_step": comm_ops,
         }
     ]
     if not plain:
@@ -290,6 +335,8 @@ def summary(
         "micro_batches": spec.batch.accumulation,
         "pipeline_stages": spec.pipeline_stages,
         "tensor_parallel": spec.tensor_parallel,
+        "sequence_parallel": spec.sequence_parallel,
+        "expert_parallel": spec.expert_parallel,
         "global_batch": spec.batch.global_size,
         "seq_len": spec.seq_len,
         "steps": steps,

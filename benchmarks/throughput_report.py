@@ -9,6 +9,8 @@ import io
 import json
 from pathlib import Path
 
+from throughput_measure import ds_config_name, layout
+
 TARGETS = {"zero0": 0.97, "zero1": 0.97, "zero2": 0.90}  # tokens/s as a share of the plain loop (the CPU issue)
 GPU_TARGETS = {"zero0": 0.97, "zero1": 0.97, "zero2": 0.95}  # the GPU issue's (DeepSpeed #3544: ZeRO costs ~13%)
 PIPELINE_TARGET = 0.8  # ppN tokens/s as a share of the ideal 1F1B figure (the pipeline issue)
@@ -55,19 +57,36 @@ def ds_estimates(model_config, ranks: int) -> dict:
     }
 
 
+def measured(row: dict) -> bool:
+    """Whether a trial or row holds a measurement (neither failed nor skipped)."""
+    return "error" not in row and "skipped" not in row
+
+
 def plan_prediction(model_config, point: dict, variant: str) -> float | None:
     """`dsllm plan`'s GiB per GPU for this point and variant: DeepSpeed's model-state estimate + activations
-    (plain: the ZeRO-0 row, whole states on one device)."""
-    from dsllm.plan import activation_gib, largest_layer_params, model_state_gib
+    (plain: the ZeRO-0 row, whole states on one device); None for spN, which plan has no model of."""
+    from dsllm.plan import GPU, activation_gib, largest_layer_params, model_state_gib, plan
     from dsllm.plan_layouts import layout_gib
 
-    config = variant.removesuffix("+compile")
-    if config.startswith(("pp", "tp")):  # plan's layout rows: ZeRO-1 over the replicas
-        size = int(config[2:])
-        tensor, stages = (size, 1) if config.startswith("tp") else (1, size)
-        micro, seq = point["micro_batch_size"], point["seq_len"]
+    sizes, micro, seq = layout(variant), point["micro_batch_size"], point["seq_len"]
+    if sizes["sequence"] > 1:
+        return None
+    if sizes["stages"] > 1 or sizes["tensor"] > 1:  # plan's layout rows: ZeRO-1 over the replicas
+        tensor, stages = sizes["tensor"], sizes["stages"]
         return sum(layout_gib(model_config, tensor, stages, point["ranks"], micro, seq, point["checkpointing"]))
-    config = "zero0" if config == "plain" else config
+    if sizes["experts"] > 1:  # `dsllm plan --expert-parallel E`'s ZeRO-1 row (a GPU too big to matter)
+        planned = plan(
+            model_config,
+            point["ranks"],
+            GPU("any", 1e6, 1.0),
+            micro_batch=micro,
+            seq_len=seq,
+            host_ram_gib=1e6,
+            expert_parallel=sizes["experts"],
+        )
+        row = next(r for r in planned["configs"] if r["config"] == "zero1")
+        return row["checkpointing" if point["checkpointing"] else "no_checkpointing"]["gib_per_gpu"]
+    config = ds_config_name(variant)
     ranks = 1 if variant.startswith("plain") else point["ranks"]
     micro = point["micro_batch_size"] * (point["ranks"] if variant.startswith("plain") else 1)
     params = model_config.num_parameters()
@@ -104,9 +123,10 @@ def summarize(
         mine = []
         for variant in names:
             runs = [t for t in trials if t["variant"] == variant and all(t[k] == point[k] for k in POINT_KEYS)]
-            ok = [t for t in runs if "error" not in t]
+            ok = [t for t in runs if measured(t)]
             if not ok:
-                mine.append({**point, "point": label, "variant": variant, "error": runs[0]["error"]})
+                why = "skipped" if "skipped" in runs[0] else "error"
+                mine.append({**point, "point": label, "variant": variant, why: runs[0][why]})
                 continue
             best = max(ok, key=lambda t: t["tokens_per_second"])
             estimate = estimates[(point["model"], point["ranks"])]["per_variant"].get(variant.removesuffix("+compile"))
@@ -140,10 +160,10 @@ def summarize(
                 }
             )
         reference = next(
-            (r for r in mine if r["variant"] == "plain" and "error" not in r),
-            next((r for r in mine if r["variant"] == "plain+compile" and "error" not in r), None),
+            (r for r in mine if r["variant"] == "plain" and measured(r)),
+            next((r for r in mine if r["variant"] == "plain+compile" and measured(r)), None),
         )
-        for row in (r for r in mine if "error" not in r):
+        for row in (r for r in mine if measured(r)):
             row["ratio_to_plain"] = row["tokens_per_second"] / reference["tokens_per_second"] if reference else None
             row["cpu_time_ratio_to_plain"] = (
                 row["tokens_per_cpu_second"] / reference["tokens_per_cpu_second"] if reference else None
@@ -160,23 +180,52 @@ def summarize(
                 row["ratio_to_ideal"] = row["ratio_to_plain"] / row["ideal_ratio_to_plain"]
                 row["target"] = PIPELINE_TARGET
                 row["meets_target"] = row["ratio_to_ideal"] >= PIPELINE_TARGET
-            if row.get("tensor_parallel", 1) > 1:  # the slowest rank's time in collectives, of the median step
-                comm = max(r["comm_seconds_per_step"] for r in row["per_rank"])
-                row["comm_seconds_per_step"] = comm
-                row["comm_fraction"] = comm / row["median_step_seconds"]
+            timed = [r for r in row["per_rank"] if r.get("comm_seconds_per_step") is not None]
+            if timed:  # (tpN, spN, epN) the slowest rank's time in collectives, of the median step, and by op
+                slowest = max(timed, key=lambda r: r["comm_seconds_per_step"])
+                ops = slowest.get("comm_op_seconds_per_step") or {}
+                row["comm_seconds_per_step"] = slowest["comm_seconds_per_step"]
+                row["comm_fraction"] = row["comm_seconds_per_step"] / row["median_step_seconds"]
+                row["comm_op_seconds_per_step"] = ops
+                row["all_to_all_seconds_per_step"] = sum(v for op, v in ops.items() if op.startswith("all_to_all"))
+                row["all_to_all_fraction"] = row["all_to_all_seconds_per_step"] / row["median_step_seconds"]
         rows += mine
     return rows
+
+
+def model_ratios(rows: list[dict]) -> list[dict]:
+    """With several --model: the first model's step time and tokens/s over each other model's, for every point and
+    variant both ran (their trials interleaved, so a slow spell of the machine hits both alike)."""
+    ok = [r for r in rows if measured(r)]
+    first = next((r["model"] for r in ok), None)
+    return [
+        {
+            "point": point_label({**row, "model": "*"}),
+            "variant": row["variant"],
+            "model": first,
+            "other": other["model"],
+            "step_seconds": row["median_step_seconds"],
+            "other_step_seconds": other["median_step_seconds"],
+            "tokens_per_second_ratio": row["tokens_per_second"] / other["tokens_per_second"],
+        }
+        for row in ok
+        if row["model"] == first
+        for other in ok
+        if other["model"] != first
+        and other["variant"] == row["variant"]
+        and all(other[k] == row[k] for k in POINT_KEYS if k != "model")
+    ]
 
 
 def memory_scaling(rows: list[dict]) -> list[dict]:
     """Model-state memory per rank at N ranks over 1 rank, for every point and variant measured at both."""
     out = []
-    for row in (r for r in rows if "error" not in r and r["ranks"] > 1 and not r["variant"].startswith("plain")):
+    for row in (r for r in rows if measured(r) and r["ranks"] > 1 and not r["variant"].startswith("plain")):
         one = next(
             (
                 r
                 for r in rows
-                if "error" not in r
+                if measured(r)
                 and r["ranks"] == 1
                 and r["variant"] == row["variant"]
                 and all(r[k] == row[k] for k in POINT_KEYS if k != "ranks")
@@ -210,8 +259,9 @@ def table(rows: list[dict]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['point']} | {r['variant']} | failed: {r['error'].splitlines()[0]} |" + " |" * 12)
+        if not measured(r):
+            why = f"skipped: {r['skipped']}" if "skipped" in r else f"failed: {r['error'].splitlines()[0]}"
+            lines.append(f"| {r['point']} | {r['variant']} | {why} |" + " |" * 12)
             continue
         ratio = "n/a" if r["ratio_to_plain"] is None else f"{r['ratio_to_plain']:.3f}"
         if r.get("ratio_to_ideal") is not None:
@@ -220,6 +270,9 @@ def table(rows: list[dict]) -> list[str]:
             ratio += (
                 f"; {1000 * r['comm_seconds_per_step']:.1f} ms/step in collectives ({100 * r['comm_fraction']:.0f}%)"
             )
+            if r.get("all_to_all_seconds_per_step"):
+                all_to_all = 1000 * r["all_to_all_seconds_per_step"]
+                ratio += f", all-to-all {all_to_all:.1f} ms ({100 * r['all_to_all_fraction']:.0f}%)"
         if r["meets_target"] is not None:
             ratio += f" ({r['target']:.2f} {'ok' if r['meets_target'] else 'MISS'})"
         util = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
@@ -260,8 +313,9 @@ def scaling_table(scaling: list[dict]) -> list[str]:
 def markdown(r: dict) -> str:
     s, hw = r["settings"], r["hardware"]
     overrides = "".join(f" --model.{k} {val}" for k, val in s["model_overrides"].items())
-    loads = [t[k] for t in r["trials"] if "error" not in t for k in ("load_average_before", "load_average_after")]
-    ok = [row for row in r["rows"] if "error" not in row]
+    loads = [t[k] for t in r["trials"] if measured(t) for k in ("load_average_before", "load_average_after")]
+    ok = [row for row in r["rows"] if measured(row)]
+    kinds = {row["variant"][:2] for row in r["rows"]}
     notes = [
         "point: model, T = tokens per sample, mb = micro batch per rank, "
         "ckpt = activation checkpointing of every block, "
@@ -305,6 +359,29 @@ def markdown(r: dict) -> str:
         "collectives per timed step, by its comms logger (each op made blocking); with one replica these are the "
         "tensor-parallel all-reduces (two per block forward, their backward twins) and the vocabulary-parallel "
         "loss's.",
+        *(
+            [
+                "spN: N sequence-parallel ranks (DeepSpeed-Ulysses, ZeRO-1) x the point's ranks as replicas, the "
+                "same global batch: each rank runs T/N tokens of every window and two all-to-alls around attention in "
+                "every block (and their backward twins) trade the sequence for the heads. ms/step in collectives: "
+                "those all-to-alls plus ZeRO's gradient reduction and parameter all-gather over all N x R ranks (the "
+                "sequence group's loss all-reduce goes through torch.distributed and is not logged); all-to-all: "
+                "DeepSpeed's all_to_all_single alone."
+            ]
+            if "sp" in kinds
+            else []
+        ),
+        *(
+            [
+                "epN: the experts of every sparse block split over N of the point's data-parallel ranks (DeepSpeed's "
+                "MoE ep_size, ZeRO-1), as many processes as zeroN: each rank holds experts/N of them and sends each "
+                "the tokens routed to it with an all-to-all before the experts and one after (and their backward "
+                "twins). ms/step in collectives: those all-to-alls plus ZeRO's reductions; all-to-all: the former "
+                "alone. A dense model has no epN row."
+            ]
+            if "ep" in kinds
+            else []
+        ),
         "first step: seconds of the first step (torch.compile, DeepSpeed's lazy buffers), never counted in tokens/s.",
     ]
     lines = [
@@ -315,7 +392,15 @@ def markdown(r: dict) -> str:
         "- versions: " + ", ".join(f"{k} {val}" for k, val in r["versions"].items()),
         f"- hardware: {hw['gpu'] + ' x' + str(hw['gpus']) if 'gpu' in hw else hw['cpu']}, {hw['cores']} CPU cores",
         "- models: "
-        + "; ".join(f"`{m}{overrides}` {shape['parameters']:,} parameters" for m, shape in s["models"].items()),
+        + "; ".join(
+            f"`{m}{overrides}` {shape['parameters']:,} parameters"
+            + (
+                f" ({shape['active_parameters']:,} active per token)"
+                if shape.get("active_parameters", shape["parameters"]) != shape["parameters"]
+                else ""
+            )
+            for m, shape in s["models"].items()
+        ),
         f"- {s['precision']}; data `{s['data']}`",
         "",
         *table(r["rows"]),
@@ -336,6 +421,26 @@ def markdown(r: dict) -> str:
             for row in ok
         ),
     ]
+    if r.get("model_ratios"):
+        lines.append(
+            "- models side by side (same point and variant, interleaved trials), median step and tokens/s of the "
+            "first over the other: "
+            + "; ".join(
+                f"`{m['model']}` vs `{m['other']}` {m['point']} {m['variant']}: {m['step_seconds']:.3f} s vs "
+                f"{m['other_step_seconds']:.3f} s a step, {m['tokens_per_second_ratio']:.3f}x the tokens/s"
+                for m in r["model_ratios"]
+            )
+        )
+    timed = [row for row in ok if row.get("comm_op_seconds_per_step")]
+    if timed:
+        lines.append(
+            "- collectives per timed step by op, slowest rank: "
+            + "; ".join(
+                f"{row['point']} {row['variant']} "
+                + ", ".join(f"{op} {1000 * sec:.1f} ms" for op, sec in sorted(row["comm_op_seconds_per_step"].items()))
+                for row in timed
+            )
+        )
     for (model, ranks), estimate in r["ds_estimates"].items():
         lines += [
             "",
@@ -358,7 +463,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return  # optional: no plot without matplotlib
-    ok = [r for r in rows if "error" not in r]
+    ok = [r for r in rows if measured(r)]
     labels = list(dict.fromkeys(r["point"] for r in ok))
     names = list(dict.fromkeys(r["variant"] for r in ok))
     width = 0.8 / max(1, len(names))

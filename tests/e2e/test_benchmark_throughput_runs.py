@@ -103,20 +103,27 @@ def test_quick_pipeline_variant_is_timed_against_the_1f1b_ideal(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_quick_tensor_parallel_variant_reports_its_time_in_collectives(tmp_path):
+def test_quick_tensor_and_sequence_parallel_variants_report_their_time_in_collectives(tmp_path):
     proc = subprocess.run(
         [sys.executable, "benchmarks/throughput.py", "--quick", "--stages", "0", "--tensor-parallel", "2",
-         "--threads", "1", "--results-dir", str(tmp_path)],
+         "--sequence-parallel", "2", "--threads", "1", "--results-dir", str(tmp_path)],
         cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     [json_file] = tmp_path.glob("*-throughput-*.json")
-    row = next(r for r in json.loads(json_file.read_text())["rows"] if r["variant"] == "tp2")
+    rows = {r["variant"]: r for r in json.loads(json_file.read_text())["rows"]}
+    row = rows["tp2"]
     assert row["world_size"] == 2 and row["tensor_parallel"] == 2 and row["global_batch"] == 4  # one replica
     # DeepSpeed's comms logger: the row-parallel all-reduces and the vocabulary-parallel loss, per timed step
     assert 0 < row["comm_seconds_per_step"] < row["median_step_seconds"]
     assert row["comm_fraction"] == pytest.approx(row["comm_seconds_per_step"] / row["median_step_seconds"])
     assert row["plan_gib"] > 0 and "ms/step in collectives" in proc.stdout
+    # Ulysses: each of 2 ranks runs half of every window, the same global batch; its all-to-alls apart, by op
+    sp2 = rows["sp2"]
+    assert sp2["world_size"] == 2 and sp2["sequence_parallel"] == 2 and sp2["global_batch"] == 4
+    assert sp2["all_to_all_seconds_per_step"] == sp2["comm_op_seconds_per_step"]["all_to_all_single"] > 0
+    assert sp2["all_to_all_seconds_per_step"] < sp2["comm_seconds_per_step"] < sp2["median_step_seconds"]
+    assert sp2["plan_gib"] is None and "all-to-all" in proc.stdout
     bad = subprocess.run(
         [sys.executable, "benchmarks/throughput.py", "--quick", "--tensor-parallel", "3", "--results-dir",
          str(tmp_path / "bad")],
