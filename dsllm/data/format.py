@@ -147,7 +147,29 @@ def check_sizes(prefix: str | os.PathLike, header: IndexHeader) -> None:
         )
 
 
-class TokenFile:
+class HeaderFacts:
+    """What a split's index header says of it (`header`): a single file's, or a sharded split's combined one."""
+
+    header: IndexHeader
+
+    @property
+    def num_tokens(self) -> int:
+        return self.header.token_count
+
+    @property
+    def num_documents(self) -> int:
+        return self.header.document_count
+
+    @property
+    def vocab_size(self) -> int:
+        return self.header.vocab_size
+
+    @property
+    def fingerprint(self) -> str:
+        return self.header.fingerprint
+
+
+class TokenFile(HeaderFacts):
     """Read-only view of one `.bin`/`.idx` pair. The memory maps open on first use and re-open in a
     forked child (a DataLoader worker), so an instance can be handed to loader workers."""
 
@@ -181,22 +203,6 @@ class TokenFile:
     @property
     def offsets(self) -> np.ndarray:
         return self._open()[1]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.header.token_count
-
-    @property
-    def num_documents(self) -> int:
-        return self.header.document_count
-
-    @property
-    def vocab_size(self) -> int:
-        return self.header.vocab_size
-
-    @property
-    def fingerprint(self) -> str:
-        return self.header.fingerprint
 
     def document(self, i: int) -> np.ndarray:
         offsets = self.offsets

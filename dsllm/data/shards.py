@@ -31,6 +31,7 @@ import numpy as np
 
 from dsllm.data.format import (
     FORMAT_VERSION,
+    HeaderFacts,
     IndexHeader,
     TokenFile,
     TokenFileError,
@@ -152,7 +153,7 @@ class _Tokens:
         return self.file.read(index, index + 1)[0]
 
 
-class ShardedTokenFile:
+class ShardedTokenFile(HeaderFacts):
     """One split of a sharded dataset (a folder with manifest.json) as one token file, with TokenFile's interface as
     windows, validation and evaluation use it (`tokens[a:b]`, a slice over two shards being their two pieces
     joined; `num_tokens`, `num_documents`, `document(i)`, `header`, `fingerprint`, `vocab_size`, `max_token_id()`).
@@ -222,22 +223,6 @@ class ShardedTokenFile:
     @property
     def tokens(self) -> _Tokens:
         return _Tokens(self)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.header.token_count
-
-    @property
-    def num_documents(self) -> int:
-        return self.header.document_count
-
-    @property
-    def vocab_size(self) -> int:
-        return self.header.vocab_size
-
-    @property
-    def fingerprint(self) -> str:
-        return self.header.fingerprint
 
     def document(self, i: int) -> np.ndarray:
         if not 0 <= i < self.num_documents:
