@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import zlib
 from collections.abc import Callable
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dsllm.experts import expert_names
 from dsllm.model_config import ModelConfig
 
 
@@ -199,18 +199,6 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x), rotary, mask, cache)
         h = self.mlp(self.norm2(x))
         return x + (h[0] if isinstance(h, tuple) else h)  # (an MoE layer's: output, loss, counts)
-
-
-_LOCAL_EXPERT = re.compile(r"\.mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.")
-
-
-def expert_names(name: str, first_expert: int = 0) -> str:
-    """A parameter's name with DeepSpeed's MoE layer's inner path as the model's own: the router
-    ("blocks.1.mlp.deepspeed_moe.gate.wg.weight" -> "blocks.1.mlp.router.weight") and each expert by its index among
-    all of the layer's experts (a rank holding experts from `first_expert` on numbers its own from 0):
-    "blocks.1.mlp.deepspeed_moe.experts.deepspeed_experts.0.fc.weight" -> "blocks.1.mlp.experts.2.fc.weight"."""
-    name = name.replace(".mlp.deepspeed_moe.gate.wg.", ".mlp.router.")
-    return _LOCAL_EXPERT.sub(lambda m: f".mlp.experts.{first_expert + int(m.group(1))}.", name)
 
 
 def causal_lm_loss(logits: torch.Tensor, labels=None, vocab_size=None, shift_labels=None, **_) -> torch.Tensor:

@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 
 from dsllm.errors import ArgumentParser, UserError, finite, positive
+from dsllm.experts import check_expert_split
 from dsllm.metrics import GPU_KINDS
 from dsllm.model_config import PRESETS, ModelConfig, resolve_model_config
 from dsllm.plan_layouts import (
@@ -214,7 +215,7 @@ def plan(
     GPUs (`dsllm pretrain --expert-parallel`)."""
     seq_len = seq_len or model.max_seq_len
     model.check_seq_len(seq_len)
-    _check_expert_parallel(model, expert_parallel, gpus * nodes)
+    check_expert_split(model, expert_parallel, gpus * nodes, unit="GPU")
     if gpu.memory_gib <= RESERVED_GIB:
         raise UserError(
             f"--gpu-memory-gib {gpu.memory_gib:g}: not above the {RESERVED_GIB} GiB every GPU keeps for the CUDA "
@@ -339,25 +340,6 @@ def _active(result: dict) -> str:
         return ""
     held = f"the experts split over {split} GPUs" if split > 1 else "every GPU holding all experts"
     return f" ({active:,} active per token; ZeRO-0/1/2, {held})"
-
-
-def _check_expert_parallel(model: ModelConfig, size: int, world: int) -> None:
-    """--expert-parallel as pretraining takes it: experts to split, evenly, over groups of GPUs the world divides
-    into."""
-    if size == 1:
-        return
-    if not model.moe_experts:
-        raise UserError(f"--expert-parallel {size}: the model has no experts to split; plan a Mixture-of-Experts model")
-    if model.moe_experts % size:
-        raise UserError(
-            f"--expert-parallel {size}: the {model.moe_experts} experts of a sparse block do not split evenly over "
-            f"{size} GPUs; use a divisor of {model.moe_experts}"
-        )
-    if world % size:
-        raise UserError(
-            f"--expert-parallel {size}: the {world} GPU(s) do not divide into groups of {size}; plan a multiple of "
-            f"{size} GPUs or another --expert-parallel"
-        )
 
 
 def render(result: dict, name: str, host_source: str) -> str:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from dsllm.cli_args import add_config_arguments, add_launcher_argument, add_recipe_argument, parse_config
 from dsllm.ds_config import load_ds_config, resolve_ds_config
 from dsllm.errors import ArgumentParser, UserError
+from dsllm.experts import check_experts
 from dsllm.model_config import ConfigError, ModelConfig, resolve_model_config
 from dsllm.run_spec import RunSpec, World
 from dsllm.seq_len_warmup import seq_len_warmup
@@ -61,37 +62,6 @@ class Pretraining:
     checkpointer: Checkpointer
     init_weights: dict | None = None  # --init's weights on the CPU, for a fresh start (dsllm.continued)
     mixture: Mixture | None = None
-
-
-def _check_experts(model, stages: int, tensor: int, experts: int, data: int, zero_stage: int, ds_config: str) -> None:
-    """Mixture-of-Experts blocks run on data parallelism with ZeRO-0/1/2, their experts split over `experts` of the
-    `data` data-parallel ranks (DeepSpeed's MoE layer has no pipeline or AutoTP path of ours yet, and DeepSpeed
-    does not train MoE layers under ZeRO-3)."""
-    if experts > 1 and not model.moe_experts:
-        raise UserError(
-            f"--expert-parallel {experts}: the model has no experts to split; set --model.moe_experts (a multiple of "
-            f"{experts}) or drop --expert-parallel"
-        )
-    if not model.moe_experts:
-        return
-    if stages > 1 or tensor > 1:
-        flag = f"--pipeline-parallel {stages}" if stages > 1 else f"--tensor-parallel {tensor}"
-        raise UserError(f"--model.moe_experts {model.moe_experts} with {flag}: not supported yet; drop one of them")
-    if zero_stage == 3:
-        raise UserError(
-            f"--model.moe_experts {model.moe_experts} with {ds_config} (ZeRO-3): DeepSpeed does not train MoE layers "
-            "under ZeRO-3; use ds_configs/zero1.json or zero2.json"
-        )
-    if model.moe_experts % experts:
-        raise UserError(
-            f"--expert-parallel {experts}: the {model.moe_experts} experts of a sparse block do not split evenly over "
-            f"{experts} ranks; use a divisor of --model.moe_experts"
-        )
-    if data % experts:
-        raise UserError(
-            f"--expert-parallel {experts}: the {data} data-parallel rank(s) do not divide into groups of {experts}; "
-            f"launch a multiple of {experts} ranks or change --expert-parallel"
-        )
 
 
 def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec:
@@ -142,7 +112,7 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
         compile_=config.compile,
     )
     experts = getattr(config, "expert_parallel", 1)
-    _check_experts(model, stages, tensor, experts, world.size // (stages * tensor), stage, config.ds_config)
+    check_experts(model, stages, tensor, experts, world.size // (stages * tensor), stage, config.ds_config)
     if stages > 1 and stage >= 2:
         raise UserError(
             f"--pipeline-parallel {stages} with {config.ds_config} (ZeRO-{stage}): ZeRO-2 and 3 partition the "

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dsllm.errors import UserError
-from dsllm.model import GPT, expert_names
+from dsllm.experts import expert_names
+from dsllm.model import GPT
 from dsllm.model_config import ConfigError, resolve_model_config
 
 SMALL = {"n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 128, "mlp_multiple_of": 32}
