@@ -14,10 +14,13 @@
 #   export      dsllm export of that run to Hugging Face; parity: logits on the GPU (export_parity.py)
 #   llama       throughput.py: llama-1.3b, seq 2048, bf16, plain loop and ZeRO-1/2/3 (GPU_SUITE_LLAMA_STAGES), eager
 #   gpt2-compile, llama-compile   the same points with torch.compile (plain+compile and ZeRO-1/2+compile)
-#   profile     profile_step.py of gpt2-124m's step on ZeRO-1 (GPU_SUITE_PROFILE="zero0 zero1 ..."): where its time goes
+#   profile     profile_step.py of gpt2-124m's step on ZeRO-1, eager and compiled (GPU_SUITE_PROFILE): where its time goes
 # Results: RESULTS_DIR/<date>-throughput-<gpu>-*.{md,json,png}, gpu_check.json, export_parity.json, and
 # gpu_suite.log (every section's output) in RESULTS_DIR; GPU_SUITE_SECONDS sets the budget (default 450),
-# GPU_SUITE_SECTIONS="ops gpt2 ..." runs only those (a rerun of what failed).
+# GPU_SUITE_SECTIONS="ops gpt2 ..." runs only those (a rerun of what failed); GPU_SUITE_LLAMA_STAGES and
+# GPU_SUITE_LLAMA_COMPILE_STAGES the ZeRO stages of llama's eager and compiled points, GPU_SUITE_COMPILE_EXTRA
+# (GPU_SUITE_LLAMA_COMPILE_EXTRA for llama) e.g. --no-plain; GPU_SUITE_GPT2_EXTRA / GPU_SUITE_LLAMA_EXTRA options
+# appended to every gpt2 / llama point, GPU_SUITE_TAG_SUFFIX a suffix for their result files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=$(mkdir -p "${1:-benchmarks/results}" && cd "${1:-benchmarks/results}" && pwd)
@@ -69,6 +72,8 @@ else
   STEPS_1=200 STEPS_2=300 CHECK=() PARITY=(--device cuda)
 fi
 BENCH=(--repeats 1 --results-dir "$RESULTS")
+GPT2+=(${GPU_SUITE_GPT2_EXTRA:-}) LLAMA+=(${GPU_SUITE_LLAMA_EXTRA:-})  # e.g. --micro-batch-size 32 (the last value counts)
+SUFFIX=${GPU_SUITE_TAG_SUFFIX:-}  # e.g. -mb32: result files beside, not over, the same day's
 
 SECTIONS=" ${GPU_SUITE_SECTIONS:-check ops gpt2 pretrain resume export parity llama gpt2-compile profile llama-compile} "
 COMPILE_EXTRA=(${GPU_SUITE_COMPILE_EXTRA:-})  # e.g. --no-plain on a rerun that measured plain+compile already
@@ -104,18 +109,23 @@ corpus=$!
 section check 20 60 $PY benchmarks/gpu_check.py --out "$RESULTS" "${CHECK[@]}"
 section ops 30 150 $PY -m dsllm.ops build ds_configs/zero2.json
 wait $corpus && say "== corpus: $(tail -n 1 "$WORK/logs/corpus.log")" || say "== corpus: failed: $(tail -n 3 "$WORK/logs/corpus.log")"
-section gpt2 60 120 $PY benchmarks/throughput.py "${GPT2[@]}" --stages 0 1 2 3 "${BENCH[@]}" --tag gpt2-124m
+section gpt2 60 120 $PY benchmarks/throughput.py "${GPT2[@]}" --stages 0 1 2 3 "${BENCH[@]}" --tag gpt2-124m$SUFFIX
 section pretrain 40 60 "${LAUNCH[@]}" --max-steps "$STEPS_1"
 section resume 30 45 "${LAUNCH[@]}" --max-steps "$STEPS_2"
 section export 15 30 $PY -m dsllm export --checkpoint "$RUN_DIR" --output "$WORK/hf"
 section parity 15 40 $PY benchmarks/export_parity.py --checkpoint "$RUN_DIR" --hf "$WORK/hf" --out "$RESULTS" "${PARITY[@]}"
-section llama 60 120 $PY benchmarks/throughput.py "${LLAMA[@]}" --stages ${GPU_SUITE_LLAMA_STAGES:-1 2 3} "${BENCH[@]}" --tag llama-1.3b
-section gpt2-compile 60 150 $PY benchmarks/throughput.py "${GPT2[@]}" --stages 1 2 --compile on "${COMPILE_EXTRA[@]}" "${BENCH[@]}" --tag gpt2-124m-compile
-# where ZeRO-1's extra time goes on the small model: operators and kernels, and Python time per file
-for config in ${GPU_SUITE_PROFILE:-zero1}; do
-  section profile 40 90 bash -c "$PY benchmarks/profile_step.py --ds_config ds_configs/$config.json ${PROFILE[*]} \
-    >$RESULTS/profile-$config.txt"
+section llama 60 120 $PY benchmarks/throughput.py "${LLAMA[@]}" --stages ${GPU_SUITE_LLAMA_STAGES:-1 2 3} "${BENCH[@]}" --tag llama-1.3b$SUFFIX
+section gpt2-compile 60 150 $PY benchmarks/throughput.py "${GPT2[@]}" --stages 1 2 --compile on "${COMPILE_EXTRA[@]}" "${BENCH[@]}" --tag gpt2-124m-compile$SUFFIX
+# where ZeRO's extra time goes on the small model: operators and kernels, and Python time per file;
+# GPU_SUITE_PROFILE="zero0 zero1 zero1+compile": the configs profiled, +compile under torch.compile
+for point in ${GPU_SUITE_PROFILE:-zero1 zero1+compile}; do
+  config=${point%+compile}
+  compile=$([[ $point == *+compile ]] && echo --compile)
+  section profile 40 90 bash -c "$PY benchmarks/profile_step.py --ds_config ds_configs/$config.json ${PROFILE[*]} $compile \
+    >$RESULTS/profile-$point.txt"
 done
-section llama-compile 60 150 $PY benchmarks/throughput.py "${LLAMA[@]}" --stages 1 2 --compile on "${COMPILE_EXTRA[@]}" "${BENCH[@]}" --tag llama-1.3b-compile
+LLAMA_COMPILE_EXTRA=(${GPU_SUITE_LLAMA_COMPILE_EXTRA:-${COMPILE_EXTRA[@]}})
+section llama-compile 60 150 $PY benchmarks/throughput.py "${LLAMA[@]}" --stages ${GPU_SUITE_LLAMA_COMPILE_STAGES:-1 2} --compile on \
+  "${LLAMA_COMPILE_EXTRA[@]}" "${BENCH[@]}" --tag llama-1.3b-compile$SUFFIX
 cp "$RUN_DIR/metrics.jsonl" "$RESULTS/gpu_suite_run_metrics.jsonl" 2>/dev/null
 say "== done in $((SECONDS - began)) s; results in $RESULTS"

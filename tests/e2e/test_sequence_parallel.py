@@ -32,6 +32,7 @@ import deepspeed
 import torch
 from dsllm.model import GPT
 from dsllm.model_config import resolve_model_config
+from dsllm.run_control import end_process_group
 from dsllm.sequence_parallel import SequenceSplit
 
 deepspeed.init_distributed(dist_backend="gloo")
@@ -61,6 +62,7 @@ for name, fields in models.items():
         torch.distributed.all_reduce(summed, group=split.group)  # what DeepSpeed does over a sequence group
         torch.testing.assert_close(summed, theirs.grad, rtol=1e-4, atol=1e-6, msg=f"{name}: {param}")
     print("same:", name, flush=True)
+end_process_group()  # gloo's threads may otherwise abort the exit (run_control.end_process_group)
 """
 
 
