@@ -1,6 +1,6 @@
-"""`dsllm evaluate`: loss, perplexity and bits per byte over a fixed, deterministic set of windows of a split
-(`dsllm.scoring`, what the training loop's evaluation computes), on one process, and multiple-choice accuracy
-by log-likelihood."""
+"""`dsllm evaluate`: loss, perplexity and bits per byte over every target of a split (or a fixed, deterministic
+set of its windows, as the training loop's evaluation computes: `dsllm.scoring`), on one process, and
+multiple-choice accuracy by log-likelihood."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 
 from dsllm.errors import ArgumentParser, UserError, positive
 from dsllm.jsonl import read_jsonl
-from dsllm.scoring import eval_indices, evaluate, token_byte_lengths
+from dsllm.scoring import eval_indices, score_totals, split_totals, token_byte_lengths
+from dsllm.scoring import scores as score_values
 from dsllm.tokenizer import eot_id, tokenizer_hash
 
 if TYPE_CHECKING:  # torch and numpy load inside the functions, so `--help` answers at once
@@ -183,7 +184,14 @@ def build_parser() -> ArgumentParser:
         "--max-windows",
         type=positive,
         metavar="N",
-        help="score N windows spread evenly over the split, as the trainer's --eval-windows (default: all)",
+        help="score N windows spread evenly over the split, as the trainer's --eval-windows (default: the whole split, "
+        "--whole-split)",
+    )
+    parser.add_argument(
+        "--whole-split",
+        action="store_true",
+        help="score every target of the split: every window and the tokens after the last full one (the default "
+        "without --max-windows)",
     )
     parser.add_argument(
         "--batch-size", type=positive, default=8, metavar="B", help="windows per forward pass; lower it to save memory"
@@ -222,6 +230,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.data is None and args.choices is None:
         parser.error("nothing to evaluate; pass --data DIR, --choices FILE.jsonl, or both")
+    if args.whole_split and args.max_windows is not None:
+        raise UserError(
+            f"--whole-split with --max-windows {args.max_windows}: the whole split is every window; pass one of them"
+        )
     # the heavy imports (torch) come after parsing, so --help and a bad option answer at once
     from dsllm.data.loader import TokenWindows
     from dsllm.model_dir import WEIGHTS_FILE, load_model_dir, model_tokenizer, pick_device, resolve_model_source
@@ -243,13 +255,16 @@ def main(argv=None) -> int:
                 f"--data {args.data}: the {args.split} split has {tokens.num_tokens} tokens, not one window "
                 f"of {seq_len + 1}; pass a shorter --seq-len"
             )
+        whole = args.max_windows is None  # every target: the full windows and the tail after them
         indices = eval_indices(windows, args.max_windows or len(windows))
+        tail = windows.tail() if whole else None
     if examples is not None:
         encoded = encode_choices(tokenizer, examples, model.config.max_seq_len)
     if tokens is not None:
         say(
             f"evaluating {len(indices):,} of {len(windows):,} windows ({seq_len} tokens each) of the {args.split} "
             f"split in batches of {args.batch_size} on {device}"
+            + (f", then the last {len(tail) - 1} targets after them" if tail is not None else "")
         )
         score = model
         masked = run_document_mask(config_file) if args.document_mask is None else args.document_mask
@@ -257,9 +272,12 @@ def main(argv=None) -> int:
             from dsllm.data.documents import document_scored
 
             score = document_scored(model, eot_id(tokenizer))
-        scores = evaluate(
-            score, windows, indices, args.batch_size, device, token_byte_lengths(tokenizer), progress=True
-        )
+        lengths = token_byte_lengths(tokenizer)
+        if whole:
+            totals = split_totals(score, windows, args.batch_size, device, lengths, progress=True)
+        else:
+            totals = score_totals(score, windows, indices, args.batch_size, device, lengths, progress=True)
+        scores = score_values(*totals)
         result.update(
             {
                 "data": str(args.data),
@@ -268,7 +286,10 @@ def main(argv=None) -> int:
                 "document_mask": masked,
                 "windows": len(indices),
                 "windows_in_split": len(windows),
+                "whole_split": whole,
+                "tail_tokens": len(tail) - 1 if tail is not None else 0,
                 "tokens": scores["tokens"],
+                "bytes": int(totals[2]),
                 "loss": scores["val_loss"],
                 "perplexity": scores["perplexity"],
                 "bits_per_byte": scores["bits_per_byte"],

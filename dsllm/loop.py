@@ -59,6 +59,7 @@ class LoopSettings:
     stop_grace: float
     collective_timeout: float
     max_seconds: float | None = None  # --max-time
+    max_cpu_seconds: float | None = None  # --max-cpu-seconds
 
 
 class TimedBatches:
@@ -133,6 +134,8 @@ class StepLog:
             "memory_gib": memory_gib(),
             "skipped_steps": counters["skipped_steps"],
             "data_wait_fraction": batches.seconds / max(elapsed, 1e-9),  # > a few %: raise --loader-workers
+            "cpu_seconds": time.process_time(),  # this rank's process (its threads) so far: benchmarks/quality.py
+            "process_seconds": time.monotonic() - PROCESS_START,
         }
         if self.steps:
             record["loss"] = (self.loss / self.steps / self.world_size).item()
@@ -169,6 +172,7 @@ def loop_settings(config) -> LoopSettings:
         config.stop_grace,
         config.collective_timeout,
         config.max_seconds,
+        config.max_cpu_seconds,
     )
 
 
@@ -279,15 +283,19 @@ def train_loop(
                 save(step)
             watchdog.beat()
             out_of_time = settings.max_seconds is not None and time.monotonic() - PROCESS_START >= settings.max_seconds
-            if stop.agree(group, also=out_of_time and not last):
+            out_of_cpu = settings.max_cpu_seconds is not None and time.process_time() >= settings.max_cpu_seconds
+            if stop.agree(group, also=(out_of_time or out_of_cpu) and not last):
                 if healthy and not saved_now:
                     save(step)
                 saved = checkpointer.last_saved
                 where = f"checkpoint {saved}" if saved is not None else "no checkpoint (none is healthy yet)"
-                if stop.signal_name is None:  # the time budget: the first rank past it decides for all
+                if stop.signal_name is None:  # a budget: the first rank past it decides for all
+                    budget = f"--max-time {_clock(settings.max_seconds)}"
+                    if out_of_cpu or settings.max_seconds is None:
+                        budget = f"--max-cpu-seconds {settings.max_cpu_seconds:g}"
                     raise RunStopped(
-                        f"stopped at --max-time {_clock(settings.max_seconds)} after step {step}; {where}; run the "
-                        "same command (--resume auto) to continue",
+                        f"stopped at {budget} after step {step}; {where}; run the same command (--resume auto) to "
+                        "continue",
                         0,
                     )
                 raise RunStopped(

@@ -1,5 +1,6 @@
 """Loss, perplexity and bits per byte of a model over a fixed, deterministic set of windows of a token split:
-the training loop's evaluation (every rank a share) and `dsllm evaluate`'s (one process)."""
+the training loop's evaluation (every rank a share) and `dsllm evaluate`'s (one process: by default every target of
+the split, the tail after the last full window included, `split_totals`)."""
 
 from __future__ import annotations
 
@@ -75,7 +76,6 @@ def score_totals(
     evaluation stays silent)."""
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from tqdm import tqdm
 
     mine = indices[rank::world_size]
@@ -86,24 +86,56 @@ def score_totals(
         for b in tqdm(range(batches), desc="evaluating", unit="batch", disable=None if progress else True):
             chunk = mine[b * micro_batch : (b + 1) * micro_batch]
             rows = torch.stack([windows[i] for i in (chunk or mine[:1] or indices[:1])]).to(device)
-            targets = rows[:, 1:]
-            logits, loss = model(rows[:, :-1], targets)
-            if not chunk or not counted or (logits is None and loss is None):
-                continue
-            if loss is not None:
-                nll = loss.double() * targets.numel()
-            else:
-                nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
-            totals += torch.stack(
-                [
-                    nll.double(),
-                    torch.tensor(targets.numel(), dtype=torch.float64, device=device),
-                    byte_lengths.to(device)[targets].sum(),
-                ]
-            )
+            scored = _row_totals(model, rows, byte_lengths)
+            if chunk and counted and scored is not None:
+                totals += scored
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(totals)  # (a pipeline's stages before the last contribute zeros)
     return totals.tolist()
+
+
+def _row_totals(model, rows: torch.Tensor, byte_lengths: torch.Tensor) -> torch.Tensor | None:
+    """[summed loss, targets, their bytes] of one batch of windows (inputs rows[:, :-1], targets rows[:, 1:]);
+    None on a pipeline stage before the last."""
+    import torch
+    import torch.nn.functional as F
+
+    targets = rows[:, 1:]
+    logits, loss = model(rows[:, :-1], targets)
+    if logits is None and loss is None:
+        return None
+    if loss is not None:
+        nll = loss.double() * targets.numel()
+    else:
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+    return torch.stack(
+        [
+            nll.double(),
+            torch.tensor(targets.numel(), dtype=torch.float64, device=rows.device),
+            byte_lengths.to(rows.device)[targets].sum(),
+        ]
+    )
+
+
+def split_totals(
+    model, windows: TokenWindows, micro_batch: int, device, byte_lengths: torch.Tensor, progress: bool = False
+) -> list[float]:
+    """`score_totals` over EVERY target of the split, on one process: all the full windows, then the tokens after
+    the last one (`TokenWindows.tail`, shorter than a window) as a batch of their own, so nothing is padded and
+    nothing is left out: num_tokens - 1 targets in all. What `dsllm evaluate` scores by default and
+    benchmarks/quality.py reports."""
+    import torch
+
+    totals = score_totals(
+        model, windows, list(range(len(windows))), micro_batch, device, byte_lengths, progress=progress
+    )
+    tail = windows.tail()
+    if tail is not None:
+        with torch.no_grad():
+            scored = _row_totals(model, tail[None].to(device), byte_lengths)
+        if scored is not None:
+            totals = [a + b for a, b in zip(totals, scored.tolist())]
+    return totals
 
 
 def scores(nll: float, tokens: float, n_bytes: float) -> dict:

@@ -30,6 +30,9 @@ class RunConfig:
     max_time: str | None = None
     """time budget from the process's start (90m, 2h, 1:30:00, 5400): past it, stop at a step boundary with a
     checkpoint and exit 0"""
+    max_cpu_seconds: float | None = None
+    """CPU-time budget of each rank's process (time.process_time: its threads, not loader workers; use
+    --loader-workers 0 to count all): past it, stop at a step boundary with a checkpoint and exit 0"""
     seq_len: int | None = None
     """tokens per sample; default: the model's max_seq_len"""
     micro_batch_size: int | None = None
@@ -95,6 +98,7 @@ class RunConfig:
         "lr": "the peak learning rate",
         "peak_tflops": "the device's peak TFLOPS",
         "collective_timeout": "the timeout in seconds",
+        "max_cpu_seconds": "the CPU-time budget in seconds",
     }
 
     def __post_init__(self) -> None:

@@ -51,6 +51,15 @@ class TokenWindows(Dataset):
     def order(self, seed: int) -> WindowOrder:
         return WindowOrder(len(self), self.file.fingerprint, self.seq_len, seed)
 
+    def tail(self) -> torch.Tensor | None:
+        """The tokens after the last full window (its last token included, as the first input): the targets the
+        windows leave out, fewer than seq_len; None when there are none. Scoring only (`dsllm.scoring`): training
+        never reads it."""
+        start = self._len * self.seq_len
+        if self.file.num_tokens - start < 2:
+            return None
+        return torch.from_numpy(self.file.tokens[start : self.file.num_tokens].astype(np.int64))
+
 
 class MixtureWindows(Dataset):
     """The windows of a mixture's sources as one dataset: index = the source's offset (the windows of the sources

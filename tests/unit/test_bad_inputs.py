@@ -36,6 +36,7 @@ COMMAND_MAINS = {  # the command as a user types it -> (module, main function) i
     "data_pipeline/merge_shards.py": ("dsllm.data.shards", "main"),
     "tokenizer/train_tokenizer.py": ("dsllm.data.train_tokenizer", "main"),
     "python -m dsllm generate": ("dsllm.generate", "main"),
+    "python -m dsllm evaluate": ("dsllm.evaluation", "main"),
     "python -m dsllm plan": ("dsllm.plan", "main"),
 }
 
@@ -315,6 +316,7 @@ CASES = [
     pretrain_flag("--weight-decay", "-0.1", ("--weight-decay -0.1", "0 or more")),
     pretrain_flag("--expert-parallel", "2", ("--expert-parallel 2", "no experts to split", "--model.moe_experts")),
     pretrain_flag("--model.moe_experts", "1", ("model.moe_experts = 1", "at least 2 experts")),
+    pretrain_flag("--max-cpu-seconds", "0", ("--max-cpu-seconds 0.0", "above 0")),
     pretrain_flag("--seq-len-warmup", "300", ("--seq-len-warmup 300 is not below --max-steps 300",)),
     pretrain_flag("--seq-len-start", "16", ("--seq-len-start 16 without --seq-len-warmup", "pass --seq-len-warmup")),
     pretrain_flag(
@@ -542,6 +544,13 @@ CASES = [
         "python -m dsllm generate",
         ("--checkpoint", "{tmp}", "--device", "meta"),
         ("--device", "use auto, cpu, cuda or cuda:N"),
+    ),
+    Case(
+        "evaluate-whole-split-and-max-windows",
+        "`--whole-split` with `--max-windows`",
+        "python -m dsllm evaluate",
+        ("--checkpoint", "{tmp}", "--data", "{data}", "--whole-split", "--max-windows", "4"),
+        ("--whole-split with --max-windows 4", "pass one of them"),
     ),
     Case(
         "plan-1e400",
