@@ -44,6 +44,7 @@ import platform
 import re
 import resource
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -373,6 +374,8 @@ def nanogpt_run(checkout: Path, name: str, data: Path, out: Path, seed: int, arg
     log = out / "train.log"
     marks = []  # (CPU-seconds when its "step N: ... val loss X" line appeared, step, val loss)
 
+    saving = [False]
+
     def watch(proc):  # the CPU-seconds of an evaluation: when its line appears in the log
         seen, done = 0, False
         while not done:
@@ -382,15 +385,23 @@ def nanogpt_run(checkout: Path, name: str, data: Path, out: Path, seed: int, arg
                 if m := re.match(r"step (\d+): train loss [\d.]+, val loss ([\d.]+)", line):
                     cpu_now = tree_cpu_seconds(proc.pid) if not done else (marks[-1][0] if marks else 0.0)
                     marks.append((cpu_now, int(m.group(1)), float(m.group(2))))
+                elif line.startswith("saving checkpoint"):
+                    saving[0] = True
+                elif line.startswith("iter ") and saving[0]:  # its save is complete: keep a copy (a kill may
+                    saving[0] = False  # land inside the next save, which writes ckpt.pt in place)
+                    shutil.copyfile(out / "ckpt.pt", out / "ckpt.partial")
+                    os.replace(out / "ckpt.partial", out / "ckpt-complete.pt")
             seen = len(lines)
             time.sleep(0.05)
 
     budget = args.budget if args.budget_kind == "cpu" else None
     rc, cpu, wall = run_child(cmd, "cpu", core, log, cwd=checkout, budget=budget, watch=watch)
     ckpt = out / "ckpt.pt"
-    if not ckpt.is_file():
-        raise RuntimeError(f"nanoGPT left no checkpoint (exit {rc}; it saves at an evaluation); see {log}")
-    scored = nanogpt_score(checkout, ckpt, texts["val_text"], texts["stoi"])
+    if rc != 0 and saving[0]:  # killed (or failed) inside a save: its last complete one
+        ckpt = out / "ckpt-complete.pt"
+    scored = {"bpb": math.nan, "val_loss": math.nan, "iter": None}
+    if ckpt.is_file():
+        scored = nanogpt_score(checkout, ckpt, texts["val_text"], texts["stoi"])
     val = texts["val_text"]
     chars_per_byte = len(val) / len(val.encode("utf-8"))
     steps = [int(m.group(1)) for m in re.finditer(r"^iter (\d+):", log.read_text(), re.M)]
@@ -406,6 +417,7 @@ def nanogpt_run(checkout: Path, name: str, data: Path, out: Path, seed: int, arg
         "cpu_seconds": cpu,
         "wall_seconds": wall,
         "exit": rc,
+        **({} if ckpt.is_file() else {"error": f"no checkpoint within the budget (it saves at an evaluation); {log}"}),
         "curve": [{"step": s, "seconds": c, "bpb": v / math.log(2) * chars_per_byte} for c, s, v in marks],
     }
 
