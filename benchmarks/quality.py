@@ -496,14 +496,20 @@ def plot(result: dict, path: Path) -> None:
     datasets = sorted({row["dataset"] for row in result["rows"]})
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
-        for row in (r for r in result["rows"] if r["dataset"] == dataset):
+        for n, row in enumerate(r for r in result["rows"] if r["dataset"] == dataset):
+            color = f"C{n}"  # one color per recipe, every seed's curve in it
             for i, run in enumerate(row["runs"]):
                 xs = [p["seconds"] for p in run["curve"]]
                 ys = [p["bpb"] for p in run["curve"]]
-                (line,) = ax.plot(xs, ys, marker=".", alpha=0.8, label=row["recipe"] if i == 0 else None)
-                ax.plot([run["cpu_seconds"]], [run["bpb"]], marker="*", markersize=12, color=line.get_color())
+                ax.plot(xs, ys, marker=".", alpha=0.6, color=color, label=row["recipe"] if i == 0 else None)
+                at = run.get("cpu_seconds_at_stop", run["cpu_seconds"])
+                ax.plot([at], [run["bpb"]], marker="*", markersize=12, color=color, markeredgecolor="black")
         kind = "CPU" if result["settings"]["budget_kind"] == "cpu" else "GPU (wall)"
-        ax.set(xlabel=f"{kind} seconds", ylabel="val bits per byte", title=f"{dataset} (*: whole val text)")
+        ax.set(
+            xlabel=f"{kind} seconds",
+            ylabel="val bits per byte",
+            title=f"{dataset} (curves: the trainer's eval windows; *: whole val text at the stop)",
+        )
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
@@ -556,6 +562,8 @@ def measure(args, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
         checkout = Path(args.nanogpt).resolve()
         if not (checkout / "train.py").is_file() or not (checkout / "model.py").is_file():
             raise UserError(f"--nanogpt {args.nanogpt}: not a nanoGPT checkout (no train.py/model.py)")
+        if args.budget_kind != "cpu":
+            raise UserError("--nanogpt with --budget-kind gpu: its reference is the README's CPU recipe; drop one")
         if checkout == REPO or REPO in checkout.parents:
             raise UserError(f"--nanogpt {args.nanogpt}: inside this project; keep the checkout outside it")
     core = None
