@@ -432,6 +432,7 @@ def summary(runs: list[dict]) -> dict:
         "steps": statistics.fmean(r["steps"] for r in runs),
         "tokens_seen": statistics.fmean(r["tokens_seen"] for r in runs),
         "cpu_seconds": statistics.fmean(r["cpu_seconds"] for r in runs),
+        "wall_seconds": statistics.fmean(r["wall_seconds"] for r in runs),
         "cpu_seconds_at_stop": statistics.fmean(r.get("cpu_seconds_at_stop", r["cpu_seconds"]) for r in runs),
         "seeds": len(runs),
     }
@@ -456,7 +457,7 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {row['dataset']} | {row['recipe']} | {row['bpb_mean']:.4f} | {row['bpb_spread']:.4f} | "
             f"{row['seeds']} | {row['steps']:.0f} | {row['tokens_seen']:,.0f} | {row['cpu_seconds_at_stop']:.1f} | "
-            f"{row['cpu_seconds']:.1f} |"
+            f"{row['cpu_seconds' if result['settings']['budget_kind'] == 'cpu' else 'wall_seconds']:.1f} |"
         )
     lines += ["", "## How it was measured", "", *result["method"], ""]
     return "\n".join(lines)
