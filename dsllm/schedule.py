@@ -44,7 +44,7 @@ class Phase:
             return a
         progress = min(1.0, (i + 1) / (n + 1) if a == 0 else i / max(1, n))  # from 0: skip the zero
         if self.shape == "linear":
-            return a + (b - a) * progress
+            return a * (1 - progress) + b * progress  # (each end exact)
         if self.shape == "cosine":
             return b + (a - b) * 0.5 * (1 + math.cos(math.pi * progress))
         return b + (a - b) * (1 - math.sqrt(progress))  # 1-sqrt: the cooldown of Hägele et al. 2024
@@ -98,12 +98,14 @@ class Schedule:
             )
         stable = self.phase_at(at - 1)  # the phase of the last step the checkpoint trained
         if stable.shape != "constant":
-            later = [p for p in self.phases if p.shape == "constant" and p.start >= at]
-            hint = f" (its stable phase is steps {later[0].start}-{later[0].end})" if later else ""
+            if stable.end_factor < stable.start_factor:  # its run's own decay had begun
+                began = stable.start
+                hint = f"its run's decay started at step {began}, before it: branch from step {began} or earlier"
+            else:
+                hint = "branch from a checkpoint of the stable phase of a --schedule wsd run"
             raise UserError(
                 f"{where}: saved at step {at}, in a {stable.shape} phase (steps {stable.start}-{stable.end}) of its "
-                f"run's schedule, not a stable (constant) one{hint}; branch a cooldown from a checkpoint of the stable "
-                "phase of a --schedule wsd run"
+                f"run's schedule, not a stable (constant) one; {hint}"
             )
         kept = [p for p in self.phases if p.end <= at]
         if stable.start < at:
