@@ -496,7 +496,7 @@ def run(plan: Pretraining) -> dict:
         + f", ZeRO-{spec.zero_stage}, "
         f"{spec.precision}, global batch {spec.batch.global_size} x {spec.seq_len} tokens, "
         + (f"windows from {warmup.start} tokens over {warmup.steps} steps, " if warmup is not None else "")
-        + (f"lr {plan.schedule.describe()}, " if plan.schedule is not None and config.schedule != "cosine" else "")
+        + (f"lr {plan.schedule.describe()}, " if plan.schedule is not None and _named_schedule(config) else "")
         + f"{config.max_steps} steps -> {config.out}",
     )
     step, result = train_loop(
@@ -529,6 +529,11 @@ def run(plan: Pretraining) -> dict:
     if lock is not None:
         lock.release()
     return {"step": step, **result}
+
+
+def _named_schedule(config: TrainConfig) -> bool:
+    """Whether the run's lr follows phases the user named (wsd, a file, a cooldown), worth a line at the start."""
+    return config.schedule != "cosine" or config.decay_from is not None
 
 
 def _say(world: World, message: str) -> None:

@@ -199,6 +199,8 @@ def phases_of(data, max_steps: int, where: str) -> Schedule:
             raise UserError(f"{at}: steps {steps}: negative; give 0 or more steps")
         else:
             count = steps if isinstance(steps, int) else round(steps * max_steps)
+        if number == 1 and shape == "constant" and "from" not in phase:
+            raise UserError(f"{at}: a constant phase first needs its factor; give it from (e.g. 1.0)")
         start_factor = _factor(phase.get("from", previous), f"{at}: from")
         end_factor = _factor(phase.get("to", start_factor if shape == "constant" else None), f"{at}: to")
         if shape == "constant" and end_factor != start_factor:
