@@ -51,18 +51,26 @@ def branch_of(config: TrainConfig) -> tuple[TrainConfig, Branch]:
             f"{where} with --resume {config.resume}: the branch starts from the --decay-from checkpoint (and resumes "
             "its own checkpoints with --resume auto); drop --resume"
         )
-    if lineage_candidates(out / CHECKPOINTS_DIR):  # killed before: the branch resumes itself, with its phases
-        own = _read_json(out / "config.json", f"{where}: the branch {out}")
-        schedule = recorded_phases(own.get("schedule"), f"{out / 'config.json'} schedule")
-        return dataclasses.replace(config, max_steps=schedule.steps), Branch(schedule, None, {})
-    if step_of(checkpoint) is None or not (checkpoint / COMPLETE_MARKER).is_file():
+    if step_of(checkpoint) is None:
         raise UserError(
-            f"{where}: not a complete checkpoint (a checkpoints/stepNNNNNNNN folder with its {COMPLETE_MARKER}); pass "
-            "one of a --schedule wsd run's checkpoints"
+            f"{where}: not a checkpoint (a checkpoints/stepNNNNNNNN folder with its {COMPLETE_MARKER}); pass one of a "
+            "--schedule wsd run's checkpoints"
         )
     run = checkpoint.resolve().parent.parent
     if out.resolve() == run or run in out.resolve().parents:
         raise UserError(f"--out {config.out}: inside {run}, the run {where} branches off; pass a new --out")
+    if lineage_candidates(out / CHECKPOINTS_DIR):  # killed before: the branch resumes itself, with its phases
+        own = _read_json(out / "config.json", f"--out {out}: the branch's")
+        branched = (own.get("train") or {}).get("decay_from")
+        if not branched or Path(branched).resolve() != checkpoint.resolve():
+            raise UserError(f"--out {out}: a run with checkpoints of its own, not a branch {where}; pass a new --out")
+        schedule = recorded_phases(own.get("schedule"), f"{out / 'config.json'} schedule")
+        return dataclasses.replace(config, max_steps=schedule.steps), Branch(schedule, None, {})
+    if not (checkpoint / COMPLETE_MARKER).is_file():
+        raise UserError(
+            f"{where}: not a complete checkpoint (no {COMPLETE_MARKER}: unfinished or not saved by dsllm); pass one of "
+            "a --schedule wsd run's checkpoints"
+        )
     source = _read_json(run / "config.json", where + ": its run's")
     recorded = source.get("schedule")
     if not recorded:

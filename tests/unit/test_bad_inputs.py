@@ -416,7 +416,11 @@ CASES = [
         "decay-from-not-a-checkpoint",
         "`--decay-from` a folder that is not a checkpoint",
         ("--decay-from", "{tmp}"),
-        ("--decay-from", "not a complete checkpoint", "pass one of a --schedule wsd run's checkpoints"),
+        (
+            "--decay-from",
+            "not a checkpoint (a checkpoints/stepNNNNNNNN folder",
+            "pass one of a --schedule wsd run's checkpoints",
+        ),
     ),
     pretrain_schedule(
         "decay-from-cosine-run",
@@ -451,6 +455,13 @@ CASES = [
         ("--decay-from", "{src}/checkpoints/step00000100"),
         ("its run trained with global_batch_size 999", "pass --global-batch-size 999"),
         src=checkpointed_run(100, global_batch_size=999),
+    ),
+    pretrain_schedule(
+        "decay-from-into-its-run",
+        "`--decay-from` with `--out` inside the checkpoint's run",
+        ("--decay-from", "{src}/checkpoints/step00000100", "--out", "{src}/cooldown"),
+        ("--out", "src/cooldown: inside", "the run --decay-from", "branches off; pass a new --out"),
+        src=checkpointed_run(100),
     ),
     pretrain_schedule(
         "decay-from-other-model",

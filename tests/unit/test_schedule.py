@@ -105,3 +105,32 @@ def test_the_lambda_lr_checkpoints_its_step_and_keeps_the_branch_phases():
     branch.optimizer.step()
     branch.step()
     assert branch.last_epoch == 11 and branch.get_last_lr() == [pytest.approx(0.8)]
+
+
+def test_a_branch_starts_at_its_checkpoint_and_resumes_its_own(tmp_path):
+    """--decay-from's first start resumes the source checkpoint to step + decay; killed, it resumes its own
+    checkpoints with the phases its config.json recorded (the source checkpoint may be pruned by then)."""
+    import json
+
+    from dsllm.checkpoint.store import COMPLETE_MARKER
+    from dsllm.cooldown import branch_of
+
+    source = wsd(2, 100, 20, "linear", 0.1)
+    checkpoint = tmp_path / "stable" / "checkpoints" / "step00000040"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / COMPLETE_MARKER).write_text(json.dumps({"step": 40}))
+    (tmp_path / "stable" / "config.json").write_text(json.dumps({"schedule": {"phases": source.to_list()}}))
+    options = dict(ds_config="x.json", out=str(tmp_path / "cool"), decay_from=str(checkpoint), decay_fraction=0.2)
+    config, branch = branch_of(TrainConfig(**options, decay_shape="cosine"))
+    assert (config.max_steps, config.resume, branch.start, branch.decay_start) == (50, str(checkpoint), checkpoint, 40)
+    assert [p.shape for p in branch.schedule.phases] == ["linear", "constant", "cosine"]  # 10 = 20% of 50 steps
+
+    own = tmp_path / "cool" / "checkpoints" / "step00000045"  # killed after its checkpoint at step 45
+    own.mkdir(parents=True)
+    (own / COMPLETE_MARKER).write_text(json.dumps({"step": 45}))
+    recorded = {"train": {"decay_from": str(checkpoint)}, "schedule": {"phases": branch.schedule.to_list()}}
+    (tmp_path / "cool" / "config.json").write_text(json.dumps(recorded))
+    (checkpoint / COMPLETE_MARKER).unlink()  # pruned by the source run since
+    again, resumed = branch_of(TrainConfig(**options, decay_shape="linear"))
+    assert (again.max_steps, again.resume, resumed.start) == (50, "auto", None)
+    assert resumed.schedule == branch.schedule  # the recorded phases, not today's --decay-shape
