@@ -208,6 +208,7 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
 
         check_init_layout(spec, config)
     from dsllm.checkpoint.checkpointer import Checkpointer
+    from dsllm.checkpoint.store import Marker
 
     fingerprint = train.fingerprint if mixture is None else mixture.fingerprint
     if branch is not None:
@@ -222,6 +223,10 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
     schedule = None
     if "scheduler" not in spec.ds:
         schedule = branch.schedule if branch is not None else config.lr_schedule()
+        marker = Marker.read(checkpointer.resume_from) if checkpointer.resume_from is not None else None
+        note = None if marker is None else schedule.change_note(Path(config.out) / "config.json", marker.step)
+        if note and world.is_main:
+            print(note, flush=True)
     weights = None
     if config.init is not None and checkpointer.resume_from is None:  # a run with checkpoints of its own resumes them
         from dsllm.continued import init_weights

@@ -76,6 +76,38 @@ class Schedule:
     def steps(self) -> int:
         return self.phases[-1].end
 
+    def same_until(self, other: Schedule, step: int) -> bool:
+        """Whether both give the same factors before `step` (a resumed run's past): the same phases there, a constant
+        one of any length."""
+
+        def past(schedule: Schedule) -> list[tuple]:
+            return [
+                (p.start, p.shape, p.start_factor)
+                if p.shape == "constant"
+                else (p.start, p.steps, p.shape, p.start_factor, p.end_factor)
+                for p in schedule.phases
+                if p.start < step
+            ]
+
+        return past(self) == past(other)
+
+    def change_note(self, config_json: Path, step: int) -> str | None:
+        """A line when a run resumes at `step` on phases that differ before it from those its config.json recorded
+        (another --max-steps or --warmup-steps, an edited phases file): its past trained on those. None: the same,
+        or nothing recorded."""
+        import json
+
+        try:
+            recorded = recorded_phases(json.loads(Path(config_json).read_text())["schedule"], "config.json")
+        except (OSError, ValueError, KeyError, TypeError, UserError):
+            return None
+        if self.same_until(recorded, step):
+            return None
+        return (
+            f"note: the lr schedule differs from the one this run trained its first {step} steps with "
+            f"({recorded.describe()}); the steps from here follow the new one ({self.describe()})"
+        )
+
     def to_list(self) -> list[dict]:
         return [phase.to_dict() for phase in self.phases]
 

@@ -134,3 +134,18 @@ def test_a_branch_starts_at_its_checkpoint_and_resumes_its_own(tmp_path):
     again, resumed = branch_of(TrainConfig(**options, decay_shape="linear"))
     assert (again.max_steps, again.resume, resumed.start) == (50, "auto", None)
     assert resumed.schedule == branch.schedule  # the recorded phases, not today's --decay-shape
+
+
+def test_a_resume_on_other_phases_is_said(tmp_path):
+    """A wsd run resumed with more steps keeps its past (a longer stable phase); a cosine one does not: a note."""
+    import json
+
+    recorded = tmp_path / "config.json"
+    recorded.write_text(json.dumps({"schedule": {"phases": wsd(10, 100, 20, "linear", 0.1).to_list()}}))
+    assert wsd(10, 200, 20, "linear", 0.1).change_note(recorded, 50) is None
+    assert wsd(10, 100, 20, "linear", 0.1).change_note(recorded, 100) is None
+    assert "the steps from here follow the new one" in wsd(10, 200, 20, "linear", 0.1).change_note(recorded, 90)
+    recorded.write_text(json.dumps({"schedule": {"phases": cosine(10, 100, 0.1).to_list()}}))
+    note = cosine(10, 200, 0.1).change_note(recorded, 50)
+    assert note.startswith("note: the lr schedule differs from the one this run trained its first 50 steps with")
+    assert cosine(10, 100, 0.1).change_note(tmp_path / "none.json", 50) is None
