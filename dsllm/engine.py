@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ import torch
 
 from dsllm import ops
 from dsllm.run_spec import RunSpec, World
+from dsllm.schedule import Schedule
 
 LossOf = Callable[[Any, Any, torch.device], torch.Tensor]  # (module or engine, micro batch, device) -> loss
 
@@ -174,14 +174,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
-def cosine_schedule(warmup: int, max_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
-    """Linear warmup from 0, cosine decay to `min_lr_ratio` x the peak at max_steps (when the JSON has no scheduler)."""
+def lr_factor(schedule: Schedule) -> Callable[[int], float]:
+    """The schedule's factor of --lr per step, as the plain function LambdaLR takes: torch checkpoints a callable
+    object's attributes with the scheduler and loads them back over the run's own, a function it leaves alone (a
+    cooldown branch keeps its new phases when it loads its source's scheduler state)."""
 
     def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return schedule.factor(step)
 
     return factor
 
@@ -415,13 +414,27 @@ class _TensorPipelineGrid:
         return dist.get_rank() // size * size  # the model axis is the fastest: a tensor group is consecutive
 
 
-def engine_options(config) -> dict[str, Any]:
-    """build_engine's optimizer, schedule and compile arguments from a run's options (a RunConfig)."""
+def apply_schedule(engine: Engine) -> None:
+    """The optimizer's lr set from the run's schedule at the step its scheduler was loaded at: a checkpoint of another
+    schedule (a --decay-from branch's source) restored the lr that schedule gave there, and its step, not its phases."""
+    scheduler = engine.ds.lr_scheduler
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):  # (the JSON's scheduler)
+        return
+    step = scheduler.last_epoch
+    rates = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+
+
+def engine_options(config, schedule: Schedule | None = None) -> dict[str, Any]:
+    """build_engine's optimizer, schedule and compile arguments from a run's options (a RunConfig); `schedule`: the
+    phases when they are not the options' own (a --decay-from branch)."""
     return {
         "lr": config.lr,
         "betas": (config.beta1, config.beta2),
         "weight_decay": config.weight_decay,
-        "schedule": cosine_schedule(config.warmup, config.max_steps, config.min_lr_ratio),
+        "schedule": lr_factor(schedule or config.lr_schedule()),
         "compile": config.compile,
     }
 

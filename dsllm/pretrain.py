@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # (imported where used: `dsllm pretrain --help` loads no torc
     from dsllm.checkpoint.checkpointer import Checkpointer
     from dsllm.data.format import TokenFile
     from dsllm.data.mixture import Mixture
+    from dsllm.schedule import Schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Pretraining:
     checkpointer: Checkpointer
     init_weights: dict | None = None  # --init's weights on the CPU, for a fresh start (dsllm.continued)
     mixture: Mixture | None = None
+    schedule: Schedule | None = None  # the lr phases (--schedule's, or a --decay-from branch's); None: the JSON's
 
 
 def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec:
@@ -132,6 +134,8 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
         )
     model.check_seq_len(seq_len)
     seq_len_warmup(warmup, getattr(config, "seq_len_start", None), seq_len)  # refuses a start not --seq-len halved
+    if "scheduler" in ds and (config.schedule != "cosine" or getattr(config, "decay_from", None)):
+        del ds["scheduler"]  # --schedule wsd / FILE / --decay-from name dsllm's phases: they replace the JSON's
     partition = getattr(config, "pipeline_partition", "blocks")
     if tensor > 1:
         ds["tensor_parallel"] = autotp_section(model, tensor, vocabulary_parallel=stages == 1)
@@ -158,6 +162,16 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
 
     world = world or World.from_env()
     load_ds_config(config.ds_config)  # a missing or malformed JSON is the first thing to say
+    branch = None
+    if config.decay_from is not None:
+        from dsllm.cooldown import branch_of
+
+        if config.init is not None:
+            raise UserError(
+                f"--decay-from {config.decay_from} with --init {config.init}: a cooldown continues its checkpoint's "
+                "whole state; drop --init"
+            )
+        config, branch = branch_of(config)  # --max-steps: the decay's end; --resume: the checkpoint
     if config.init is not None:
         from dsllm.model_dir import model_inputs
         from dsllm.paths import check_output_apart
@@ -194,8 +208,25 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
 
         check_init_layout(spec, config)
     from dsllm.checkpoint.checkpointer import Checkpointer
+    from dsllm.checkpoint.store import Marker
 
-    checkpointer = Checkpointer.for_run(config, spec, train.fingerprint if mixture is None else mixture.fingerprint)
+    fingerprint = train.fingerprint if mixture is None else mixture.fingerprint
+    if branch is not None:
+        from dsllm.cooldown import check_branch
+
+        check_branch(branch, config, spec, fingerprint)
+    checkpointer = Checkpointer.for_run(config, spec, fingerprint)
+    if branch is not None:
+        from dsllm.cooldown import check_layout
+
+        check_layout(checkpointer, config)
+    schedule = None
+    if "scheduler" not in spec.ds:
+        schedule = branch.schedule if branch is not None else config.lr_schedule()
+        marker = Marker.read(checkpointer.resume_from) if checkpointer.resume_from is not None else None
+        note = None if marker is None else schedule.change_note(Path(config.out) / "config.json", marker.step)
+        if note and world.is_main:
+            print(note, flush=True)
     weights = None
     if config.init is not None and checkpointer.resume_from is None:  # a run with checkpoints of its own resumes them
         from dsllm.continued import init_weights
@@ -204,7 +235,7 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
     if mixture is not None and world.is_main:
         for note in mixture.spec.notes:  # weights scaled to sum to 1: said once, before the run starts
             print(note, flush=True)
-    return Pretraining(config, spec, data_dir, train, val, checkpointer, weights, mixture)
+    return Pretraining(config, spec, data_dir, train, val, checkpointer, weights, mixture, schedule)
 
 
 def write_run_files(plan: Pretraining) -> Path:
@@ -252,6 +283,8 @@ def write_run_files(plan: Pretraining) -> Path:
             "data_parallel_size": spec.data_parallel_size,
         },
         "deepspeed": spec.ds,
+        # the lr's phases (dsllm.schedule): a branch off this run, and the report, read them back
+        "schedule": None if plan.schedule is None else {"phases": plan.schedule.to_list()},
         "versions": {
             "dsllm": __version__,
             "torch": torch.__version__,
@@ -400,6 +433,7 @@ def run(plan: Pretraining) -> dict:
     import torch.distributed as dist
 
     from dsllm.engine import (
+        apply_schedule,
         build_engine,
         document_window_loss,
         engine_options,
@@ -439,13 +473,16 @@ def run(plan: Pretraining) -> dict:
     warmup = seq_len_warmup(config.seq_len_warmup, config.seq_len_start, spec.seq_len)
     if warmup is not None:  # (validation scores full windows)
         loss_of = warmup.loss(loss_of)
-    engine = build_engine(spec, model, device, loss_of, **engine_options(config), load_universal=checkpointer.universal)
+    options = engine_options(config, plan.schedule)
+    engine = build_engine(spec, model, device, loss_of, **options, load_universal=checkpointer.universal)
     loader = make_loader(plan, device)
     step, counters = 0, {"nonfinite_in_a_row": 0, "skipped_steps": 0}
     if checkpointer.resume_from is not None:
         state = checkpointer.load(engine)
         loader.load_state_dict(state["data"])  # refuses another dataset (fingerprint) loudly
         step, counters = state["step"], state["counters"]
+        if config.decay_from is not None:  # the source's scheduler state, on the branch's phases from this step on
+            apply_schedule(engine)
         if warmup is not None and engine.ds.global_steps != step:  # the window length is read from global_steps
             raise RuntimeError(f"DeepSpeed restored global_steps {engine.ds.global_steps} at step {step}")
         how = ""
@@ -464,6 +501,7 @@ def run(plan: Pretraining) -> dict:
         + f", ZeRO-{spec.zero_stage}, "
         f"{spec.precision}, global batch {spec.batch.global_size} x {spec.seq_len} tokens, "
         + (f"windows from {warmup.start} tokens over {warmup.steps} steps, " if warmup is not None else "")
+        + (f"lr {plan.schedule.describe()}, " if plan.schedule is not None and _named_schedule(config) else "")
         + f"{config.max_steps} steps -> {config.out}",
     )
     step, result = train_loop(
@@ -496,6 +534,11 @@ def run(plan: Pretraining) -> dict:
     if lock is not None:
         lock.release()
     return {"step": step, **result}
+
+
+def _named_schedule(config: TrainConfig) -> bool:
+    """Whether the run's lr follows phases the user named (wsd, a file, a cooldown), worth a line at the start."""
+    return config.schedule != "cosine" or config.decay_from is not None
 
 
 def _say(world: World, message: str) -> None:

@@ -4,7 +4,8 @@
     python -m dsllm report runs/gpt2 --prompt "def main(" --out /tmp/report
 
 loss.png: training and validation loss against steps and against tokens; lr.png: the learning rate at every
-step from 0, replayed with the run's own scheduler from config.json (warmup included), with the logged values
+step from 0, replayed with the run's own scheduler from config.json (warmup included), its phases (warmup, stable,
+decay) shaded and listed with their steps in summary.md, with the logged values
 on it; throughput.png: tokens/s (and MFU on a known GPU) from zero; attention.png: every head of every layer
 attending over the tokens of a prompt, labelled with the tokens, on one colour scale (the run's model, the
 final weights or newest checkpoint); sources.png, for a run on a weighted mixture: the training tokens read from
@@ -167,13 +168,8 @@ def lr_schedule(config: dict, last_step: int = 0) -> list[tuple[int, float]] | N
                 return None
             scheduler = make(optimizer, **ds["scheduler"].get("params", {}))
         else:
-            from dsllm.engine import cosine_schedule
-            from dsllm.train_config import TrainConfig
-
-            known = {field.name for field in dataclasses.fields(TrainConfig)}
-            options = TrainConfig(**{key: value for key, value in train.items() if key in known})
-            factor = cosine_schedule(options.warmup, options.max_steps, options.min_lr_ratio)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+            schedule = recorded_schedule(config)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.factor(step))
         rates = [(0, float(optimizer.param_groups[0]["lr"]))]
         optimizer.step()  # no gradients, no change: only tells torch the optimizer steps before its scheduler
         for step in range(1, max(int(train["max_steps"]), last_step) + 1):
@@ -184,11 +180,59 @@ def lr_schedule(config: dict, last_step: int = 0) -> list[tuple[int, float]] | N
     return rates
 
 
-def lr_figure(train: list[dict], schedule: list[tuple[int, float]] | None):
+def recorded_schedule(config: dict):
+    """The run's lr phases (dsllm.schedule.Schedule): config.json's "schedule", or for a run recorded before phases
+    were, the schedule its options name."""
+    from dsllm.schedule import recorded_phases
+    from dsllm.train_config import TrainConfig
+
+    if config.get("schedule"):
+        return recorded_phases(config["schedule"], "config.json schedule")
+    known = {field.name for field in dataclasses.fields(TrainConfig)}
+    options = TrainConfig(**{key: value for key, value in config["train"].items() if key in known})
+    return options.lr_schedule()
+
+
+def schedule_phases(config: dict) -> list[dict]:
+    """[{name, shape, start, end, from, to}] of the run's lr phases, named as a person says them (warmup, stable,
+    decay, cosine, ...); [] when the DeepSpeed JSON's scheduler ran the lr or config.json does not say."""
+    if "scheduler" in (config.get("deepspeed") or {}) or not isinstance(config.get("train"), dict):
+        return []
+    try:
+        phases = recorded_schedule(config).phases
+    except (UserError, TypeError, KeyError):
+        return []
+    named = []
+    for phase in phases:
+        a, b = phase.start_factor, phase.end_factor
+        if phase.shape == "constant":
+            name = "stable"
+        elif b > a:
+            name = "warmup"
+        else:
+            name = "decay"
+        named.append({"name": name, "shape": phase.shape, "start": phase.start, "end": phase.end, "from": a, "to": b})
+    return named
+
+
+def lr_figure(train: list[dict], schedule: list[tuple[int, float]] | None, phases: list[dict] = ()):
     """The learning rate from step 0: the replayed schedule as a line, the logged values as points on it (the
-    logged points alone, from an x axis at 0, when the schedule cannot be replayed)."""
+    logged points alone, from an x axis at 0, when the schedule cannot be replayed); each phase of the schedule
+    (warmup, stable, decay) a shaded band, labelled."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    colours = {"warmup": "tab:orange", "stable": "tab:green", "decay": "tab:purple"}
+    for phase in phases:
+        if phase["end"] > phase["start"]:
+            ax.axvspan(phase["start"], phase["end"], color=colours[phase["name"]], alpha=0.12, lw=0)
+            ax.text(
+                (phase["start"] + phase["end"]) / 2,
+                0.02,
+                phase["name"],
+                transform=ax.get_xaxis_transform(),
+                ha="center",
+                fontsize=8,
+            )
     logged = [(r["step"], r["lr"]) for r in train if r.get("lr") is not None]
     if schedule:
         ax.plot(*zip(*schedule), lw=1.2, label="schedule (replayed from config.json)")
@@ -352,6 +396,17 @@ def summary(
             "- tokens read by source: "
             + ", ".join(f"{name} {s['tokens']:,} ({s['epochs']:.2f} epochs)" for name, s in read.items())
         )
+    phases = schedule_phases(config)
+    if phases:
+        lines.append(
+            "- lr schedule: "
+            + ", ".join(
+                f"{p['name']} steps {p['start']}-{p['end']} ({p['shape']} {p['from']:g}"
+                + ("" if p["shape"] == "constant" else f" -> {p['to']:g}")
+                + " x lr)"
+                for p in phases
+            )
+        )
     lines.append("")
     titles = {
         "loss.png": "Loss",
@@ -425,7 +480,8 @@ def main(argv=None) -> int:
     images = []
     if train:
         save(loss_figure(train, evals), out / "loss.png")
-        save(lr_figure(train, lr_schedule(config, train[-1]["step"])), out / "lr.png")
+        phases = schedule_phases(config)
+        save(lr_figure(train, lr_schedule(config, train[-1]["step"]), phases), out / "lr.png")
         keys = [("tokens_per_second", "tokens/s")] + ([("mfu", "MFU")] if any(r.get("mfu") for r in train) else [])
         save(series_figure(train, keys, "throughput"), out / "throughput.png")
         images += ["loss.png", "lr.png", "throughput.png"]

@@ -13,6 +13,8 @@ import math
 import re
 
 from dsllm.errors import UserError
+from dsllm.schedule import DECAY_SHAPES, Schedule
+from dsllm.schedule import resolve as resolve_schedule
 
 PIPELINE_PARTITIONS = ("blocks", "uniform", "parameters")  # dsllm.pipeline.PARTITIONS maps them for DeepSpeed
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -44,9 +46,18 @@ class RunConfig:
     lr: float = 1e-3
     """peak learning rate"""
     min_lr_ratio: float = 0.1
-    """the cosine schedule's floor, as a fraction of --lr"""
+    """the schedule's floor (where cosine and wsd's decay end), as a fraction of --lr"""
     warmup_steps: int | None = None
     """linear warmup steps; default: 5% of --max-steps"""
+    schedule: str = "cosine"
+    """learning-rate schedule: cosine (warmup, cosine down to --min-lr-ratio), wsd (warmup, stable at --lr, then a
+    decay over the last --decay-fraction of the steps), or a .json/.yaml file of phases (dsllm/schedule.py)"""
+    decay_fraction: float = 0.2
+    """wsd: the share of --max-steps the decay takes, in (0, 1)"""
+    decay_steps: int | None = None
+    """wsd (and --decay-from): the decay's length in steps; default: --decay-fraction of the run"""
+    decay_shape: str = "1-sqrt"
+    """wsd: the decay's shape, linear, cosine or 1-sqrt (1 - sqrt of the decay's progress)"""
     weight_decay: float = 0.1
     """decoupled weight decay; never applied to norms, biases and embeddings"""
     beta1: float = 0.9
@@ -93,6 +104,7 @@ class RunConfig:
         "grad_accum": 1,
         "global_batch_size": 1,
         "warmup_steps": 0,
+        "decay_steps": 1,
     }
     _ABOVE_ZERO = {
         "lr": "the peak learning rate",
@@ -143,6 +155,24 @@ class RunConfig:
                 f"--warmup-steps {self.warmup} is not below --max-steps {self.max_steps}; shorten the warmup"
             )
         self.max_seconds  # noqa: B018 -- parses --max-time, raising on a malformed one
+        if not 0 < self.decay_fraction < 1:
+            raise UserError(f"--decay-fraction {self.decay_fraction}: the decay's share of the steps is in (0, 1)")
+        if self.decay_shape not in DECAY_SHAPES:
+            raise UserError(f"--decay-shape {self.decay_shape}: use {', '.join(DECAY_SHAPES)}")
+        if not getattr(self, "decay_from", None):  # (a cooldown branch's schedule comes from its checkpoint's run)
+            self.lr_schedule()  # refuses an unknown name, a bad phases file, a decay inside the warmup
+
+    def lr_schedule(self) -> Schedule:
+        """The phases of --schedule for this run's steps (dsllm.schedule)."""
+        return resolve_schedule(
+            self.schedule,
+            warmup=self.warmup,
+            max_steps=self.max_steps,
+            min_lr_ratio=self.min_lr_ratio,
+            decay_fraction=self.decay_fraction,
+            decay_steps=self.decay_steps,
+            decay_shape=self.decay_shape,
+        )
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -192,6 +222,10 @@ class TrainConfig(RunConfig):
     pipeline_partition: str = "blocks"
     """how the layers split over the stages: blocks (as many transformer blocks each), uniform (as many layers each,
     the LM head counting as one: lighter last stage), or parameters"""
+    decay_from: str | None = None
+    """a checkpoint (checkpoints/stepNNNNNNNN) of a wsd run's stable phase: a new run (--out) continues it (weights,
+    optimizer, data position) with its schedule's decay starting there, over --decay-steps (default: --decay-fraction
+    of the whole); --max-steps becomes the decay's end; the checkpoint's run folder is only read"""
 
     _AT_LEAST = {
         **RunConfig._AT_LEAST,

@@ -205,6 +205,44 @@ def pretrain_init(name: str, bad_input: str, args: tuple[str, ...], expect: tupl
     )
 
 
+def phases_file(phases) -> Callable[[Path, Path], None]:
+    """A --schedule file of these phases (JSON)."""
+    return lambda path, _data: path.write_text(json.dumps(phases))
+
+
+WSD_PHASES = [  # a --schedule wsd run of 300 steps, as its config.json records it
+    {"start": 0, "steps": 15, "shape": "linear", "from": 0.0, "to": 1.0},
+    {"start": 15, "steps": 225, "shape": "constant", "from": 1.0, "to": 1.0},
+    {"start": 240, "steps": 60, "shape": "1-sqrt", "from": 1.0, "to": 0.1},
+]
+
+
+def checkpointed_run(step: int, phases=WSD_PHASES, model: dict | None = None, **run) -> Callable[[Path, Path], None]:
+    """A run folder with config.json (these schedule phases, `run` as its resolved run) and a checkpoint marker at
+    `step` of the test dataset (of `model`, default: another than SMALL_MODEL's); no DeepSpeed files (pre-flight
+    reads the marker and config.json only)."""
+
+    def write(path: Path, data: Path) -> None:
+        from dsllm.checkpoint.store import COMPLETE_MARKER, tag_for
+        from dsllm.data.format import TokenFile
+
+        checkpoint = path / "checkpoints" / tag_for(step)
+        checkpoint.mkdir(parents=True)
+        marker = dict(step=step, consumed_samples=step * 8, world_size=1, zero_stage=2, precision="fp32")
+        marker.update(model=model or {"n_layers": 1}, train_fingerprint=TokenFile(data / "train").fingerprint)
+        marker.update(branch=None, previous=None, val_loss=None, files={})
+        (checkpoint / COMPLETE_MARKER).write_text(json.dumps(marker))
+        config = {"train": {"lr": 1e-3}, "run": run, "schedule": {"phases": phases}}
+        (path / "config.json").write_text(json.dumps(config))
+
+    return write
+
+
+def pretrain_schedule(name: str, bad_input: str, args: tuple[str, ...], expect: tuple[str, ...], **files) -> Case:
+    """A good pretraining command with schedule options `args` ({NAME}: a file of `files`)."""
+    return Case(name, bad_input, PRETRAIN, (*ZERO2, *GOOD_DATA, *SMALL_MODEL, "--seq-len", "32", *args), expect, files)
+
+
 TOKENIZER_ARGS = ("--vocab-size", "300", "--output", "{tmp}/tok")
 PREPARE_ARGS = ("--tokenizer", "{tokenizer}", "--output", "{tmp}/prepared", "--workers", "1")
 CASES = [
@@ -328,6 +366,111 @@ CASES = [
         ("--seq-len 12 has no half of 8 tokens", "--seq-len-start (one of 6, 3)"),
         "--seq-len",
         "12",
+    ),
+    # -- learning-rate schedules (dsllm.schedule) and cooldown branches (--decay-from, dsllm.cooldown) ----------
+    pretrain_flag("--schedule", "linear", ("--schedule linear", "use cosine, wsd or a .json/.yaml file of phases")),
+    pretrain_flag("--decay-fraction", "1.5", ("--decay-fraction 1.5", "in (0, 1)")),
+    pretrain_flag("--decay-shape", "square", ("--decay-shape square", "use linear, cosine, 1-sqrt")),
+    pretrain_flag(
+        "--schedule",
+        "wsd",
+        ("--schedule wsd: the decay of 297 steps would start at step 3, inside the warmup of 15 steps",),
+        "--decay-fraction",
+        "0.99",
+    ),
+    pretrain_schedule(
+        "schedule-unknown-shape",
+        "a phases file with an unknown shape",
+        ("--schedule", "{phases.json}"),
+        ("phases.json: phase 1: unknown shape 'cosin'", "use one of constant, linear, cosine, 1-sqrt"),
+        **{"phases.json": phases_file([{"steps": 300, "shape": "cosin", "from": 1, "to": 0.1}])},
+    ),
+    pretrain_schedule(
+        "schedule-negative-steps",
+        "a phases file with negative steps",
+        ("--schedule", "{phases.json}"),
+        ("phases.json: phase 1: steps -5: negative",),
+        **{
+            "phases.json": phases_file(
+                [{"steps": -5, "shape": "linear", "to": 1}, {"steps": "rest", "shape": "constant", "from": 1}]
+            )
+        },
+    ),
+    pretrain_schedule(
+        "schedule-not-covering",
+        "phases that do not cover `--max-steps`",
+        ("--schedule", "{phases.yaml}"),
+        ("the phases cover 110 steps, --max-steps is 300", '"steps": "rest"'),
+        **{
+            "phases.yaml": lambda path, _: path.write_text(
+                "- {steps: 10, shape: linear, to: 1}\n- {steps: 100, shape: constant}\n"
+            )
+        },
+    ),
+    pretrain_schedule(
+        "schedule-negative-factor",
+        "a phase's factor below 0",
+        ("--schedule", "{phases.json}"),
+        ("phase 1: to -0.5: a factor of --lr is a number, 0 or more",),
+        **{"phases.json": phases_file([{"steps": "rest", "shape": "linear", "from": 1, "to": -0.5}])},
+    ),
+    pretrain_schedule(
+        "decay-from-not-a-checkpoint",
+        "`--decay-from` a folder that is not a checkpoint",
+        ("--decay-from", "{tmp}"),
+        (
+            "--decay-from",
+            "not a checkpoint (a checkpoints/stepNNNNNNNN folder",
+            "pass one of a --schedule wsd run's checkpoints",
+        ),
+    ),
+    pretrain_schedule(
+        "decay-from-cosine-run",
+        "`--decay-from` a checkpoint of a cosine run",
+        ("--decay-from", "{src}/checkpoints/step00000100"),
+        ("saved at step 100, in a cosine phase (steps 15-300)", "not a stable (constant) one"),
+        src=checkpointed_run(
+            100,
+            [
+                {"start": 0, "steps": 15, "shape": "linear", "from": 0.0, "to": 1.0},
+                {"start": 15, "steps": 285, "shape": "cosine", "from": 1.0, "to": 0.1},
+            ],
+        ),
+    ),
+    pretrain_schedule(
+        "decay-from-after-decay-began",
+        "`--decay-from` a checkpoint after its run's decay began",
+        ("--decay-from", "{src}/checkpoints/step00000260"),
+        ("saved at step 260, in a 1-sqrt phase", "its run's decay started at step 240, before it"),
+        src=checkpointed_run(260),
+    ),
+    pretrain_schedule(
+        "decay-from-with-resume",
+        "`--decay-from` with `--resume` of another checkpoint",
+        ("--decay-from", "{src}/checkpoints/step00000100", "--resume", "none"),
+        ("--decay-from", "with --resume none", "drop --resume"),
+        src=checkpointed_run(100),
+    ),
+    pretrain_schedule(
+        "decay-from-other-batch",
+        "`--decay-from` with another global batch",
+        ("--decay-from", "{src}/checkpoints/step00000100"),
+        ("its run trained with global_batch_size 999", "pass --global-batch-size 999"),
+        src=checkpointed_run(100, global_batch_size=999),
+    ),
+    pretrain_schedule(
+        "decay-from-into-its-run",
+        "`--decay-from` with `--out` inside the checkpoint's run",
+        ("--decay-from", "{src}/checkpoints/step00000100", "--out", "{src}/cooldown"),
+        ("--out", "src/cooldown: inside", "the run --decay-from", "branches off; pass a new --out"),
+        src=checkpointed_run(100),
+    ),
+    pretrain_schedule(
+        "decay-from-other-model",
+        "`--decay-from` a checkpoint of another model",
+        ("--decay-from", "{src}/checkpoints/step00000100"),
+        ("step00000100: saved from a model that differs in n_layers", "resume with the same --model options"),
+        src=checkpointed_run(100),
     ),
     # -- the dataset --------------------------------------------------------------------------------------------
     Case(

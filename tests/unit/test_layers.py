@@ -7,13 +7,22 @@ from conftest import ROOT
 
 LAYERS = {  # docs/architecture.md's table; a new module gets a row here and there
     1: ["errors", "world", "jsonl", "paths", "ops"],
-    2: ["model_config", "train_config", "ds_config", "ds_config_checks", "ds_config_optimizer", "run_spec", "cli_args"],
+    2: [
+        "model_config",
+        "train_config",
+        "schedule",
+        "ds_config",
+        "ds_config_checks",
+        "ds_config_optimizer",
+        "run_spec",
+        "cli_args",
+    ],
     3.0: ["tokenizer"],
     3.5: ["data", "sft_data"],
     4: ["model", "pipeline", "tensor_parallel", "sequence_parallel", "experts", "metrics", "scoring"],
     5: ["checkpoint", "model_dir", "safe_load"],
     6: ["engine", "loop", "run_control", "seq_len_warmup"],
-    7: ["pretrain", "continued", "finetune"],
+    7: ["pretrain", "continued", "cooldown", "finetune"],
     8: [
         "cli",
         "__main__",

@@ -19,6 +19,7 @@ from dsllm.report import (
     lr_schedule,
     read_metrics,
     recorded_attention,
+    schedule_phases,
     series_figure,
     token_label,
 )
@@ -34,6 +35,29 @@ def test_lr_without_a_schedule_still_starts_at_zero():
     (line,) = ax.get_lines()
     assert list(line.get_xdata()) == [10, 20, 30, 40] and ax.get_xlim()[0] == 0 and ax.get_ylim()[0] == 0
     fig.clf()
+
+
+def test_a_wsd_runs_lr_plot_shades_its_phases_from_config_json():
+    from dsllm.schedule import wsd
+
+    config = {"train": {"max_steps": 40, "lr": 1e-3}, "schedule": {"phases": wsd(4, 40, 8, "1-sqrt", 0.1).to_list()}}
+    phases = schedule_phases(config)
+    assert [(p["name"], p["start"], p["end"]) for p in phases] == [
+        ("warmup", 0, 4),
+        ("stable", 4, 32),
+        ("decay", 32, 40),
+    ]
+    rates = dict(lr_schedule(config))
+    assert (
+        rates[0] == pytest.approx(1e-3 / 5)
+        and rates[20] == 1e-3
+        and rates[36] == pytest.approx(1e-3 * (1 - 0.9 * 0.5**0.5))
+    )
+    fig = lr_figure([{"step": 20, "lr": 1e-3}], sorted(rates.items()), phases)
+    ax = fig.axes[0]
+    assert [text.get_text() for text in ax.texts] == ["warmup", "stable", "decay"] and len(ax.patches) == 3
+    fig.clf()
+    assert schedule_phases({**config, "deepspeed": {"scheduler": {"type": "WarmupCosineLR"}}}) == []  # not ours
 
 
 def test_throughput_axes_start_at_zero():
