@@ -160,7 +160,21 @@ class RunConfig:
         if self.decay_shape not in DECAY_SHAPES:
             raise UserError(f"--decay-shape {self.decay_shape}: use {', '.join(DECAY_SHAPES)}")
         if not getattr(self, "decay_from", None):  # (a cooldown branch's schedule comes from its checkpoint's run)
+            self._check_decay_options_used()
             self.lr_schedule()  # refuses an unknown name, a bad phases file, a decay inside the warmup
+
+    def _check_decay_options_used(self) -> None:
+        """--decay-steps/-fraction/-shape shape wsd's decay (and a --decay-from branch's): with any other schedule
+        they would change nothing, which a user who set them should hear."""
+        if self.schedule == "wsd":
+            return
+        defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+        for name in ("decay_steps", "decay_fraction", "decay_shape"):
+            if getattr(self, name) != defaults[name]:
+                raise UserError(
+                    f"{flag(name)} {getattr(self, name)}: only --schedule wsd (or a --decay-from branch) has a "
+                    f"decay to shape; --schedule {self.schedule} takes its own, so drop the option or use wsd"
+                )
 
     def lr_schedule(self) -> Schedule:
         """The phases of --schedule for this run's steps (dsllm.schedule)."""

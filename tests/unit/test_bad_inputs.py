@@ -371,6 +371,7 @@ CASES = [
     pretrain_flag("--schedule", "linear", ("--schedule linear", "use cosine, wsd or a .json/.yaml file of phases")),
     pretrain_flag("--decay-fraction", "1.5", ("--decay-fraction 1.5", "in (0, 1)")),
     pretrain_flag("--decay-shape", "square", ("--decay-shape square", "use linear, cosine, 1-sqrt")),
+    pretrain_flag("--decay-steps", "50", ("--decay-steps 50: only --schedule wsd", "drop the option or use wsd")),
     pretrain_flag(
         "--schedule",
         "wsd",
