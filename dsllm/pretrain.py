@@ -99,6 +99,9 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
         hidden_size=model.d_model,
     )
     check_tensor_parallel(model, world.size, tensor, stages, config.compile, stage)
+    from dsllm.engine import check_lr_groups
+
+    check_lr_groups(config, model, ds, config.ds_config)
     check_sequence_parallel(
         model,
         world.size,
