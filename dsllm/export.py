@@ -3,9 +3,10 @@
 
 GPT-2 options (learned positions, LayerNorm, GELU, biases, no GQA) map to `GPT2LMHeadModel`;
 RoPE + RMSNorm + SwiGLU (+GQA) to `LlamaForCausalLM`, with QK-norm (no biases) to `Qwen3ForCausalLM`.
-Our fused weights are split here, in the order the model lays them out: qkv = [q | k | v], SwiGLU fc = [gate | up]. GPT-2's Conv1D stores
-weights as [in, out], so those are transposed. RoPE uses the half-split layout on both sides, so
-no permutation is needed. `tests/unit/test_export.py` proves logits parity for every family.
+Our fused weights are split here, in the order the model lays them out: qkv = [q | k | v], SwiGLU
+fc = [gate | up]. GPT-2's Conv1D stores weights as [in, out], so those are transposed. RoPE uses the
+half-split layout on both sides, so no permutation is needed. `tests/unit/test_export.py` proves logits
+parity for every family.
 
 The tokenizer is exported as the model was trained: every document starts with <|endoftext|>, so plain
 `AutoTokenizer.from_pretrained(folder)(prompt)` puts it first, as `python -m dsllm generate` does

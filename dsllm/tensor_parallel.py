@@ -197,6 +197,16 @@ def check_tensor_parallel(
     if size == 1:
         return
     flag = f"--tensor-parallel {size}"
+    if model.z_loss:
+        raise UserError(
+            f"{flag} with --model.z_loss {model.z_loss}: not supported yet (each rank holds a slice of the "
+            "vocabulary's logits, and the z-loss needs their whole logsumexp); drop one of them"
+        )
+    if model.qk_norm:
+        raise UserError(
+            f"{flag} with --model.qk_norm: not supported yet (the norms' scales are shared by heads that different "
+            "ranks hold, so their gradients would need summing over the ranks); drop one of them"
+        )
     if zero_stage not in (1, 2):
         raise UserError(
             f"{flag} with ZeRO-{zero_stage}: use ds_configs/zero1.json or zero2.json; dsllm merges the tensor shards "
@@ -221,16 +231,6 @@ def check_tensor_parallel(
         raise UserError(
             f"{flag} with --model.dropout {model.dropout}: the tensor-parallel ranks would draw the same dropout "
             "masks for different heads (no per-rank RNG streams yet); pretrain with dropout 0 or without TP"
-        )
-    if model.z_loss:
-        raise UserError(
-            f"{flag} with --model.z_loss {model.z_loss}: not supported yet (each rank holds a slice of the "
-            "vocabulary's logits, and the z-loss needs their whole logsumexp); drop one of them"
-        )
-    if model.qk_norm:
-        raise UserError(
-            f"{flag} with --model.qk_norm: not supported yet (the norms' scales are shared by heads that different "
-            "ranks hold, so their gradients would need summing over the ranks); drop one of them"
         )
     if compile_:
         raise UserError(f"--compile with {flag}: not supported yet; drop one of them")
