@@ -156,3 +156,40 @@ def test_the_pipelines_layers_compute_the_options_as_the_gpt(tied):
         logits, loss = gpt(IDX[:, :-1], IDX[:, 1:])
     assert torch.allclose(x, logits, atol=1e-6) and x.abs().max() <= 3.0
     assert float(training_loss(config)(x, IDX[:, 1:])) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_param_groups_split_the_embeddings_and_head_only_when_asked():
+    """Default options keep the two groups of earlier runs (their checkpoints resume); the scales and the
+    embeddings' decay make groups of their own, a pipeline stage's head ("N.head") included, and MoE's expert groups
+    keep their group's lr and decay."""
+    import torch.nn as nn
+
+    from dsllm.engine import param_groups
+    from dsllm.pipeline import layers_of
+
+    config = ModelConfig(**SMALL, tie_embeddings=False)
+    model = GPT(config, seed=7)
+    names = {id(p): name for name, p in model.named_parameters()}
+
+    def members(groups):
+        return {g["name"]: sorted(names.get(id(p), "?") for p in g["params"]) for g in groups}
+
+    plain = param_groups(model, 0.1, 1e-3)
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in plain] == [("decay", 1e-3, 0.1), ("no_decay", 1e-3, 0.0)]
+    assert "tok_embeddings.weight" in members(plain)["no_decay"] and "lm_head.weight" in members(plain)["decay"]
+    split = param_groups(model, 0.1, 1e-3, embedding_lr_scale=10.0, head_lr_scale=0.5, embedding_weight_decay=0.2)
+    assert [(g["name"], g["lr"], g["weight_decay"]) for g in split] == [
+        ("decay", 1e-3, 0.1),
+        ("no_decay", 1e-3, 0.0),
+        ("embedding", 1e-2, 0.2),
+        ("head", 5e-4, 0.1),
+    ]
+    assert members(split)["embedding"] == ["pos_embeddings.weight", "tok_embeddings.weight"]
+    assert members(split)["head"] == ["lm_head.weight"]
+    stage = nn.ModuleList(spec.build() for spec in layers_of(config, 7)[-2:])  # [norm, head]: "1.head.weight"
+    assert [g["name"] for g in param_groups(stage, 0.1, 1e-3, head_lr_scale=0.5)] == ["decay", "no_decay", "head"]
+    moe = GPT(resolve_model_config("tiny-moe", {**SMALL, "moe_experts": 2}), seed=7)
+    groups = param_groups(moe, 0.1, 1e-3, embedding_lr_scale=10.0)
+    experts = [g for g in groups if g.get("moe")]
+    assert experts and {(g["lr"], g["weight_decay"]) for g in experts} == {(1e-3, 0.1)}  # (no biases in tiny)
+    assert [g["lr"] for g in groups if g["name"] == "embedding"] == [1e-2]
