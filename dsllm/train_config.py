@@ -162,8 +162,8 @@ class TrainConfig(RunConfig):
     --model.FIELD VALUE"""
     init: str | None = None
     """a trained run, checkpoint or model folder whose weights the run starts from (its model; --model.FIELD may
-    change only RoPE, max_seq_len, dropout and recompute), with a fresh optimizer and schedule at step 0; a run with
-    checkpoints of its own resumes them instead"""
+    change only RoPE, max_seq_len, dropout, z_loss and recompute), with a fresh optimizer and schedule at step 0; a
+    run with checkpoints of its own resumes them instead"""
     model_overrides: dict = dataclasses.field(default_factory=dict)
     """{field: value} from --model.FIELD VALUE"""
     eval_windows: int = 64
