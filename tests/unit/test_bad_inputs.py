@@ -316,13 +316,6 @@ CASES = [
     pretrain_flag("--expert-parallel", "2", ("--expert-parallel 2", "no experts to split", "--model.moe_experts")),
     pretrain_flag("--model.moe_experts", "1", ("model.moe_experts = 1", "at least 2 experts")),
     pretrain_flag(
-        "--model.qk_norm",
-        "true",
-        ("--tensor-parallel 2 with --model.qk_norm", "not supported yet"),
-        "--tensor-parallel",
-        "2",
-    ),
-    pretrain_flag(
         "--model.z_loss",
         "1e-4",
         ("--tensor-parallel 2 with --model.z_loss 0.0001", "drop one of them"),
