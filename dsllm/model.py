@@ -303,6 +303,7 @@ class GPT(nn.Module):
         # the loss of logits and (already shifted) targets; DeepSpeed's AutoTP swaps in its vocabulary-parallel
         # loss when the LM head is split over the vocabulary (HF's hook: logits, labels=None, shift_labels=...)
         self.loss_function = causal_lm_loss
+        self.last_z_loss: torch.Tensor | None = None  # the z-loss term of the last training forward (z_loss > 0)
         init_weights(self, config, seed, first_expert=expert_rank * (config.moe_experts // expert_parallel))
 
     def moe_layers(self) -> list[nn.Module]:
@@ -373,7 +374,9 @@ class GPT(nn.Module):
             if self.training and self.config.moe_experts:  # the routers' load-balancing loss, trained with it
                 loss = loss + self.config.moe_aux_loss_coef * sum(m.deepspeed_moe.l_aux for m in self.moe_layers())
             if self.training and self.config.z_loss:  # trained with, never scored (as the load-balancing loss)
-                loss = loss + self.config.z_loss * z_loss(logits, targets)
+                term = z_loss(logits, targets)
+                self.last_z_loss = term.detach()  # (unweighted, for the log: `dsllm.pretrain`)
+                loss = loss + self.config.z_loss * term
         return logits, loss
 
     def _checkpoint(self, fn, x):
