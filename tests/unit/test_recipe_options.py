@@ -103,7 +103,7 @@ def test_z_loss_is_trained_and_not_evaluated():
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6)
     # log Z of a near-uniform 97-way softmax is about ln 97: a term that shows
     assert float(loss.detach()) > float(ce.detach()) + 1.0
-    assert float(weighted.last_z_loss) == pytest.approx(float(log_z.square().mean()), rel=1e-6)  # for the log
+    assert float(weighted.last_z_loss) == pytest.approx(float(log_z.detach().square().mean()), rel=1e-6)  # the log
     loss.backward()
     plain(inputs, targets)[1].backward()
     assert not torch.allclose(weighted.lm_head.weight.grad, plain.lm_head.weight.grad)  # trained
