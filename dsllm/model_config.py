@@ -84,7 +84,7 @@ class ModelConfig:
     """LM head shares the token embedding matrix"""
     qk_norm: bool = False
     """normalise each head's queries and keys before RoPE (the model's norm kind over the head dimension, a learned
-    scale per head dimension shared by the heads, as Qwen3 and OLMo2)"""
+    scale per head dimension shared by the heads, as Qwen3; OLMo2 normalises the whole projection instead)"""
     logit_softcap: float | None = None
     """cap the logits smoothly at +-C: C tanh(logits / C), in training, evaluation and generation (None or 0: off)"""
     z_loss: float = 0.0
