@@ -152,26 +152,84 @@ def tensor_mesh(spec: RunSpec):
     return groups
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices; not norms, biases or embeddings (a tied head is the embedding; an embedding split over the
-    vocabulary too). `model` may be a pipeline stage's part of it. Experts' parameters (MoE) form groups of their
-    own, as DeepSpeed's MoE needs."""
+def param_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    lr: float | None = None,
+    *,
+    embedding_lr_scale: float = 1.0,
+    head_lr_scale: float = 1.0,
+    embedding_weight_decay: float = 0.0,
+) -> list[dict]:
+    """The optimizer's named groups: "decay" (matrices, `weight_decay`), "no_decay" (norms, biases), "embedding"
+    (token and learned-position embeddings; a tied head is the embedding, and so is an embedding split over the
+    vocabulary) at `embedding_lr_scale` x lr and `embedding_weight_decay`, "head" (an untied LM head, decayed as a
+    matrix) at `head_lr_scale` x lr. The embeddings join "no_decay" and the head "decay" when their settings are
+    those groups' (the default: the groups of earlier runs, so their checkpoints resume). With `lr`, every group
+    carries its own "lr" (lr x its scale): a schedule that multiplies each group's initial lr by a factor per step
+    (LambdaLR, DeepSpeed's WarmupCosineLR) keeps the ratios. `model` may be a pipeline stage's part of it (the head
+    there is "N.head"). Experts' parameters (MoE) then form groups of their own, as DeepSpeed's MoE needs."""
     from deepspeed.module_inject.layers import VocabParallelEmbedding
 
     embeddings = (torch.nn.Embedding, VocabParallelEmbedding)
-    no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, embeddings)}
-    decay, no_decay = [], []
-    for param in model.parameters():
+    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, embeddings)}
+    own_embedding = embedding_lr_scale != 1.0 or embedding_weight_decay != 0.0
+    own_head = head_lr_scale != 1.0
+    named = {
+        "decay": (weight_decay, 1.0),
+        "no_decay": (0.0, 1.0),
+        "embedding": (embedding_weight_decay, embedding_lr_scale),
+        "head": (weight_decay, head_lr_scale),
+    }
+    members: dict[str, list] = {name: [] for name in named}
+    for name, param in model.named_parameters():  # (a tied head: the embedding's name, which comes first)
         ndim = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitioned (zero.Init): data is empty
-        (no_decay if ndim < 2 or id(param) in no_decay_ids else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if id(param) in embedding_ids:
+            group = "embedding" if own_embedding else "no_decay"
+        elif name == "lm_head.weight" or name.endswith(".head.weight"):  # the GPT's, a pipeline's HeadPipe
+            group = "head" if own_head else "decay"
+        else:
+            group = "decay" if ndim >= 2 else "no_decay"
+        members[group].append(param)
+    groups = []
+    for name, (decay, scale) in named.items():
+        if members[name] or name in ("decay", "no_decay"):  # (the two groups of earlier runs always, in order)
+            group = {"params": members[name], "weight_decay": decay, "name": name}
+            if lr is not None:
+                group["lr"] = lr * scale
+            groups.append(group)
     from deepspeed.moe.utils import has_moe_layers, split_params_into_different_moe_groups_for_optimizer
 
     if has_moe_layers(model)[0]:  # experts' parameters in groups of their own: DeepSpeed reduces them apart
-        for group, name in zip(groups, ("decay", "no_decay")):
-            group["name"] = name
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     return groups
+
+
+# DeepSpeed schedulers that set one absolute lr on every group (the others scale each group's own)
+_ONE_LR_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "OneCycle", "LRRangeTest")
+
+
+def check_lr_groups(config, model, ds: dict, where: str) -> None:
+    """`param_groups`' options that cannot take effect are one line before any rank starts: a head lr scale when the
+    head is the embedding, and an lr scale under a DeepSpeed JSON scheduler that gives every group the same lr."""
+    from dsllm.errors import UserError
+
+    if config.head_lr_scale != 1.0 and model.tie_embeddings:
+        raise UserError(
+            f"--head-lr-scale {config.head_lr_scale} with a tied LM head (model.tie_embeddings true): the head is the "
+            "embedding; pass --model.tie_embeddings false, or use --embedding-lr-scale"
+        )
+    scaled = [
+        f"--{name.replace('_', '-')} {getattr(config, name)}"
+        for name in ("embedding_lr_scale", "head_lr_scale")
+        if getattr(config, name) != 1.0
+    ]
+    kind = ds.get("scheduler", {}).get("type")
+    if scaled and kind in _ONE_LR_SCHEDULERS:
+        raise UserError(
+            f"{scaled[0]} with {where}'s scheduler {kind}, which sets one lr for every parameter group; use a JSON "
+            "with WarmupCosineLR or without a scheduler (dsllm's schedule), or drop the scale"
+        )
 
 
 def lr_factor(schedule: Schedule) -> Callable[[int], float]:
@@ -323,13 +381,16 @@ def build_engine(
     schedule: Callable[[int], float],
     compile: bool = False,
     load_universal: bool = False,
+    lr_groups: dict | None = None,
 ) -> Engine:
     """DeepSpeed's engine around `model`. The optimizer and scheduler are the JSON's when it names them,
-    else torch's AdamW (decay on matrices only) and `schedule` (a factor of `lr` per step)."""
+    else torch's AdamW (decay on matrices only) and `schedule` (a factor of `lr` per step). `lr_groups`:
+    `param_groups`' embedding and head options (their lrs are scales of the optimizer's lr)."""
     import deepspeed
 
     ds = spec.deepspeed_config(load_universal)
-    groups = param_groups(model, weight_decay)
+    base_lr = ds.get("optimizer", {}).get("params", {}).get("lr", lr)  # a JSON's own lr is the optimizer's
+    groups = param_groups(model, weight_decay, base_lr, **(lr_groups or {}))
     optimizer = lr_scheduler = None
     if "optimizer" not in ds:
         optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
@@ -436,6 +497,11 @@ def engine_options(config, schedule: Schedule | None = None) -> dict[str, Any]:
         "weight_decay": config.weight_decay,
         "schedule": lr_factor(schedule or config.lr_schedule()),
         "compile": config.compile,
+        "lr_groups": {
+            "embedding_lr_scale": config.embedding_lr_scale,
+            "head_lr_scale": config.head_lr_scale,
+            "embedding_weight_decay": config.embedding_weight_decay,
+        },
     }
 
 

@@ -2,10 +2,11 @@
 `AutoTokenizer` load with no extra code.
 
 GPT-2 options (learned positions, LayerNorm, GELU, biases, no GQA) map to `GPT2LMHeadModel`;
-RoPE + RMSNorm + SwiGLU (+GQA) to `LlamaForCausalLM`. Our fused weights are split here, in the
-order the model lays them out: qkv = [q | k | v], SwiGLU fc = [gate | up]. GPT-2's Conv1D stores
-weights as [in, out], so those are transposed. RoPE uses the half-split layout on both sides, so
-no permutation is needed. `tests/unit/test_export.py` proves logits parity for every family.
+RoPE + RMSNorm + SwiGLU (+GQA) to `LlamaForCausalLM`, with QK-norm (no biases) to `Qwen3ForCausalLM`.
+Our fused weights are split here, in the order the model lays them out: qkv = [q | k | v], SwiGLU
+fc = [gate | up]. GPT-2's Conv1D stores weights as [in, out], so those are transposed. RoPE uses the
+half-split layout on both sides, so no permutation is needed. `tests/unit/test_export.py` proves logits
+parity for every family.
 
 The tokenizer is exported as the model was trained: every document starts with <|endoftext|>, so plain
 `AutoTokenizer.from_pretrained(folder)(prompt)` puts it first, as `python -m dsllm generate` does
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # torch loads inside the functions that use it, so `--help` a
 
 _GPT2_NEEDS = {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
 _LLAMA_NEEDS = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
+_QWEN3_NEEDS = {**_LLAMA_NEEDS, "bias": False, "moe_experts": 0}
 _MIXTRAL_NEEDS = {"bias": False, "moe_every": 1, "moe_top_k": 2}
 _MIXTRAL_WHY = {
     "moe_every": " (every block sparse)",
@@ -42,7 +44,27 @@ _MIXTRAL_WHY = {
 
 
 def hf_family(config: ModelConfig) -> str:
-    """'gpt2' or 'llama'; any other combination raises ConfigError naming the option with no equivalent."""
+    """'gpt2', 'llama', 'qwen3' or 'mixtral'; any other combination raises ConfigError naming the option with no
+    equivalent."""
+    if config.mlp == "relu2":
+        raise ConfigError(
+            "model.mlp = 'relu2' has no Hugging Face architecture (none pairs a squared-ReLU MLP with these blocks); "
+            "export refuses it: train with mlp = 'swiglu' (Llama, Qwen3) or 'gelu' (GPT-2) to export"
+        )
+    if config.logit_softcap:
+        raise ConfigError(
+            f"model.logit_softcap = {config.logit_softcap} has no Hugging Face equivalent for these blocks (Gemma2's "
+            "final_logit_softcapping comes with Gemma2's own norms, MLP and embedding scale); export refuses a "
+            "soft-capped model: train with logit_softcap null to export"
+        )
+    if config.qk_norm:  # Qwen3ForCausalLM: Llama's blocks with an RMSNorm over each head's queries and keys
+        for field, value in _QWEN3_NEEDS.items():
+            if getattr(config, field) != value:
+                raise ConfigError(
+                    f"model.{field} = {getattr(config, field)!r} has no Hugging Face equivalent with model.qk_norm: "
+                    f"Qwen3ForCausalLM needs {field} = {value!r}"
+                )
+        return "qwen3"
     if config.moe_experts:  # MixtralForCausalLM: Llama's blocks, each MLP sparse
         for field, value in {**_LLAMA_NEEDS, **_MIXTRAL_NEEDS}.items():
             if getattr(config, field) != value:
@@ -105,6 +127,9 @@ def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
             ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
             out[f"{theirs}input_layernorm.weight"] = sd[f"{ours}norm1.weight"]
             out[f"{theirs}post_attention_layernorm.weight"] = sd[f"{ours}norm2.weight"]
+            if family == "qwen3":
+                out[f"{theirs}self_attn.q_norm.weight"] = sd[f"{ours}attn.q_norm.weight"]
+                out[f"{theirs}self_attn.k_norm.weight"] = sd[f"{ours}attn.k_norm.weight"]
             names = ("q_proj", "k_proj", "v_proj")
             for kind in ("weight", "bias") if config.bias else ("weight",):
                 for name, part in zip(names, _split_qkv(sd[f"{ours}attn.qkv.{kind}"], config)):
@@ -165,6 +190,8 @@ def hf_config(config: ModelConfig, eos: int) -> dict:
             "output_router_logits": False,
             "sliding_window": None,
         }
+    elif hf_family(config) == "qwen3":
+        common = {**common, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False}
     else:
         common = {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     return {
@@ -286,7 +313,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="dsllm export",
         description="Export a model to a Hugging Face folder that AutoModelForCausalLM and AutoTokenizer load "
-        "(GPT2LMHeadModel or LlamaForCausalLM, safetensors; the tokenizer starts each text with <|endoftext|>).",
+        "(GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM or MixtralForCausalLM, safetensors; the tokenizer "
+        "starts each text with <|endoftext|>).",
     )
     parser.add_argument(
         "--checkpoint",

@@ -34,10 +34,12 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def make_norm(config: ModelConfig) -> nn.Module:
+def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
+    """The model's norm kind over `dim` features (default: d_model)."""
+    dim = config.d_model if dim is None else dim
     if config.norm == "rmsnorm":
-        return RMSNorm(config.d_model, config.norm_eps)
-    return nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
+        return RMSNorm(dim, config.norm_eps)
+    return nn.LayerNorm(dim, eps=config.norm_eps, bias=config.bias)
 
 
 def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -118,6 +120,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
+        # QK-norm: each head's queries and keys normalised over head_dim (one scale shared by the heads, as Qwen3)
+        self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
         self.ulysses = None
         if sequence is not None:
             from deepspeed.sequence.layer import DistributedAttention
@@ -131,8 +136,10 @@ class Attention(nn.Module):
         kv_heads = qkv.shape[-1] // ((self.q_per_kv + 2) * self.head_dim)  # a TP rank's qkv: its q, k and v shards
         heads = kv_heads * self.q_per_kv
         q, k, v = qkv.split([heads * self.head_dim, kv_heads * self.head_dim, kv_heads * self.head_dim], dim=-1)
-        q = q.view(B, T, heads, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = k.view(B, T, kv_heads, self.head_dim).transpose(1, 2)
+        q, k = q.view(B, T, heads, self.head_dim), k.view(B, T, kv_heads, self.head_dim)
+        if self.q_norm is not None:  # before RoPE, which then rotates unit-RMS (x scale) vectors
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd]
         v = v.view(B, T, kv_heads, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
@@ -150,7 +157,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         hidden = config.mlp_hidden_size
-        self.swiglu = config.mlp == "swiglu"
+        self.swiglu, self.relu2 = config.mlp == "swiglu", config.mlp == "relu2"
         # SwiGLU: one fused input projection laid out as [gate | up]
         self.fc = nn.Linear(config.d_model, 2 * hidden if self.swiglu else hidden, bias=config.bias)
         self.proj = nn.Linear(hidden, config.d_model, bias=config.bias)
@@ -160,6 +167,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = self.fc(x).chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.relu2:
+            h = F.relu(self.fc(x)).square()
         else:
             h = F.gelu(self.fc(x))
         return self.dropout(self.proj(h))
@@ -206,6 +215,22 @@ def causal_lm_loss(logits: torch.Tensor, labels=None, vocab_size=None, shift_lab
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100)
 
 
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """cap x tanh(logits / cap) (computed in fp32): every logit inside (-cap, cap), the small ones nearly unchanged;
+    `cap` None or 0: the logits as they are."""
+    if not cap:
+        return logits
+    return (cap * torch.tanh(logits.float() / cap)).to(logits.dtype)
+
+
+def z_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """mean over the scored positions (target not -100) of logsumexp(logits)^2: PaLM's z-loss, which keeps the
+    softmax normaliser near 1 (log Z near 0)."""
+    log_z = torch.logsumexp(logits.float(), dim=-1)
+    scored = targets != -100
+    return (log_z.square() * scored).sum() / scored.sum().clamp(min=1)
+
+
 def init_seed() -> int:
     """The seed of a new model's weights, drawn from torch's global generator: `torch.manual_seed(s)` before a
     model is built fixes its weights, as it always has."""
@@ -218,7 +243,7 @@ def initial_value(name: str, shape, config: ModelConfig, seed: int) -> torch.Ten
     Each parameter draws from its own generator, seeded by the model's seed and its name, so a part of the model
     built alone (a pipeline stage, a tensor-parallel shard) holds exactly the values of the whole model."""
     module, kind = name.rsplit(".", 1)
-    if module.rsplit(".", 1)[-1].startswith("norm"):
+    if module.rsplit(".", 1)[-1].startswith("norm") or module.endswith(("q_norm", "k_norm")):
         return torch.ones(shape) if kind == "weight" else torch.zeros(shape)
     if kind == "bias":
         return torch.zeros(shape)
@@ -278,6 +303,7 @@ class GPT(nn.Module):
         # the loss of logits and (already shifted) targets; DeepSpeed's AutoTP swaps in its vocabulary-parallel
         # loss when the LM head is split over the vocabulary (HF's hook: logits, labels=None, shift_labels=...)
         self.loss_function = causal_lm_loss
+        self.last_z_loss: torch.Tensor | None = None  # the z-loss term of the last training forward (z_loss > 0)
         init_weights(self, config, seed, first_expert=expert_rank * (config.moe_experts // expert_parallel))
 
     def moe_layers(self) -> list[nn.Module]:
@@ -341,12 +367,16 @@ class GPT(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
-        logits = self.lm_head(x)
+        logits = softcap(self.lm_head(x), self.config.logit_softcap)
         loss = None
         if targets is not None:
             loss = self.loss_function(logits, shift_labels=targets)
             if self.training and self.config.moe_experts:  # the routers' load-balancing loss, trained with it
                 loss = loss + self.config.moe_aux_loss_coef * sum(m.deepspeed_moe.l_aux for m in self.moe_layers())
+            if self.training and self.config.z_loss:  # trained with, never scored (as the load-balancing loss)
+                term = z_loss(logits, targets)
+                self.last_z_loss = term.detach()  # (unweighted, for the log: `dsllm.pretrain`)
+                loss = loss + self.config.z_loss * term
         return logits, loss
 
     def _checkpoint(self, fn, x):

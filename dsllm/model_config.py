@@ -18,7 +18,7 @@ from dsllm.errors import UserError
 
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "relu2")
 CHECKPOINTING = ("none", "torch", "deepspeed")
 ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
 # What no weight's shape depends on: a run that starts from trained weights (--init) may change these. max_seq_len
@@ -31,6 +31,7 @@ WEIGHT_FREE_FIELDS = (
     "rope_original_max_seq_len",
     "dropout",
     "activation_checkpointing",
+    "z_loss",
 )
 
 
@@ -70,9 +71,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     """epsilon of the norm layers"""
     mlp: str = "gelu"
-    """'gelu' (exact erf GELU) or 'swiglu'"""
+    """'gelu' (exact erf GELU), 'swiglu', or 'relu2' (squared ReLU: W2 relu(W1 x)^2, as the modded-nanogpt speedrun)"""
     mlp_hidden: int | None = None
-    """MLP hidden size: None = 4*d_model (gelu) or ~8/3*d_model rounded (swiglu)"""
+    """MLP hidden size: None = 4*d_model (gelu, relu2) or ~8/3*d_model rounded (swiglu)"""
     mlp_multiple_of: int = 256
     """the rounding of the default SwiGLU hidden size"""
     bias: bool = True
@@ -81,6 +82,13 @@ class ModelConfig:
     """dropout on attention weights, residual branches and embeddings"""
     tie_embeddings: bool = True
     """LM head shares the token embedding matrix"""
+    qk_norm: bool = False
+    """normalise each head's queries and keys before RoPE (the model's norm kind over the head dimension, a learned
+    scale per head dimension shared by the heads, as Qwen3; OLMo2 normalises the whole projection instead)"""
+    logit_softcap: float | None = None
+    """cap the logits smoothly at +-C: C tanh(logits / C), in training, evaluation and generation (None or 0: off)"""
+    z_loss: float = 0.0
+    """weight of the z-loss, W x mean(logsumexp(logits)^2), added to the training loss only (0: off)"""
     init_std: float = 0.02
     """normal init std; residual output projections get init_std / sqrt(2 * n_layers)"""
     activation_checkpointing: str = "none"
@@ -115,7 +123,7 @@ class ModelConfig:
     def mlp_hidden_size(self) -> int:
         if self.mlp_hidden is not None:
             return self.mlp_hidden
-        if self.mlp == "gelu":
+        if self.mlp != "swiglu":
             return 4 * self.d_model
         m = self.mlp_multiple_of
         return m * math.ceil(8 * self.d_model / 3 / m)
@@ -138,6 +146,7 @@ class ModelConfig:
         )
         mlp = self.mlp_parameters
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
+        attention += 2 * (norm // d) * hd if self.qk_norm else 0
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         positions = self.max_seq_len * d if self.positions == "learned" else 0
         dense = self.n_layers * (attention + mlp + 2 * norm) + norm + embeddings + positions
@@ -197,6 +206,10 @@ class ModelConfig:
             raise ConfigError(f"model.dropout = {self.dropout}: must be in [0, 1)")
         if self.norm_eps <= 0 or self.rope_theta <= 0 or self.init_std <= 0:
             raise ConfigError("model.norm_eps, model.rope_theta and model.init_std must be positive")
+        if self.logit_softcap is not None and not self.logit_softcap >= 0:
+            raise ConfigError(f"model.logit_softcap = {self.logit_softcap}: must be above 0 (or 0 / null: off)")
+        if not self.z_loss >= 0:
+            raise ConfigError(f"model.z_loss = {self.z_loss}: must be 0 (off) or more, e.g. 1e-4")
         self._validate_moe()
         self._validate_rope_scaling()
 

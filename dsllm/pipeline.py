@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsllm.errors import UserError
-from dsllm.model import Block, causal_lm_loss, init_weights, make_norm, rotary_embedding
+from dsllm.model import Block, causal_lm_loss, init_weights, make_norm, rotary_embedding, softcap
 from dsllm.model_config import ModelConfig
 from dsllm.tensor_parallel import TensorSplit, split_on_meta
 
@@ -104,15 +104,20 @@ class NormPipe(nn.Module):
 
 
 class HeadPipe(nn.Module):
-    """The (untied) LM head: x -> logits."""
+    """The (untied) LM head: x -> logits (soft-capped as the model's)."""
 
     def __init__(self, config: ModelConfig, seed: int, split: TensorSplit | None = None):
         super().__init__()
         head = lambda: nn.Linear(config.d_model, config.vocab_size, bias=False)  # noqa: E731
-        self.head = _built(head, config, seed, "lm_head.", split)
+        self.head, self.cap = _built(head, config, seed, "lm_head.", split), config.logit_softcap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x)
+        return softcap(self.head(x), self.cap)
+
+
+def capped_tied_head(cap: float | None, embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
+    """`tied_head`'s logits soft-capped as the model's (`dsllm.model.softcap`)."""
+    return softcap(tied_head(embedding, x), cap)
 
 
 def tied_head(embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
@@ -133,18 +138,29 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return causal_lm_loss(logits, shift_labels=targets)
 
 
+def training_loss(config: ModelConfig):
+    """The pipeline engine's loss function, which it runs in training only (scoring takes the logits: Engine.score):
+    GPT.forward's training loss, the model's z-loss included."""
+    if not config.z_loss:
+        return next_token_loss
+    from dsllm.model import z_loss
+
+    return lambda logits, targets: next_token_loss(logits, targets) + config.z_loss * z_loss(logits, targets)
+
+
 def layers_of(config: ModelConfig, seed: int, split: TensorSplit | None = None) -> list:
     """The pipeline's layers, in order, as DeepSpeed's LayerSpecs: a stage builds only its own layers, each with the
     values the whole GPT of `seed` would have there (`dsllm.model.initial_value`); with a tensor-parallel `split`,
     only this rank's shards of them."""
+    import functools
+
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     if config.tie_embeddings:
         weight = ["tok.weight"]
         first = TiedLayerSpec("embedding", EmbeddingPipe, config, seed, split, tied_weight_attr=weight)
-        last = TiedLayerSpec(
-            "embedding", EmbeddingPipe, config, seed, split, forward_fn=tied_head, tied_weight_attr=weight
-        )
+        head = functools.partial(capped_tied_head, config.logit_softcap) if config.logit_softcap else tied_head
+        last = TiedLayerSpec("embedding", EmbeddingPipe, config, seed, split, forward_fn=head, tied_weight_attr=weight)
     else:
         first, last = LayerSpec(EmbeddingPipe, config, seed, split), LayerSpec(HeadPipe, config, seed, split)
     blocks = [LayerSpec(BlockPipe, config, seed, i, split) for i in range(config.n_layers)]
@@ -282,7 +298,7 @@ def pipeline_module(
     return PipelineModule(
         layers=layers_of(config, seed, split),
         **layout,
-        loss_fn=next_token_loss,
+        loss_fn=training_loss(config),
         partition_method=PARTITIONS[partition],
         **checkpointing,
     )

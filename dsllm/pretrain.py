@@ -101,6 +101,9 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
         hidden_size=model.d_model,
     )
     check_tensor_parallel(model, world.size, tensor, stages, config.compile, stage)
+    from dsllm.engine import check_lr_groups
+
+    check_lr_groups(config, model, ds, config.ds_config)
     check_sequence_parallel(
         model,
         world.size,
@@ -359,6 +362,7 @@ class WindowValidator:
         spec = self.plan.spec
         # the routing of this rank's last training micro batch (a Mixture-of-Experts model), before evaluation's own
         routing = getattr(self.engine.ds.module, "moe_stats", lambda: None)()
+        z_loss = getattr(self.engine.ds.module, "last_z_loss", None)  # (its last training micro batch's, unweighted)
         totals = {
             name: score_totals(
                 self.score,
@@ -388,6 +392,9 @@ class WindowValidator:
                 f" | experts: aux loss {routing['aux_loss']:.4f}, token share {routing['expert_share_min']:.2f}-"
                 f"{routing['expert_share_max']:.2f}, dropped {100 * routing['dropped_fraction']:.1f}%"
             )
+        if z_loss is not None:
+            extra["z_loss"] = float(z_loss)
+            line += f" | z-loss {extra['z_loss']:.4f} (weight {spec.model.z_loss:g})"
         self.log.write({"step": step, **result, **extra, "samples": self.data.consumed_samples}, line)
         return result
 

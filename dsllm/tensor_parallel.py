@@ -54,6 +54,8 @@ def autotp_section(model: ModelConfig, size: int, vocabulary_parallel: bool = Tr
         fc,
         {"patterns": [r".*\.attn\.proj\.weight$", r".*\.mlp\.proj\.weight$"], "partition_type": "row"},
     ]
+    if model.qk_norm:  # replicated, but each rank normalises its own heads: the gradients summed over the ranks
+        specs.append({"patterns": [r".*\.attn\.[qk]_norm\.weight$"], "partition_type": "skip", "grad_allreduce": True})
     if not vocabulary_parallel:  # (split where a stage is built, under GPT's own names: dsllm.pipeline)
         specs.append({"patterns": [r"^lm_head\.weight$"], "partition_type": "column", "gather_output": True})
     return {
@@ -197,6 +199,17 @@ def check_tensor_parallel(
     if size == 1:
         return
     flag = f"--tensor-parallel {size}"
+    if model.z_loss:
+        raise UserError(
+            f"{flag} with --model.z_loss {model.z_loss}: not supported yet (each rank holds a slice of the "
+            "vocabulary's logits, and the z-loss needs their whole logsumexp); drop one of them"
+        )
+    if model.qk_norm and pipeline_stages > 1:
+        raise UserError(
+            f"{flag} with --pipeline-parallel {pipeline_stages} and --model.qk_norm: not supported yet (the norms' "
+            "scales are shared by heads that different ranks hold; their gradients are summed over the tensor ranks "
+            "without pipeline stages only); drop one of them"
+        )
     if zero_stage not in (1, 2):
         raise UserError(
             f"{flag} with ZeRO-{zero_stage}: use ds_configs/zero1.json or zero2.json; dsllm merges the tensor shards "

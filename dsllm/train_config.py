@@ -60,6 +60,12 @@ class RunConfig:
     """wsd: the decay's shape, linear, cosine or 1-sqrt (1 - sqrt of the decay's progress)"""
     weight_decay: float = 0.1
     """decoupled weight decay; never applied to norms, biases and embeddings"""
+    embedding_lr_scale: float = 1.0
+    """the token (and learned position) embeddings' learning rate, as a multiple of --lr"""
+    head_lr_scale: float = 1.0
+    """an untied LM head's learning rate (--model.tie_embeddings false), as a multiple of --lr"""
+    embedding_weight_decay: float = 0.0
+    """decoupled weight decay of the embeddings (0: none, as before)"""
     beta1: float = 0.9
     """AdamW beta1"""
     beta2: float = 0.95
@@ -111,6 +117,8 @@ class RunConfig:
         "peak_tflops": "the device's peak TFLOPS",
         "collective_timeout": "the timeout in seconds",
         "max_cpu_seconds": "the CPU-time budget in seconds",
+        "embedding_lr_scale": "the embeddings' multiple of --lr",
+        "head_lr_scale": "the LM head's multiple of --lr",
     }
 
     def __post_init__(self) -> None:
@@ -145,7 +153,7 @@ class RunConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"{flag(name)} {getattr(self, name)}: must be in [0, 1), e.g. 0.9 and 0.95")
-        for name in ("weight_decay", "grad_clip"):
+        for name in ("weight_decay", "grad_clip", "embedding_weight_decay"):
             if getattr(self, name) < 0:
                 raise UserError(f"{flag(name)} {getattr(self, name)}: must be 0 or more (0: off)")
         if self.precision not in PRECISIONS:
@@ -202,8 +210,8 @@ class TrainConfig(RunConfig):
     --model.FIELD VALUE"""
     init: str | None = None
     """a trained run, checkpoint or model folder whose weights the run starts from (its model; --model.FIELD may
-    change only RoPE, max_seq_len, dropout and recompute), with a fresh optimizer and schedule at step 0; a run with
-    checkpoints of its own resumes them instead"""
+    change only RoPE, max_seq_len, dropout, z_loss and recompute), with a fresh optimizer and schedule at step 0; a
+    run with checkpoints of its own resumes them instead"""
     model_overrides: dict = dataclasses.field(default_factory=dict)
     """{field: value} from --model.FIELD VALUE"""
     eval_windows: int = 64

@@ -43,6 +43,9 @@ models = {
     "learned positions, 2 heads, GELU, biases": {
         "n_heads": 2, "n_kv_heads": 2, "positions": "learned", "mlp": "gelu", "bias": True, "norm": "layernorm"
     },
+    "the recipe options: QK-norm, relu2, soft-capped logits, z-loss": {
+        "n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "mlp": "relu2", "logit_softcap": 2.0, "z_loss": 0.1
+    },
 }
 windows = torch.randint(0, 96, (3, 33), generator=torch.Generator().manual_seed(0))
 inputs, targets = windows[:, :-1], windows[:, 1:]
@@ -92,7 +95,7 @@ def test_pieces_of_a_window_give_the_whole_windows_logits_loss_and_gradients(tmp
     outputs = [proc.communicate(timeout=300)[0] for proc in ranks]
     for proc, output in zip(ranks, outputs):
         assert proc.returncode == 0, output
-        assert output.count("same:") == 2, output
+        assert output.count("same:") == 3, output
 
 
 @pytest.fixture(scope="module")

@@ -172,3 +172,26 @@ def test_3d_splits_an_untied_embedding_and_head_over_the_vocabulary(dataset_dir,
     scored = dsllm("evaluate", "--checkpoint", out, "--data", dataset_dir, "--max-windows", 8, "--seq-len", 32)
     assert scored.returncode == 0, scored.stderr
     assert json.loads(scored.stdout)["loss"] == pytest.approx(val_losses(out)[20], rel=1e-5)
+
+
+RECIPE = [*LAYOUT_MODELS["llama"], "--model.qk_norm", "true", "--model.mlp", "relu2", "--model.logit_softcap", 4]
+RECIPE += ["--embedding-lr-scale", 2, "--head-lr-scale", 0.5, "--embedding-weight-decay", 0.05]
+RECIPE += [*LAYOUT_RUN, "--sample-tokens", 0]
+
+
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_the_recipe_options_on_two_tensor_ranks_and_after_kill_9_give_the_single_rank_run(dataset_dir, tmp_path):
+    """QK-norm (its scales replicated, their gradients summed over the ranks that hold the heads), relu2 (a plain
+    column split), soft-capped vocabulary-parallel logits, and the embedding and head lr / weight-decay groups
+    (shards of the vocabulary) give the single rank's curve on 2 tensor ranks; killed (-9) and resumed on one rank,
+    the run continues bit for bit (the groups' lrs and optimizer state come back from the checkpoint)."""
+    single, out, killed = tmp_path / "single", tmp_path / "tp2", tmp_path / "killed"
+    pretrain(dataset_dir, single, *RECIPE, ds="zero1.json")
+    pretrain(dataset_dir, out, *RECIPE, "--tensor-parallel", 2, ranks=2, ds="zero1.json")
+    same_curve(out, single)
+    assert val_losses(out)[20] == pytest.approx(val_losses(single)[20], rel=1e-5)
+    killed_then_resumed(dataset_dir, killed, *RECIPE, ds="zero1.json")
+    ours, theirs = train_records(killed), train_records(single)
+    assert sorted(ours) == sorted(theirs)
+    assert [(ours[s]["loss"], ours[s]["lr"]) for s in ours] == [(theirs[s]["loss"], theirs[s]["lr"]) for s in ours]

@@ -31,6 +31,7 @@ CASES = {
     "llama_yarn": dict(LLAMA, n_kv_heads=2, rope_scaling="yarn", rope_scaling_factor=4.0, rope_original_max_seq_len=16),
     "mixtral_untied": dict(LLAMA, n_kv_heads=2, tie_embeddings=False, moe_experts=4, moe_top_k=2),
     "mixtral_tied": dict(LLAMA, n_kv_heads=4, moe_experts=8, moe_top_k=2, mlp_hidden=48),
+    "qwen3_qk_norm": dict(LLAMA, n_kv_heads=2, qk_norm=True, tie_embeddings=False, z_loss=1e-4),
 }
 ARCHITECTURES = {"learned": "GPT2LMHeadModel", "rope": "LlamaForCausalLM"}
 
@@ -58,6 +59,7 @@ def test_logits_parity_in_transformers(tmp_path, tokenizer_dir, case):
     diff, hf = max_logit_diff(model, tmp_path / "hf")
     assert diff < 1e-4, diff
     expected = "MixtralForCausalLM" if model.config.moe_experts else ARCHITECTURES[model.config.positions]
+    expected = "Qwen3ForCausalLM" if model.config.qk_norm else expected
     assert type(hf).__name__ == expected
     assert hf.config.tie_word_embeddings == model.config.tie_embeddings
     weights = load_file(tmp_path / "hf" / "model.safetensors")
@@ -123,6 +125,10 @@ def test_tokenizer_loads_with_autotokenizer(tmp_path, tokenizer_dir):
         (dict(LLAMA, moe_experts=4, moe_top_k=1), r"model.moe_top_k = 1 .*MixtralForCausalLM needs moe_top_k = 2"),
         (dict(LLAMA, moe_experts=4, moe_every=3), r"model.moe_every = 3 .*needs moe_every = 1 \(every block sparse"),
         (dict(LLAMA, moe_experts=4, bias=True), r"model.bias = True .*Mixture-of-Experts .*needs bias = False"),
+        (dict(LLAMA, mlp="relu2"), r"model.mlp = 'relu2' has no Hugging Face architecture.*export refuses it"),
+        (dict(LLAMA, logit_softcap=30.0), r"model.logit_softcap = 30.0 has no Hugging Face equivalent.*refuses"),
+        (dict(LLAMA, qk_norm=True, bias=True), r"model.bias = True .*qk_norm: Qwen3ForCausalLM needs bias = False"),
+        (dict(qk_norm=True), r"model.positions = 'learned' .*qk_norm: Qwen3ForCausalLM needs positions = 'rope'"),
     ],
 )
 def test_combinations_without_an_hf_equivalent_are_refused(tmp_path, tokenizer_dir, fields, message):

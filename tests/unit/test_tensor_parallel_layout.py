@@ -24,6 +24,8 @@ from dsllm.world import World
         (2, None, {"ds": "zero0.json"}, "--tensor-parallel 2 with ZeRO-0: use ds_configs/zero1.json or zero2.json"),
         (2, None, {"ds": "zero3.json"}, "fails on ZeRO-3 AutoTP checkpoints (DeepSpeed 0.19.8)"),
         (6, None, {"pipeline_parallel": 2}, "the 6 rank(s) do not divide into groups of 2 x 2 pipeline stages"),
+        (4, {"qk_norm": True}, {"pipeline_parallel": 2}, "--pipeline-parallel 2 and --model.qk_norm: not supported"),
+        (2, {"z_loss": 1e-4}, {}, "--tensor-parallel 2 with --model.z_loss 0.0001: not supported yet"),
     ],
 )
 def test_layouts_autotp_cannot_split_are_one_line(dataset_dir, tmp_path, ranks, model, options, message):
