@@ -16,6 +16,7 @@ from dsllm.errors import UserError
 
 PIPELINE_PARTITIONS = ("blocks", "uniform", "parameters")  # dsllm.pipeline.PARTITIONS maps them for DeepSpeed
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+OPTIMIZERS = ("adamw", "muon", "lion")  # --optimizer; dsllm.ds_config fills the JSON's optimizer section for muon, lion
 DEFAULT_MODEL = "tiny"  # pretraining's --model when neither it nor --init is given
 
 
@@ -47,9 +48,9 @@ class RunConfig:
     weight_decay: float = 0.1
     """decoupled weight decay; never applied to norms, biases and embeddings"""
     beta1: float = 0.9
-    """AdamW beta1"""
+    """AdamW beta1 (also Muon's AdamW half, and Lion's: Lion is usually run with 0.9 and 0.99)"""
     beta2: float = 0.95
-    """AdamW beta2"""
+    """AdamW beta2 (also Muon's AdamW half, and Lion's: Lion is usually run with 0.9 and 0.99)"""
     grad_clip: float = 1.0
     """global gradient-norm clipping (0: off)"""
     precision: str = "auto"
@@ -76,6 +77,14 @@ class RunConfig:
     """seconds from SIGINT/SIGTERM/SIGUSR1 to the checkpoint; past it, exit without one"""
     compile: bool = False
     """torch.compile the model inside the engine (inductor; costs time on the first step)"""
+    optimizer: str = "adamw"
+    """adamw; muon (DeepSpeed's Muon on the 2-D matrices of the blocks, AdamW with --lr on embeddings, head, norms
+    and biases; ZeRO-0/1/2); lion (DeepSpeed's Lion: wants a 3-10x smaller --lr and --beta2 0.99). Fills the
+    DeepSpeed JSON's optimizer section, so the JSON must have none (a JSON's own optimizer wins over adamw)"""
+    muon_lr: float = 0.02
+    """--optimizer muon: the learning rate of the Muon matrices (the schedule scales it as it scales --lr)"""
+    muon_momentum: float = 0.95
+    """--optimizer muon: Muon's momentum (Nesterov), in [0, 1)"""
 
     _AT_LEAST = {
         "max_steps": 1,
@@ -95,6 +104,7 @@ class RunConfig:
         "lr": "the peak learning rate",
         "peak_tflops": "the device's peak TFLOPS",
         "collective_timeout": "the timeout in seconds",
+        "muon_lr": "the Muon learning rate",
     }
 
     def __post_init__(self) -> None:
@@ -132,6 +142,10 @@ class RunConfig:
         for name in ("weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise UserError(f"{flag(name)} {getattr(self, name)}: must be 0 or more (0: off)")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer {self.optimizer}: use {', '.join(OPTIMIZERS[:-1])} or {OPTIMIZERS[-1]}")
+        if not 0 <= self.muon_momentum < 1:
+            raise UserError(f"--muon-momentum {self.muon_momentum}: must be in [0, 1), e.g. 0.95")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision}: use {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}")
         if self.warmup >= self.max_steps and self.max_steps > 1:
