@@ -274,5 +274,6 @@ def check_optimizer_layout(
         if bad:
             raise DSConfigError(
                 f"--optimizer muon with {what}: not supported yet (dsllm runs DeepSpeed's Muon on ZeRO-0/1/2 data "
-                "parallelism of a dense model); use ds_configs/zero1.json or zero2.json alone, or --optimizer adamw"
+                "parallelism of a dense model); use a ZeRO-0/1/2 JSON without an optimizer section and data "
+                "parallelism alone, or --optimizer adamw"
             )

@@ -217,6 +217,27 @@ def tag_muon(model: torch.nn.Module) -> None:
         param.use_muon = id(param) in chosen
 
 
+def muon_halves(groups: list[dict], lr: float, muon_lr: float) -> list[dict]:
+    """Each group as its Muon half and its AdamW half (tagged parameters first). DeepSpeed's Muon makes the same
+    split but gives both halves a group's own "lr": here a group's lr is read as --lr x a scale, and its Muon half
+    gets --muon-lr x that scale (a group without "lr" leaves both to the JSON's lr and muon_lr)."""
+    halves = []
+    for index, group in enumerate(groups):
+        for use_muon in (True, False):
+            params = [p for p in group["params"] if bool(getattr(p, "use_muon", False)) is use_muon]
+            if not params:
+                continue
+            half = {
+                **group,
+                "params": params,
+                "name": f"{group.get('name', f'group{index}')}-{'muon' if use_muon else 'adamw'}",
+            }
+            if use_muon and "lr" in group:
+                half["lr"] = muon_lr * group["lr"] / lr
+            halves.append(half)
+    return halves
+
+
 def check_muon_tags(model: torch.nn.Module) -> None:
     """DeepSpeed's tags (by parameter name) are the module rule's: a new module named otherwise would be updated
     by the wrong half of Muon without a word. A bug, not a user error."""
@@ -393,6 +414,8 @@ def build_engine(
     muon = optimizer_type(ds) == "muon"
     if muon:
         tag_muon(model)
+        params = ds["optimizer"].get("params", {})
+        groups = muon_halves(groups, params.get("lr", lr), params.get("muon_lr", params.get("lr", lr)))
     mpu = None
     if spec.tensor_parallel > 1 and spec.pipeline_stages > 1:
         # 3D: the pipeline's pipe x data x model grid holds the groups; AutoTP reads DeepSpeed's `groups`, which
