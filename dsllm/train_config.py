@@ -79,7 +79,7 @@ class RunConfig:
     """torch.compile the model inside the engine (inductor; costs time on the first step)"""
     optimizer: str = "adamw"
     """adamw; muon (DeepSpeed's Muon on the 2-D matrices of the blocks, AdamW with --lr on embeddings, head, norms
-    and biases; ZeRO-0/1/2; pass --grad-clip 0: ZeRO-1/2 clip Muon's orthogonalised update, not the gradient);
+    and biases; ZeRO-0/1/2; on ZeRO-1/2 pass --grad-clip 0: they clip Muon's orthogonalised update, not the gradient);
     lion (DeepSpeed's Lion: wants a 3-10x smaller --lr and --beta2 0.99). Fills the DeepSpeed JSON's optimizer
     section, so the JSON must have none (a JSON's own optimizer wins over adamw)"""
     muon_lr: float = 0.02
