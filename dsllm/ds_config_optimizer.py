@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 from dsllm.ds_config_checks import _SCHEDULERS_WITH_AUTO, AUTO, DSConfigError, _did_you_mean, _json
@@ -277,3 +279,25 @@ def check_optimizer_layout(
                 "parallelism of a dense model); use a ZeRO-0/1/2 JSON without an optimizer section and data "
                 "parallelism alone, or --optimizer adamw"
             )
+
+
+def _optimizer_family(config: dict) -> str:
+    kind = str(config.get("optimizer", {}).get("type", "")).lower()
+    return "adamw" if kind in ("", "adam", "adamw") else kind  # "": dsllm.engine's torch AdamW
+
+
+def check_resume_optimizer(config: dict, checkpoint: Path | None) -> None:
+    """A checkpoint resumes under the optimizer it was trained with, as its run's config.json records it: another
+    one's state does not load (DeepSpeed fails on it with a KeyError)."""
+    if checkpoint is None:
+        return
+    try:
+        recorded = json.loads((Path(checkpoint).parent.parent / "config.json").read_text())["deepspeed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no record to compare with: DeepSpeed's load says what it finds
+    saved, ours = _optimizer_family(recorded), _optimizer_family(config)
+    if saved != ours:
+        raise DSConfigError(
+            f"{checkpoint}: trained with --optimizer {saved}, this run has {ours}; resume with --optimizer {saved} "
+            "(and a JSON that agrees), or start from its weights with a fresh optimizer (--init)"
+        )

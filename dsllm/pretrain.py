@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from dsllm.cli_args import add_config_arguments, add_launcher_argument, add_recipe_argument, parse_config
 from dsllm.ds_config import load_ds_config, resolve_ds_config
-from dsllm.ds_config_optimizer import check_optimizer_layout
+from dsllm.ds_config_optimizer import check_optimizer_layout, check_resume_optimizer
 from dsllm.errors import ArgumentParser, UserError
 from dsllm.experts import check_experts
 from dsllm.model_config import ConfigError, ModelConfig, resolve_model_config
@@ -201,6 +201,7 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
     from dsllm.checkpoint.checkpointer import Checkpointer
 
     checkpointer = Checkpointer.for_run(config, spec, train.fingerprint if mixture is None else mixture.fingerprint)
+    check_resume_optimizer(spec.ds, checkpointer.resume_from)
     weights = None
     if config.init is not None and checkpointer.resume_from is None:  # a run with checkpoints of its own resumes them
         from dsllm.continued import init_weights

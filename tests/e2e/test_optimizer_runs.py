@@ -115,9 +115,8 @@ def test_kill_then_resume_is_exact(tmp_path, dataset_dir, monkeypatch, optimizer
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")  # Muon's Newton-Schulz eager: its compile is ~9 s per process
     ds = no_optimizer_json(tmp_path, stage)
     args = [*RESUME_RUN, "--optimizer", optimizer, *(("--lr", 3e-4, "--beta2", 0.99) if optimizer == "lion" else ())]
-    before, after = killed_and_resumed(
-        dataset_dir, tmp_path / "run", args, ranks, os.path.relpath(ds, ROOT / "ds_configs")
-    )
+    ds_arg = os.path.relpath(ds, ROOT / "ds_configs")
+    before, after = killed_and_resumed(dataset_dir, tmp_path / "run", args, ranks, ds_arg)
     killed_at = max(before)
     assert 10 <= killed_at < 16 and sorted(after) == list(range(1, 17))
     for step in range(9, killed_at + 1):  # at least two steps: the second one after an update from restored state
@@ -126,3 +125,6 @@ def test_kill_then_resume_is_exact(tmp_path, dataset_dir, monkeypatch, optimizer
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["deepspeed"]["optimizer"]["type"] == {"muon": "Muon", "lion": "Lion"}[optimizer]
     assert after[16]["loss"] < after[1]["loss"]
+    if optimizer == "lion":  # its checkpoint under another optimizer: one line before any rank starts
+        other = pretrain(dataset_dir, tmp_path / "run", *RESUME_RUN, "--max-steps", 20, ds=ds_arg, expect=2)
+        assert "trained with --optimizer lion, this run has adamw" in other.stderr
