@@ -30,7 +30,7 @@ $(STAMP): setup.py
 # The DeepSpeed ops that runs of ds_configs/*.json load (CPU: deepspeed_shm_comm, fused_adam, cpu_adam, about
 # 2 minutes on 2 idle cores), built now rather than in the first run; it says what it builds, where and for how
 # long, and skips what is built already.
-$(OPS_STAMP): $(STAMP) $(wildcard ds_configs/*.json)
+$(OPS_STAMP): $(STAMP) $(wildcard ds_configs/*.json) dsllm/ops.py
 	$(PY) -m dsllm.ops build ds_configs/*.json
 	touch $(OPS_STAMP)
 

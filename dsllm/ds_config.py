@@ -170,14 +170,38 @@ def _check_zero(config: dict, where: str) -> int:
                 "use ds_configs/zero2_offload.json"
             )
         kind = config.get("optimizer", {}).get("type", "").lower()
-        if kind not in ("adam", "adamw"):
+        if kind not in ("adam", "adamw", "lion"):
             raise DSConfigError(
-                f"zero_optimization.offload_optimizer runs DeepSpeed's CPU Adam: set optimizer.type "
+                f"zero_optimization.offload_optimizer runs DeepSpeed's CPU Adam (or CPU Lion): set optimizer.type "
                 f'to "AdamW" in {where} (it is {kind or "missing"})'
             )
     if config.get("pipeline", {}).get("stages", 1) not in (1, "auto") and stage >= 2:
         raise DSConfigError(f"pipeline parallelism cannot run with ZeRO stage {stage} ({where}); use stage 0 or 1")
     return stage
+
+
+# --optimizer -> the optimizer section dsllm fills into a JSON that has none ("auto": from the options, below)
+_OPTIMIZER_SECTIONS = {
+    "muon": {
+        "type": "Muon",  # DeepSpeed's MuonWithAuxAdam: Muon for the parameters tagged use_muon, AdamW for the rest
+        "params": {"lr": AUTO, "muon_lr": AUTO, "momentum": AUTO, "betas": AUTO, "eps": 1e-8, "weight_decay": AUTO},
+    },
+    "lion": {"type": "Lion", "params": {"lr": AUTO, "betas": AUTO, "weight_decay": AUTO}},
+}
+
+
+def _fill_optimizer(config: dict, choice: str, where: str) -> None:
+    """--optimizer muon or lion: the JSON's optimizer section, which it must not name already (another type)."""
+    if choice not in _OPTIMIZER_SECTIONS:
+        return  # adamw: the JSON's own optimizer, else torch's AdamW (dsllm.engine.build_engine)
+    section = config.get("optimizer")
+    if section is None:
+        config["optimizer"] = copy.deepcopy(_OPTIMIZER_SECTIONS[choice])
+    elif str(section.get("type", "")).lower() != choice:
+        raise DSConfigError(
+            f'--optimizer {choice}: {where} names its own optimizer ({section.get("type")}); remove its "optimizer" '
+            f"section (dsllm fills it from --optimizer) or drop --optimizer"
+        )
 
 
 def _fill_auto(config: dict, run: TrainConfig, batch: Batch, precision: str, hidden_size: int | None) -> None:
@@ -199,6 +223,9 @@ def _fill_auto(config: dict, run: TrainConfig, batch: Batch, precision: str, hid
     fill(optimizer, "lr", run.lr)
     fill(optimizer, "betas", [run.beta1, run.beta2])
     fill(optimizer, "weight_decay", run.weight_decay)
+    if str(config.get("optimizer", {}).get("type", "")).lower() == "muon":
+        fill(optimizer, "muon_lr", run.muon_lr)
+        fill(optimizer, "momentum", run.muon_momentum)
     scheduler = config.get("scheduler", {})
     params = scheduler.get("params", {})
     if scheduler.get("type") in _SCHEDULERS_WITH_AUTO:
@@ -237,6 +264,7 @@ def resolve_ds_config(
     ZeRO's buckets when they are "auto"."""
     config = copy.deepcopy(raw)
     _check_shape(config, where)
+    _fill_optimizer(config, run.optimizer, where)
     stage = _check_zero(config, where)
     batch = resolve_batch(config, run.micro_batch_size, run.grad_accum, run.global_batch_size, world_size, where)
     precision = resolve_precision(config, run.precision, supports_bf16, has_gpu, where)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 from dsllm.ds_config_checks import _SCHEDULERS_WITH_AUTO, AUTO, DSConfigError, _did_you_mean, _json
@@ -52,7 +54,21 @@ def _optimizer_class(kind: str, params: dict, cpu_offload: bool):
         from deepspeed.ops.lion import DeepSpeedCPULion, FusedLion
 
         return (DeepSpeedCPULion if cpu_offload else FusedLion), set(), set()
+    if name == "muon":  # DeepSpeed's MuonWithAuxAdam: its engine splits the keys between the Muon and Adam halves
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        keys = {*DeepSpeedEngine._MUON_HALF_KEYS, *DeepSpeedEngine._ADAM_HALF_KEYS, "muon_lr", "adam_lr"}
+        return _MuonParams, keys | {"adam_w_mode", "torch_adam", "fp32_optimizer_states", "per_head_muon"}, set()
     return None, set(), set()
+
+
+class _MuonParams:
+    """Stands for DeepSpeed's Muon in the parameter check: it takes only the keys `_optimizer_class` lists."""
+
+    def __init__(self, params) -> None: ...
+
+
+_MuonParams.__name__ = "MuonWithAuxAdam"
 
 
 def _torch_optimizers() -> dict:
@@ -235,4 +251,53 @@ def check_scheduler(config: dict, where: str) -> None:
             params["warmup_type"],
             params["warmup_type"] in ("linear", "log"),
             'use "linear" or "log" (DeepSpeed silently falls back to log for anything else)',
+        )
+
+
+def check_optimizer_layout(
+    config: dict, where: str, *, pipeline: int, tensor: int, sequence: int, experts: int, moe: bool
+) -> None:
+    """Muon (--optimizer muon, or a JSON's "Muon") on the layouts it is wired and tested for: ZeRO-0/1/2 data
+    parallelism, dense models. Elsewhere DeepSpeed's Muon fails late or is untested here (ZeRO-3: "Muon and reduce
+    scatter cannot be used together"): one line before any rank starts."""
+    if str(config.get("optimizer", {}).get("type", "")).lower() != "muon":
+        return
+    zero = config.get("zero_optimization", {})
+    offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+    unsupported = [
+        (zero.get("stage", 0) == 3, f"ZeRO-3 ({where})"),
+        (offload, f"optimizer offload ({where})"),
+        (pipeline > 1, f"--pipeline-parallel {pipeline}"),
+        (tensor > 1, f"--tensor-parallel {tensor}"),
+        (sequence > 1, f"--sequence-parallel {sequence}"),
+        (experts > 1 or moe, "a Mixture-of-Experts model (--model.moe_experts)"),
+    ]
+    for bad, what in unsupported:
+        if bad:
+            raise DSConfigError(
+                f"--optimizer muon with {what}: not supported yet (dsllm runs DeepSpeed's Muon on ZeRO-0/1/2 data "
+                "parallelism of a dense model); use a ZeRO-0/1/2 JSON without an optimizer section and data "
+                "parallelism alone, or --optimizer adamw"
+            )
+
+
+def _optimizer_family(config: dict) -> str:
+    kind = str(config.get("optimizer", {}).get("type", "")).lower()
+    return "adamw" if kind in ("", "adam", "adamw") else kind  # "": dsllm.engine's torch AdamW
+
+
+def check_resume_optimizer(config: dict, checkpoint: Path | None) -> None:
+    """A checkpoint resumes under the optimizer it was trained with, as its run's config.json records it: another
+    one's state does not load (DeepSpeed fails on it with a KeyError)."""
+    if checkpoint is None:
+        return
+    try:
+        recorded = json.loads((Path(checkpoint).parent.parent / "config.json").read_text())["deepspeed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no record to compare with: DeepSpeed's load says what it finds
+    saved, ours = _optimizer_family(recorded), _optimizer_family(config)
+    if saved != ours:
+        raise DSConfigError(
+            f"{checkpoint}: trained with --optimizer {saved}, this run has {ours}; resume with --optimizer {saved} "
+            "(and a JSON that agrees), or start from its weights with a fresh optimizer (--init)"
         )

@@ -232,6 +232,79 @@ def check_lr_groups(config, model, ds: dict, where: str) -> None:
         )
 
 
+def optimizer_type(ds: dict) -> str:
+    """The JSON's optimizer.type, lower case ('' when it has none: build_engine's torch AdamW)."""
+    return str(ds.get("optimizer", {}).get("type", "")).lower()
+
+
+def client_optimizer(ds: dict, groups: list[dict], device: torch.device, lr: float, betas: tuple[float, float]):
+    """The optimizer build_engine hands `deepspeed.initialize`, or None for the one DeepSpeed builds from the JSON.
+    No optimizer section: torch's AdamW. A Lion section on the CPU accelerator without offload: DeepSpeed's CPU
+    Lion (its C++ op), as DeepSpeed's engine builds FusedLion, which has no CPU kernel ("This op had not been
+    implemented on CPU backend"); the section leaves `ds` (the run's config.json still records it)."""
+    if "optimizer" not in ds:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if optimizer_type(ds) == "lion" and device.type == "cpu" and offload in ("none", None):
+        from deepspeed.ops.lion import DeepSpeedCPULion
+
+        params = dict(ds.pop("optimizer").get("params", {}))
+        if "betas" in params:
+            params["betas"] = tuple(params["betas"])
+        return DeepSpeedCPULion(groups, **params)
+    return None
+
+
+def muon_parameters(model: torch.nn.Module) -> set[int]:
+    """ids of the parameters Muon updates, by the usual rule: the matrices of the blocks (2-D or more: attention
+    and MLP projections, experts); not embeddings (token, position), the LM head (tied or not), norms or biases,
+    which AdamW updates."""
+    from deepspeed.module_inject.layers import VocabParallelEmbedding
+
+    embeddings = (torch.nn.Embedding, VocabParallelEmbedding)
+    excluded = {id(m.weight) for m in model.modules() if isinstance(m, embeddings)}
+    excluded |= {id(p) for name, p in model.named_parameters() if name.split(".")[-2:-1] == ["lm_head"]}
+    return {id(p) for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) >= 2 and id(p) not in excluded}
+
+
+def tag_muon(model: torch.nn.Module) -> None:
+    """Set `param.use_muon`, which DeepSpeed's Muon splits its groups by (`deepspeed.initialize` sets it again
+    from the names, "embed" and "lm_head" excluded: `check_muon_tags` then checks the two rules agree)."""
+    chosen = muon_parameters(model)
+    for param in model.parameters():
+        param.use_muon = id(param) in chosen
+
+
+def muon_halves(groups: list[dict], lr: float, muon_lr: float) -> list[dict]:
+    """Each group as its Muon half and its AdamW half (tagged parameters first). DeepSpeed's Muon makes the same
+    split but gives both halves a group's own "lr": here a group's lr is read as --lr x a scale, and its Muon half
+    gets --muon-lr x that scale (a group without "lr" leaves both to the JSON's lr and muon_lr)."""
+    halves = []
+    for index, group in enumerate(groups):
+        for use_muon in (True, False):
+            params = [p for p in group["params"] if bool(getattr(p, "use_muon", False)) is use_muon]
+            if not params:
+                continue
+            half = {
+                **group,
+                "params": params,
+                "name": f"{group.get('name', f'group{index}')}-{'muon' if use_muon else 'adamw'}",
+            }
+            if use_muon and "lr" in group:
+                half["lr"] = muon_lr * group["lr"] / lr
+            halves.append(half)
+    return halves
+
+
+def check_muon_tags(model: torch.nn.Module) -> None:
+    """DeepSpeed's tags (by parameter name) are the module rule's: a new module named otherwise would be updated
+    by the wrong half of Muon without a word. A bug, not a user error."""
+    chosen = muon_parameters(model)
+    wrong = [name for name, p in model.named_parameters() if bool(getattr(p, "use_muon", False)) != (id(p) in chosen)]
+    if wrong:
+        raise RuntimeError(f"DeepSpeed tagged use_muon unlike dsllm.engine.muon_parameters for {', '.join(wrong)}")
+
+
 def lr_factor(schedule: Schedule) -> Callable[[int], float]:
     """The schedule's factor of --lr per step, as the plain function LambdaLR takes: torch checkpoints a callable
     object's attributes with the scheduler and loads them back over the run's own, a function it leaves alone (a
@@ -384,19 +457,25 @@ def build_engine(
     lr_groups: dict | None = None,
 ) -> Engine:
     """DeepSpeed's engine around `model`. The optimizer and scheduler are the JSON's when it names them,
-    else torch's AdamW (decay on matrices only) and `schedule` (a factor of `lr` per step). `lr_groups`:
-    `param_groups`' embedding and head options (their lrs are scales of the optimizer's lr)."""
+    else torch's AdamW (decay on matrices only) and `schedule` (a factor of each group's lr per step). `lr_groups`:
+    `param_groups`' embedding and head options (their lrs are scales of the optimizer's lr). A Muon section
+    (--optimizer muon) gets its parameters tagged (`tag_muon`); a Lion section on CPU, DeepSpeed's CPU Lion
+    (`client_optimizer`)."""
     import deepspeed
 
     ds = spec.deepspeed_config(load_universal)
     base_lr = ds.get("optimizer", {}).get("params", {}).get("lr", lr)  # a JSON's own lr is the optimizer's
     groups = param_groups(model, weight_decay, base_lr, **(lr_groups or {}))
-    optimizer = lr_scheduler = None
-    if "optimizer" not in ds:
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device.type == "cuda")
+    ops.announce_builds(_main_only(spec.world), ops.ops_for_config(ds, cpu_accelerator=device.type == "cpu"))
+    optimizer = client_optimizer(ds, groups, device, lr, betas)
+    lr_scheduler = None
     if "scheduler" not in ds:
         lr_scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule)  # noqa: E731
-    ops.announce_builds(_main_only(spec.world), ops.ops_for_config(ds))
+    muon = optimizer_type(ds) == "muon"
+    if muon:
+        tag_muon(model)
+        params = ds["optimizer"].get("params", {})
+        groups = muon_halves(groups, params.get("lr", lr), params.get("muon_lr", params.get("lr", lr)))
     mpu = None
     if spec.tensor_parallel > 1 and spec.pipeline_stages > 1:
         # 3D: the pipeline's pipe x data x model grid holds the groups; AutoTP reads DeepSpeed's `groups`, which
@@ -418,6 +497,8 @@ def build_engine(
         )
     finally:
         ds_logger.setLevel(level)
+    if muon:
+        check_muon_tags(model)
     if spec.tensor_parallel > 1 and spec.pipeline_stages > 1:
         _fit_3d(engine, model.mpu())
     if compile:  # compiled in place: parameter names and checkpoints stay those of the eager model

@@ -49,8 +49,9 @@ INIT_OPS = ["deepspeed_shm_comm"]
 STALE_LOCK_SECONDS = 600
 
 
-def ops_for_config(ds_config: dict) -> list[str]:
-    """The ops `deepspeed.initialize` builds for this DeepSpeed JSON (as DeepSpeed picks its optimizer)."""
+def ops_for_config(ds_config: dict, cpu_accelerator: bool = False) -> list[str]:
+    """The ops `deepspeed.initialize` builds for this DeepSpeed JSON (as DeepSpeed picks its optimizer). On the CPU
+    accelerator a Lion section runs DeepSpeed's CPU Lion (`dsllm.engine`: FusedLion has no CPU kernel)."""
     optimizer = ds_config.get("optimizer")
     if not isinstance(optimizer, dict):
         return []  # a client optimizer (ours: torch AdamW) needs no op
@@ -63,6 +64,8 @@ def ops_for_config(ds_config: dict) -> list[str]:
         offload = "cpu"
     cpu_optimizer = offload in ("cpu", "nvme")
     needs = []
+    if kind == "lion" and cpu_accelerator:
+        cpu_optimizer = True
     if kind in ("adam", "adamw", "muon") and not params.get("torch_adam", False):
         needs.append("cpu_adam" if cpu_optimizer else "fused_adam")
     elif kind == "adagrad" and cpu_optimizer:
@@ -74,6 +77,13 @@ def ops_for_config(ds_config: dict) -> list[str]:
     if "nvme" in (offload, str((zero.get("offload_param") or {}).get("device", "none")).lower()):
         needs.append("async_io")
     return needs
+
+
+def option_ops() -> list[str]:
+    """The ops that pretraining's options add to any JSON's, on this accelerator: --optimizer lion's."""
+    from deepspeed.accelerator import get_accelerator
+
+    return ops_for_config({"optimizer": {"type": "Lion"}}, cpu_accelerator=get_accelerator()._name == "cpu")
 
 
 def use_venv_extensions_dir() -> Path | None:
@@ -382,14 +392,15 @@ def _config_needs(paths: list[str]) -> list[str]:
         if not isinstance(ds_config, dict):
             raise UserError(f"{path}: a DeepSpeed JSON is an object {{...}}, not {type(ds_config).__name__}")
         needs += ops_for_config(ds_config)
-    return list(dict.fromkeys(needs))
+    return list(dict.fromkeys(needs + (option_ops() if paths else [])))
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="python -m dsllm.ops",
         description="DeepSpeed's C++ ops that runs compile on first use: list them, or build them now.\n"
-        "The ops are those deepspeed.init_distributed builds plus those the given DeepSpeed JSONs' optimizers need.",
+        "The ops are those deepspeed.init_distributed builds plus those the given DeepSpeed JSONs' optimizers need\n"
+        "(and --optimizer lion's).",
     )
     parser.add_argument("action", choices=["status", "build"], help="status: say which are built; build: build them")
     parser.add_argument("ds_configs", nargs="*", metavar="DS_CONFIG", help="DeepSpeed JSON files whose runs to prepare")

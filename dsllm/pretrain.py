@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from dsllm.cli_args import add_config_arguments, add_launcher_argument, add_recipe_argument, parse_config
 from dsllm.ds_config import load_ds_config, resolve_ds_config
+from dsllm.ds_config_optimizer import check_optimizer_layout, check_resume_optimizer
 from dsllm.errors import ArgumentParser, UserError
 from dsllm.experts import check_experts
 from dsllm.model_config import ConfigError, ModelConfig, resolve_model_config
@@ -118,6 +119,10 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
     )
     experts = getattr(config, "expert_parallel", 1)
     check_experts(model, stages, tensor, experts, world.size // (stages * tensor), stage, config.ds_config)
+    moe = model.moe_experts > 0
+    check_optimizer_layout(
+        ds, config.ds_config, pipeline=stages, tensor=tensor, sequence=sequence, experts=experts, moe=moe
+    )
     if stages > 1 and stage >= 2:
         raise UserError(
             f"--pipeline-parallel {stages} with {config.ds_config} (ZeRO-{stage}): ZeRO-2 and 3 partition the "
@@ -219,6 +224,7 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
 
         check_branch(branch, config, spec, fingerprint)
     checkpointer = Checkpointer.for_run(config, spec, fingerprint)
+    check_resume_optimizer(spec.ds, checkpointer.resume_from)
     if branch is not None:
         from dsllm.cooldown import check_layout
 

@@ -18,6 +18,7 @@ from dsllm.schedule import resolve as resolve_schedule
 
 PIPELINE_PARTITIONS = ("blocks", "uniform", "parameters")  # dsllm.pipeline.PARTITIONS maps them for DeepSpeed
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+OPTIMIZERS = ("adamw", "muon", "lion")  # --optimizer; dsllm.ds_config fills the JSON's optimizer section for muon, lion
 DEFAULT_MODEL = "tiny"  # pretraining's --model when neither it nor --init is given
 
 
@@ -67,9 +68,9 @@ class RunConfig:
     embedding_weight_decay: float = 0.0
     """decoupled weight decay of the embeddings (0: none, as before)"""
     beta1: float = 0.9
-    """AdamW beta1"""
+    """AdamW beta1 (also Muon's AdamW half, and Lion's: Lion is usually run with 0.9 and 0.99)"""
     beta2: float = 0.95
-    """AdamW beta2"""
+    """AdamW beta2 (also Muon's AdamW half, and Lion's: Lion is usually run with 0.9 and 0.99)"""
     grad_clip: float = 1.0
     """global gradient-norm clipping (0: off)"""
     precision: str = "auto"
@@ -96,6 +97,15 @@ class RunConfig:
     """seconds from SIGINT/SIGTERM/SIGUSR1 to the checkpoint; past it, exit without one"""
     compile: bool = False
     """torch.compile the model inside the engine (inductor; costs time on the first step)"""
+    optimizer: str = "adamw"
+    """adamw; muon (DeepSpeed's Muon on the 2-D matrices of the blocks, AdamW with --lr on embeddings, head, norms
+    and biases; ZeRO-0/1/2; on ZeRO-1/2 pass --grad-clip 0: they clip Muon's orthogonalised update, not the gradient);
+    lion (DeepSpeed's Lion: wants a 3-10x smaller --lr and --beta2 0.99). Fills the DeepSpeed JSON's optimizer
+    section, so the JSON must have none (a JSON's own optimizer wins over adamw)"""
+    muon_lr: float = 0.02
+    """--optimizer muon: the learning rate of the Muon matrices (the schedule scales it as it scales --lr)"""
+    muon_momentum: float = 0.95
+    """--optimizer muon: Muon's momentum (Nesterov), in [0, 1)"""
 
     _AT_LEAST = {
         "max_steps": 1,
@@ -119,6 +129,7 @@ class RunConfig:
         "max_cpu_seconds": "the CPU-time budget in seconds",
         "embedding_lr_scale": "the embeddings' multiple of --lr",
         "head_lr_scale": "the LM head's multiple of --lr",
+        "muon_lr": "the Muon learning rate",
     }
 
     def __post_init__(self) -> None:
@@ -156,6 +167,10 @@ class RunConfig:
         for name in ("weight_decay", "grad_clip", "embedding_weight_decay"):
             if getattr(self, name) < 0:
                 raise UserError(f"{flag(name)} {getattr(self, name)}: must be 0 or more (0: off)")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"--optimizer {self.optimizer}: use {', '.join(OPTIMIZERS[:-1])} or {OPTIMIZERS[-1]}")
+        if not 0 <= self.muon_momentum < 1:
+            raise UserError(f"--muon-momentum {self.muon_momentum}: must be in [0, 1), e.g. 0.95")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision {self.precision}: use {', '.join(PRECISIONS[:-1])} or {PRECISIONS[-1]}")
         if self.warmup >= self.max_steps and self.max_steps > 1:

@@ -80,6 +80,23 @@ def pretrain_ds(name: str, bad_input: str, expect: tuple[str, ...], **changes) -
     )
 
 
+def no_optimizer_json(stage: int) -> Callable[[Path, Path], None]:
+    """ds_configs/zeroN.json without its optimizer section (what --optimizer muon or lion fills)."""
+
+    def write(path: Path, _data: Path) -> None:
+        config = json.loads((ROOT / "ds_configs" / f"zero{stage}.json").read_text())
+        del config["optimizer"]
+        path.write_text(json.dumps(config))
+
+    return write
+
+
+def pretrain_muon(name: str, bad_input: str, stage: int, expect: tuple[str, ...], *others: str) -> Case:
+    """--optimizer muon with a ZeRO-`stage` JSON that leaves the optimizer to it, and `others`."""
+    args = ("--ds_config", "{ds.json}", *GOOD_DATA, *SMALL_MODEL, "--seq-len", "32", "--optimizer", "muon", *others)
+    return Case(name, bad_input, PRETRAIN, args, expect, {"ds.json": no_optimizer_json(stage)})
+
+
 def pretrain_flag(flag: str, value: str, expect: tuple[str, ...], *others: str) -> Case:
     """`flag value` (with `others`, the flags it contradicts) on an otherwise good pretraining command."""
     return Case(
@@ -375,6 +392,20 @@ CASES = [
         ("--ds_config", "{ds.json}", *GOOD_DATA, *SMALL_MODEL, "--seq-len", "32", "--embedding-lr-scale", "10"),
         ("--embedding-lr-scale 10.0 with", "scheduler WarmupLR, which sets one lr for every parameter group"),
         {"ds.json": ds_json(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 10}})},
+    ),
+    pretrain_flag("--optimizer", "sgd", ("--optimizer sgd", "use adamw, muon or lion")),
+    pretrain_flag("--muon-momentum", "1", ("--muon-momentum 1.0", "[0, 1)")),
+    pretrain_flag(
+        "--optimizer", "muon", ("--optimizer muon", "names its own optimizer (AdamW)", 'remove its "optimizer" section')
+    ),
+    pretrain_muon("optimizer-muon-zero3", "`--optimizer muon` with ZeRO-3", 3, ("--optimizer muon with ZeRO-3",)),
+    pretrain_muon(
+        "optimizer-muon-moe",
+        "`--optimizer muon` with a Mixture-of-Experts model",
+        2,
+        ("--optimizer muon with a Mixture-of-Experts model", "--optimizer adamw"),
+        "--model.moe_experts",
+        "2",
     ),
     pretrain_flag("--seq-len-warmup", "300", ("--seq-len-warmup 300 is not below --max-steps 300",)),
     pretrain_flag("--seq-len-start", "16", ("--seq-len-start 16 without --seq-len-warmup", "pass --seq-len-warmup")),

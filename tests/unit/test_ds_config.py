@@ -105,3 +105,33 @@ def test_auto_buckets_follow_the_model_width():
     assert config["zero_optimization"]["reduce_bucket_size"] == 768 * 768  # d_model squared, as HF Trainer's "auto"
     with pytest.raises(DSConfigError, match="zero_optimization.reduce_bucket_size"):  # nothing to size it from
         resolve_ds_config(raw, RunValues(hidden_size=None), 2, "zero2.json", True, True)
+
+
+def test_optimizer_option_fills_the_section_a_json_leaves_out():
+    raw = {k: v for k, v in load("zero2.json").items() if k != "optimizer"}
+    muon = dataclasses.replace(RUN, optimizer="muon", muon_lr=0.03, muon_momentum=0.9, weight_decay=0.05)
+    config, *_ = resolve_ds_config(raw, muon, 2, "x.json", True, True)
+    assert config["optimizer"] == {
+        "type": "Muon",
+        "params": {
+            "lr": 6e-4,
+            "muon_lr": 0.03,
+            "momentum": 0.9,
+            "betas": [0.9, 0.95],
+            "eps": 1e-8,
+            "weight_decay": 0.05,
+        },
+    }
+    lion = dataclasses.replace(RUN, optimizer="lion", lr=1e-4, beta2=0.99)
+    config, *_ = resolve_ds_config(raw, lion, 2, "x.json", True, True)
+    assert config["optimizer"] == {"type": "Lion", "params": {"lr": 1e-4, "betas": [0.9, 0.99], "weight_decay": 0.1}}
+    config, *_ = resolve_ds_config(raw, RUN, 2, "x.json", True, True)
+    assert "optimizer" not in config  # adamw: build_engine's torch AdamW, as before
+    own = {**raw, "optimizer": {"type": "Muon", "params": {"lr": "auto", "muon_lr": "auto", "momentum": 0.8}}}
+    config, *_ = resolve_ds_config(own, muon, 2, "x.json", True, True)  # the JSON's Muon: its values win
+    assert config["optimizer"]["params"] == {"lr": 6e-4, "muon_lr": 0.03, "momentum": 0.8}
+    with pytest.raises(DSConfigError, match=r"--optimizer muon: zero2.json names its own optimizer \(AdamW\)"):
+        resolve_ds_config(load("zero2.json"), muon, 2, "zero2.json", True, True)
+    typo = {**raw, "optimizer": {"type": "Muon", "params": {"muon_lrr": 0.02}}}
+    with pytest.raises(DSConfigError, match=r"optimizer.params.muon_lrr: not a parameter of Muon .*did you mean"):
+        resolve_ds_config(typo, RUN, 2, "x.json", True, True)

@@ -153,6 +153,9 @@ def test_ops_for_other_optimizers():
     assert needs("adamw", "nvme") == ["cpu_adam", "async_io"]
     assert needs("AdamW", param="nvme") == ["fused_adam", "async_io"]
     assert needs("Lion") == ["fused_lion"] and needs("Lion", "cpu") == ["cpu_lion"]
+    lion = {"optimizer": {"type": "Lion"}}  # dsllm.engine hands DeepSpeed its CPU Lion on the CPU accelerator
+    assert ops.ops_for_config(lion, cpu_accelerator=True) == ["cpu_lion"] == ops.option_ops()
+    assert needs("Muon") == ["fused_adam"]  # Muon's AdamW half
     assert needs("Adagrad") == [] and needs("Adagrad", "cpu") == ["cpu_adagrad"]
     assert needs("Lamb") == ["fused_lamb"]
     assert needs("AdamW", "cpu", torch_adam=True) == []
@@ -231,6 +234,7 @@ def test_command_line(tmp_path):
     assert proc.stdout.splitlines() == [
         f"{SHM}: missing in {tmp_path / SHM}",
         f"cpu_adam: missing in {tmp_path / 'cpu_adam'}",
+        f"cpu_lion: missing in {tmp_path / 'cpu_lion'}",  # --optimizer lion's, on the CPU accelerator
     ]
     (tmp_path / "bad.json").write_text("[1, 2")
     proc = subprocess.run([*command, "build", str(tmp_path / "bad.json")], capture_output=True, text=True, env=env)
