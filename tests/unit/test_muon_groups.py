@@ -39,9 +39,9 @@ def test_a_group_lr_scales_both_halves():
     groups[0]["lr"] = 2e-3  # --lr 1e-3 x 2 on the matrices (their AdamW half: the LM head)
     halves = muon_halves(groups, lr=1e-3, muon_lr=0.02)
     assert [(h["name"], h.get("lr")) for h in halves] == [
-        ("group0-muon", pytest.approx(0.04)),
-        ("group0-adamw", 2e-3),
-        ("group1-adamw", None),  # no lr of its own: the JSON's lr
+        ("decay-muon", pytest.approx(0.04)),
+        ("decay-adamw", 2e-3),
+        ("no_decay-adamw", None),  # no lr of its own: the JSON's lr
     ]
     assert all(p.use_muon for p in halves[0]["params"]) and not any(p.use_muon for h in halves[1:] for p in h["params"])
     assert sum(len(h["params"]) for h in halves) == len(list(model.parameters()))
