@@ -101,6 +101,20 @@ def pretrain(data, out, *args, ranks=1, ds="zero2.json", expect=0, model=tuple(S
     return proc
 
 
+def script_result(script: str, *args, extra_env: dict | None = None):
+    """Run `script` (python -c, the tests' environment) with `args`: the JSON it printed after "RESULT "."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        cwd=ROOT,
+        env={**env(), **(extra_env or {})},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
 def same_curve(out, reference, first=1):
     """A layout run's loss and learning rate at every step are the reference's (LAYOUT_RUN), loss to 1e-5."""
     import pytest

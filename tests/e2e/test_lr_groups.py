@@ -5,12 +5,10 @@ LambdaLR, a JSON without optimizer and scheduler) and under the shipped JSON's (
 ZeRO-2)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from conftest import ROOT
-from runs import env
+from runs import script_result
 
 SCRIPT = r"""
 import json, sys
@@ -64,16 +62,7 @@ def lr_groups(dataset_dir, tmp_path_factory):
     del own["optimizer"], own["scheduler"]  # dsllm's schedule: torch AdamW and LambdaLR
     (tmp / "own_schedule.json").write_text(json.dumps(own))
     configs = [str(tmp / "own_schedule.json"), str(ROOT / "ds_configs" / "zero2.json")]
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(dataset_dir), str(tmp / "run"), *configs],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    results = script_result(SCRIPT, dataset_dir, tmp / "run", *configs)
     return list(results.values())
 
 

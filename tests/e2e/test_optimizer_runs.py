@@ -4,12 +4,10 @@ kill -9 on one rank and on two (ZeRO-2: each rank holds its partition of Muon's 
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 from conftest import ROOT
-from runs import SMALL_MODEL, command, env, pretrain, run_until_killed, train_records
+from runs import SMALL_MODEL, command, pretrain, run_until_killed, script_result, train_records
 
 SCRIPT = r"""
 import json, sys
@@ -58,16 +56,9 @@ def no_optimizer_json(tmp_path, stage: int, scheduler: bool = True):
 
 def test_muon_updates_the_block_matrices_on_the_schedule_and_trains(tmp_path, dataset_dir):
     ds = no_optimizer_json(tmp_path, 0, scheduler=False)  # ZeRO-0: the optimizer holds the parameters themselves
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(ds), str(dataset_dir), str(tmp_path / "run"), *SMALL_MODEL],
-        cwd=ROOT,
-        env={**env(), "TORCHDYNAMO_DISABLE": "1"},  # Muon's Newton-Schulz eager: its compile is ~9 s per process
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = script_result(  # Muon's Newton-Schulz eager: its compile is ~9 s per process
+        SCRIPT, ds, dataset_dir, tmp_path / "run", *SMALL_MODEL, extra_env={"TORCHDYNAMO_DISABLE": "1"}
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.split("RESULT ")[-1])
     assert result["type"] == "MuonWithAuxAdam"
     muon = sorted(n for g in result["groups"] if g["muon"] for n in g["names"])
     adam = sorted(n for g in result["groups"] if not g["muon"] for n in g["names"])

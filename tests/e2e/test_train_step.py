@@ -2,13 +2,9 @@
 sync of its own (no .item() / .tolist() / .cpu() per step) except on ZeRO-0 fp32, the one configuration where
 DeepSpeed has no non-finite check and the loop must read the loss flag before stepping."""
 
-import json
-import subprocess
-import sys
-
 import pytest
 from conftest import ROOT
-from runs import SMALL_MODEL, env
+from runs import SMALL_MODEL, script_result
 
 SCRIPT = r"""
 import json, sys
@@ -61,25 +57,7 @@ dist.destroy_process_group()
     [("zero2.json", "fp32", 0), ("zero0.json", "bf16", 0), ("zero3.json", "fp32", 0), ("zero0.json", "fp32", 3)],
 )
 def test_train_step_makes_no_host_sync_of_its_own(tmp_path, dataset_dir, ds, precision, expected_syncs):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            SCRIPT,
-            str(ROOT / "ds_configs" / ds),
-            str(dataset_dir),
-            str(tmp_path / "run"),
-            precision,
-            *SMALL_MODEL,
-        ],
-        cwd=ROOT,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result = script_result(SCRIPT, ROOT / "ds_configs" / ds, dataset_dir, tmp_path / "run", precision, *SMALL_MODEL)
     assert result["applied"] == [True, True, True] and all(0 < loss < 20 for loss in result["losses"])
     assert len(result["syncs"]) == expected_syncs, result["syncs"]
     # ZeRO-0 fp32: exactly one read per optimizer step (not per micro batch), the finite flag before engine.step()
