@@ -41,7 +41,7 @@ MALLOC_TUNING ?= glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_thresh
 # The main job: pretrain on the embedded default corpus (or pass PRETRAIN_ARGS="--data DIR ...").
 pretrain: $(OPS_STAMP)
 	GLIBC_TUNABLES="$${GLIBC_TUNABLES:-$(MALLOC_TUNING)}" \
-		$(VENV)/bin/deepspeed launch/pretrain.py --ds_config ds_configs/zero2.json $(PRETRAIN_ARGS)
+		$(VENV)/bin/deepspeed launch/pretrain.py --recipe launch/recipes/default.yaml $(PRETRAIN_ARGS)
 
 # Every test: tests/unit, tests/e2e and tests/multinode (about half an hour on 2 CPU cores)
 test: $(OPS_STAMP)

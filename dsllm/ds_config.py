@@ -191,11 +191,15 @@ _OPTIMIZER_SECTIONS = {
 
 
 def _fill_optimizer(config: dict, choice: str, where: str) -> None:
-    """--optimizer muon or lion: the JSON's optimizer section, which it must not name already (another type)."""
+    """--optimizer muon or lion: the JSON's optimizer section. A JSON without one, or with the shipped configs'
+    AdamW whose lr is "auto" (left to dsllm's options), gets the chosen one; a JSON that names another optimizer
+    with values of its own is refused (the user's file and the option disagree)."""
     if choice not in _OPTIMIZER_SECTIONS:
         return  # adamw: the JSON's own optimizer, else torch's AdamW (dsllm.engine.build_engine)
     section = config.get("optimizer")
-    if section is None:
+    left_to_dsllm = section is not None and str(section.get("type", "")).lower() in ("adam", "adamw")
+    left_to_dsllm = left_to_dsllm and section.get("params", {}).get("lr") == AUTO
+    if section is None or left_to_dsllm:
         config["optimizer"] = copy.deepcopy(_OPTIMIZER_SECTIONS[choice])
     elif str(section.get("type", "")).lower() != choice:
         raise DSConfigError(

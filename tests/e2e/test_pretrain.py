@@ -228,7 +228,7 @@ def test_make_pretrain_runs_the_main_job(tmp_path):
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "deepspeed launch/pretrain.py --ds_config ds_configs/zero2.json" in proc.stdout
+    assert "deepspeed launch/pretrain.py --recipe launch/recipes/default.yaml" in proc.stdout
     assert "final validation loss" in proc.stdout and "sample:" in proc.stdout
     config = json.loads((out / "config.json").read_text())
     assert config["data"]["dir"].endswith("/data") and "default-corpus" in config["data"]["dir"]

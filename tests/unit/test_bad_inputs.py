@@ -395,10 +395,21 @@ CASES = [
     ),
     pretrain_flag("--optimizer", "sgd", ("--optimizer sgd", "use adamw, muon or lion")),
     pretrain_flag("--muon-momentum", "1", ("--muon-momentum 1.0", "[0, 1)")),
-    pretrain_flag(
-        "--optimizer", "muon", ("--optimizer muon", "names its own optimizer (AdamW)", 'remove its "optimizer" section')
+    Case(
+        "optimizer-muon-json-adamw",
+        "`--optimizer muon` with a JSON whose AdamW has an lr of its own",
+        PRETRAIN,
+        ("--ds_config", "{ds.json}", *GOOD_DATA, *SMALL_MODEL, "--seq-len", "32", "--optimizer", "muon"),
+        ("--optimizer muon", "names its own optimizer (AdamW)", 'remove its "optimizer" section'),
+        {"ds.json": ds_json(optimizer={"type": "AdamW", "params": {"lr": 3e-4}})},
     ),
     pretrain_muon("optimizer-muon-zero3", "`--optimizer muon` with ZeRO-3", 3, ("--optimizer muon with ZeRO-3",)),
+    pretrain_muon(
+        "optimizer-muon-zero2-clip",
+        "`--optimizer muon` on ZeRO-2 with gradient clipping (the default 1.0)",
+        2,
+        ("--optimizer muon with ZeRO-2", "clip the norm of Muon's orthogonalised update", "pass --grad-clip 0"),
+    ),
     pretrain_muon(
         "optimizer-muon-moe",
         "`--optimizer muon` with a Mixture-of-Experts model",

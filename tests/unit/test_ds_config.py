@@ -111,6 +111,7 @@ def test_optimizer_option_fills_the_section_a_json_leaves_out():
     raw = {k: v for k, v in load("zero2.json").items() if k != "optimizer"}
     muon = dataclasses.replace(RUN, optimizer="muon", muon_lr=0.03, muon_momentum=0.9, weight_decay=0.05)
     config, *_ = resolve_ds_config(raw, muon, 2, "x.json", True, True)
+    config_muon = config["optimizer"]
     assert config["optimizer"] == {
         "type": "Muon",
         "params": {
@@ -130,8 +131,11 @@ def test_optimizer_option_fills_the_section_a_json_leaves_out():
     own = {**raw, "optimizer": {"type": "Muon", "params": {"lr": "auto", "muon_lr": "auto", "momentum": 0.8}}}
     config, *_ = resolve_ds_config(own, muon, 2, "x.json", True, True)  # the JSON's Muon: its values win
     assert config["optimizer"]["params"] == {"lr": 6e-4, "muon_lr": 0.03, "momentum": 0.8}
+    shipped, *_ = resolve_ds_config(load("zero2.json"), muon, 2, "zero2.json", True, True)  # AdamW, lr "auto"
+    assert shipped["optimizer"] == config_muon  # left to dsllm's options: --optimizer replaces it
+    fixed = {**raw, "optimizer": {"type": "AdamW", "params": {"lr": 3e-4}}}  # values of its own: the file decides
     with pytest.raises(DSConfigError, match=r"--optimizer muon: zero2.json names its own optimizer \(AdamW\)"):
-        resolve_ds_config(load("zero2.json"), muon, 2, "zero2.json", True, True)
+        resolve_ds_config(fixed, muon, 2, "zero2.json", True, True)
     typo = {**raw, "optimizer": {"type": "Muon", "params": {"muon_lrr": 0.02}}}
     with pytest.raises(DSConfigError, match=r"optimizer.params.muon_lrr: not a parameter of Muon .*did you mean"):
         resolve_ds_config(typo, RUN, 2, "x.json", True, True)
