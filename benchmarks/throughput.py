@@ -14,7 +14,7 @@ swept over model preset x sequence length x micro batch x activation checkpointi
 Every point (model, seq len, micro batch, checkpointing, ranks) runs the plain loop and each ZeRO variant on the
 same model, data, batch and precision; ppN, tpN, spN and epN are pipeline, tensor-, sequence- (Ulysses) and
 expert-parallel layouts on ZeRO-1 (the last three report their time in collectives, by DeepSpeed's comms logger).
-plain: torch AdamW over dsllm.engine.param_groups, the engine's cosine LR, clipping 1.0, fp32 or bf16 autocast.
+plain: torch AdamW over dsllm.optimizer.param_groups, the engine's cosine LR, clipping 1.0, fp32 or bf16 autocast.
 zeroN: preflight() -> init_distributed() -> build_engine() on ds_configs/zeroN.json, then Engine.train_batch, the
 training loop's own step. Each variant runs in a fresh process (`--_worker`); with N ranks the plain loop stays ONE
 process (all cores, or one GPU) with micro batch x N: the same global batch. Writes

@@ -1,6 +1,6 @@
 """The measuring side of benchmarks/throughput.py: one variant, in a process of its own (`--_worker VARIANT`).
 
-plain: one process, torch AdamW over `dsllm.engine.param_groups` with `engine_options` (the engine's own learning
+plain: one process, torch AdamW over `dsllm.optimizer.param_groups` with `engine_options` (the engine's own learning
 rate, betas, weight decay and cosine schedule), clipping, fp32 or bf16 autocast, `window_loss`. zeroN:
 `preflight` -> `init_distributed` -> `build_engine` on ds_configs/zeroN.json, then `Engine.train_batch`, the step
 the training loop takes. Both time their steps the same way and measure model-state memory at its peak. Rank 0
@@ -127,8 +127,9 @@ def plain_loop(plan: Pretraining, device: torch.device) -> Loop:
     """The plain PyTorch loop, one process."""
     import torch
 
-    from dsllm.engine import engine_options, param_groups, window_loss
+    from dsllm.engine import engine_options, window_loss
     from dsllm.model import GPT
+    from dsllm.optimizer import param_groups
     from dsllm.pretrain import make_loader
 
     config, spec = plan.config, plan.spec

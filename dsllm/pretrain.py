@@ -102,7 +102,7 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
         hidden_size=model.d_model,
     )
     check_tensor_parallel(model, world.size, tensor, stages, config.compile, stage)
-    from dsllm.engine import check_lr_groups
+    from dsllm.optimizer import check_lr_groups
 
     check_lr_groups(config, model, ds, config.ds_config)
     check_sequence_parallel(

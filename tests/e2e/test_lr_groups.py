@@ -14,7 +14,8 @@ SCRIPT = r"""
 import json, sys
 import torch
 
-from dsllm.engine import build_engine, engine_options, init_distributed, lr_factor, param_groups, window_loss
+from dsllm.engine import build_engine, engine_options, init_distributed, lr_factor, window_loss
+from dsllm.optimizer import param_groups
 from dsllm.model import GPT
 from dsllm.pretrain import make_loader, preflight
 from dsllm.train_config import TrainConfig

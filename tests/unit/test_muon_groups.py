@@ -1,12 +1,12 @@
-"""Which parameters Muon updates (`dsllm.engine.muon_parameters`, and DeepSpeed's own tags agreeing with it) and how
+"""Which parameters Muon updates (`dsllm.optimizer.muon_parameters`, and DeepSpeed's own tags agreeing with it) and how
 a parameter group with its own learning rate splits into Muon's and AdamW's halves."""
 
 import pytest
 import torch
 
-from dsllm.engine import check_muon_tags, muon_halves, muon_parameters, param_groups, tag_muon
 from dsllm.model import GPT
 from dsllm.model_config import ModelConfig
+from dsllm.optimizer import check_muon_tags, muon_halves, muon_parameters, param_groups, tag_muon
 
 SHAPE = dict(vocab_size=320, max_seq_len=64, n_layers=2, d_model=32, n_heads=2, mlp_multiple_of=32)
 BLOCK_MATRICES = {f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}

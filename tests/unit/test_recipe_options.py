@@ -164,7 +164,7 @@ def test_param_groups_split_the_embeddings_and_head_only_when_asked():
     keep their group's lr and decay."""
     import torch.nn as nn
 
-    from dsllm.engine import param_groups
+    from dsllm.optimizer import param_groups
     from dsllm.pipeline import layers_of
 
     config = ModelConfig(**SMALL, tie_embeddings=False)
