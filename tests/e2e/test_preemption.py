@@ -143,7 +143,9 @@ def test_sigterm_saves_the_current_step_leaves_no_process_and_resumes_exactly(
 
 @pytest.mark.multirank
 @pytest.mark.slow
-@pytest.mark.parametrize("ds", ["zero0.json", "zero2.json"])
+# ZeRO-2 (its bucketed reductions); the watchdog is the process group's timeout, the same on every stage (a ZeRO-0 case
+# cost 25 s of the suite's 40 minutes for no other path)
+@pytest.mark.parametrize("ds", ["zero2.json"])
 def test_a_stopped_rank_ends_the_job_within_the_collective_timeout(ds, dataset_dir, tmp_path):
     timeout = 15
     out = tmp_path / "run"

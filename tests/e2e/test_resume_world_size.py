@@ -67,8 +67,9 @@ def test_zero2_to_zero3_is_refused_with_what_to_do(dataset_dir, tmp_path):
 @pytest.mark.parametrize(
     "ranks, ds",
     [
-        pytest.param(2, "zero2.json", marks=pytest.mark.multirank),
-        pytest.param(2, "zero3.json", marks=pytest.mark.multirank),
+        pytest.param(
+            2, "zero3.json", marks=pytest.mark.multirank
+        ),  # (2 ranks of ZeRO-2: its weights are whole in each)
         (1, "zero0.json"),
     ],
 )
