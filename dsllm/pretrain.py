@@ -142,7 +142,7 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
         )
     model.check_seq_len(seq_len)
     seq_len_warmup(warmup, getattr(config, "seq_len_start", None), seq_len)  # refuses a start not --seq-len halved
-    if "scheduler" in ds and (config.schedule != "cosine" or getattr(config, "decay_from", None)):
+    if "scheduler" in ds and _named_schedule(config):
         del ds["scheduler"]  # --schedule wsd / FILE / --decay-from name dsllm's phases: they replace the JSON's
     partition = getattr(config, "pipeline_partition", "blocks")
     if tensor > 1:
@@ -550,8 +550,9 @@ def run(plan: Pretraining) -> dict:
 
 
 def _named_schedule(config: TrainConfig) -> bool:
-    """Whether the run's lr follows phases the user named (wsd, a file, a cooldown), worth a line at the start."""
-    return config.schedule != "cosine" or config.decay_from is not None
+    """Whether the run's lr follows phases the user named (wsd, a file, a cooldown): they replace the JSON's
+    scheduler, and are worth a line at the start."""
+    return config.schedule != "cosine" or getattr(config, "decay_from", None) is not None
 
 
 def _say(world: World, message: str) -> None:
