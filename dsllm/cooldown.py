@@ -1,4 +1,5 @@
-"""A cooldown branched off a stable run (`--decay-from CHECKPOINT`): the standard use of warmup-stable-decay.
+"""Cooldowns decided outside the options' phases: branched off a stable run (`--decay-from CHECKPOINT`), the standard
+use of warmup-stable-decay, or started by the compute budget (`--decay-in-budget`, `BudgetDecay` below).
 
 One `--schedule wsd` run trains at its stable lr; at any of its checkpoints a new run (`--out`) continues it, as
 `--resume CHECKPOINT` would (weights, optimizer, data position, RNG), with the source run's schedule up to that step
@@ -6,12 +7,17 @@ and then a decay of `--decay-steps` (default: `--decay-fraction` of the branch's
 So one stable run gives a finished model at several points. The source's folder is only read: its config.json (the
 schedule and what the branch must share: batch, window, lr, data) and the checkpoint. The branch records its own
 phases in its config.json; killed, it resumes its own checkpoints (`--resume auto`) with the same phases.
+
+A budget's cooldown (`--schedule wsd --decay-in-budget` with `--max-cpu-seconds` or `--max-time`) starts when the
+budget's last --decay-fraction begins, whatever the steps per second of this model on this hardware and data, and
+ends inside it; the decision is recorded in config.json like a branch's phases, so a resume follows it exactly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -129,3 +135,128 @@ def _read_json(path: Path, what: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{what} {path.name} is not a JSON object; pass a run made by dsllm")
     return data
+
+
+# -- a cooldown that ends inside a compute budget (--decay-in-budget) -------------------------------------------------
+BUDGET_MARGIN = 0.03  # the share of the remaining budget the decay leaves unplanned: evaluations and step-time noise
+
+
+@dataclasses.dataclass
+class Budget:
+    """One budget of the process: its name (the flag, for messages), its size, and how much of it is used now."""
+
+    name: str
+    size: float
+    used: Callable[[], float]
+
+
+class BudgetDecay:
+    """`--schedule wsd --decay-in-budget`: the decay starts when this process has used 1 - --decay-fraction of its
+    budget (--max-cpu-seconds, --max-time), over as many steps as the rest of the budget holds at the step rate
+    measured so far, unless the steps' own decay (--max-steps) comes first. Every rank computes its own estimate after
+    every stable step; one all-reduce takes the decision of the rank furthest into its budget and the fewest steps.
+    The decision is recorded in config.json ("schedule": its phases and "decided"), so a resumed run follows the
+    same phases to the same last step, as a --decay-from branch follows its own. It is the lr factor LambdaLR reads
+    (`factor`): the phases change under the engine at the decision, not the steps before it."""
+
+    def __init__(self, config: TrainConfig, schedule: Schedule, decided: dict | None, out: Path, is_main: bool):
+        self.config, self.schedule, self.decided, self.out, self.is_main = config, schedule, decided, out, is_main
+        self.budgets = budgets_of(config)
+        self.start_step, self.start_used = None, None
+
+    @property
+    def max_steps(self) -> int:
+        return self.schedule.steps
+
+    def factor(self, step: int) -> float:
+        return self.schedule.factor(step)
+
+    def record(self) -> dict:
+        """config.json's "schedule": the phases in force, and the decision once taken."""
+        return {"phases": self.schedule.to_list(), **({"decided": self.decided} if self.decided else {})}
+
+    def pending(self, step: int) -> bool:
+        """Whether the decay may still start at `step` (the next step to train): undecided, the step before it in
+        a stable phase, and the steps' own decay not begun."""
+        if self.decided is not None or step < 1:
+            return False
+        return self.schedule.phase_at(step - 1).shape == "constant" and step < self.schedule.phases[-1].start
+
+    def after_step(self, step: int, group=None) -> int | None:
+        """Called by every rank after every step: the run's new last step when the decay starts now, else None."""
+        import torch
+        import torch.distributed as dist
+
+        now = [budget.used() for budget in self.budgets]
+        if self.start_step is None:  # the rate counts from after the first step (JIT builds, warm caches)
+            self.start_step, self.start_used = step, now
+        if not self.pending(step):
+            return None
+        fraction = max(used / budget.size for used, budget in zip(now, self.budgets))
+        steps_left = min(
+            self._steps_left(step, used, start, budget)
+            for used, start, budget in zip(now, self.start_used, self.budgets)
+        )
+        want = fraction >= 1 - self.config.decay_fraction and step - self.start_step >= 1
+        flag = torch.tensor([int(want), -steps_left], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+        want, steps_left = bool(flag[0]), max(1, -int(flag[1]))
+        if not want or step + steps_left >= self.schedule.steps:  # the budget holds the steps' own decay
+            return None
+        config = self.config
+        self.schedule = self.schedule.cut_for_decay(
+            step, steps_left, config.decay_shape, config.min_lr_ratio, "--decay-in-budget"
+        )
+        budget = max(zip(now, self.budgets), key=lambda pair: pair[0] / pair[1].size)
+        self.decided = {
+            "step": step,
+            "steps": steps_left,
+            "budget": f"{budget[1].name} {budget[1].size:g}",
+            "used": round(budget[0], 3),
+        }
+        if self.is_main:
+            from dsllm.checkpoint.store import write_json_atomic
+
+            path = self.out / "config.json"
+            record = json.loads(path.read_text())
+            record["schedule"] = self.record()
+            write_json_atomic(path, record)
+            print(
+                f"step {step}: {budget[0]:.1f} of {self.decided['budget']} used: the decay ({config.decay_shape} to "
+                f"{config.min_lr_ratio:g} x lr) starts now, over {steps_left} steps to step {self.max_steps}",
+                flush=True,
+            )
+        return self.max_steps
+
+    def _steps_left(self, step: int, used: float, start: float, budget: Budget) -> int:
+        """The steps the rest of `budget` holds at the rate since this process's first step, less a margin."""
+        per_step = (used - start) / max(1, step - self.start_step)
+        left = (budget.size - used) * (1 - BUDGET_MARGIN)
+        return max(1, int(left / per_step)) if per_step > 0 else self.schedule.steps
+
+
+def budgets_of(config: TrainConfig) -> list[Budget]:
+    """The process's budgets: --max-cpu-seconds (time.process_time) and --max-time (seconds since it started)."""
+    import time
+
+    from dsllm.run_control import PROCESS_START
+
+    budgets = []
+    if config.max_cpu_seconds is not None:
+        budgets.append(Budget("--max-cpu-seconds", config.max_cpu_seconds, time.process_time))
+    if config.max_time is not None:
+        budgets.append(Budget("--max-time", config.max_seconds, lambda: time.monotonic() - PROCESS_START))
+    return budgets
+
+
+def budget_decay(config: TrainConfig, schedule: Schedule, resume_from: Path | None, is_main: bool) -> BudgetDecay:
+    """The run's BudgetDecay: on a resume of its own checkpoints, the decision its config.json recorded (its phases
+    to its last step); else the options' wsd, undecided."""
+    out = Path(config.out)
+    decided = None
+    if resume_from is not None and (out / "config.json").is_file():
+        recorded = _read_json(out / "config.json", f"--out {out}: the run's").get("schedule") or {}
+        if isinstance(recorded, dict) and recorded.get("decided"):
+            schedule = recorded_phases(recorded, f"{out / 'config.json'} schedule")
+            decided = recorded["decided"]
+    return BudgetDecay(config, schedule, decided, out, is_main)

@@ -51,6 +51,14 @@ class Validator(Protocol):
         ...
 
 
+class LastStepControl(Protocol):
+    """What may move a run's last step while it trains (dsllm.cooldown.BudgetDecay: the budget's decay starts)."""
+
+    def after_step(self, step: int, group) -> int | None:
+        """Called by every rank after every step: the new last step, or None."""
+        ...
+
+
 @dataclasses.dataclass
 class LoopSettings:
     max_steps: int
@@ -209,9 +217,11 @@ def train_loop(
     checkpointer: Checkpointer,
     step_log: StepLog,
     rank: int,
+    budget_decay: LastStepControl | None = None,
 ) -> tuple[int, dict | None]:
     """Train from `start_step` to `settings.max_steps`; returns (the last step, the last evaluation or None).
-    Raises TrainingAborted on divergence, RunStopped after a checkpoint on a stop signal or the time budget."""
+    Raises TrainingAborted on divergence, RunStopped after a checkpoint on a stop signal or the time budget.
+    `budget_decay` (--decay-in-budget) may move the last step earlier, once, when the budget's decay starts."""
     import torch.distributed as dist
 
     local_peer_pids(rank)
@@ -245,6 +255,8 @@ def train_loop(
         while step < settings.max_steps:
             loss, applied = engine.train_batch(batches)
             step += 1
+            if budget_decay is not None and (end := budget_decay.after_step(step, group)) is not None:
+                settings.max_steps = step_log.max_steps = end
             last = step == settings.max_steps
             watchdog.arm()  # from the first finished step on: before it, JIT builds and compilation may take long
             step_log.add(loss, applied)

@@ -45,6 +45,7 @@ VOCAB_MULTIPLE = 64  # embedding rows padded so matmuls tile well; the extra ids
 
 if TYPE_CHECKING:  # (imported where used: `dsllm pretrain --help` loads no torch)
     from dsllm.checkpoint.checkpointer import Checkpointer
+    from dsllm.cooldown import BudgetDecay
     from dsllm.data.format import TokenFile
     from dsllm.data.mixture import Mixture
     from dsllm.schedule import Schedule
@@ -65,6 +66,12 @@ class Pretraining:
     init_weights: dict | None = None  # --init's weights on the CPU, for a fresh start (dsllm.continued)
     mixture: Mixture | None = None
     schedule: Schedule | None = None  # the lr phases (--schedule's, or a --decay-from branch's); None: the JSON's
+    budget: BudgetDecay | None = None  # --decay-in-budget: the phases in force, changed when the decay starts
+
+    @property
+    def max_steps(self) -> int:
+        """The run's last step: --max-steps, or its budget's decay's end once decided."""
+        return self.budget.max_steps if self.budget is not None else self.config.max_steps
 
 
 def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec:
@@ -229,9 +236,14 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
         from dsllm.cooldown import check_layout
 
         check_layout(checkpointer, config)
-    schedule = None
+    schedule, budget = None, None
     if "scheduler" not in spec.ds:
         schedule = branch.schedule if branch is not None else config.lr_schedule()
+        if config.decay_in_budget:  # resumed after its decision: the phases config.json recorded
+            from dsllm.cooldown import budget_decay
+
+            budget = budget_decay(config, schedule, checkpointer.resume_from, world.is_main)
+            schedule = budget.schedule
         marker = Marker.read(checkpointer.resume_from) if checkpointer.resume_from is not None else None
         note = None if marker is None else schedule.change_note(Path(config.out) / "config.json", marker.step)
         if note and world.is_main:
@@ -244,7 +256,7 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
     if mixture is not None and world.is_main:
         for note in mixture.spec.notes:  # weights scaled to sum to 1: said once, before the run starts
             print(note, flush=True)
-    return Pretraining(config, spec, data_dir, train, val, checkpointer, weights, mixture, schedule)
+    return Pretraining(config, spec, data_dir, train, val, checkpointer, weights, mixture, schedule, budget)
 
 
 def write_run_files(plan: Pretraining) -> Path:
@@ -293,7 +305,11 @@ def write_run_files(plan: Pretraining) -> Path:
         },
         "deepspeed": spec.ds,
         # the lr's phases (dsllm.schedule): a branch off this run, and the report, read them back
-        "schedule": None if plan.schedule is None else {"phases": plan.schedule.to_list()},
+        "schedule": None
+        if plan.schedule is None
+        else plan.budget.record()
+        if plan.budget is not None
+        else {"phases": plan.schedule.to_list()},
         "versions": {
             "dsllm": __version__,
             "torch": torch.__version__,
@@ -486,7 +502,7 @@ def run(plan: Pretraining) -> dict:
     warmup = seq_len_warmup(config.seq_len_warmup, config.seq_len_start, spec.seq_len)
     if warmup is not None:  # (validation scores full windows)
         loss_of = warmup.loss(loss_of)
-    options = engine_options(config, plan.schedule)
+    options = engine_options(config, plan.budget or plan.schedule)  # (a BudgetDecay's factor follows its decision)
     engine = build_engine(spec, model, device, loss_of, **options, load_universal=checkpointer.universal)
     loader = make_loader(plan, device)
     step, counters = 0, {"nonfinite_in_a_row": 0, "skipped_steps": 0}
@@ -515,18 +531,23 @@ def run(plan: Pretraining) -> dict:
         f"{spec.precision}, global batch {spec.batch.global_size} x {spec.seq_len} tokens, "
         + (f"windows from {warmup.start} tokens over {warmup.steps} steps, " if warmup is not None else "")
         + (f"lr {plan.schedule.describe()}, " if plan.schedule is not None and _named_schedule(config) else "")
-        + f"{config.max_steps} steps -> {config.out}",
+        + f"{plan.max_steps} steps"
+        + (_budget_words(plan.budget) if plan.budget is not None else "")
+        + f" -> {config.out}",
     )
+    settings, step_log = loop_settings(config), step_log_for(config, spec, log, device, step, warmup)
+    settings.max_steps = step_log.max_steps = plan.max_steps
     step, result = train_loop(
         engine,
         loader,
-        settings=loop_settings(config),
+        settings=settings,
         start_step=step,
         counters=counters,
         validator=validator,
         checkpointer=checkpointer,
-        step_log=step_log_for(config, spec, log, device, step, warmup),
+        step_log=step_log,
         rank=world.rank,
+        budget_decay=plan.budget,
     )
     if result is None:  # resumed at max_steps: nothing to train, still report
         engine.ds.eval()
@@ -547,6 +568,13 @@ def run(plan: Pretraining) -> dict:
     if lock is not None:
         lock.release()
     return {"step": step, **result}
+
+
+def _budget_words(budget: BudgetDecay) -> str:
+    if budget.decided is not None:
+        return f" (the decay decided at step {budget.decided['step']} by {budget.decided['budget']})"
+    names = " / ".join(f"{b.name} {b.size:g}" for b in budget.budgets)
+    return f" at most (the decay starts at the last {budget.config.decay_fraction:g} of {names})"
 
 
 def _named_schedule(config: TrainConfig) -> bool:

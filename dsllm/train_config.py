@@ -263,6 +263,10 @@ class TrainConfig(RunConfig):
     """a checkpoint (checkpoints/stepNNNNNNNN) of a wsd run's stable phase: a new run (--out) continues it (weights,
     optimizer, data position) with its schedule's decay starting there, over --decay-steps (default: --decay-fraction
     of the whole); --max-steps becomes the decay's end; the checkpoint's run folder is only read"""
+    decay_in_budget: bool = False
+    """--schedule wsd with a budget (--max-cpu-seconds, --max-time): the decay starts when the budget's last
+    --decay-fraction begins, over the steps the rest of it holds at the measured rate, so the run ends cooled down
+    inside it (or at --max-steps, whichever comes first); recorded in config.json, a resume follows it"""
 
     _AT_LEAST = {
         **RunConfig._AT_LEAST,
@@ -286,10 +290,29 @@ class TrainConfig(RunConfig):
             raise UserError(
                 f"--seq-len-warmup {self.seq_len_warmup} is not below --max-steps {self.max_steps}; shorten the warmup"
             )
+        if self.decay_in_budget:
+            self._check_decay_in_budget()
         if self.seq_len_start is not None and not self.seq_len_warmup:
             raise UserError(
                 f"--seq-len-start {self.seq_len_start} without --seq-len-warmup: there is no warmup to start; pass "
                 "--seq-len-warmup STEPS or drop --seq-len-start"
+            )
+
+    def _check_decay_in_budget(self) -> None:
+        if self.schedule != "wsd":
+            raise UserError(
+                f"--decay-in-budget with --schedule {self.schedule}: only wsd has a decay to start on the budget; "
+                "pass --schedule wsd"
+            )
+        if self.max_cpu_seconds is None and self.max_time is None:
+            raise UserError(
+                "--decay-in-budget without a budget: pass --max-cpu-seconds or --max-time (the decay takes its last "
+                "--decay-fraction)"
+            )
+        if self.decay_from is not None:
+            raise UserError(
+                f"--decay-in-budget with --decay-from {self.decay_from}: the branch is the cooldown, over "
+                "--decay-steps; drop one"
             )
 
 

@@ -442,6 +442,28 @@ CASES = [
         "--decay-fraction",
         "0.99",
     ),
+    Case(
+        "pretrain--decay-in-budget-no-budget",
+        "`--decay-in-budget` without `--max-cpu-seconds` or `--max-time`",
+        PRETRAIN,
+        (*ZERO2, *GOOD_DATA, *SMALL_MODEL, "--schedule", "wsd", "--decay-in-budget"),
+        ("--decay-in-budget without a budget", "pass --max-cpu-seconds or --max-time"),
+    ),
+    Case(
+        "pretrain--decay-in-budget-cosine",
+        "`--decay-in-budget` with the cosine schedule",
+        PRETRAIN,
+        (*ZERO2, *GOOD_DATA, *SMALL_MODEL, "--max-time", "1h", "--decay-in-budget"),
+        ("--decay-in-budget with --schedule cosine: only wsd has a decay", "pass --schedule wsd"),
+    ),
+    Case(
+        "pretrain--decay-in-budget-decay-from",
+        "`--decay-in-budget` on a `--decay-from` branch",
+        PRETRAIN,
+        (*ZERO2, *GOOD_DATA, *SMALL_MODEL, "--schedule", "wsd", "--max-time", "1h", "--decay-in-budget")
+        + ("--decay-from", "{tmp}/stable/checkpoints/step00000100"),
+        ("--decay-in-budget with --decay-from", "the branch is the cooldown, over --decay-steps; drop one"),
+    ),
     pretrain_schedule(
         "schedule-unknown-shape",
         "a phases file with an unknown shape",
