@@ -217,11 +217,11 @@ def train_loop(
     checkpointer: Checkpointer,
     step_log: StepLog,
     rank: int,
-    budget_decay: LastStepControl | None = None,
+    ending: LastStepControl | None = None,
 ) -> tuple[int, dict | None]:
     """Train from `start_step` to `settings.max_steps`; returns (the last step, the last evaluation or None).
     Raises TrainingAborted on divergence, RunStopped after a checkpoint on a stop signal or the time budget.
-    `budget_decay` (--decay-in-budget) may move the last step earlier, once, when the budget's decay starts."""
+    `ending` (a BudgetDecay, --decay-in-budget) may move the last step earlier, once: when its decay starts."""
     import torch.distributed as dist
 
     local_peer_pids(rank)
@@ -255,7 +255,7 @@ def train_loop(
         while step < settings.max_steps:
             loss, applied = engine.train_batch(batches)
             step += 1
-            if budget_decay is not None and (end := budget_decay.after_step(step, group)) is not None:
+            if ending is not None and (end := ending.after_step(step, group)) is not None:
                 settings.max_steps = step_log.max_steps = end
             last = step == settings.max_steps
             watchdog.arm()  # from the first finished step on: before it, JIT builds and compilation may take long

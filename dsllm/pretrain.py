@@ -547,7 +547,7 @@ def run(plan: Pretraining) -> dict:
         checkpointer=checkpointer,
         step_log=step_log,
         rank=world.rank,
-        budget_decay=plan.budget,
+        ending=plan.budget,
     )
     if result is None:  # resumed at max_steps: nothing to train, still report
         engine.ds.eval()
