@@ -138,7 +138,7 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 # -- a cooldown that ends inside a compute budget (--decay-in-budget) -------------------------------------------------
-BUDGET_MARGIN = 0.03  # the share of the remaining budget the decay leaves unplanned: evaluations and step-time noise
+BUDGET_MARGIN = 0.1  # the share of the remaining budget the decay leaves unplanned: step-time noise, the last save
 
 
 @dataclasses.dataclass

@@ -56,8 +56,11 @@ def read_model_config(config_path: Path) -> ModelConfig:
 
 def resolve_model_source(path: str | os.PathLike) -> tuple[Path, Path | None, Path]:
     """(config.json, training checkpoint or None for model.safetensors, run or model folder) for a model
-    folder, a run folder (its final weights, else its newest complete checkpoint), or a checkpoint folder."""
+    folder, a run folder (its final weights, else its newest complete checkpoint), or a checkpoint folder; a
+    folder's model.safetensors itself stands for its folder (what `dsllm evaluate` reports it scored)."""
     path = Path(path)
+    if path.name == WEIGHTS_FILE and path.is_file():
+        path = path.parent
     if (path / COMPLETE_MARKER).is_file():
         return path.parent.parent / CONFIG_FILE, path, path.parent.parent
     if (path / WEIGHTS_FILE).is_file():
@@ -73,10 +76,10 @@ def resolve_model_source(path: str | os.PathLike) -> tuple[Path, Path | None, Pa
 
 def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPT:
     """Load a model (see `resolve_model_source`); weights that do not fit the config are a UserError."""
-    config_path, checkpoint, _ = resolve_model_source(path)
+    config_path, checkpoint, home = resolve_model_source(path)
     config = read_model_config(config_path)
     model = GPT(config)
-    source = Path(path) / WEIGHTS_FILE if checkpoint is None else checkpoint
+    source = home / WEIGHTS_FILE if checkpoint is None else checkpoint
     try:
         if checkpoint is None:
             missing, unexpected = load_model(model, str(source), strict=False, device="cpu")
