@@ -48,7 +48,9 @@ class BatchWarmup:
         return sum(self.global_batch(s) for s in range(ramp)) + (steps - ramp) * self.per_micro * self.full
 
 
-def batch_warmup(steps: int, start: int | None, batch: Batch, pipeline_stages: int = 1) -> BatchWarmup | None:
+def batch_warmup(
+    steps: int, start: int | None, batch: Batch, pipeline_stages: int = 1, sequence_parallel: int = 1
+) -> BatchWarmup | None:
     """The ramp of --batch-size-warmup and --batch-size-start for a run of `batch` (None: off). The default start is
     one micro batch per data-parallel rank. Refuses what cannot ramp in one line."""
     if not steps:
@@ -58,6 +60,11 @@ def batch_warmup(steps: int, start: int | None, batch: Batch, pipeline_stages: i
         raise UserError(
             f"--batch-size-warmup with --pipeline-parallel {pipeline_stages}: not supported yet (DeepSpeed's pipeline "
             "engine fixes its micro batches per step when it is built); drop one of them"
+        )
+    if sequence_parallel > 1:
+        raise UserError(
+            f"--batch-size-warmup with --sequence-parallel {sequence_parallel}: not supported yet (DeepSpeed's "
+            "engine has no data-parallel size to change the batch by under Ulysses); drop one of them"
         )
     if batch.accumulation == 1:
         raise UserError(

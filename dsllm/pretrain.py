@@ -150,7 +150,8 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
         )
     model.check_seq_len(seq_len)
     seq_len_warmup(warmup, getattr(config, "seq_len_start", None), seq_len)  # refuses a start not --seq-len halved
-    batch_warmup(getattr(config, "batch_size_warmup", 0), getattr(config, "batch_size_start", None), batch, stages)
+    ramp = getattr(config, "batch_size_warmup", 0), getattr(config, "batch_size_start", None)
+    batch_warmup(*ramp, batch, stages, sequence)  # refuses a layout or a start it cannot ramp
     if "scheduler" in ds and _named_schedule(config):
         del ds["scheduler"]  # --schedule wsd / FILE / --decay-from name dsllm's phases: they replace the JSON's
     partition = getattr(config, "pipeline_partition", "blocks")

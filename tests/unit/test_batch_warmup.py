@@ -45,11 +45,13 @@ def test_a_start_the_ramp_cannot_reach_is_refused(start, batch, message):
         batch_warmup(10, start, batch)
 
 
-def test_data_parallel_ranks_ramp_and_pipeline_stages_refuse_it_in_one_line(dataset_dir, tmp_path):
-    spec = check(dataset_dir, tmp_path, 2, "zero2.json", grad_accum=4, batch_size_warmup=4).spec
+@pytest.mark.parametrize("layout", ["pipeline_parallel", "sequence_parallel"])
+def test_data_parallel_ranks_ramp_and_pipeline_and_sequence_ranks_refuse_it_in_one_line(dataset_dir, tmp_path, layout):
+    spec = check(dataset_dir, tmp_path, 2, "zero1.json", grad_accum=4, batch_size_warmup=4).spec
     assert spec.batch.global_size == 32 and spec.ds["gradient_accumulation_steps"] == 4  # the JSON keeps the run's
     with pytest.raises(UserError) as caught:
-        check(dataset_dir, tmp_path, 2, "zero1.json", pipeline_parallel=2, grad_accum=4, batch_size_warmup=4)
+        check(dataset_dir, tmp_path, 2, "zero1.json", grad_accum=4, batch_size_warmup=4, **{layout: 2})
     message = str(caught.value)
-    assert "--batch-size-warmup with --pipeline-parallel 2: not supported yet" in message and "\n" not in message
+    flag = "--" + layout.replace("_", "-")
+    assert f"--batch-size-warmup with {flag} 2: not supported yet" in message and "\n" not in message
     assert not (tmp_path / "run").exists()
