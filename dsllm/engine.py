@@ -205,9 +205,15 @@ class Engine:
     def lr(self) -> float:
         return self.ds.get_lr()[0]
 
-    def train_batch(self, batches: Iterator) -> tuple[torch.Tensor, bool]:
-        """One optimizer step over `accumulation` micro batches from `batches`: (mean loss, still on the device;
-        whether the update was applied).
+    def train_batch(self, batches: Iterator, accumulation: int | None = None) -> tuple[torch.Tensor, bool]:
+        """One optimizer step over `accumulation` micro batches from `batches` (default: the run's): (mean loss, still
+        on the device; whether the update was applied).
+
+        A step's own `accumulation` (a batch-size warmup, dsllm.batch_warmup) becomes DeepSpeed's
+        gradient_accumulation_steps (`set_train_batch_size`: `backward` divides the loss by it), and each micro
+        batch's accumulation boundary is set explicitly: DeepSpeed's default, (micro_steps + 1) % accumulation == 0
+        on a counter that runs over the whole run, puts it mid-step once the accumulation has changed. ZeRO-1/2
+        reduce the gradients, and the step applies, at the boundary.
 
         It makes no host sync of its own: DeepSpeed's ZeRO, bf16 and fp16 optimizers already decide, on the
         host, whether the gradients are finite and skip the update if not, and `was_step_applied()` reads
@@ -216,14 +222,21 @@ class Engine:
         engine = self.ds
         if self.pipeline:
             return self._pipeline_batch(batches)
+        count = self.accumulation if accumulation is None else accumulation
+        if accumulation is not None and accumulation != engine.gradient_accumulation_steps():
+            engine.set_train_batch_size(engine.train_batch_size() // engine.gradient_accumulation_steps() * count)
+            if engine.gradient_accumulation_steps() != count:  # (DeepSpeed divided by another data-parallel size)
+                raise RuntimeError(f"DeepSpeed set {engine.gradient_accumulation_steps()} micro batches, not {count}")
         loss_sum = torch.zeros((), device=self.device)
-        for micro in range(self.accumulation):
+        for micro in range(count):
+            if accumulation is not None:
+                engine.set_gradient_accumulation_boundary(micro == count - 1)
             loss = self.loss_of(engine, next(batches), self.device)
             engine.backward(loss)
             loss_sum += loss.detach().float()
-            if micro < self.accumulation - 1:
+            if micro < count - 1:
                 engine.step()  # DeepSpeed only accumulates here
-        loss_sum /= self.accumulation
+        loss_sum /= count
         if self._check_finite_first:
             import torch.distributed as dist
 

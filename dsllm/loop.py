@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from dsllm.batch_warmup import BatchWarmup
 from dsllm.checkpoint.checkpointer import Checkpointer
 from dsllm.engine import Engine
 from dsllm.metrics import MetricsLog, format_step, memory_gib, mfu
@@ -103,6 +104,7 @@ class StepLog:
         peak_tflops: float | None,
         world_size: int,
         seq_len_warmup: SeqLenWarmup | None = None,
+        batch_warmup: BatchWarmup | None = None,
     ):
         self.log, self.interval, self.max_steps = log, interval, max_steps
         self.tokens_per_step, self.flops, self.peak, self.world_size = (
@@ -111,10 +113,17 @@ class StepLog:
             peak_tflops,
             world_size,
         )
-        self.seq_len_warmup = seq_len_warmup
+        self.seq_len_warmup, self.batch_warmup = seq_len_warmup, batch_warmup
         self.loss = torch.zeros((), device=device)
         self.steps, self.first_step, self.start_step = 0, start_step, start_step
         self.window_start = self.run_start = time.perf_counter()
+
+    def tokens(self, steps: int) -> int:
+        """The tokens the first `steps` optimizer steps trained on (fewer per step during a batch-size warmup)."""
+        if self.batch_warmup is None:
+            return steps * self.tokens_per_step
+        full = self.batch_warmup.global_batch(self.batch_warmup.steps)
+        return self.batch_warmup.samples(steps) * self.tokens_per_step // full
 
     def add(self, loss: torch.Tensor, applied: bool) -> None:
         if applied:
@@ -129,13 +138,13 @@ class StepLog:
 
         now = time.perf_counter()
         elapsed = now - self.window_start
-        tokens_per_second = self.tokens_per_step * (step - self.first_step) / max(elapsed, 1e-9)
+        tokens_per_second = (self.tokens(step) - self.tokens(self.first_step)) / max(elapsed, 1e-9)
         dist.all_reduce(self.loss, op=dist.ReduceOp.SUM)  # the global batch's loss, not rank 0's share
         eta = (now - self.run_start) / max(1, step - self.start_step) * (self.max_steps - step)
         record = {
             "step": step,
             "lr": engine.lr(),
-            "tokens": step * self.tokens_per_step,
+            "tokens": self.tokens(step),
             "samples": data.consumed_samples,
             "tokens_per_second": tokens_per_second,
             "mfu": mfu(tokens_per_second, self.flops, self.peak, self.world_size),
@@ -163,6 +172,10 @@ class StepLog:
             record["seq_len"] = self.seq_len_warmup.length(step - 1)
             if record["seq_len"] < self.seq_len_warmup.seq_len:
                 line += f" | seq_len {record['seq_len']}"
+        if self.batch_warmup is not None:  # the global batch of the step just trained
+            record["global_batch"] = self.batch_warmup.global_batch(step - 1)
+            if record["global_batch"] < self.batch_warmup.global_batch(self.batch_warmup.steps):
+                line += f" | global batch {record['global_batch']}"
         fields, warnings = data.report() if hasattr(data, "report") else ({}, [])
         record.update(fields)
         self.log.write(record, "\n".join([line, *warnings]))
@@ -185,10 +198,16 @@ def loop_settings(config) -> LoopSettings:
 
 
 def step_log_for(
-    config, spec, log: MetricsLog, device: torch.device, start_step: int, seq_len_warmup: SeqLenWarmup | None = None
+    config,
+    spec,
+    log: MetricsLog,
+    device: torch.device,
+    start_step: int,
+    seq_len_warmup: SeqLenWarmup | None = None,
+    batch_warmup: BatchWarmup | None = None,
 ) -> StepLog:
     """The step log of a run (a RunConfig and its RunSpec), counting throughput from `start_step`; with a
-    sequence-length warmup, each record has its window length."""
+    sequence-length warmup, each record has its window length, with a batch-size warmup its global batch."""
     from dsllm.metrics import peak_tflops
     from dsllm.model import flops_per_token
 
@@ -203,6 +222,7 @@ def step_log_for(
         peak_tflops=config.peak_tflops or peak_tflops(),
         world_size=spec.world.size,
         seq_len_warmup=seq_len_warmup,
+        batch_warmup=batch_warmup,
     )
 
 
@@ -218,10 +238,12 @@ def train_loop(
     step_log: StepLog,
     rank: int,
     ending: LastStepControl | None = None,
+    batch_warmup: BatchWarmup | None = None,
 ) -> tuple[int, dict | None]:
     """Train from `start_step` to `settings.max_steps`; returns (the last step, the last evaluation or None).
     Raises TrainingAborted on divergence, RunStopped after a checkpoint on a stop signal or the time budget.
-    `ending` (a BudgetDecay, --decay-in-budget) may move the last step earlier, once: when its decay starts."""
+    `ending` (a BudgetDecay, --decay-in-budget) may move the last step earlier, once: when its decay starts.
+    `batch_warmup` (--batch-size-warmup) gives each step its number of micro batches."""
     import torch.distributed as dist
 
     local_peer_pids(rank)
@@ -253,7 +275,8 @@ def train_loop(
     batches = TimedBatches(iter(data))
     try:
         while step < settings.max_steps:
-            loss, applied = engine.train_batch(batches)
+            accumulation = None if batch_warmup is None else batch_warmup.accumulation(step)
+            loss, applied = engine.train_batch(batches, accumulation)
             step += 1
             if ending is not None and (end := ending.after_step(step, group)) is not None:
                 settings.max_steps = step_log.max_steps = end

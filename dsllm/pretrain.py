@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dsllm.batch_warmup import batch_warmup
 from dsllm.cli_args import add_config_arguments, add_launcher_argument, add_recipe_argument, parse_config
 from dsllm.ds_config import load_ds_config, resolve_ds_config
 from dsllm.ds_config_optimizer import check_optimizer_layout, check_resume_optimizer
@@ -149,6 +150,8 @@ def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec
         )
     model.check_seq_len(seq_len)
     seq_len_warmup(warmup, getattr(config, "seq_len_start", None), seq_len)  # refuses a start not --seq-len halved
+    ramp = getattr(config, "batch_size_warmup", 0), getattr(config, "batch_size_start", None)
+    batch_warmup(*ramp, batch, stages, sequence)  # refuses a layout or a start it cannot ramp
     if "scheduler" in ds and _named_schedule(config):
         del ds["scheduler"]  # --schedule wsd / FILE / --decay-from name dsllm's phases: they replace the JSON's
     partition = getattr(config, "pipeline_partition", "blocks")
@@ -218,6 +221,11 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
     spec = resolve_spec(config, model, world)
     if mixture is not None:
         mixture.boundaries(spec.batch.global_size, spec.seq_len)  # refuses a schedule out of order
+        if config.batch_size_warmup and len(mixture.phases) > 1:
+            raise UserError(
+                f"--batch-size-warmup with the schedule of --data {config.data}: not supported yet (its phases start "
+                "at a step x the full global batch); drop one of them"
+            )
     if config.init is not None:
         from dsllm.continued import check_init_layout
 
@@ -502,6 +510,7 @@ def run(plan: Pretraining) -> dict:
     warmup = seq_len_warmup(config.seq_len_warmup, config.seq_len_start, spec.seq_len)
     if warmup is not None:  # (validation scores full windows)
         loss_of = warmup.loss(loss_of)
+    ramp = batch_warmup(config.batch_size_warmup, config.batch_size_start, spec.batch)
     options = engine_options(config, plan.budget or plan.schedule)  # (a BudgetDecay's factor follows its decision)
     engine = build_engine(spec, model, device, loss_of, **options, load_universal=checkpointer.universal)
     loader = make_loader(plan, device)
@@ -530,12 +539,13 @@ def run(plan: Pretraining) -> dict:
         + f", ZeRO-{spec.zero_stage}, "
         f"{spec.precision}, global batch {spec.batch.global_size} x {spec.seq_len} tokens, "
         + (f"windows from {warmup.start} tokens over {warmup.steps} steps, " if warmup is not None else "")
+        + (f"batch from {ramp.global_batch(0)} over {ramp.steps} steps, " if ramp is not None else "")
         + (f"lr {plan.schedule.describe()}, " if plan.schedule is not None and _named_schedule(config) else "")
         + f"{plan.max_steps} steps"
         + (_budget_words(plan.budget) if plan.budget is not None else "")
         + f" -> {config.out}",
     )
-    settings, step_log = loop_settings(config), step_log_for(config, spec, log, device, step, warmup)
+    settings, step_log = loop_settings(config), step_log_for(config, spec, log, device, step, warmup, ramp)
     settings.max_steps = step_log.max_steps = plan.max_steps
     step, result = train_loop(
         engine,
@@ -548,6 +558,7 @@ def run(plan: Pretraining) -> dict:
         step_log=step_log,
         rank=world.rank,
         ending=plan.budget,
+        batch_warmup=ramp,
     )
     if result is None:  # resumed at max_steps: nothing to train, still report
         engine.ds.eval()

@@ -250,6 +250,12 @@ class TrainConfig(RunConfig):
     each window cut into shorter ones; validation scores full windows"""
     seq_len_start: int | None = None
     """the warmup's first window length: --seq-len halved (/2, /4, ...); default: --seq-len / 8, at least 8 tokens"""
+    batch_size_warmup: int = 0
+    """steps over which the global batch grows from --batch-size-start to the run's (0: off): the same micro batch,
+    fewer of them accumulated per step, start + floor((full - start) x step / steps) micro batches at step `step`"""
+    batch_size_start: int | None = None
+    """the warmup's first global batch in samples: a multiple of --micro-batch-size x data-parallel ranks below the
+    global batch; default: one micro batch per data-parallel rank"""
     expert_parallel: int = 1
     """expert-parallel ranks (DeepSpeed's MoE ep_size): each sparse block's experts are split over this many
     consecutive data-parallel ranks, which send each other their tokens (all-to-all); divides --model.moe_experts"""
@@ -279,6 +285,8 @@ class TrainConfig(RunConfig):
         "sequence_parallel": 1,
         "seq_len_warmup": 0,
         "seq_len_start": 1,
+        "batch_size_warmup": 0,
+        "batch_size_start": 1,
     }
     _ABOVE_ZERO = {**RunConfig._ABOVE_ZERO, "max_epochs_warning": "the epochs a source is read before the warning"}
 
@@ -289,6 +297,16 @@ class TrainConfig(RunConfig):
         if self.seq_len_warmup >= self.max_steps:
             raise UserError(
                 f"--seq-len-warmup {self.seq_len_warmup} is not below --max-steps {self.max_steps}; shorten the warmup"
+            )
+        if self.batch_size_warmup >= self.max_steps:
+            raise UserError(
+                f"--batch-size-warmup {self.batch_size_warmup} is not below --max-steps {self.max_steps}; shorten the "
+                "warmup"
+            )
+        if self.batch_size_start is not None and not self.batch_size_warmup:
+            raise UserError(
+                f"--batch-size-start {self.batch_size_start} without --batch-size-warmup: there is no warmup to start; "
+                "pass --batch-size-warmup STEPS or drop --batch-size-start"
             )
         if self.decay_in_budget:
             self._check_decay_in_budget()

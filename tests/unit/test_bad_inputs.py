@@ -430,6 +430,41 @@ CASES = [
         "--seq-len",
         "12",
     ),
+    pretrain_flag("--batch-size-warmup", "300", ("--batch-size-warmup 300 is not below --max-steps 300",)),
+    pretrain_flag(
+        "--batch-size-start", "16", ("--batch-size-start 16 without --batch-size-warmup", "pass --batch-size-warmup")
+    ),
+    pretrain_flag(
+        "--batch-size-warmup",
+        "10",
+        ("--batch-size-warmup 10: the run accumulates 1 micro batch per step", "raise --grad-accum and lower"),
+        "--grad-accum",
+        "1",
+    ),
+    pretrain_flag(
+        "--batch-size-start",
+        "12",
+        ("--batch-size-start 12: not a multiple of 8 samples (--micro-batch-size 8 x 1", "use one of 8, 16, 24"),
+        *("--batch-size-warmup", "10", "--grad-accum", "4", "--micro-batch-size", "8"),
+    ),
+    Case(
+        "pretrain--batch-size-warmup-mixture-schedule",
+        "`--batch-size-warmup 10` with a mixture whose weights change at a step",
+        PRETRAIN,
+        (*ZERO2, "--data", "{mixture.json}", "--out", "{tmp}/out", *SMALL_MODEL, "--seq-len", "32")
+        + ("--batch-size-warmup", "10", "--grad-accum", "2"),
+        ("--batch-size-warmup with the schedule of --data", "not supported yet", "drop one of them"),
+        {
+            "mixture.json": lambda path, data: path.write_text(
+                json.dumps(
+                    {
+                        "sources": {"web": {"path": str(data), "weight": 1}, "code": {"path": str(data), "weight": 1}},
+                        "schedule": [{"at_step": 20, "weights": {"web": 1, "code": 3}}],
+                    }
+                )
+            )
+        },
+    ),
     # -- learning-rate schedules (dsllm.schedule) and cooldown branches (--decay-from, dsllm.cooldown) ----------
     pretrain_flag("--schedule", "linear", ("--schedule linear", "use cosine, wsd or a .json/.yaml file of phases")),
     pretrain_flag("--decay-fraction", "1.5", ("--decay-fraction 1.5", "in (0, 1)")),

@@ -21,7 +21,7 @@ LAYERS = {  # docs/architecture.md's table; a new module gets a row here and the
     3.5: ["data", "sft_data"],
     4: ["model", "pipeline", "tensor_parallel", "sequence_parallel", "experts", "metrics", "scoring"],
     5: ["checkpoint", "model_dir", "safe_load"],
-    6: ["optimizer", "engine", "loop", "run_control", "seq_len_warmup"],
+    6: ["optimizer", "engine", "loop", "run_control", "seq_len_warmup", "batch_warmup"],
     7: ["pretrain", "continued", "cooldown", "finetune"],
     8: [
         "cli",
