@@ -138,6 +138,7 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 # -- a cooldown that ends inside a compute budget (--decay-in-budget) -------------------------------------------------
+HISTORY = 4096  # the (step, used) entries a BudgetDecay keeps for its rate
 BUDGET_MARGIN = 0.1  # the share of the remaining budget the decay leaves unplanned: step-time noise, the last save
 
 
@@ -152,17 +153,18 @@ class Budget:
 
 class BudgetDecay:
     """`--schedule wsd --decay-in-budget`: the decay starts when this process has used 1 - --decay-fraction of its
-    budget (--max-cpu-seconds, --max-time), over as many steps as the rest of the budget holds at the step rate
-    measured so far, unless the steps' own decay (--max-steps) comes first. Every rank computes its own estimate after
-    every stable step; one all-reduce takes the decision of the rank furthest into its budget and the fewest steps.
-    The decision is recorded in config.json ("schedule": its phases and "decided"), so a resumed run follows the
-    same phases to the same last step, as a --decay-from branch follows its own. It is the lr factor LambdaLR reads
-    (`factor`): the phases change under the engine at the decision, not the steps before it."""
+    budget (--max-cpu-seconds, --max-time), over as many steps as the rest of the budget holds at the step rate of
+    the later half of its stable steps so far, unless the steps' own decay (--max-steps) comes first. Every rank
+    computes its own estimate after every stable step; one all-reduce takes the decision of the rank furthest into
+    its budget and the fewest steps. The decision is recorded in config.json ("schedule": its phases and "decided"),
+    so a resumed run follows the same phases to the same last step, as a --decay-from branch follows its own. It is
+    the lr factor LambdaLR reads (`factor`): the phases change under the engine at the decision, not the steps
+    before it."""
 
     def __init__(self, config: TrainConfig, schedule: Schedule, decided: dict | None, out: Path, is_main: bool):
         self.config, self.schedule, self.decided, self.out, self.is_main = config, schedule, decided, out, is_main
         self.budgets = budgets_of(config)
-        self.start_step, self.start_used = None, None
+        self.history: list[tuple[int, list[float]]] = []  # (step, budgets used) after this process's steps, thinned
 
     @property
     def max_steps(self) -> int:
@@ -187,17 +189,21 @@ class BudgetDecay:
         import torch
         import torch.distributed as dist
 
-        now = [budget.used() for budget in self.budgets]
-        if self.start_step is None:  # the rate counts from after the first step (JIT builds, warm caches)
-            self.start_step, self.start_used = step, now
         if not self.pending(step):
             return None
+        now = [budget.used() for budget in self.budgets]
+        self.history.append((step, now))
+        if len(self.history) > HISTORY:  # every other entry: the rate's window stays the later half, roughly
+            self.history = self.history[-1::-2][::-1]
+        # the rate over the later half of this process's steps: not the first step (JIT builds, cold caches), nor a
+        # batch-size or window-length warmup's cheaper steps
+        start_step, start = self.history[len(self.history) // 2] if len(self.history) > 1 else (step, now)
         fraction = max(used / budget.size for used, budget in zip(now, self.budgets))
         steps_left = min(
-            self._steps_left(step, used, start, budget)
-            for used, start, budget in zip(now, self.start_used, self.budgets)
+            self._steps_left(step - start_step, used, begun, budget)
+            for used, begun, budget in zip(now, start, self.budgets)
         )
-        want = fraction >= 1 - self.config.decay_fraction and step - self.start_step >= 1
+        want = fraction >= 1 - self.config.decay_fraction and step > start_step
         flag = torch.tensor([int(want), -steps_left], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         want, steps_left = bool(flag[0]), max(1, -int(flag[1]))
@@ -228,9 +234,10 @@ class BudgetDecay:
             )
         return self.max_steps
 
-    def _steps_left(self, step: int, used: float, start: float, budget: Budget) -> int:
-        """The steps the rest of `budget` holds at the rate since this process's first step, less a margin."""
-        per_step = (used - start) / max(1, step - self.start_step)
+    def _steps_left(self, steps: int, used: float, start: float, budget: Budget) -> int:
+        """The steps the rest of `budget` holds at the rate of the last `steps` (from `start` used to `used`), less a
+        margin."""
+        per_step = (used - start) / max(1, steps)
         left = (budget.size - used) * (1 - BUDGET_MARGIN)
         return max(1, int(left / per_step)) if per_step > 0 else self.schedule.steps
 
