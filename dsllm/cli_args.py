@@ -61,17 +61,30 @@ def add_config_arguments(parser: ArgumentParser, cls: type, skip: tuple[str, ...
         required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
         default = None if required or field.default is dataclasses.MISSING else field.default
         help_text = docs.get(field.name, "").replace("%", "%%")
-        if kind is bool:
-            parser.add_argument(*names, dest=field.name, action="store_true", default=default, help=help_text)
+        if kind is bool:  # --compile / --no-compile (which turns off a recipe's)
+            parser.add_argument(
+                *names, dest=field.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
             continue
+        convert = {int: int, float: finite}.get(kind, str)
+        if type(None) in typing.get_args(hints[field.name]):  # `none` clears a recipe's value (e.g. a budget)
+            convert = _or_none(convert)
         parser.add_argument(
             *names,
             dest=field.name,
-            type={int: int, float: finite}.get(kind, str),
+            type=convert,
             default=default,
             metavar=field.name.upper() if kind is str else kind.__name__.upper(),
             help=help_text + (" (required)" if required else ""),
         )
+
+
+def _or_none(convert):
+    def value(text: str):
+        return None if text.lower() == "none" else convert(text)
+
+    value.__name__ = getattr(convert, "__name__", "value")  # (argparse names the type in its errors)
+    return value
 
 
 def add_recipe_argument(parser: ArgumentParser) -> None:

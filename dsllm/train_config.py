@@ -325,7 +325,7 @@ class TrainConfig(RunConfig):
         if self.max_cpu_seconds is None and self.max_time is None:
             raise UserError(
                 "--decay-in-budget without a budget: pass --max-cpu-seconds or --max-time (the decay takes its last "
-                "--decay-fraction)"
+                "--decay-fraction), or --no-decay-in-budget for a run of --max-steps"
             )
         if self.decay_from is not None:
             raise UserError(

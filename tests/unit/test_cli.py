@@ -126,3 +126,19 @@ def test_the_old_scripts_are_shims_over_the_verbs():
         [sys.executable, "launch/pretrain.py", "--help"], cwd=ROOT, env=env(), capture_output=True, text=True
     )
     assert proc.returncode == 0 and "usage: dsllm pretrain" in proc.stdout
+
+
+def test_the_command_line_clears_a_recipes_budget_and_turns_off_its_flags():
+    """`none` clears an optional value a recipe set, `--no-FLAG` a flag it turned on: the default recipe's CPU budget
+    and its decay in the budget give way to a run of steps."""
+    from dsllm.errors import UserError
+    from dsllm.pretrain import parse_args
+
+    recipe = ("--recipe", str(ROOT / "launch" / "recipes" / "default.yaml"))
+    config = parse_args([*recipe])
+    assert (config.max_cpu_seconds, config.decay_in_budget, config.max_steps) == (300, True, 2000)
+    config = parse_args([*recipe, "--max-cpu-seconds", "none", "--no-decay-in-budget", "--max-steps", "20000"])
+    assert (config.max_cpu_seconds, config.decay_in_budget, config.max_steps) == (None, False, 20000)
+    with pytest.raises(UserError, match="--decay-in-budget without a budget: pass --max-cpu-seconds or --max-time"):
+        parse_args([*recipe, "--max-cpu-seconds", "none"])
+    assert parse_args([*recipe, "--max-cpu-seconds", "none", "--max-time", "2h"]).max_seconds == 7200
