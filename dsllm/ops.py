@@ -96,6 +96,22 @@ def use_venv_extensions_dir() -> Path | None:
     return folder
 
 
+def use_venv_ninja() -> Path | None:
+    """Put the virtualenv's bin/ first on PATH when the `ninja` found there is another one (a rank started over ssh,
+    by pdsh or mpirun, gets the remote shell's PATH): torch runs ninja for every op it loads, and another ninja
+    version reads the build log as stale (ninja 1.11 and 1.13 hash the command differently) and rebuilds the op;
+    the next run with the virtualenv's ninja then rebuilds it back. Returns the folder put first, or None."""
+    venv_bin = Path(sys.prefix) / "bin"
+    ninja = venv_bin / "ninja"
+    if sys.prefix == sys.base_prefix or not ninja.is_file():
+        return None
+    found = shutil.which("ninja")
+    if found is not None and os.path.samefile(found, ninja):
+        return None
+    os.environ["PATH"] = os.pathsep.join([str(venv_bin), *filter(None, [os.environ.get("PATH")])])
+    return venv_bin
+
+
 def extensions_root() -> Path:
     """The folder torch builds extensions under, as `torch.utils.cpp_extension._get_build_directory` finds it."""
     root = os.environ.get("TORCH_EXTENSIONS_DIR")
@@ -314,9 +330,11 @@ def _check_accelerator_environment(needs: list[str]) -> None:
 def announce_builds(log: Callable[[str], None], needs: Iterable[str]) -> list[OpState]:
     """Before DeepSpeed loads the ops `needs` (INIT_OPS before `deepspeed.init_distributed`, `ops_for_config(ds)`
     before `deepspeed.initialize`): one `log` line per op it is going to build, nothing for built ones. In a
-    virtualenv without TORCH_EXTENSIONS_DIR it first points that at the virtualenv's own prebuilt folder, and it
-    caches py-cpuinfo's answer for the process (DeepSpeed's own loads then skip ~2 s per op)."""
+    virtualenv without TORCH_EXTENSIONS_DIR it first points that at the virtualenv's own prebuilt folder; it puts
+    the virtualenv's ninja first on PATH (use_venv_ninja), and it caches py-cpuinfo's answer for the process
+    (DeepSpeed's own loads then skip ~2 s per op)."""
     use_venv_extensions_dir()
+    use_venv_ninja()
     cache_cpu_info()
     needs = list(dict.fromkeys(needs))
     _check_accelerator_environment(needs)
@@ -345,6 +363,7 @@ def prebuild(names: Iterable[str], log: Callable[[str], None] = print) -> dict[s
     from deepspeed.accelerator import get_accelerator
 
     use_venv_extensions_dir()
+    use_venv_ninja()
     cache_cpu_info()
     names = list(dict.fromkeys(names))
     _check_accelerator_environment(names)
@@ -417,6 +436,7 @@ def main(argv=None) -> int:
         prebuild(needs, log=lambda line: print(line, flush=True))
         return 0
     use_venv_extensions_dir()
+    use_venv_ninja()
     for name in needs:
         state = op_state(name)
         where = f" in {state.folder}" if state.folder else ""

@@ -207,6 +207,26 @@ def mixture_dirs(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def shared_run(dataset_dir, tmp_path_factory):
+    """`shared_run(*ARGS, ranks=, ds=)`: the folder of a pretraining run on the test dataset (runs.pretrain's options),
+    made once per session for every test, in any file, that asks for the very same options: a reference that tests
+    read but never modify (copy it first)."""
+    from runs import pretrain
+
+    made = {}
+
+    def run(*args, ranks=1, ds="zero2.json") -> Path:
+        key = (tuple(map(str, args)), ranks, ds)
+        if key not in made:
+            out = tmp_path_factory.mktemp("shared") / "run"
+            pretrain(dataset_dir, out, *args, ranks=ranks, ds=ds)
+            made[key] = out
+        return made[key]
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def single(dataset_dir, tmp_path_factory) -> dict[str, Path]:
     """The single-rank runs the parallel layouts (tensor, 3D, sequence) must reproduce: one rank, ZeRO-1, one run of
     runs.LAYOUT_RUN per model of runs.LAYOUT_MODELS, made once per session."""

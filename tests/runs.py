@@ -44,6 +44,18 @@ LAYOUT_MODELS = {
     ],
 }
 
+# a run killed mid-way and resumed (test_pretrain.py, test_faults.py): the uninterrupted one is the session's
+# `shared_run(*KILL_ARGS, ranks=...)` (tests/conftest.py), one per world size
+KILL_ARGS = ["--max-steps", 12, "--micro-batch-size", 4, "--save-interval", 3, "--eval-interval", 100]
+KILL_ARGS += ["--precision", "fp32"]
+
+# 8 steps, a checkpoint at step 4: the runs of one global batch (8) on other world sizes and ZeRO stages
+# (test_pretrain.py, test_resume_world_size.py), with "--micro-batch-size", 8 // ranks
+SAME_BATCH_ARGS = ["--max-steps", 8, "--save-interval", 4, "--eval-interval", 100, "--precision", "fp32"]
+
+# the multi-host launch paths (tests/multinode), each against the session's `shared_run(*MULTINODE_ARGS, ranks=2)`
+MULTINODE_ARGS = ["--max-steps", 4, "--micro-batch-size", 4, "--precision", "fp32", "--save-interval", 4]
+
 
 def free_port() -> int:
     with socket.socket() as s:

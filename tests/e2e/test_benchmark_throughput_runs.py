@@ -10,9 +10,9 @@ import sys
 import pytest
 from conftest import ROOT
 
-pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
-
+@pytest.mark.multirank
+@pytest.mark.slow
 def test_quick_throughput_benchmark_on_one_and_two_ranks(tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}  # TORCH_EXTENSIONS_DIR as it is; unset: the venv's ops (dsllm/ops.py)
     proc = subprocess.run(
@@ -79,39 +79,27 @@ def test_quick_throughput_benchmark_on_one_and_two_ranks(tmp_path):
     assert "| plain |" in proc.stdout  # the table on stdout
 
 
-def test_quick_pipeline_variant_is_timed_against_the_1f1b_ideal(tmp_path):
+@pytest.mark.multirank
+@pytest.mark.slow
+def test_quick_pipeline_tensor_and_sequence_parallel_variants(tmp_path):
+    """One benchmark run of the parallel layouts (one plain loop and one ZeRO-0 row for them all): the pipeline
+    timed against the 1F1B ideal, tensor and sequence parallelism with their time in collectives."""
     proc = subprocess.run(
-        [sys.executable, "benchmarks/throughput.py", "--quick", "--model.n_layers", "2", "--stages", "0",
-         "--pipeline-stages", "2", "--micro-batches", "4", "--threads", "1", "--results-dir", str(tmp_path)],
-        cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    [json_file] = tmp_path.glob("*-throughput-*.json")
-    row = next(r for r in json.loads(json_file.read_text())["rows"] if r["variant"] == "pp2")
-    assert row["world_size"] == 2 and row["pipeline_stages"] == 2 and row["micro_batches"] == 4
-    assert row["global_batch"] == 4 * 4 and row["optimizer"].startswith("DeepSpeedZeroOptimizer")  # ZeRO-1
-    assert row["bubble_ideal"] == pytest.approx(1 / 5) and row["ideal_ratio_to_plain"] == pytest.approx(1.6)
-    assert row["ratio_to_ideal"] == pytest.approx(row["ratio_to_plain"] / 1.6) and row["target"] == 0.8
-    assert "of the 1F1B ideal 1.60" in proc.stdout
-    # a layout that cannot run is refused before any worker starts
-    bad = subprocess.run(
-        [sys.executable, "benchmarks/throughput.py", "--quick", "--model.n_layers", "2", "--pipeline-stages", "3",
-         "--results-dir", str(tmp_path / "bad")],
-        cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert bad.returncode == 2 and "more stages than the model's 2 transformer blocks" in bad.stderr
-    assert not (tmp_path / "bad").exists()
-
-
-def test_quick_tensor_and_sequence_parallel_variants_report_their_time_in_collectives(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/throughput.py", "--quick", "--stages", "0", "--tensor-parallel", "2",
-         "--sequence-parallel", "2", "--threads", "1", "--results-dir", str(tmp_path)],
+        [sys.executable, "benchmarks/throughput.py", "--quick", "--stages", "0", "--pipeline-stages", "2",
+         "--micro-batches", "4", "--tensor-parallel", "2", "--sequence-parallel", "2", "--threads", "1",
+         "--results-dir", str(tmp_path)],
         cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     [json_file] = tmp_path.glob("*-throughput-*.json")
     rows = {r["variant"]: r for r in json.loads(json_file.read_text())["rows"]}
+    assert sorted(rows) == ["plain", "pp2", "sp2", "tp2", "zero0"]
+    row = rows["pp2"]
+    assert row["world_size"] == 2 and row["pipeline_stages"] == 2 and row["micro_batches"] == 4
+    assert row["global_batch"] == 4 * 4 and row["optimizer"].startswith("DeepSpeedZeroOptimizer")  # ZeRO-1
+    assert row["bubble_ideal"] == pytest.approx(1 / 5) and row["ideal_ratio_to_plain"] == pytest.approx(1.6)
+    assert row["ratio_to_ideal"] == pytest.approx(row["ratio_to_plain"] / 1.6) and row["target"] == 0.8
+    assert "of the 1F1B ideal 1.60" in proc.stdout
     row = rows["tp2"]
     assert row["world_size"] == 2 and row["tensor_parallel"] == 2 and row["global_batch"] == 4  # one replica
     # DeepSpeed's comms logger: the row-parallel all-reduces and the vocabulary-parallel loss, per timed step
@@ -124,10 +112,20 @@ def test_quick_tensor_and_sequence_parallel_variants_report_their_time_in_collec
     assert sp2["all_to_all_seconds_per_step"] == sp2["comm_op_seconds_per_step"]["all_to_all_single"] > 0
     assert sp2["all_to_all_seconds_per_step"] < sp2["comm_seconds_per_step"] < sp2["median_step_seconds"]
     assert sp2["plan_gib"] is None and "all-to-all" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--model.n_layers", "2", "--pipeline-stages", "3"], "more stages than the model's 2 transformer blocks"),
+        (["--tensor-parallel", "3"], "--tensor-parallel 3: model.n_heads = 4 is not divisible by 3"),
+    ],
+    ids=["pipeline-stages", "tensor-parallel"],
+)
+def test_a_layout_that_cannot_run_is_refused_before_any_worker_starts(tmp_path, option, message):
     bad = subprocess.run(
-        [sys.executable, "benchmarks/throughput.py", "--quick", "--tensor-parallel", "3", "--results-dir",
-         str(tmp_path / "bad")],
+        [sys.executable, "benchmarks/throughput.py", "--quick", *option, "--results-dir", str(tmp_path / "bad")],
         cwd=ROOT, env={**os.environ, "DS_ACCELERATOR": "cpu"}, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert bad.returncode == 2 and "--tensor-parallel 3: model.n_heads = 4 is not divisible by 3" in bad.stderr
+    assert bad.returncode == 2 and message in bad.stderr
     assert not (tmp_path / "bad").exists()

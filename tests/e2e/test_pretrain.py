@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
-from runs import command, env, pretrain, run_until_killed, train_records
+from runs import KILL_ARGS, SAME_BATCH_ARGS, command, env, pretrain, run_until_killed, train_records
 
 CONFIGS = ["zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero2_offload.json", "zero3_offload.json"]
 
@@ -19,22 +19,15 @@ CONFIGS = ["zero0.json", "zero1.json", "zero2.json", "zero3.json", "zero2_offloa
 def test_every_config_trains(dataset_dir, tmp_path, ds, ranks):
     out = tmp_path / "run"
     precision = "bf16" if ranks == 2 else "fp32"  # auto is fp32 on CPU: both precisions on every config
-    proc = pretrain(
-        dataset_dir,
-        out,
-        "--max-steps",
-        12,
-        "--micro-batch-size",
-        4,
-        "--eval-interval",
-        6,
-        "--save-interval",
-        6,
-        "--precision",
-        precision,
-        ranks=ranks,
-        ds=ds,
-    )
+    args = ["--max-steps", 12, "--micro-batch-size", 4, "--eval-interval", 6, "--save-interval", 6]
+    cmd = command(dataset_dir, out, *args, "--precision", precision, ranks=ranks, ds=ds)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    if ranks == 2:
+        # DeepSpeed's CPU all-reduce maps a 69 MB /dev/shm file per rank and never unlinks it; the trainer does, once
+        # every rank has mapped them all (before: every 2-rank run leaked 138 MB of RAM until the OOM killer)
+        port = cmd[cmd.index("--master_port") + 1]
+        assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     records = train_records(out)
     assert sorted(records) == list(range(1, 13))
     assert all(0 <= r["data_wait_fraction"] < 1 for r in records.values())
@@ -55,54 +48,29 @@ def test_every_config_trains(dataset_dir, tmp_path, ds, ranks):
 
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_two_ranks_zero2_equal_one_rank_zero0(dataset_dir, tmp_path):
+def test_two_ranks_zero2_equal_one_rank_zero0(dataset_dir, tmp_path, shared_run):
     """Same global batch (8): 1 rank x 8 on ZeRO-0 vs 2 ranks x 4 on ZeRO-2 (and ZeRO-3), fp32. Tolerance 1e-5 relative
-    (all-reduce order changes float summation; measured ~5e-7 absolute)."""
+    (all-reduce order changes float summation; measured ~5e-7 absolute). The 2-rank ZeRO-2 run is the session's
+    (test_resume_world_size.py resumes it on other world sizes)."""
+    args = SAME_BATCH_ARGS
     one = tmp_path / "one"
-    two = tmp_path / "two"
-    pretrain(dataset_dir, one, "--max-steps", 8, "--micro-batch-size", 8, "--precision", "fp32", ds="zero0.json")
-    pretrain(dataset_dir, two, "--max-steps", 8, "--micro-batch-size", 4, "--precision", "fp32", ranks=2)
+    pretrain(dataset_dir, one, *args, "--micro-batch-size", 8, ds="zero0.json")
+    two = shared_run(*args, "--micro-batch-size", 4, ranks=2)
     a, b = train_records(one), train_records(two)
     for step in range(1, 9):
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5), step
         assert b[step]["lr"] == pytest.approx(a[step]["lr"], rel=1e-9)
     # gradient accumulation: 1 rank x 4 micro x 2 steps is the same global batch too
     acc = tmp_path / "acc"
-    pretrain(
-        dataset_dir,
-        acc,
-        "--max-steps",
-        8,
-        "--micro-batch-size",
-        4,
-        "--grad-accum",
-        2,
-        "--precision",
-        "fp32",
-        ds="zero1.json",
-    )
+    pretrain(dataset_dir, acc, *args, "--micro-batch-size", 4, "--grad-accum", 2, ds="zero1.json")
     c = train_records(acc)
     assert all(c[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5) for s in range(1, 9))
     # ZeRO-3 on 2 ranks builds the model inside deepspeed.zero.Init (each rank only ever holds its half):
     # the same initial weights, so the same curve
     three = tmp_path / "three"
-    pretrain(
-        dataset_dir, three, "--max-steps", 8, "--micro-batch-size", 4, "--precision", "fp32", ranks=2, ds="zero3.json"
-    )
+    pretrain(dataset_dir, three, *args, "--micro-batch-size", 4, ranks=2, ds="zero3.json")
     d = train_records(three)
     assert all(d[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5) for s in range(1, 9))
-
-
-@pytest.mark.multirank
-def test_two_rank_cpu_run_leaves_no_shared_memory_behind(dataset_dir, tmp_path):
-    """DeepSpeed's CPU all-reduce maps a 69 MB /dev/shm file per rank and never unlinks it; the trainer does,
-    once every rank has mapped them all (before: every 2-rank run leaked 138 MB of RAM until the OOM killer)."""
-    cmd = command(dataset_dir, tmp_path / "run", "--max-steps", 2, ranks=2)
-    port = cmd[cmd.index("--master_port") + 1]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "final validation loss" in proc.stdout
-    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_compile_trains_like_eager_and_saves_eager_names(dataset_dir, tmp_path):
@@ -134,21 +102,9 @@ def test_compile_trains_like_eager_and_saves_eager_names(dataset_dir, tmp_path):
 
 
 @pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=[pytest.mark.multirank, pytest.mark.slow])])
-def test_sigkill_then_resume_auto_is_exact(dataset_dir, tmp_path, ranks):
-    args = [
-        "--max-steps",
-        12,
-        "--micro-batch-size",
-        4,
-        "--save-interval",
-        3,
-        "--eval-interval",
-        100,
-        "--precision",
-        "fp32",
-    ]
-    pretrain(dataset_dir, tmp_path / "whole", *args, ranks=ranks)
-    reference = train_records(tmp_path / "whole")
+def test_sigkill_then_resume_auto_is_exact(dataset_dir, tmp_path, shared_run, ranks):
+    args = KILL_ARGS
+    reference = train_records(shared_run(*args, ranks=ranks))  # on 2 ranks test_faults.py's reference too
     out = tmp_path / "killed"
     proc = run_until_killed(command(dataset_dir, out, *args, ranks=ranks), out, kill_after_step=7)
     assert proc.returncode != 0, "the run finished before it could be killed"

@@ -5,9 +5,9 @@ import json
 import shutil
 
 import pytest
-from runs import pretrain, train_records
+from runs import SAME_BATCH_ARGS, pretrain, train_records
 
-ARGS = ["--max-steps", 8, "--save-interval", 4, "--eval-interval", 100, "--precision", "fp32"]
+ARGS = SAME_BATCH_ARGS
 
 
 def checkpoint_at_step_4(source, target):
@@ -29,12 +29,12 @@ def checkpoint_at_step_4(source, target):
     ],
 )
 @pytest.mark.multirank  # every case saves or resumes on 2 ranks
-def test_curve_continues(dataset_dir, tmp_path, saved, resumed):
+def test_curve_continues(dataset_dir, tmp_path, shared_run, saved, resumed):
     """Same global batch (8) on both sides; fp32 losses agree to 1e-5 relative (float summation order
-    differs between world sizes; measured differences are ~1e-7)."""
+    differs between world sizes; measured differences are ~1e-7). The saved runs are the session's: 2 ranks of
+    ZeRO-2 serve two cases here and test_pretrain.py's comparison of world sizes."""
     (saved_ranks, saved_ds), (resumed_ranks, resumed_ds) = saved, resumed
-    whole = tmp_path / "whole"
-    pretrain(dataset_dir, whole, *ARGS, "--micro-batch-size", 8 // saved_ranks, ranks=saved_ranks, ds=saved_ds)
+    whole = shared_run(*ARGS, "--micro-batch-size", 8 // saved_ranks, ranks=saved_ranks, ds=saved_ds)
     out = tmp_path / "resumed"
     checkpoint_at_step_4(whole, out)
     proc = pretrain(

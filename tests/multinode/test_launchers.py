@@ -10,20 +10,17 @@ import time
 
 import pytest
 from conftest import ROOT
-from runs import VENV_BIN, command, env, free_port, train_records
+from runs import MULTINODE_ARGS, VENV_BIN, command, env, free_port, train_records
 
 pytestmark = [pytest.mark.multirank, pytest.mark.multinode]
 
-ARGS = ["--max-steps", 4, "--micro-batch-size", 4, "--precision", "fp32", "--save-interval", 4]
+ARGS = MULTINODE_ARGS
 
 
 @pytest.fixture(scope="module")
-def reference(dataset_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("reference") / "run"
-    subprocess.run(
-        command(dataset_dir, out, *ARGS, ranks=2), cwd=ROOT, env=env(), check=True, capture_output=True, timeout=600
-    )
-    return train_records(out)
+def reference(shared_run):
+    """One host, two ranks (the session's run: test_two_hosts.py compares with it too)."""
+    return train_records(shared_run(*ARGS, ranks=2))
 
 
 def assert_same_losses(out, reference):

@@ -171,6 +171,23 @@ def test_built_op_is_silent(built_root, monkeypatch):
     assert lines == [f"{SHM}: already built in {built_root / SHM}"]
 
 
+def test_a_rank_without_the_virtualenv_on_path_still_runs_its_ninja(built_root, tmp_path, monkeypatch):
+    """A rank that pdsh or mpirun starts over ssh has the remote shell's PATH: another ninja first (or none), whose
+    build log hash differs, rebuilt every op it loaded and the next run rebuilt them back (the pdsh test paid ~1 min
+    of builds, the test after it as much). The virtualenv's ninja comes first again, and the built op stays silent."""
+    other = tmp_path / "bin"
+    other.mkdir()
+    (other / "ninja").write_text(f"#!/bin/sh\ntouch {tmp_path / 'ran'}\nexit 1\n")
+    (other / "ninja").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{other}:/usr/bin:/bin")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(built_root))
+    lines = []
+    assert ops.announce_builds(lines.append, [SHM]) == [] and lines == []
+    assert os.path.samefile(shutil.which("ninja"), Path(sys.prefix, "bin", "ninja"))
+    assert not (tmp_path / "ran").exists()
+    assert ops.use_venv_ninja() is None  # once first, it stays where it is
+
+
 def test_one_line_per_op_to_build_and_nothing_built(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     lines = []
