@@ -469,7 +469,9 @@ METHOD = [
     "(startup, evaluations, logging included) checked at each step boundary; the final checkpoint is written past "
     "the budget. CPU-s in all: getrusage(RUSAGE_CHILDREN) of the run's process (its final checkpoint and exit "
     "included); at the last step: its time.process_time() in the last step record (nanoGPT: its CPU-s in all).",
-    "- A recipe's --max-steps sets its learning-rate schedule; the budget may cut it before the end.",
+    "- A recipe's --max-steps sets its learning-rate schedule, and the budget may cut it before the end; with "
+    "--decay-in-budget (the default recipe) the decay starts at the budget's last --decay-fraction and ends inside it "
+    "(config.json's schedule.decided), --max-steps only a cap.",
     "- The curve (the .png): the trainer's own evaluations (its --eval-windows, not the whole text) at their "
     "CPU-seconds (the step record's process_time at that step).",
     "- shakespeare: train = the first 90% of tinyshakespeare's characters, val = the last 10% (nanoGPT's "
