@@ -198,12 +198,12 @@ class BudgetDecay:
         # the rate over the later half of this process's steps: not the first step (JIT builds, cold caches), nor a
         # batch-size or window-length warmup's cheaper steps
         start_step, start = self.history[len(self.history) // 2] if len(self.history) > 1 else (step, now)
-        fraction = max(used / budget.size for used, budget in zip(now, self.budgets))
+        used, deciding = max(zip(now, self.budgets), key=lambda pair: pair[0] / pair[1].size)  # furthest into it
         steps_left = min(
-            self._steps_left(step - start_step, used, begun, budget)
-            for used, begun, budget in zip(now, start, self.budgets)
+            self._steps_left(step - start_step, spent, begun, budget)
+            for spent, begun, budget in zip(now, start, self.budgets)
         )
-        want = fraction >= 1 - self.config.decay_fraction and step > start_step
+        want = used / deciding.size >= 1 - self.config.decay_fraction and step > start_step
         flag = torch.tensor([int(want), -steps_left], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         want, steps_left = bool(flag[0]), max(1, -int(flag[1]))
@@ -213,12 +213,11 @@ class BudgetDecay:
         self.schedule = self.schedule.cut_for_decay(
             step, steps_left, config.decay_shape, config.min_lr_ratio, "--decay-in-budget"
         )
-        budget = max(zip(now, self.budgets), key=lambda pair: pair[0] / pair[1].size)
         self.decided = {
             "step": step,
             "steps": steps_left,
-            "budget": f"{budget[1].name} {budget[1].size:g}",
-            "used": round(budget[0], 3),
+            "budget": f"{deciding.name} {deciding.size:g}",
+            "used": round(used, 3),
         }
         if self.is_main:
             from dsllm.checkpoint.store import write_json_atomic
@@ -228,7 +227,7 @@ class BudgetDecay:
             record["schedule"] = self.record()
             write_json_atomic(path, record)
             print(
-                f"step {step}: {budget[0]:.1f} of {self.decided['budget']} used: the decay ({config.decay_shape} to "
+                f"step {step}: {used:.1f} of {self.decided['budget']} used: the decay ({config.decay_shape} to "
                 f"{config.min_lr_ratio:g} x lr) starts now, over {steps_left} steps to step {self.max_steps}",
                 flush=True,
             )

@@ -74,6 +74,12 @@ class Pretraining:
         """The run's last step: --max-steps, or its budget's decay's end once decided."""
         return self.budget.max_steps if self.budget is not None else self.config.max_steps
 
+    def schedule_record(self) -> dict | None:
+        """config.json's "schedule": the lr phases (and a budget's decay's decision, once taken); None: the JSON's."""
+        if self.budget is not None:
+            return self.budget.record()
+        return None if self.schedule is None else {"phases": self.schedule.to_list()}
+
 
 def resolve_spec(config: RunConfig, model: ModelConfig, world: World) -> RunSpec:
     """The DeepSpeed JSON with "auto" filled for this hardware and world, as a RunSpec (pre-flight, no process
@@ -313,11 +319,7 @@ def write_run_files(plan: Pretraining) -> Path:
         },
         "deepspeed": spec.ds,
         # the lr's phases (dsllm.schedule): a branch off this run, and the report, read them back
-        "schedule": None
-        if plan.schedule is None
-        else plan.budget.record()
-        if plan.budget is not None
-        else {"phases": plan.schedule.to_list()},
+        "schedule": plan.schedule_record(),
         "versions": {
             "dsllm": __version__,
             "torch": torch.__version__,
