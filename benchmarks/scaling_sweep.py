@@ -9,8 +9,9 @@ the whole validation text), then a least-squares fit of the compute-efficient fr
 
 For each budget the frontier point is the size with the lowest validation bits per byte; the fit is over those
 points (log-log least squares; with --floor, the floor that leaves the smallest residual, searched on a grid below
-the lowest loss). Every size uses the same recipe (launch/recipes/default.yaml and --max-steps; the budget may
-cut the schedule before its end). Writes YYYY-MM-DD-scaling-<host>[-TAG].{md,json} to --results-dir.
+the lowest loss). Every size uses the same recipe, launch/recipes/default.yaml, its step cap lifted (--max-steps):
+every run ends at its budget, its cooldown in the budget's last 20% (--decay-in-budget).
+Writes YYYY-MM-DD-scaling-<host>[-TAG].{md,json} to --results-dir.
 """
 
 from __future__ import annotations
@@ -85,7 +86,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--datasets", default="shakespeare", help="one of shakespeare, stdlib (or --dataset)")
     parser.add_argument("--dataset", action="append", default=[], metavar="NAME=DIR", help="a prepared dataset")
     parser.add_argument(
-        "--max-steps", type=int, help="the schedule's length (default: the recipe's 300; --quick: 2000)"
+        "--max-steps",
+        type=int,
+        default=1_000_000,
+        help="the recipe's step cap (default: one no budget reaches, so every run ends at its budget, its decay in "
+        "the budget's last 20%%: --decay-in-budget)",
     )
     parser.add_argument("--floor", action="store_true", help="fit an irreducible floor too")
     parser.add_argument("--core", type=int, help="the core each run is pinned to (default: the first allowed)")
@@ -125,8 +130,7 @@ def main(argv=None) -> int:
     points = []
     for size, model in sizes.items():
         recipe = [*quality.BUILTIN_RECIPES["dsllm-default"]]
-        if args.max_steps is not None:
-            recipe += ["--max-steps", str(args.max_steps)]
+        recipe += ["--max-steps", str(args.max_steps)]
         recipe += ["--model.mlp_multiple_of", "32", *model]
         for budget in budgets:
             settings.budget = budget

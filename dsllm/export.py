@@ -46,6 +46,12 @@ _MIXTRAL_WHY = {
 def hf_family(config: ModelConfig) -> str:
     """'gpt2', 'llama', 'qwen3' or 'mixtral'; any other combination raises ConfigError naming the option with no
     equivalent."""
+    for field in ("value_embeddings", "unet_skips"):
+        if getattr(config, field):
+            raise ConfigError(
+                f"model.{field} = {getattr(config, field)!r} has no Hugging Face architecture (the speedrun's "
+                f"blocks are not a transformers model); export refuses it: train with {field} off to export"
+            )
     if config.mlp == "relu2":
         raise ConfigError(
             "model.mlp = 'relu2' has no Hugging Face architecture (none pairs a squared-ReLU MLP with these blocks); "

@@ -108,9 +108,10 @@ def _attend(q, k, v, mask=None, dropout: float = 0.0, layout: str = "bhtd"):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, sequence=None):
+    def __init__(self, config: ModelConfig, sequence=None, index: int = 0):
         """`sequence`: a `dsllm.sequence_parallel.SequenceSplit` when this rank holds a piece of each window
-        (DeepSpeed-Ulysses: the heads are exchanged for the sequence around attention)."""
+        (DeepSpeed-Ulysses: the heads are exchanged for the sequence around attention). `index`: the block's, which
+        decides whether its values take a value embedding."""
         super().__init__()
         # no head counts kept: a tensor-parallel rank holds a share of the heads, read off its projection's width
         # (DeepSpeed's AutoTP divides module attributes named like head counts, and not all of them)
@@ -123,6 +124,9 @@ class Attention(nn.Module):
         # QK-norm: each head's queries and keys normalised over head_dim (one scale shared by the heads, as Qwen3)
         self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else None
         self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+        # value embeddings: v + value_scale x the token's row of a table (GPT.value_embeddings)
+        uses_value_embedding = config.value_embedding_of(index) is not None
+        self.value_scale = nn.Parameter(torch.ones(1)) if uses_value_embedding else None
         self.ulysses = None
         if sequence is not None:
             from deepspeed.sequence.layer import DistributedAttention
@@ -130,7 +134,7 @@ class Attention(nn.Module):
             # [B, T/N, H, D] -> all-to-all -> [B, T, H/N, D], attention, and back (scatter heads, gather sequence)
             self.ulysses = DistributedAttention(_attend, sequence.group, scatter_idx=2, gather_idx=1)
 
-    def forward(self, x, rotary=None, mask=None, cache: KVCache | None = None):
+    def forward(self, x, rotary=None, mask=None, cache: KVCache | None = None, value_embedding=None):
         B, T, _ = x.shape
         qkv = self.qkv(x)
         kv_heads = qkv.shape[-1] // ((self.q_per_kv + 2) * self.head_dim)  # a TP rank's qkv: its q, k and v shards
@@ -140,6 +144,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:  # before RoPE, which then rotates unit-RMS (x scale) vectors
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd]
+        if value_embedding is not None:
+            v = v + self.value_scale * value_embedding
         v = v.view(B, T, kv_heads, self.head_dim).transpose(1, 2)
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
@@ -200,12 +206,12 @@ def moe_mlp(config: ModelConfig, expert_parallel: int = 1) -> nn.Module:
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, index: int = 0, expert_parallel: int = 1, sequence=None):
         super().__init__()
-        self.norm1, self.attn = make_norm(config), Attention(config, sequence)
+        self.norm1, self.attn = make_norm(config), Attention(config, sequence, index)
         self.norm2 = make_norm(config)
         self.mlp = moe_mlp(config, expert_parallel) if config.is_sparse(index) else MLP(config)
 
-    def forward(self, x, rotary=None, mask=None, cache=None):
-        x = x + self.attn(self.norm1(x), rotary, mask, cache)
+    def forward(self, x, rotary=None, mask=None, cache=None, value_embedding=None):
+        x = x + self.attn(self.norm1(x), rotary, mask, cache, value_embedding)
         h = self.mlp(self.norm2(x))
         return x + (h[0] if isinstance(h, tuple) else h)  # (an MoE layer's: output, loss, counts)
 
@@ -231,6 +237,10 @@ def z_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (log_z.square() * scored).sum() / scored.sum().clamp(min=1)
 
 
+def _block_forward(block: Block, rotary, mask, x, value_embedding=None):
+    return block(x, rotary, mask, None, value_embedding)
+
+
 def init_seed() -> int:
     """The seed of a new model's weights, drawn from torch's global generator: `torch.manual_seed(s)` before a
     model is built fixes its weights, as it always has."""
@@ -242,6 +252,8 @@ def initial_value(name: str, shape, config: ModelConfig, seed: int) -> torch.Ten
     zero, matrices normal(0, init_std), the outputs that add into the residual stream scaled by 1/sqrt(2 n_layers).
     Each parameter draws from its own generator, seeded by the model's seed and its name, so a part of the model
     built alone (a pipeline stage, a tensor-parallel shard) holds exactly the values of the whole model."""
+    if name == "skip_weights" or name.endswith(".value_scale"):  # U-net skips and value embeddings start at 1
+        return torch.ones(shape)
     module, kind = name.rsplit(".", 1)
     if module.rsplit(".", 1)[-1].startswith("norm") or module.endswith(("q_norm", "k_norm")):
         return torch.ones(shape) if kind == "weight" else torch.zeros(shape)
@@ -296,6 +308,13 @@ class GPT(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i, expert_parallel, sequence) for i in range(config.n_layers))
+        values = config.kv_heads * config.head_dim
+        self.value_embeddings = (
+            nn.ModuleList(nn.Embedding(config.vocab_size, values) for _ in range(config.value_embeddings))
+            if config.value_embeddings
+            else None
+        )
+        self.skip_weights = nn.Parameter(torch.ones(config.n_layers // 2)) if config.unet_skips else None
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -359,11 +378,20 @@ class GPT(nn.Module):
         if self.config.positions == "rope":
             rotary = rotary_embedding(positions, self.config, x.dtype)
         checkpointed = self.training and caches is None and self.config.activation_checkpointing != "none"
+        tables = [table(idx) for table in self.value_embeddings] if self.value_embeddings is not None else []
+        n, skips = len(self.blocks), []
         for i, block in enumerate(self.blocks):
-            if checkpointed:
-                x = self._checkpoint(functools.partial(block, rotary=rotary, mask=mask), x)
+            if self.skip_weights is not None and i >= n - n // 2:  # U-net: the mirror block's output
+                x = x + self.skip_weights[n - 1 - i] * skips.pop()
+            table = self.config.value_embedding_of(i)
+            value_embedding = None if table is None else tables[table]
+            if checkpointed:  # (tensors as arguments: DeepSpeed's reentrant recompute sends gradients to those only)
+                args = (x,) if value_embedding is None else (x, value_embedding)
+                x = self._checkpoint(functools.partial(_block_forward, block, rotary, mask), *args)
             else:
-                x = block(x, rotary, mask, None if caches is None else caches[i])
+                x = block(x, rotary, mask, None if caches is None else caches[i], value_embedding)
+            if self.skip_weights is not None and i < n // 2:
+                skips.append(x)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
@@ -379,12 +407,12 @@ class GPT(nn.Module):
                 loss = loss + self.config.z_loss * term
         return logits, loss
 
-    def _checkpoint(self, fn, x):
+    def _checkpoint(self, fn, *args):
         if self.config.activation_checkpointing == "deepspeed":
             import deepspeed
 
-            return deepspeed.checkpointing.checkpoint(fn, x)
-        return torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
+            return deepspeed.checkpointing.checkpoint(fn, *args)
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
 
     @torch.no_grad()
     def generate(

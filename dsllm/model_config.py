@@ -89,6 +89,13 @@ class ModelConfig:
     """cap the logits smoothly at +-C: C tanh(logits / C), in training, evaluation and generation (None or 0: off)"""
     z_loss: float = 0.0
     """weight of the z-loss, W x mean(logsumexp(logits)^2), added to the training loss only (0: off)"""
+    value_embeddings: int = 0
+    """value embeddings (the modded-nanogpt speedrun's): K more token-embedding tables of the values' width; table i
+    is added to the values of block i and of block n_layers - K + i, each block through a learned scale (0: off; at
+    most n_layers // 2)"""
+    unet_skips: bool = False
+    """U-net skip connections (the modded-nanogpt speedrun's): block n_layers - 1 - i adds the output of block i
+    (i < n_layers // 2) to its input, through a learned weight per pair"""
     init_std: float = 0.02
     """normal init std; residual output projections get init_std / sqrt(2 * n_layers)"""
     activation_checkpointing: str = "none"
@@ -132,6 +139,20 @@ class ModelConfig:
         """Whether block `block` (0-based) has a Mixture-of-Experts MLP."""
         return self.moe_experts > 0 and (block + 1) % self.moe_every == 0
 
+    def value_embedding_of(self, block: int) -> int | None:
+        """The value-embedding table block `block` (0-based) adds to its values, or None: the first and the last
+        `value_embeddings` blocks use tables 0, 1, ... in order."""
+        k = self.value_embeddings
+        if block < k:
+            return block
+        if block >= self.n_layers - k:
+            return block - (self.n_layers - k)
+        return None
+
+    @property
+    def value_embedding_blocks(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.value_embedding_of(i) is not None]
+
     @property
     def sparse_blocks(self) -> int:
         return sum(self.is_sparse(i) for i in range(self.n_layers))
@@ -150,6 +171,8 @@ class ModelConfig:
         embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         positions = self.max_seq_len * d if self.positions == "learned" else 0
         dense = self.n_layers * (attention + mlp + 2 * norm) + norm + embeddings + positions
+        dense += self.value_embeddings * self.vocab_size * self.kv_heads * hd + len(self.value_embedding_blocks)
+        dense += self.n_layers // 2 if self.unet_skips else 0
         experts = self.moe_top_k if active else self.moe_experts
         return dense + self.sparse_blocks * ((experts - 1) * mlp + d * self.moe_experts)
 
@@ -210,6 +233,13 @@ class ModelConfig:
             raise ConfigError(f"model.logit_softcap = {self.logit_softcap}: must be above 0 (or 0 / null: off)")
         if not self.z_loss >= 0:
             raise ConfigError(f"model.z_loss = {self.z_loss}: must be 0 (off) or more, e.g. 1e-4")
+        if not isinstance(self.value_embeddings, int) or not 0 <= self.value_embeddings <= self.n_layers // 2:
+            raise ConfigError(
+                f"model.value_embeddings = {self.value_embeddings!r}: must be 0 (off) to n_layers // 2 = "
+                f"{self.n_layers // 2} (a table serves one of the first and one of the last blocks)"
+            )
+        if self.unet_skips and self.n_layers < 2:
+            raise ConfigError("model.unet_skips needs at least 2 blocks (a first half to skip from); set n_layers >= 2")
         self._validate_moe()
         self._validate_rope_scaling()
 

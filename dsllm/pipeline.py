@@ -216,6 +216,12 @@ def check_pipeline(model, world_size: int, stages: int, partition: str, compile_
     """A pipeline layout that cannot run is one line before any rank starts (`model` a ModelConfig)."""
     if stages == 1:
         return
+    for field in ("value_embeddings", "unet_skips"):
+        if getattr(model, field):
+            raise UserError(
+                f"--pipeline-parallel {stages} with --model.{field} {getattr(model, field)}: not supported (it joins "
+                "blocks that different stages would hold); drop one of them"
+            )
     if world_size % stages:
         raise UserError(
             f"--pipeline-parallel {stages}: the {world_size} rank(s) do not divide into {stages} stages; launch a "

@@ -204,6 +204,11 @@ def check_tensor_parallel(
             f"{flag} with --model.z_loss {model.z_loss}: not supported yet (each rank holds a slice of the "
             "vocabulary's logits, and the z-loss needs their whole logsumexp); drop one of them"
         )
+    if model.value_embeddings:
+        raise UserError(
+            f"{flag} with --model.value_embeddings {model.value_embeddings}: not supported yet (each rank holds a "
+            "share of the values' heads, the tables all of them); drop one of them"
+        )
     if model.qk_norm and pipeline_stages > 1:
         raise UserError(
             f"{flag} with --pipeline-parallel {pipeline_stages} and --model.qk_norm: not supported yet (the norms' "

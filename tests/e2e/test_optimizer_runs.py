@@ -56,17 +56,21 @@ def no_optimizer_json(tmp_path, stage: int, scheduler: bool = True):
 
 def test_muon_updates_the_block_matrices_on_the_schedule_and_trains(tmp_path, dataset_dir):
     ds = no_optimizer_json(tmp_path, 0, scheduler=False)  # ZeRO-0: the optimizer holds the parameters themselves
+    speedrun = ["--model.value_embeddings", "1", "--model.unet_skips", "true"]  # a table, 1-element weights: AdamW's
     result = script_result(  # Muon's Newton-Schulz eager: its compile is ~9 s per process
-        SCRIPT, ds, dataset_dir, tmp_path / "run", *SMALL_MODEL, extra_env={"TORCHDYNAMO_DISABLE": "1"}
+        SCRIPT, ds, dataset_dir, tmp_path / "run", *SMALL_MODEL, *speedrun, extra_env={"TORCHDYNAMO_DISABLE": "1"}
     )
     assert result["type"] == "MuonWithAuxAdam"
     muon = sorted(n for g in result["groups"] if g["muon"] for n in g["names"])
     adam = sorted(n for g in result["groups"] if not g["muon"] for n in g["names"])
     blocks = [f"blocks.{i}.{m}.weight" for i in range(2) for m in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")]
     assert muon == sorted(blocks)
-    assert {"tok_embeddings.weight", "lm_head.weight", "norm.weight"} <= set(adam)
+    speedrun_weights = {"value_embeddings.0.weight", "skip_weights", "blocks.0.attn.value_scale"}
+    assert {"tok_embeddings.weight", "lm_head.weight", "norm.weight", *speedrun_weights} <= set(adam)
     assert all(
-        n.endswith(".bias") or "norm" in n or n.split(".")[0] in ("tok_embeddings", "pos_embeddings", "lm_head")
+        n.endswith((".bias", ".value_scale"))
+        or "norm" in n
+        or n.split(".")[0] in ("tok_embeddings", "pos_embeddings", "lm_head", "value_embeddings", "skip_weights")
         for n in adam
     )
     base = sorted({initial for step in result["lrs"] for _, initial, _ in step})

@@ -43,8 +43,9 @@ models = {
     "learned positions, 2 heads, GELU, biases": {
         "n_heads": 2, "n_kv_heads": 2, "positions": "learned", "mlp": "gelu", "bias": True, "norm": "layernorm"
     },
-    "the recipe options: QK-norm, relu2, soft-capped logits, z-loss": {
-        "n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "mlp": "relu2", "logit_softcap": 2.0, "z_loss": 0.1
+    "the recipe options: QK-norm, relu2, soft-capped logits, z-loss, value embeddings, U-net skips": {
+        "n_heads": 4, "n_kv_heads": 2, "qk_norm": True, "mlp": "relu2", "logit_softcap": 2.0, "z_loss": 0.1,
+        "value_embeddings": 1, "unet_skips": True,
     },
 }
 windows = torch.randint(0, 96, (3, 33), generator=torch.Generator().manual_seed(0))

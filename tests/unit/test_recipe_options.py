@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import dsllm.model
 from dsllm.model import GPT, causal_lm_loss
-from dsllm.model_config import ModelConfig, continued_model_config, resolve_model_config
+from dsllm.model_config import ConfigError, ModelConfig, continued_model_config, resolve_model_config
 from dsllm.model_dir import load_model_dir, save_model_dir
 
 SMALL = dict(vocab_size=97, max_seq_len=32, n_layers=2, d_model=32, n_heads=4, mlp_multiple_of=16)
@@ -123,9 +123,154 @@ def test_the_options_survive_a_model_folder(tmp_path, tokenizer_dir):
     reloaded = load_model_dir(tmp_path / "run")
     assert reloaded.config == config
     assert torch.equal(reloaded(IDX)[0], model(IDX)[0])
+    speedrun = GPT(ModelConfig(**SMALL, **LLAMA, value_embeddings=1, unet_skips=True), seed=5).eval()
+    with torch.no_grad():
+        speedrun.skip_weights.fill_(0.25), speedrun.value_embeddings[0].weight.mul_(3)
+    save_model_dir(speedrun, tmp_path / "speedrun", tokenizer_dir / "tokenizer.json")
+    assert torch.equal(load_model_dir(tmp_path / "speedrun")(IDX)[0], speedrun(IDX)[0])
     relu2 = GPT(ModelConfig(**SMALL, mlp="relu2"), seed=5).eval()
     save_model_dir(relu2, tmp_path / "relu2", tokenizer_dir / "tokenizer.json")
     assert torch.equal(load_model_dir(tmp_path / "relu2")(IDX)[0], relu2(IDX)[0])
+
+
+def attention_values(model, monkeypatch) -> list:
+    """The v of every attention call of a forward ([B, kv_heads, T, head_dim])."""
+    seen = []
+    attend = dsllm.model._attend
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(v.detach())
+        return attend(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(dsllm.model, "_attend", spy)
+    model(IDX)
+    return seen
+
+
+def test_value_embeddings_add_a_tokens_row_to_the_first_and_last_blocks_values(monkeypatch):
+    fields = {**SMALL, **LLAMA, "n_layers": 5}
+    config = ModelConfig(**fields, value_embeddings=2)
+    assert [config.value_embedding_of(i) for i in range(5)] == [0, 1, None, 0, 1]
+    model, plain = GPT(config, seed=8).eval(), GPT(ModelConfig(**fields), seed=8).eval()
+    assert [m.weight.shape for m in model.value_embeddings] == [(97, 16), (97, 16)]  # kv_heads x head_dim wide
+    assert [b.attn.value_scale is not None for b in model.blocks] == [True, True, False, True, True]
+    with torch.no_grad():  # scaled to 0 the tables change nothing: every other weight is the plain model's
+        for block in model.blocks:
+            if block.attn.value_scale is not None:
+                block.attn.value_scale.zero_()
+    assert torch.equal(model(IDX)[0], plain(IDX)[0])
+    with torch.no_grad():
+        model.blocks[3].attn.value_scale.fill_(1.5)
+    values = []
+    hook = model.blocks[3].attn.qkv.register_forward_hook(lambda m, i, out: values.append(out[..., -16:].detach()))
+    v = attention_values(model, monkeypatch)[3]
+    hook.remove()
+    expected = values[0] + 1.5 * model.value_embeddings[0](IDX).detach()  # block 3 = n_layers - 2 + 0: table 0
+    assert torch.allclose(v, expected.view(2, 17, 2, 8).transpose(1, 2), atol=1e-6)
+    assert not torch.allclose(model(IDX)[0], plain(IDX)[0])
+    tables, scales = 2 * 97 * 16, 4
+    assert (
+        config.num_parameters()
+        == sum(p.numel() for p in model.parameters())
+        == plain.config.num_parameters() + (tables + scales)
+    )
+    for bad in (3, -1):
+        with pytest.raises(ConfigError, match=f"model.value_embeddings = {bad}: must be 0 .off. to n_layers // 2 = 2"):
+            ModelConfig(**fields, value_embeddings=bad)
+
+
+def test_unet_skips_add_the_mirror_blocks_output_through_a_learned_weight():
+    fields = {**SMALL, **LLAMA, "n_layers": 5}
+    model, plain = GPT(ModelConfig(**fields, unet_skips=True), seed=9).eval(), GPT(ModelConfig(**fields), seed=9)
+    assert torch.equal(model.skip_weights.detach(), torch.ones(2))  # pairs (0, 4) and (1, 3); block 2 has none
+    with torch.no_grad():
+        model.skip_weights.zero_()
+        assert torch.equal(model(IDX)[0], plain.eval()(IDX)[0])
+        model.skip_weights.copy_(torch.tensor([0.5, -2.0]))
+    inputs, outputs = {}, {}
+
+    def record(index, module, args, out):
+        inputs[index], outputs[index] = args[0], out
+
+    for i, block in enumerate(model.blocks):
+        block.register_forward_hook(functools.partial(record, i))
+    model(IDX)
+    assert torch.allclose(inputs[2], outputs[1])
+    assert torch.allclose(inputs[3], outputs[2] - 2.0 * outputs[1], atol=1e-6)
+    assert torch.allclose(inputs[4], outputs[3] + 0.5 * outputs[0], atol=1e-6)
+    assert model.config.num_parameters() == sum(p.numel() for p in model.parameters())
+    with pytest.raises(ConfigError, match="model.unet_skips needs at least 2 blocks"):
+        ModelConfig(**{**fields, "n_layers": 1}, unet_skips=True)
+
+
+def check_checkpointed_training(checkpointing: str) -> None:
+    """Recomputed blocks send the value-embedding table and the skip weights the gradients of a plain forward
+    (DeepSpeed's reentrant recompute sends them only to tensor arguments)."""
+    fields = {**SMALL, **LLAMA, "n_layers": 4, "value_embeddings": 1, "unet_skips": True}
+    grads = []
+    for mode in ("none", checkpointing):
+        model = GPT(ModelConfig(**fields, activation_checkpointing=mode), seed=10).train()
+        model(IDX[:, :-1], IDX[:, 1:])[1].backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys() and grads[0]["value_embeddings.0.weight"].abs().sum() > 0
+    for name, grad in grads[0].items():
+        assert grads[1][name] is not None and torch.allclose(grads[1][name], grad, atol=1e-6), name
+
+
+def test_value_embeddings_and_skips_train_under_torch_checkpointing_and_decode_with_the_cache():
+    check_checkpointed_training("torch")
+    # generation's KV cache adds each new token's row, as the whole window's forward does
+    fields = {**SMALL, **LLAMA, "n_layers": 4, "value_embeddings": 2, "unet_skips": True}
+    model = GPT(ModelConfig(**fields), seed=10).eval()
+    prompt = IDX[0, :5].tolist()
+    generated = model.generate([prompt], 6, temperature=0)[0]
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(6):  # greedy, each step the whole window again (no cache)
+            tokens.append(int(model(torch.tensor([tokens]))[0][0, -1].argmax()))
+    assert generated[-6:] == tokens[-6:]
+
+
+def test_value_embeddings_and_skips_train_under_deepspeeds_checkpointing(tmp_path):
+    """(a process of its own: DeepSpeed's recompute needs its process group)"""
+    import subprocess
+    import sys
+
+    from runs import ROOT, env, free_port
+
+    script = (
+        "import sys, deepspeed; sys.path.insert(0, 'tests/unit'); deepspeed.init_distributed(dist_backend='gloo'); "
+        "deepspeed.checkpointing.configure(None); import test_recipe_options as t; "
+        "t.check_checkpointed_training('deepspeed'); print('same gradients')"
+    )
+    ranks = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**env(), **ranks, "MASTER_PORT": str(free_port())},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0 and "same gradients" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_value_embeddings_and_skips_are_refused_where_they_cannot_run():
+    from dsllm.errors import UserError
+    from dsllm.export import hf_family
+    from dsllm.pipeline import check_pipeline
+    from dsllm.tensor_parallel import check_tensor_parallel
+
+    for field, value in (("value_embeddings", 1), ("unet_skips", True)):
+        config = ModelConfig(**SMALL, **LLAMA, **{field: value})
+        with pytest.raises(UserError, match=f"--pipeline-parallel 2 with --model.{field} {value}: not supported"):
+            check_pipeline(config, 2, 2, "blocks", False)
+        with pytest.raises(ConfigError, match=f"model.{field} = {value!r} has no Hugging Face architecture"):
+            hf_family(config)
+    even = {**SMALL, **LLAMA, "vocab_size": 96}  # (rows split over 2 tensor ranks)
+    with pytest.raises(UserError, match="--tensor-parallel 2 with --model.value_embeddings 1: not supported yet"):
+        check_tensor_parallel(ModelConfig(**even, value_embeddings=1), 2, 2, 1, False, 1)
+    check_tensor_parallel(ModelConfig(**even, unet_skips=True), 2, 2, 1, False, 1)  # (replicated weights)
 
 
 @pytest.mark.parametrize("tied", [True, False])
