@@ -1,12 +1,11 @@
 """Hugging Face export: safetensors + config.json + tokenizer files that `AutoModelForCausalLM` and
 `AutoTokenizer` load with no extra code.
 
-GPT-2 options (learned positions, LayerNorm, GELU, biases, no GQA) map to `GPT2LMHeadModel`;
-RoPE + RMSNorm + SwiGLU (+GQA) to `LlamaForCausalLM`, with QK-norm (no biases) to `Qwen3ForCausalLM`.
-Our fused weights are split here, in the order the model lays them out: qkv = [q | k | v], SwiGLU
-fc = [gate | up]. GPT-2's Conv1D stores weights as [in, out], so those are transposed. RoPE uses the
-half-split layout on both sides, so no permutation is needed. `tests/unit/test_export.py` proves logits
-parity for every family.
+GPT-2 options (learned positions, LayerNorm, GELU or its tanh approximation, biases, no GQA) map to
+`GPT2LMHeadModel`; RoPE + RMSNorm + SwiGLU (+GQA) to `LlamaForCausalLM`, with biases on q, k and v alone to
+`Qwen2ForCausalLM`, with QK-norm (no biases) to `Qwen3ForCausalLM`, with experts to `MixtralForCausalLM`. Where each
+weight goes (our fused qkv and SwiGLU fc split, GPT-2's Conv1D transposed) is `dsllm.hf_layout`'s, which `dsllm
+import` reads backwards. `tests/unit/test_export.py` proves logits parity for every family.
 
 The tokenizer is exported as the model was trained: every document starts with <|endoftext|>, so plain
 `AutoTokenizer.from_pretrained(folder)(prompt)` puts it first, as `python -m dsllm generate` does
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING
 from tokenizers import Tokenizer, processors
 
 from dsllm.errors import ArgumentParser, UserError
+from dsllm.hf_layout import to_hf, weight_rules
 from dsllm.model_config import ConfigError, ModelConfig
 from dsllm.tokenizer import EOT_TOKEN, TOKENIZER_FILE, eot_id, load_tokenizer
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # torch loads inside the functions that use it, so `--help` a
 
     from dsllm.model import GPT
 
-_GPT2_NEEDS = {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True}
+_GPT2_NEEDS = {"positions": "learned", "norm": "layernorm", "mlp": ("gelu", "gelu_tanh"), "bias": True}
 _LLAMA_NEEDS = {"positions": "rope", "norm": "rmsnorm", "mlp": "swiglu"}
 _QWEN3_NEEDS = {**_LLAMA_NEEDS, "bias": False, "moe_experts": 0}
 _MIXTRAL_NEEDS = {"bias": False, "moe_every": 1, "moe_top_k": 2}
@@ -44,8 +44,8 @@ _MIXTRAL_WHY = {
 
 
 def hf_family(config: ModelConfig) -> str:
-    """'gpt2', 'llama', 'qwen3' or 'mixtral'; any other combination raises ConfigError naming the option with no
-    equivalent."""
+    """'gpt2', 'llama', 'qwen2', 'qwen3' or 'mixtral' (`dsllm.hf_layout.FAMILIES`); any other combination raises
+    ConfigError naming the option with no equivalent."""
     for field in ("value_embeddings", "unet_skips"):
         if getattr(config, field):
             raise ConfigError(
@@ -62,6 +62,12 @@ def hf_family(config: ModelConfig) -> str:
             f"model.logit_softcap = {config.logit_softcap} has no Hugging Face equivalent for these blocks (Gemma2's "
             "final_logit_softcapping comes with Gemma2's own norms, MLP and embedding scale); export refuses a "
             "soft-capped model: train with logit_softcap null to export"
+        )
+    qwen2_shaped = not config.bias and config.positions == "rope" and not config.qk_norm and not config.moe_experts
+    if config.has_qkv_bias != config.bias and not qwen2_shaped:
+        raise ConfigError(
+            f"model.qkv_bias = {config.qkv_bias!r} with bias = {config.bias!r} has no Hugging Face equivalent: only "
+            "Qwen2ForCausalLM (RoPE, RMSNorm, SwiGLU, bias = false, no QK-norm or experts) has q, k, v biases alone"
         )
     if config.qk_norm:  # Qwen3ForCausalLM: Llama's blocks with an RMSNorm over each head's queries and keys
         for field, value in _QWEN3_NEEDS.items():
@@ -80,16 +86,18 @@ def hf_family(config: ModelConfig) -> str:
                     + _MIXTRAL_WHY.get(field, "")
                 )
         return "mixtral"
-    family, needs, name = (
-        ("gpt2", _GPT2_NEEDS, "GPT2LMHeadModel")
-        if config.positions == "learned"
-        else ("llama", _LLAMA_NEEDS, "LlamaForCausalLM")
-    )
+    if config.positions == "learned":
+        family, needs, name = "gpt2", _GPT2_NEEDS, "GPT2LMHeadModel"
+    elif config.has_qkv_bias and not config.bias:
+        family, needs, name = "qwen2", _LLAMA_NEEDS, "Qwen2ForCausalLM"
+    else:
+        family, needs, name = "llama", _LLAMA_NEEDS, "LlamaForCausalLM"
     for field, value in needs.items():
-        if getattr(config, field) != value:
+        allowed = value if isinstance(value, tuple) else (value,)
+        if getattr(config, field) not in allowed:
             raise ConfigError(
                 f"model.{field} = {getattr(config, field)!r} has no Hugging Face equivalent with "
-                f"positions = {config.positions!r}: {name} needs {field} = {value!r}"
+                f"positions = {config.positions!r}: {name} needs {field} = {' or '.join(map(repr, allowed))}"
             )
     if family == "gpt2" and config.kv_heads != config.n_heads:
         raise ConfigError(
@@ -99,63 +107,10 @@ def hf_family(config: ModelConfig) -> str:
     return family
 
 
-def _split_qkv(weight: torch.Tensor, config: ModelConfig):
-    q = config.n_heads * config.head_dim
-    kv = config.kv_heads * config.head_dim
-    return weight.split([q, kv, kv], dim=0)
-
-
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    import torch
-
-    config, family = model.config, hf_family(model.config)
+    """The model's weights by the names (and in the layout) of its Hugging Face family (`dsllm.hf_layout`)."""
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    out: dict[str, torch.Tensor] = {}
-    if family == "gpt2":
-        out["transformer.wte.weight"] = sd["tok_embeddings.weight"]
-        out["transformer.wpe.weight"] = sd["pos_embeddings.weight"]
-        for i in range(config.n_layers):
-            ours, theirs = f"blocks.{i}.", f"transformer.h.{i}."
-            for a, b in (("norm1", "ln_1"), ("norm2", "ln_2")):
-                out[f"{theirs}{b}.weight"], out[f"{theirs}{b}.bias"] = sd[f"{ours}{a}.weight"], sd[f"{ours}{a}.bias"]
-            for a, b in (
-                ("attn.qkv", "attn.c_attn"),
-                ("attn.proj", "attn.c_proj"),
-                ("mlp.fc", "mlp.c_fc"),
-                ("mlp.proj", "mlp.c_proj"),
-            ):
-                out[f"{theirs}{b}.weight"] = sd[f"{ours}{a}.weight"].t()  # Conv1D: [in, out]
-                out[f"{theirs}{b}.bias"] = sd[f"{ours}{a}.bias"]
-        out["transformer.ln_f.weight"], out["transformer.ln_f.bias"] = sd["norm.weight"], sd["norm.bias"]
-    else:
-        out["model.embed_tokens.weight"] = sd["tok_embeddings.weight"]
-        for i in range(config.n_layers):
-            ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
-            out[f"{theirs}input_layernorm.weight"] = sd[f"{ours}norm1.weight"]
-            out[f"{theirs}post_attention_layernorm.weight"] = sd[f"{ours}norm2.weight"]
-            if family == "qwen3":
-                out[f"{theirs}self_attn.q_norm.weight"] = sd[f"{ours}attn.q_norm.weight"]
-                out[f"{theirs}self_attn.k_norm.weight"] = sd[f"{ours}attn.k_norm.weight"]
-            names = ("q_proj", "k_proj", "v_proj")
-            for kind in ("weight", "bias") if config.bias else ("weight",):
-                for name, part in zip(names, _split_qkv(sd[f"{ours}attn.qkv.{kind}"], config)):
-                    out[f"{theirs}self_attn.{name}.{kind}"] = part
-                out[f"{theirs}self_attn.o_proj.{kind}"] = sd[f"{ours}attn.proj.{kind}"]
-                if family == "mixtral":
-                    continue
-                gate, up = sd[f"{ours}mlp.fc.{kind}"].chunk(2, dim=0)
-                out[f"{theirs}mlp.gate_proj.{kind}"], out[f"{theirs}mlp.up_proj.{kind}"] = gate, up
-                out[f"{theirs}mlp.down_proj.{kind}"] = sd[f"{ours}mlp.proj.{kind}"]
-            if family == "mixtral":  # the router, and the experts stacked: [gate | up] as ours, then down
-                moe = f"{ours}mlp.deepspeed_moe."
-                experts = [f"{moe}experts.deepspeed_experts.{e}." for e in range(config.moe_experts)]
-                out[f"{theirs}mlp.gate.weight"] = sd[f"{moe}gate.wg.weight"]
-                out[f"{theirs}mlp.experts.gate_up_proj"] = torch.stack([sd[f"{e}fc.weight"] for e in experts])
-                out[f"{theirs}mlp.experts.down_proj"] = torch.stack([sd[f"{e}proj.weight"] for e in experts])
-        out["model.norm.weight"] = sd["norm.weight"]
-    if not config.tie_embeddings:
-        out["lm_head.weight"] = sd["lm_head.weight"]
-    return {k: v.contiguous().clone() for k, v in out.items()}
+    return to_hf(sd, weight_rules(model.config, hf_family(model.config)))
 
 
 def hf_config(config: ModelConfig, eos: int) -> dict:
@@ -177,7 +132,7 @@ def hf_config(config: ModelConfig, eos: int) -> dict:
             "n_head": config.n_heads,
             "n_positions": config.max_seq_len,
             "n_inner": config.mlp_hidden_size,
-            "activation_function": "gelu",
+            "activation_function": "gelu_new" if config.mlp == "gelu_tanh" else "gelu",
             "layer_norm_epsilon": config.norm_eps,
             "resid_pdrop": config.dropout,
             "embd_pdrop": config.dropout,
@@ -198,6 +153,8 @@ def hf_config(config: ModelConfig, eos: int) -> dict:
         }
     elif hf_family(config) == "qwen3":
         common = {**common, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False}
+    elif hf_family(config) == "qwen2":
+        common = {**common, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False}
     else:
         common = {**common, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     return {
@@ -231,6 +188,12 @@ def hf_rope_parameters(config: ModelConfig) -> dict:
     if config.rope_scaling == "yarn":
         parameters.update(
             original_max_position_embeddings=config.rope_original_max_seq_len, beta_fast=32.0, beta_slow=1.0
+        )
+    if config.rope_scaling == "llama3":
+        parameters.update(
+            original_max_position_embeddings=config.rope_original_max_seq_len,
+            low_freq_factor=config.rope_low_freq_factor,
+            high_freq_factor=config.rope_high_freq_factor,
         )
     return parameters
 
@@ -319,8 +282,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="dsllm export",
         description="Export a model to a Hugging Face folder that AutoModelForCausalLM and AutoTokenizer load "
-        "(GPT2LMHeadModel, LlamaForCausalLM, Qwen3ForCausalLM or MixtralForCausalLM, safetensors; the tokenizer "
-        "starts each text with <|endoftext|>).",
+        "(GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM or MixtralForCausalLM, "
+        "safetensors; the tokenizer starts each text with <|endoftext|>).",
     )
     parser.add_argument(
         "--checkpoint",

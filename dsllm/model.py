@@ -56,6 +56,8 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     factor = config.rope_scaling_factor
     if config.rope_scaling == "linear":
         return 1.0 / (factor * powers), 1.0
+    if config.rope_scaling == "llama3":
+        return _llama3_frequencies(1.0 / powers, config), 1.0
 
     def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times over the context
         return dim * math.log(config.rope_original_max_seq_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
@@ -64,6 +66,19 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
     inv_freq = (1.0 / (factor * powers)) * ramp + (1.0 / powers) * (1 - ramp)
     return inv_freq, 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def _llama3_frequencies(inv_freq: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Llama 3.1's scaling: a wavelength longer than original / low_freq_factor is stretched by the factor, one
+    shorter than original / high_freq_factor kept, and in between the two frequencies are blended by
+    (original / wavelength - low) / (high - low)."""
+    original, factor = config.rope_original_max_seq_len, config.rope_scaling_factor
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((original / wavelength - low) / (high - low)).clamp(0, 1)
+    scaled = torch.where(wavelength > original / low, inv_freq / factor, inv_freq)
+    medium = (wavelength >= original / high) & (wavelength <= original / low)
+    return torch.where(medium, (1 - blend) * inv_freq / factor + blend * inv_freq, scaled)
 
 
 def rotary_embedding(positions: torch.Tensor, config: ModelConfig, dtype: torch.dtype):
@@ -117,7 +132,8 @@ class Attention(nn.Module):
         # (DeepSpeed's AutoTP divides module attributes named like head counts, and not all of them)
         self.q_per_kv, self.head_dim = config.n_heads // config.kv_heads, config.head_dim
         # one fused projection, output laid out as [q (n_heads) | k (kv_heads) | v (kv_heads)]
-        self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.kv_heads) * self.head_dim, bias=config.bias)
+        qkv = (config.n_heads + 2 * config.kv_heads) * self.head_dim
+        self.qkv = nn.Linear(config.d_model, qkv, bias=config.has_qkv_bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -164,6 +180,7 @@ class MLP(nn.Module):
         super().__init__()
         hidden = config.mlp_hidden_size
         self.swiglu, self.relu2 = config.mlp == "swiglu", config.mlp == "relu2"
+        self.gelu = "tanh" if config.mlp == "gelu_tanh" else "none"
         # SwiGLU: one fused input projection laid out as [gate | up]
         self.fc = nn.Linear(config.d_model, 2 * hidden if self.swiglu else hidden, bias=config.bias)
         self.proj = nn.Linear(hidden, config.d_model, bias=config.bias)
@@ -176,7 +193,7 @@ class MLP(nn.Module):
         elif self.relu2:
             h = F.relu(self.fc(x)).square()
         else:
-            h = F.gelu(self.fc(x))
+            h = F.gelu(self.fc(x), approximate=self.gelu)
         return self.dropout(self.proj(h))
 
 

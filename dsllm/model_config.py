@@ -18,9 +18,9 @@ from dsllm.errors import UserError
 
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu", "relu2")
+MLPS = ("gelu", "gelu_tanh", "swiglu", "relu2")
 CHECKPOINTING = ("none", "torch", "deepspeed")
-ROPE_SCALINGS = ("none", "linear", "ntk", "yarn")
+ROPE_SCALINGS = ("none", "linear", "ntk", "yarn", "llama3")
 # What no weight's shape depends on: a run that starts from trained weights (--init) may change these. max_seq_len
 # only with RoPE (computed per position; learned positions are a table of max_seq_len rows).
 WEIGHT_FREE_FIELDS = (
@@ -29,6 +29,8 @@ WEIGHT_FREE_FIELDS = (
     "rope_scaling",
     "rope_scaling_factor",
     "rope_original_max_seq_len",
+    "rope_low_freq_factor",
+    "rope_high_freq_factor",
     "dropout",
     "activation_checkpointing",
     "z_loss",
@@ -61,23 +63,32 @@ class ModelConfig:
     """rotary base wavelength"""
     rope_scaling: str = "none"
     """RoPE scaling for a context longer than trained: 'none', 'linear' (positions interpolated), 'ntk' (NTK-aware:
-    the base raised so the lowest frequency stretches by the factor, the highest kept) or 'yarn'"""
+    the base raised so the lowest frequency stretches by the factor, the highest kept), 'yarn', or 'llama3' (Llama
+    3.1's: wavelengths longer than original / low_freq_factor divided by the factor, shorter than original /
+    high_freq_factor kept, a smooth blend between)"""
     rope_scaling_factor: float = 1.0
     """how many times the trained context the scaled RoPE covers"""
     rope_original_max_seq_len: int | None = None
-    """the context the model was trained at (YaRN's original_max_position_embeddings)"""
+    """the context the model was trained at (YaRN's and llama3's original_max_position_embeddings)"""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above original context / this are divided by the factor"""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below original context / this are kept"""
     norm: str = "layernorm"
     """'layernorm' or 'rmsnorm'"""
     norm_eps: float = 1e-5
     """epsilon of the norm layers"""
     mlp: str = "gelu"
-    """'gelu' (exact erf GELU), 'swiglu', or 'relu2' (squared ReLU: W2 relu(W1 x)^2, as the modded-nanogpt speedrun)"""
+    """'gelu' (exact erf GELU), 'gelu_tanh' (its tanh approximation: GPT-2's gelu_new), 'swiglu', or 'relu2' (squared
+    ReLU: W2 relu(W1 x)^2, as the modded-nanogpt speedrun)"""
     mlp_hidden: int | None = None
     """MLP hidden size: None = 4*d_model (gelu, relu2) or ~8/3*d_model rounded (swiglu)"""
     mlp_multiple_of: int = 256
     """the rounding of the default SwiGLU hidden size"""
     bias: bool = True
     """biases in the attention and MLP linear layers (and LayerNorm)"""
+    qkv_bias: bool | None = None
+    """biases in the query, key and value projections alone (Qwen2); None: as `bias`"""
     dropout: float = 0.0
     """dropout on attention weights, residual branches and embeddings"""
     tie_embeddings: bool = True
@@ -123,6 +134,10 @@ class ModelConfig:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
 
     @property
+    def has_qkv_bias(self) -> bool:
+        return self.bias if self.qkv_bias is None else self.qkv_bias
+
+    @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
@@ -162,9 +177,8 @@ class ModelConfig:
         goes through, a sparse block's MLP counted top_k times (not once per expert) and its router once."""
         d, hd = self.d_model, self.head_dim
         bias = int(self.bias)
-        attention = (
-            d * (self.n_heads + 2 * self.kv_heads) * hd + d * d + bias * ((self.n_heads + 2 * self.kv_heads) * hd + d)
-        )
+        qkv = (self.n_heads + 2 * self.kv_heads) * hd
+        attention = d * qkv + d * d + int(self.has_qkv_bias) * qkv + bias * d
         mlp = self.mlp_parameters
         norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
         attention += 2 * (norm // d) * hd if self.qk_norm else 0
@@ -255,9 +269,15 @@ class ModelConfig:
                 f"model.rope_scaling_factor = {self.rope_scaling_factor}: must be above 1 (how many times the trained "
                 "context the model should cover)"
             )
-        if self.rope_scaling == "yarn" and not (self.rope_original_max_seq_len or 0) >= 1:
+        if self.rope_scaling in ("yarn", "llama3") and not (self.rope_original_max_seq_len or 0) >= 1:
             raise ConfigError(
-                "model.rope_scaling = 'yarn' needs model.rope_original_max_seq_len: the context it was trained at"
+                f"model.rope_scaling = {self.rope_scaling!r} needs model.rope_original_max_seq_len: the context it was "
+                "trained at"
+            )
+        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ConfigError(
+                f"model.rope_low_freq_factor = {self.rope_low_freq_factor} and model.rope_high_freq_factor = "
+                f"{self.rope_high_freq_factor}: llama3 scaling needs 0 < low < high (Llama 3.1: 1 and 4)"
             )
 
     def _validate_moe(self) -> None:

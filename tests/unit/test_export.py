@@ -32,6 +32,12 @@ CASES = {
     "mixtral_untied": dict(LLAMA, n_kv_heads=2, tie_embeddings=False, moe_experts=4, moe_top_k=2),
     "mixtral_tied": dict(LLAMA, n_kv_heads=4, moe_experts=8, moe_top_k=2, mlp_hidden=48),
     "qwen3_qk_norm": dict(LLAMA, n_kv_heads=2, qk_norm=True, tie_embeddings=False, z_loss=1e-4),
+    "qwen2_qkv_bias": dict(LLAMA, n_kv_heads=2, qkv_bias=True),
+    "gpt2_gelu_tanh": dict(mlp="gelu_tanh"),
+    "llama3_rope": dict(
+        LLAMA, n_kv_heads=2, rope_scaling="llama3", rope_scaling_factor=8.0, rope_original_max_seq_len=16,
+        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_theta=50.0,
+    ),
 }
 ARCHITECTURES = {"learned": "GPT2LMHeadModel", "rope": "LlamaForCausalLM"}
 
@@ -60,6 +66,7 @@ def test_logits_parity_in_transformers(tmp_path, tokenizer_dir, case):
     assert diff < 1e-4, diff
     expected = "MixtralForCausalLM" if model.config.moe_experts else ARCHITECTURES[model.config.positions]
     expected = "Qwen3ForCausalLM" if model.config.qk_norm else expected
+    expected = "Qwen2ForCausalLM" if model.config.qkv_bias else expected
     assert type(hf).__name__ == expected
     assert hf.config.tie_word_embeddings == model.config.tie_embeddings
     weights = load_file(tmp_path / "hf" / "model.safetensors")
@@ -129,6 +136,8 @@ def test_tokenizer_loads_with_autotokenizer(tmp_path, tokenizer_dir):
         (dict(LLAMA, logit_softcap=30.0), r"model.logit_softcap = 30.0 has no Hugging Face equivalent.*refuses"),
         (dict(LLAMA, qk_norm=True, bias=True), r"model.bias = True .*qk_norm: Qwen3ForCausalLM needs bias = False"),
         (dict(qk_norm=True), r"model.positions = 'learned' .*qk_norm: Qwen3ForCausalLM needs positions = 'rope'"),
+        (dict(qkv_bias=False), r"model.qkv_bias = False with bias = True has no Hugging Face equivalent"),
+        (dict(LLAMA, qkv_bias=True, qk_norm=True), r"model.qkv_bias = True with bias = False .*only Qwen2ForCausalLM"),
     ],
 )
 def test_combinations_without_an_hf_equivalent_are_refused(tmp_path, tokenizer_dir, fields, message):
