@@ -54,7 +54,8 @@ def weight_rules(config: ModelConfig, family: str) -> list[Rule]:
             ]
         projections = [f"{theirs}self_attn.{name}_proj" for name in "qkv"]
         for kind in ("weight", "bias") if config.has_qkv_bias else ("weight",):
-            rules.append(Rule((f"{ours}attn.qkv.{kind}",), tuple(f"{p}.{kind}" for p in projections), "split", (q, kv, kv)))
+            qkv = tuple(f"{p}.{kind}" for p in projections)
+            rules.append(Rule((f"{ours}attn.qkv.{kind}",), qkv, "split", (q, kv, kv)))
         for kind in ("weight", "bias") if config.bias else ("weight",):
             rules.append(Rule((f"{ours}attn.proj.{kind}",), (f"{theirs}self_attn.o_proj.{kind}",)))
             if family == "mixtral":
