@@ -35,8 +35,14 @@ CASES = {
     "qwen2_qkv_bias": dict(LLAMA, n_kv_heads=2, qkv_bias=True),
     "gpt2_gelu_tanh": dict(mlp="gelu_tanh"),
     "llama3_rope": dict(
-        LLAMA, n_kv_heads=2, rope_scaling="llama3", rope_scaling_factor=8.0, rope_original_max_seq_len=16,
-        rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_theta=50.0,
+        LLAMA,
+        n_kv_heads=2,
+        rope_scaling="llama3",
+        rope_scaling_factor=8.0,
+        rope_original_max_seq_len=16,
+        rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0,
+        rope_theta=50.0,
     ),
 }
 ARCHITECTURES = {"learned": "GPT2LMHeadModel", "rope": "LlamaForCausalLM"}
