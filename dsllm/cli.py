@@ -25,6 +25,7 @@ VERBS = {
     "supervise": ("dsllm.supervise", "rerun a training command after failures, resuming each time"),
     "evaluate": ("dsllm.evaluation", "validation loss, perplexity, bits/byte and multiple-choice accuracy"),
     "generate": ("dsllm.generate", "sample text from a model"),
+    "import": ("dsllm.hf_import", "a Hugging Face checkpoint (GPT-2, Llama, Mistral, Qwen) as a model folder"),
     "consolidate": ("dsllm.consolidate", "turn a training checkpoint into a model folder"),
     "export": ("dsllm.export", "export a model to a Hugging Face transformers folder"),
     "report": ("dsllm.report", "plots and a summary of a run"),

@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, processors
 
-from dsllm.errors import ArgumentParser, UserError
+from dsllm.errors import ArgumentParser
 from dsllm.hf_layout import to_hf, weight_rules
 from dsllm.model_config import ConfigError, ModelConfig
+from dsllm.paths import staged_folder
 from dsllm.tokenizer import EOT_TOKEN, TOKENIZER_FILE, eot_id, load_tokenizer
 
 if TYPE_CHECKING:  # torch loads inside the functions that use it, so `--help` answers at once
@@ -247,22 +247,15 @@ def export_hf(
     """Write the Hugging Face folder; staged under a temporary name and renamed when complete."""
     from safetensors.torch import save_file
 
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise UserError(f"{output}: exists and is not a folder; choose another --output")
-    if output.exists() and any(output.iterdir()) and not overwrite:
-        raise UserError(f"{output}: exists and is not empty; pass --overwrite to replace it or choose another --output")
     tokenizer = load_tokenizer(tokenizer_file)
     eos = eot_id(tokenizer)
     state = hf_state_dict(model)  # refuses unsupported option sets before anything is written
-    stage = output.with_name(f".{output.name}.partial-{os.getpid()}")
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir(parents=True)
 
-    def write_json(name: str, value: dict) -> None:
-        (stage / name).write_text(json.dumps(value, indent=2) + "\n")
+    with staged_folder(output, overwrite) as stage:
 
-    try:
+        def write_json(name: str, value: dict) -> None:
+            (stage / name).write_text(json.dumps(value, indent=2) + "\n")
+
         save_file(state, str(stage / "model.safetensors"), metadata={"format": "pt"})
         write_json("config.json", hf_config(model.config, eos))
         vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -270,12 +263,7 @@ def export_hf(
         hf_tokenizer(tokenizer).save(str(stage / TOKENIZER_FILE))
         write_json("tokenizer_config.json", hf_tokenizer_config(model.config.max_seq_len))
         write_json("special_tokens_map.json", hf_special_tokens())
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(stage, output)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
-    return output
+    return Path(output)
 
 
 def build_parser() -> ArgumentParser:

@@ -147,7 +147,7 @@ def from_hf(theirs: dict[str, torch.Tensor], rules: list[Rule], where: str) -> d
             parts = [tensors[0].t()]
         elif rule.kind == "split":
             parts = [torch.cat(tensors, dim=0)]
-        else:  # stack
-            parts = list(tensors[0].unbind(0))
+        else:  # stack (each expert its own storage: safetensors refuses views of one)
+            parts = [expert.clone() for expert in tensors[0].unbind(0)]
         out.update(zip(rule.ours, parts))
     return {name: tensor.contiguous() for name, tensor in out.items()}

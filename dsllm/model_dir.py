@@ -33,8 +33,10 @@ def save_model_dir(
     """Write the weights (fp32, safetensors), the model config and the tokenizer into `directory`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    fp32 = GPT(model.config)
-    fp32.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
+    fp32 = model
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
+        fp32 = GPT(model.config)
+        fp32.load_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()})
     save_model(fp32, str(directory / WEIGHTS_FILE))
     (directory / CONFIG_FILE).write_text(
         json.dumps({"model": model.config.to_dict(), **(extra or {})}, indent=2) + "\n"

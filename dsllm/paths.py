@@ -3,8 +3,10 @@ path it reads, before it reads or writes anything (an export with --overwrite wo
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from dsllm.errors import UserError
@@ -40,3 +42,25 @@ def check_output_apart(
             f"{output_flag} {output} {relation} {path}{resolved}, which {flag} reads: an output must not "
             f"overlap an input; choose another {output_flag}"
         )
+
+
+@contextlib.contextmanager
+def staged_folder(output: str | os.PathLike, overwrite: bool, flag: str = "--output") -> Iterator[Path]:
+    """A new folder written whole or not at all: refuses `output` when it is a file, or a folder with files in it
+    (unless `overwrite`), before anything is written; yields a hidden staging folder beside it, and renames that to
+    `output` when the block ends without an error (removed otherwise: an old `output` is untouched)."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise UserError(f"{output}: exists and is not a folder; choose another {flag}")
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        raise UserError(f"{output}: exists and is not empty; pass --overwrite to replace it or choose another {flag}")
+    stage = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        yield stage
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(stage, output)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
