@@ -543,6 +543,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--budget", type=float, default=300.0, help="seconds of compute per run")
     parser.add_argument("--budget-kind", choices=("cpu", "gpu"), default="cpu", help="CPU-seconds or GPU-seconds")
     parser.add_argument("--seeds", type=int, default=2, help="seeds per recipe and dataset (1234, 1235, ...)")
+    parser.add_argument("--first-seed", type=int, default=1234, help="the first of --seeds seeds (more seeds later)")
     parser.add_argument("--core", type=int, help="the core each run is pinned to (default: the first allowed)")
     parser.add_argument("--nanogpt", metavar="DIR", help="a karpathy/nanoGPT checkout outside this project")
     parser.add_argument("--shakespeare", default=str(SHAKESPEARE), help="tinyshakespeare.txt")
@@ -581,7 +582,7 @@ def measure(args, log=lambda m: print(m, file=sys.stderr, flush=True)) -> dict:
             plans.append(("nanogpt-cpu", None))
         for name, recipe in plans:
             runs = []
-            for seed in range(1234, 1234 + args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 out = work / dataset / name / f"seed{seed}"
                 log(f"{dataset} / {name} / seed {seed}: training for {args.budget:g} {args.budget_kind.upper()}-s")
                 if recipe is None:

@@ -91,13 +91,13 @@ def encode_choices(
     start = [eot_id(tokenizer)]
     encoded = []
     for example in examples:
-        choices = [tokenizer.encode(c).ids for c in example.choices]
+        choices = [tokenizer.encode(c, add_special_tokens=False).ids for c in example.choices]
         if max(map(len, choices)) > max_seq_len:
             raise UserError(
                 f"{example.where}: a choice is longer than the model's context "
                 f"(model.max_seq_len = {max_seq_len} tokens); shorten it"
             )
-        encoded.append((start + tokenizer.encode(example.context).ids, choices))
+        encoded.append((start + tokenizer.encode(example.context, add_special_tokens=False).ids, choices))
     return encoded
 
 

@@ -25,7 +25,7 @@ from dsllm.errors import ArgumentParser
 from dsllm.hf_layout import to_hf, weight_rules
 from dsllm.model_config import ConfigError, ModelConfig
 from dsllm.paths import staged_folder
-from dsllm.tokenizer import EOT_TOKEN, TOKENIZER_FILE, eot_id, load_tokenizer
+from dsllm.tokenizer import EOT_TOKEN, TOKENIZER_FILE, document_token, eot_id, load_tokenizer
 
 if TYPE_CHECKING:  # torch loads inside the functions that use it, so `--help` answers at once
     import torch
@@ -199,26 +199,28 @@ def hf_rope_parameters(config: ModelConfig) -> dict:
 
 
 def hf_tokenizer(tokenizer: Tokenizer) -> Tokenizer:
-    """The tokenizer with <|endoftext|> put before every text, as before every document in training (a pair of
-    texts is two documents). The tokenizer's own post-processor, if any, runs first, as in `dsllm generate`."""
+    """The tokenizer with its document token (<|endoftext|> for dsllm's own: `document_token`) put before every text,
+    as before every document in training (a pair of texts is two documents). The tokenizer's own post-processor runs
+    first when it adds no tokens (a byte-level one only trims offsets); one that adds its own (an imported Llama's
+    <s> template) is replaced, as dsllm never runs it (`dsllm generate` encodes without special tokens)."""
     tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy: the caller's tokenizer stays as it was
+    token = document_token(tokenizer)
     start = processors.TemplateProcessing(
-        single=f"{EOT_TOKEN} $A",
-        pair=f"{EOT_TOKEN} $A {EOT_TOKEN}:1 $B:1",
-        special_tokens=[(EOT_TOKEN, eot_id(tokenizer))],
+        single=f"{token} $A", pair=f"{token} $A {token}:1 $B:1", special_tokens=[(token, eot_id(tokenizer))]
     )
     own = tokenizer.post_processor
-    tokenizer.post_processor = start if own is None else processors.Sequence([own, start])
+    adds = own is not None and tokenizer.encode("a").ids != tokenizer.encode("a", add_special_tokens=False).ids
+    tokenizer.post_processor = start if own is None or adds else processors.Sequence([own, start])
     return tokenizer
 
 
-def hf_tokenizer_config(max_seq_len: int) -> dict:
-    """tokenizer_config.json for transformers' PreTrainedTokenizerFast: <|endoftext|> starts a document (put there by
+def hf_tokenizer_config(max_seq_len: int, token: str = EOT_TOKEN) -> dict:
+    """tokenizer_config.json for transformers' PreTrainedTokenizerFast: `token` starts a document (put there by
     tokenizer.json's post-processor; add_bos_token says so to the transformers versions that read it), ends one, and
     pads batches (left, as `dsllm generate` pads, so every row's newest token is last)."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        **hf_special_tokens(),
+        **hf_special_tokens(token),
         "add_bos_token": True,
         "add_eos_token": False,
         "padding_side": "left",
@@ -227,8 +229,9 @@ def hf_tokenizer_config(max_seq_len: int) -> dict:
     }
 
 
-def hf_special_tokens() -> dict:
-    return {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN, "pad_token": EOT_TOKEN}
+def hf_special_tokens(token: str = EOT_TOKEN) -> dict:
+    """The document token (`dsllm.tokenizer.document_token`) in every special role, as dsllm trains and generates."""
+    return {"bos_token": token, "eos_token": token, "unk_token": token, "pad_token": token}
 
 
 def hf_generation_config(eos: int, model_vocab_size: int, tokenizer_vocab_size: int) -> dict:
@@ -261,8 +264,9 @@ def export_hf(
         vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         write_json("generation_config.json", hf_generation_config(eos, model.config.vocab_size, vocab_size))
         hf_tokenizer(tokenizer).save(str(stage / TOKENIZER_FILE))
-        write_json("tokenizer_config.json", hf_tokenizer_config(model.config.max_seq_len))
-        write_json("special_tokens_map.json", hf_special_tokens())
+        token = document_token(tokenizer)
+        write_json("tokenizer_config.json", hf_tokenizer_config(model.config.max_seq_len, token))
+        write_json("special_tokens_map.json", hf_special_tokens(token))
     return Path(output)
 
 

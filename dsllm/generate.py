@@ -171,7 +171,7 @@ def main(argv=None) -> int:
 
         contexts = [context_ids([{"role": "user", "content": prompt}], tokenizer, eos) for prompt in prompts]
     else:
-        contexts = [[eos] + tokenizer.encode(prompt).ids for prompt in prompts]
+        contexts = [[eos] + tokenizer.encode(prompt, add_special_tokens=False).ids for prompt in prompts]
     budgets = []
     for i, context in enumerate(contexts, 1):
         room = context_len - len(context)

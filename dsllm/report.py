@@ -500,7 +500,8 @@ def main(argv=None) -> int:
         tokenizer = load_tokenizer(run / TOKENIZER_FILE)
         model = load_model_dir(run)
         text = args.prompt or "The quick brown fox jumps over the lazy dog because it can."
-        ids = tokenizer.encode(text).ids[: min(args.max_prompt_tokens, model.config.max_seq_len)]
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+        ids = ids[: min(args.max_prompt_tokens, model.config.max_seq_len)]
         if len(ids) < 2:
             raise UserError(f"--prompt {text!r}: needs at least 2 tokens for an attention map")
         tokens = [tokenizer.decode([i]) for i in ids]

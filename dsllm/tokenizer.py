@@ -15,6 +15,10 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from dsllm.errors import UserError
 
 EOT_TOKEN = "<|endoftext|>"
+# The token that separates documents (one before each), the first of these a tokenizer has: dsllm's own tokenizers
+# and GPT-2's and Qwen's <|endoftext|>; an imported Llama 3's <|begin_of_text|>, Llama 1/2's and Mistral's <s> (the
+# token those models saw at the start of every document), then end-of-text tokens for the rest.
+DOCUMENT_TOKENS = (EOT_TOKEN, "<|begin_of_text|>", "<s>", "<|end_of_text|>", "</s>")
 MIN_VOCAB_SIZE = 257  # the 256 byte symbols and <|endoftext|>
 # BpeTrainer allocates ~66 bytes per vocabulary entry up front (2**32 asks for 283 GB and aborts the process);
 # 2**24 is 64 x the largest vocabularies in use and still fits the token format's uint32 ids.
@@ -111,7 +115,8 @@ def resolve_tokenizer_file(path: str | os.PathLike) -> Path:
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load `tokenizer.json` (or a folder holding it); it must know `<|endoftext|>`."""
+    """Load `tokenizer.json` (or a folder holding it); it must have a token to separate documents (`document_token`:
+    `<|endoftext|>` in dsllm's own tokenizers)."""
     file = resolve_tokenizer_file(path)
     try:
         tokenizer = Tokenizer.from_file(str(file))
@@ -120,16 +125,22 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             f"{file}: not a tokenizers JSON file ({str(err).splitlines()[0]}); "
             "train one with tokenizer/train_tokenizer.py"
         ) from None
-    if tokenizer.token_to_id(EOT_TOKEN) is None:
+    if document_token(tokenizer) is None:
         raise UserError(
-            f"{file}: the tokenizer has no {EOT_TOKEN} token, which ends every document; "
+            f"{file}: the tokenizer has none of {', '.join(DOCUMENT_TOKENS)}, one of which separates documents; "
             "train one with tokenizer/train_tokenizer.py"
         )
     return tokenizer
 
 
+def document_token(tokenizer: Tokenizer) -> str | None:
+    """The token put before every document (`DOCUMENT_TOKENS`' first that the tokenizer has), None if none."""
+    return next((token for token in DOCUMENT_TOKENS if tokenizer.token_to_id(token) is not None), None)
+
+
 def eot_id(tokenizer: Tokenizer) -> int:
-    return tokenizer.token_to_id(EOT_TOKEN)
+    """The id of the tokenizer's `document_token`: before every document in training, the start of every prompt."""
+    return tokenizer.token_to_id(document_token(tokenizer))
 
 
 def save_tokenizer(tokenizer: Tokenizer, output_dir: str | os.PathLike) -> Path:

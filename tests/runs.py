@@ -172,13 +172,15 @@ def run_until_killed(cmd, out, kill_after_step, **popen):
     return proc
 
 
-def killed_then_resumed(data, out, *args, ranks=1, ds="zero2.json") -> subprocess.CompletedProcess:
+def killed_then_resumed(
+    data, out, *args, ranks=1, ds="zero2.json", model=tuple(SMALL_MODEL)
+) -> subprocess.CompletedProcess:
     """A pretraining run killed (-9) after step 9, then started again with --resume auto (the default); checks the
     run was killed before its end and says it resumed from a checkpoint before the kill (saves every 4 steps: step 8,
     or 12 when the kill came late). Returns the resumed run's process."""
-    proc = run_until_killed(command(data, out, *args, ranks=ranks, ds=ds), out, kill_after_step=9)
+    proc = run_until_killed(command(data, out, *args, ranks=ranks, ds=ds, model=model), out, kill_after_step=9)
     assert proc.returncode != 0, "the run finished before it could be killed"
-    resumed = pretrain(data, out, *args, ranks=ranks, ds=ds)
+    resumed = pretrain(data, out, *args, ranks=ranks, ds=ds, model=model)
     assert "resumed from" in resumed.stdout and ("at step 8 " in resumed.stdout or "at step 12 " in resumed.stdout)
     return resumed
 

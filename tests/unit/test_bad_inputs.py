@@ -381,7 +381,7 @@ CASES = [
     ),
     pretrain_flag("--model.z_loss", "-1", ("model.z_loss = -1.0", "0 (off) or more")),
     pretrain_flag("--model.logit_softcap", "-30", ("model.logit_softcap = -30.0", "above 0")),
-    pretrain_flag("--model.mlp", "relu", ("model.mlp = 'relu'", "gelu, swiglu, relu2")),
+    pretrain_flag("--model.mlp", "relu", ("model.mlp = 'relu'", "gelu, gelu_tanh, swiglu, relu2")),
     pretrain_flag("--model.value_embeddings", "2", ("model.value_embeddings = 2", "0 (off) to n_layers // 2 = 1")),
     pretrain_flag(
         "--model.value_embeddings",
