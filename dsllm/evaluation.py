@@ -214,6 +214,12 @@ def build_parser() -> ArgumentParser:
         help='multiple-choice accuracy over a file of {"context": str, "choices": [str, ...], "label": int} a line',
     )
     parser.add_argument(
+        "--tasks",
+        metavar="FILE.yaml",
+        help="multiple-choice tasks scored as lm-evaluation-harness scores them (acc, acc_norm): a YAML or JSON "
+        "file naming each task's JSONL examples, context template, choices and target (dsllm/tasks.py)",
+    )
+    parser.add_argument(
         "--device", default="auto", help="where to run: auto (cuda when available, else cpu), cpu, cuda or cuda:N"
     )
     return parser
@@ -228,8 +234,8 @@ def main(argv=None) -> int:
     """`python -m dsllm evaluate --checkpoint RUN_DIR --data DIR [--split val] [--choices FILE.jsonl]`."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.data is None and args.choices is None:
-        parser.error("nothing to evaluate; pass --data DIR, --choices FILE.jsonl, or both")
+    if args.data is None and args.choices is None and args.tasks is None:
+        parser.error("nothing to evaluate; pass --data DIR, --choices FILE.jsonl, --tasks FILE.yaml, or several")
     if args.whole_split and args.max_windows is not None:
         raise UserError(
             f"--whole-split with --max-windows {args.max_windows}: the whole split is every window; pass one of them"
@@ -242,6 +248,10 @@ def main(argv=None) -> int:
     tokenizer, tokenizer_file = model_tokenizer(home)
     tokens = open_split(Path(args.data), args.split, tokenizer, tokenizer_file) if args.data else None
     examples = read_choices(args.choices) if args.choices else None
+    if args.tasks:
+        from dsllm.tasks import read_tasks
+
+        tasks = read_tasks(args.tasks)
     device = pick_device(args.device)
     model = load_model_dir(args.checkpoint, device).eval()
     result: dict = {"checkpoint": str(checkpoint or home / WEIGHTS_FILE)}
@@ -260,6 +270,13 @@ def main(argv=None) -> int:
         tail = windows.tail() if whole else None
     if examples is not None:
         encoded = encode_choices(tokenizer, examples, model.config.max_seq_len)
+    if args.tasks:
+        from dsllm.tasks import encode_task
+
+        tasks = {  # (refusals before the first progress line)
+            name: (of, encode_task(tokenizer, of, delimiter, model.config.max_seq_len))
+            for name, (of, delimiter) in tasks.items()
+        }
     if tokens is not None:
         say(
             f"evaluating {len(indices):,} of {len(windows):,} windows ({seq_len} tokens each) of the {args.split} "
@@ -299,5 +316,10 @@ def main(argv=None) -> int:
         choices = sum(len(example.choices) for example in examples)
         say(f"scoring {len(examples):,} multiple-choice examples ({choices:,} choices) from {args.choices} on {device}")
         result.update({"choices": str(args.choices), **score_choices(model, examples, encoded, device, progress=True)})
+    if args.tasks:
+        from dsllm.tasks import score_tasks
+
+        say(f"scoring {len(tasks)} task(s) from {args.tasks} on {device}: {', '.join(tasks)}")
+        result["tasks"] = score_tasks(model, tasks, device)
     print(json.dumps(result))
     return 0

@@ -27,6 +27,7 @@ LAYERS = {  # docs/architecture.md's table; a new module gets a row here and the
         "cli",
         "__main__",
         "evaluation",
+        "tasks",
         "generate",
         "export",
         "hf_import",
