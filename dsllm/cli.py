@@ -22,6 +22,7 @@ VERBS = {
     "preflight": ("dsllm.preflight", "check a multi-host launch: hosts, code, data, batch arithmetic"),
     "pretrain": ("dsllm.pretrain", "pretrain a GPT (under `deepspeed` for several ranks)"),
     "finetune": ("dsllm.finetune", "supervised fine-tuning of a pretrained model on JSONL conversations"),
+    "finetune-classify": ("dsllm.classify", "a classification head on a pretrained model, trained on labelled texts"),
     "supervise": ("dsllm.supervise", "rerun a training command after failures, resuming each time"),
     "evaluate": ("dsllm.evaluation", "validation loss, perplexity, bits/byte and multiple-choice accuracy"),
     "generate": ("dsllm.generate", "sample text from a model"),

@@ -383,6 +383,24 @@ class GPT(nn.Module):
         """idx [B, T] -> (logits [B, T, V] (or [B, 1, V] with last_only), mean cross-entropy or None).
         Targets of -100 are ignored. `positions`/`mask` are for generation (padding, cache); training
         uses positions 0..T-1 and the causal mask."""
+        x = self.features(idx, positions, mask, caches)
+        if last_only:
+            x = x[:, -1:]
+        logits = softcap(self.lm_head(x), self.config.logit_softcap)
+        loss = None
+        if targets is not None:
+            loss = self.loss_function(logits, shift_labels=targets)
+            if self.training and self.config.moe_experts:  # the routers' load-balancing loss, trained with it
+                loss = loss + self.config.moe_aux_loss_coef * sum(m.deepspeed_moe.l_aux for m in self.moe_layers())
+            if self.training and self.config.z_loss:  # trained with, never scored (as the load-balancing loss)
+                term = z_loss(logits, targets)
+                self.last_z_loss = term.detach()  # (unweighted, for the log: `dsllm.pretrain`)
+                loss = loss + self.config.z_loss * term
+        return logits, loss
+
+    def features(self, idx: torch.Tensor, positions=None, mask=None, caches: list[KVCache] | None = None):
+        """The final (normalised) hidden states [B, T, d_model] the LM head reads: what a classification head
+        (`dsllm.classify`) reads at a sequence's last token."""
         B, T = idx.shape
         if positions is None:
             self.config.check_seq_len(T)
@@ -409,20 +427,7 @@ class GPT(nn.Module):
                 x = block(x, rotary, mask, None if caches is None else caches[i], value_embedding)
             if self.skip_weights is not None and i < n // 2:
                 skips.append(x)
-        x = self.norm(x)
-        if last_only:
-            x = x[:, -1:]
-        logits = softcap(self.lm_head(x), self.config.logit_softcap)
-        loss = None
-        if targets is not None:
-            loss = self.loss_function(logits, shift_labels=targets)
-            if self.training and self.config.moe_experts:  # the routers' load-balancing loss, trained with it
-                loss = loss + self.config.moe_aux_loss_coef * sum(m.deepspeed_moe.l_aux for m in self.moe_layers())
-            if self.training and self.config.z_loss:  # trained with, never scored (as the load-balancing loss)
-                term = z_loss(logits, targets)
-                self.last_z_loss = term.detach()  # (unweighted, for the log: `dsllm.pretrain`)
-                loss = loss + self.config.z_loss * term
-        return logits, loss
+        return self.norm(x)
 
     def _checkpoint(self, fn, *args):
         if self.config.activation_checkpointing == "deepspeed":

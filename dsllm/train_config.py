@@ -367,6 +367,57 @@ class FinetuneConfig(RunConfig):
             raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
 
 
+@dataclasses.dataclass(kw_only=True)
+class ClassifyConfig(RunConfig):
+    """Classification fine-tuning of a pretrained or imported model: a head on the last token (dsllm.classify)."""
+
+    init: str
+    """the pretrained run folder, checkpoint or model folder (`dsllm import`'s too) to start from"""
+    data: str
+    """training examples: CSV (a header row) or JSONL, with a text and a label column"""
+    val_data: str | None = None
+    """validation examples, as --data; default: --val-fraction of --data"""
+    val_fraction: float = 0.1
+    """share of --data held out for validation when there is no --val-data, in [0, 1)"""
+    text_column: str = "text"
+    """the column (CSV) or field (JSONL) holding each example's text"""
+    label_column: str = "label"
+    """the column or field holding each example's label (any text or number)"""
+    labels: str | None = None
+    """the label set, comma-separated, in the head's order; default: the training labels, sorted"""
+    epochs: int = 3
+    """passes over the training examples (--max-steps, when given, counts steps instead); accuracy and F1 are
+    measured on the validation examples after each"""
+    max_steps: int | None = None
+    """optimizer steps to train for; default: --epochs passes over --data"""
+    eval_interval: int | None = None
+    """steps between validation scores; default: one epoch"""
+    micro_batch_size: int | None = 16
+    """examples per rank per forward pass; fills train_micro_batch_size_per_gpu when 'auto'"""
+    lr: float = 1e-4
+    """peak learning rate"""
+    weight_decay: float = 0.0
+    """decoupled weight decay; never applied to norms, biases and embeddings"""
+
+    _AT_LEAST = {**RunConfig._AT_LEAST, "epochs": 1}
+
+    def check(self) -> None:
+        if self.max_steps is None or self.eval_interval is None:  # counted from the data in pre-flight (`resolved`)
+            dataclasses.replace(self, max_steps=self.max_steps or 1_000_000, eval_interval=self.eval_interval or 1)
+            return
+        super().check()
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
+
+    def resolved(self, steps_per_epoch: int) -> ClassifyConfig:
+        """The options with --max-steps (--epochs of `steps_per_epoch`) and --eval-interval (an epoch) filled."""
+        return dataclasses.replace(
+            self,
+            max_steps=self.max_steps or self.epochs * steps_per_epoch,
+            eval_interval=self.eval_interval or steps_per_epoch,
+        )
+
+
 def flag(name: str) -> str:
     """The command-line flag of a config field."""
     return "--ds_config" if name == "ds_config" else "--" + name.replace("_", "-")

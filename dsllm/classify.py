@@ -1,0 +1,385 @@
+"""Classification fine-tuning (`dsllm finetune-classify`): a pretrained or imported model with a linear head on its
+last token's final hidden state, trained on labelled texts on the same engine, loop and checkpoints as pretraining.
+
+    deepspeed --num_gpus 8 launch/finetune_classify.py --ds_config ds_configs/zero2.json --init runs/gpt2 \\
+        --data reviews.csv --text-column review --label-column sentiment --out runs/gpt2-sentiment
+
+--data is CSV (a header row) or JSONL, one example a row; --labels fixes the label set and its order (default: the
+training labels, sorted). Each text is tokenized after the document token, as every pretraining document starts,
+cut to --seq-len (default: the model's context), and padded to the longest example: one shape for every batch. The
+head reads the hidden state of each text's last token (causal attention: the one that has seen all of it) and starts
+at zero, so the first predictions are chance. Accuracy and macro F1 on the validation examples are measured before
+training and after every epoch (--eval-interval steps), logged and written to classify.json. --out is a model folder
+(the fine-tuned backbone: generate, evaluate and export take it) with the head in classifier.safetensors and the
+labels in config.json; its checkpoints/ resume after a kill (--resume auto), bit for bit.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dsllm.cli_args import add_config_arguments, add_launcher_argument, add_recipe_argument, parse_config
+from dsllm.errors import ArgumentParser, UserError
+from dsllm.jsonl import read_jsonl
+from dsllm.run_spec import RunSpec, World
+from dsllm.train_config import ClassifyConfig
+
+SUMMARY_FILE = "classify.json"
+HEAD_FILE = "classifier.safetensors"
+
+if TYPE_CHECKING:
+    import torch
+    from tokenizers import Tokenizer
+
+    from dsllm.checkpoint.checkpointer import Checkpointer
+    from dsllm.model import GPT
+
+
+# -- data -------------------------------------------------------------------------------------------------------
+def read_labelled(path: str, text_column: str, label_column: str, option: str) -> list[tuple[str, str, str]]:
+    """(text, label as text, FILE:LINE) of each example of a CSV or JSONL file; a missing column, an empty text or a
+    missing label is a UserError at its FILE:LINE."""
+    file = Path(path)
+    if file.suffix not in (".csv", ".jsonl"):
+        raise UserError(f"{option} {path}: not a .csv or .jsonl file; write the examples as CSV (a header) or JSONL")
+    if not file.is_file():
+        raise UserError(f"{option} {path}: no such file")
+    rows: list[tuple[str, dict]] = []
+    if file.suffix == ".csv":
+        with open(file, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            for name in (text_column, label_column):
+                if name not in (reader.fieldnames or []):
+                    flag = "--text-column" if name == text_column else "--label-column"
+                    raise UserError(
+                        f"{file}:1: no column {name!r} (columns: {', '.join(reader.fieldnames or [])}); pass {flag}"
+                    )
+            rows = [(f"{file}:{reader.line_num}", row) for row in reader]
+    else:
+        for where, record in read_jsonl(file, option):
+            if not isinstance(record, dict):
+                raise UserError(f"{where}: a JSON {type(record).__name__}, not an object with {text_column!r} and "
+                                f"{label_column!r}")  # fmt: skip
+            rows.append((where, record))
+    examples = []
+    for where, row in rows:
+        for name, flag in ((text_column, "--text-column"), (label_column, "--label-column")):
+            if row.get(name) in (None, ""):
+                raise UserError(f"{where}: no {name!r} (fields: {', '.join(map(str, row))}); fill it or pass {flag}")
+        text, label = row[text_column], row[label_column]
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{where}: {text_column!r} is {type(text).__name__}, not text; each example needs a text")
+        if isinstance(label, (dict, list)):
+            raise UserError(f"{where}: {label_column!r} is a {type(label).__name__}; a label is one text or number")
+        examples.append((text, str(label).lower() if isinstance(label, bool) else str(label), where))
+    if not examples:
+        raise UserError(f"{option} {path}: no examples in the file")
+    return examples
+
+
+def label_names(config: ClassifyConfig, train: list[tuple[str, str, str]]) -> list[str]:
+    """--labels in order, or the training labels sorted; at least two."""
+    if config.labels is not None:
+        names = [name.strip() for name in config.labels.split(",")]
+        if any(not name for name in names) or len(set(names)) != len(names):
+            raise UserError(f"--labels {config.labels}: give distinct, non-empty labels separated by commas")
+    else:
+        names = sorted({label for _, label, _ in train})
+    if len(names) < 2:
+        raise UserError(f"--data {config.data}: one label ({names[0]!r}) only; a classifier needs two or more")
+    return names
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """Labelled texts as token rows: `idx[i]` [document token, text tokens...] (at most `length`), `labels[i]` the
+    label's index. `batch(rows)` pads them to `length` (one shape for every batch)."""
+
+    idx: list[list[int]]
+    labels: list[int]
+    length: int
+    pad: int
+
+    def batch(self, rows: list[int]) -> dict:
+        import torch
+
+        idx = torch.full((len(rows), self.length), self.pad, dtype=torch.long)
+        for r, row in enumerate(rows):
+            idx[r, : len(self.idx[row])] = torch.tensor(self.idx[row])
+        last = torch.tensor([len(self.idx[row]) - 1 for row in rows])
+        return {"idx": idx, "last": last, "labels": torch.tensor([self.labels[row] for row in rows])}
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(json.dumps([self.idx, self.labels, self.length]).encode())
+        return digest.hexdigest()[:16]
+
+
+def encode(examples, names: list[str], tokenizer: Tokenizer, start: int, max_len: int, option: str) -> Encoded:
+    """Token rows of (text, label, where) examples, each cut to `max_len`; a label outside `names` is a UserError."""
+    from dsllm.tokenizer import encode_as_text
+
+    index = {name: i for i, name in enumerate(names)}
+    for _, label, where in examples:
+        if label not in index:
+            raise UserError(
+                f"{where}: label {label!r} is not one of the labels {', '.join(names)} ({option}); fix the label, or "
+                "name it in --labels"
+            )
+    ids = encode_as_text(tokenizer, [text for text, _, _ in examples])
+    rows = [([start] + row)[:max_len] for row in ids]
+    return Encoded(rows, [index[label] for _, label, _ in examples], max(map(len, rows)), start)
+
+
+# -- the model --------------------------------------------------------------------------------------------------
+def classifier(gpt: GPT, labels: int) -> torch.nn.Module:
+    """`gpt` with a linear head (zero at the start: chance) over its last token's final hidden state; its LM head,
+    unused, is frozen (a tied one is the embedding and trains as such)."""
+    import torch
+    import torch.nn.functional as F
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gpt, self.head = gpt, torch.nn.Linear(gpt.config.d_model, labels)
+            self.config = gpt.config
+            torch.nn.init.zeros_(self.head.weight), torch.nn.init.zeros_(self.head.bias)
+            if not gpt.config.tie_embeddings:
+                gpt.lm_head.weight.requires_grad_(False)
+
+        def forward(self, idx, last, labels=None):
+            hidden = self.gpt.features(idx)
+            logits = self.head(hidden[torch.arange(idx.shape[0], device=idx.device), last]).float()
+            return logits, None if labels is None else F.cross_entropy(logits, labels)
+
+    return Classifier()
+
+
+def classify_loss(module, batch: dict, device):
+    return module(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})[1]
+
+
+def scores(predicted: list[int], truth: list[int], labels: int) -> dict:
+    """Accuracy and macro F1 (the mean over the labels that occur in the truth or the predictions)."""
+    f1s = []
+    for label in range(labels):
+        tp = sum(p == t == label for p, t in zip(predicted, truth))
+        wrong = sum((p == label) != (t == label) for p, t in zip(predicted, truth))
+        if tp or wrong:
+            f1s.append(2 * tp / (2 * tp + wrong))
+    accuracy = sum(p == t for p, t in zip(predicted, truth)) / len(truth)
+    return {"accuracy": accuracy, "f1_macro": sum(f1s) / len(f1s)}
+
+
+def predict(forward, encoded: Encoded, device, per_forward: int) -> tuple[list[int], float]:
+    """(predicted label of every row, mean loss); `forward` the model or DeepSpeed's engine (ZeRO-3: every rank calls
+    it for every row)."""
+    import torch
+
+    predicted, loss = [], 0.0
+    with torch.no_grad():
+        for start in range(0, len(encoded.idx), per_forward):
+            rows = list(range(start, min(start + per_forward, len(encoded.idx))))
+            batch = {k: v.to(device) for k, v in encoded.batch(rows).items()}
+            logits, batch_loss = forward(batch["idx"], batch["last"], batch["labels"])
+            predicted += logits.argmax(-1).tolist()
+            loss += float(batch_loss) * len(rows)
+    return predicted, loss / len(encoded.idx)
+
+
+# -- the run ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Classifying:
+    config: ClassifyConfig  # resolved: --max-steps and --eval-interval counted from the data
+    spec: RunSpec
+    model: GPT
+    labels: list[str]
+    train: Encoded
+    val: Encoded
+    steps_per_epoch: int
+    tokenizer_file: Path
+    checkpointer: Checkpointer
+
+
+def preflight(config: ClassifyConfig, world: World | None = None) -> Classifying:
+    """Everything that can fail on the input, before the process group exists."""
+    from dsllm.model_dir import load_model_dir, model_inputs, model_tokenizer, resolve_model_source
+    from dsllm.paths import check_output_apart
+    from dsllm.pretrain import resolve_spec
+    from dsllm.tokenizer import eot_id
+
+    world = world or World.from_env()
+    inputs = model_inputs(config.init, "--init") + [("--data", config.data), ("--ds_config", config.ds_config)]
+    check_output_apart(config.out, "--out", inputs + ([("--val-data", config.val_data)] if config.val_data else []))
+    tokenizer, tokenizer_file = model_tokenizer(resolve_model_source(config.init)[2])
+    train = read_labelled(config.data, config.text_column, config.label_column, "--data")
+    if config.val_data:
+        val = read_labelled(config.val_data, config.text_column, config.label_column, "--val-data")
+    else:
+        random.Random(config.seed).shuffle(train)
+        cut = max(1, round(len(train) * config.val_fraction)) if config.val_fraction > 0 else 0
+        if cut >= len(train) or cut == 0:
+            raise UserError(
+                f"--data {config.data}: {len(train)} example(s) with --val-fraction {config.val_fraction} leave "
+                "no validation or no training examples; add examples, change the fraction, or pass --val-data"
+            )
+        train, val = train[cut:], train[:cut]
+    names = label_names(config, train)
+    model = load_model_dir(config.init)
+    max_len = min(config.seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    start = eot_id(tokenizer)
+    encoded = encode(train, names, tokenizer, start, max_len, "--data")
+    val_encoded = encode(val, names, tokenizer, start, max_len, "--val-data" if config.val_data else "--data")
+    length = max(encoded.length, val_encoded.length)
+    encoded = dataclasses.replace(encoded, length=length)
+    val_encoded = dataclasses.replace(val_encoded, length=length)
+    provisional = resolve_spec(config.resolved(1_000_000), model.config, world)  # its global batch: an epoch's steps
+    steps_per_epoch = math.ceil(len(encoded.idx) / provisional.batch.global_size)
+    config = dataclasses.replace(config.resolved(steps_per_epoch), seq_len=length)
+    spec = resolve_spec(config, model.config, world)
+    from dsllm.checkpoint.checkpointer import Checkpointer
+
+    checkpointer = Checkpointer.for_run(config, spec, encoded.fingerprint(), kind="classify")
+    return Classifying(config, spec, model, names, encoded, val_encoded, steps_per_epoch, tokenizer_file, checkpointer)
+
+
+class EpochScores:
+    """Accuracy and F1 on the validation examples every --eval-interval steps (an epoch by default), on every rank
+    through the engine (ZeRO-3 needs them all); rank 0 logs them."""
+
+    def __init__(self, plan: Classifying, engine, device, log, history: list):
+        self.plan, self.engine, self.device, self.log, self.history = plan, engine, device, log, history
+
+    def should_validate(self, step: int, last_step: bool) -> bool:
+        return step % self.plan.config.eval_interval == 0 or last_step
+
+    def validate(self, step: int) -> dict:
+        plan = self.plan
+        predicted, loss = predict(self.engine.ds, plan.val, self.device, plan.spec.batch.micro)
+        result = {"val_loss": loss, **scores(predicted, plan.val.labels, len(plan.labels))}
+        record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 3), **result}
+        self.history.append(record)
+        self.log.write(
+            record,
+            f"eval step {step} (epoch {record['epoch']:g}) | val loss {loss:.4f} | accuracy "
+            f"{result['accuracy']:.3f} | F1 {result['f1_macro']:.3f}",
+        )
+        return result
+
+
+def run(plan: Classifying) -> dict:
+    import torch
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from dsllm.checkpoint.states import consolidated_state_dict
+    from dsllm.checkpoint.store import write_json_atomic
+    from dsllm.engine import build_engine, engine_options, init_distributed
+    from dsllm.loop import loop_settings, step_log_for, train_loop
+    from dsllm.metrics import MetricsLog
+    from dsllm.model import GPT
+    from dsllm.model_dir import CONFIG_FILE, save_model_dir
+    from dsllm.run_control import RunLock
+    from dsllm.sft_data import PackedBatches
+    from dsllm.tokenizer import TOKENIZER_FILE
+
+    config, spec, checkpointer = plan.config, plan.spec, plan.checkpointer
+    world, out = spec.world, Path(config.out)
+    record = {"labels": plan.labels, "text_column": config.text_column, "label_column": config.label_column}
+    summary = {
+        "init": str(config.init),
+        "data": config.data,
+        "train_examples": len(plan.train.idx),
+        "val_examples": len(plan.val.idx),
+        "labels": plan.labels,
+        "tokens_per_example": plan.train.length,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "max_steps": config.max_steps,
+    }
+    lock = RunLock(out).acquire() if world.is_main else None
+    if world.is_main:
+        print(
+            f"classification fine-tuning of {spec.model.num_parameters():,} parameters from {config.init}: "
+            f"{len(plan.train.idx)} examples ({len(plan.labels)} labels: {', '.join(plan.labels)}), "
+            f"{plan.steps_per_epoch} steps an epoch, {config.max_steps} steps, {world.size} rank(s), "
+            f"ZeRO-{spec.zero_stage}, {spec.precision}",
+            flush=True,
+        )
+    device = init_distributed(world, config.collective_timeout)
+    checkpointer.verify()
+    checkpointer.start_lineage()
+    torch.manual_seed(config.seed)
+    model = classifier(plan.model, len(plan.labels))
+    if world.is_main:
+        write_json_atomic(out / CONFIG_FILE, {"model": spec.model.to_dict(), "classifier": record})
+        shutil.copyfile(plan.tokenizer_file, out / TOKENIZER_FILE)
+    if world.is_main and checkpointer.resume_from is None:  # the fresh head: chance
+        predicted, loss = predict(model.to(device), plan.val, device, spec.batch.micro)
+        summary["before"] = {"val_loss": loss, **scores(predicted, plan.val.labels, len(plan.labels))}
+        print("before: val loss {val_loss:.4f} | accuracy {accuracy:.3f} | F1 {f1_macro:.3f}".format(
+            **summary["before"]), flush=True)  # fmt: skip
+    engine = build_engine(
+        spec, model.train(), device, classify_loss, **engine_options(config), load_universal=checkpointer.universal
+    )
+    batches = PackedBatches(plan.train, spec.batch.micro, config.seed, world.rank, world.size)
+    step, counters = 0, {"nonfinite_in_a_row": 0, "skipped_steps": 0}
+    if checkpointer.resume_from is not None:
+        state = checkpointer.load(engine)
+        batches.load_state_dict(state["data"])
+        step, counters = state["step"], state["counters"]
+        if world.is_main:
+            print(f"resumed from {checkpointer.resume_from} at step {step}", flush=True)
+    log = MetricsLog(out / "metrics.jsonl", world.is_main, getattr(engine.ds, "monitor", None))
+    history: list[dict] = []
+    step, _ = train_loop(
+        engine,
+        batches,
+        settings=loop_settings(config),
+        start_step=step,
+        counters=counters,
+        validator=EpochScores(plan, engine, device, log, history),
+        checkpointer=checkpointer,
+        step_log=step_log_for(config, spec, log, device, step),
+        rank=world.rank,
+    )
+    dist.barrier()
+    if world.is_main:  # fp32 weights from the ZeRO partitions: the backbone as a model folder, the head beside it
+        weights = consolidated_state_dict(checkpointer.last_saved)
+        backbone = GPT(spec.model)
+        backbone.load_state_dict({k.removeprefix("gpt."): v for k, v in weights.items() if k.startswith("gpt.")})
+        save_model_dir(backbone, out, plan.tokenizer_file, extra={"classifier": record})
+        save_file({k.removeprefix("head."): weights[k].contiguous() for k in ("head.weight", "head.bias")},
+                  str(out / HEAD_FILE))  # fmt: skip
+        summary["epochs"] = history
+        summary["after"] = history[-1] if history else None
+        write_json_atomic(out / SUMMARY_FILE, summary)
+        print(f"classifier: {out} ({HEAD_FILE}, labels in {CONFIG_FILE})", flush=True)
+    log.close()
+    engine.teardown()
+    if lock is not None:
+        lock.release()
+    return summary
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="dsllm finetune-classify", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1]
+    )
+    add_recipe_argument(parser)
+    add_config_arguments(parser, ClassifyConfig)
+    add_launcher_argument(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from dsllm.run_control import run_training
+
+    world = World.from_env()
+    return run_training(lambda: preflight(parse_config(ClassifyConfig, build_parser(), argv), world), run, world)
