@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +31,6 @@ from dsllm.jsonl import read_jsonl
 from dsllm.run_spec import RunSpec, World
 from dsllm.train_config import ClassifyConfig
 
-SUMMARY_FILE = "classify.json"
 HEAD_FILE = "classifier.safetensors"
 
 if TYPE_CHECKING:
@@ -250,49 +248,34 @@ def preflight(config: ClassifyConfig, world: World | None = None) -> Classifying
     return Classifying(config, spec, model, names, encoded, val_encoded, steps_per_epoch, tokenizer_file, checkpointer)
 
 
-class EpochScores:
-    """Accuracy and F1 on the validation examples every --eval-interval steps (an epoch by default), on every rank
-    through the engine (ZeRO-3 needs them all); rank 0 logs them."""
-
-    def __init__(self, plan: Classifying, engine, device, log, history: list):
-        self.plan, self.engine, self.device, self.log, self.history = plan, engine, device, log, history
-
-    def should_validate(self, step: int, last_step: bool) -> bool:
-        return step % self.plan.config.eval_interval == 0 or last_step
-
-    def validate(self, step: int) -> dict:
-        plan = self.plan
-        predicted, loss = predict(self.engine.ds, plan.val, self.device, plan.spec.batch.micro)
-        result = {"val_loss": loss, **scores(predicted, plan.val.labels, len(plan.labels))}
-        record = {"step": step, "epoch": round(step / plan.steps_per_epoch, 3), **result}
-        self.history.append(record)
-        self.log.write(
-            record,
-            f"eval step {step} (epoch {record['epoch']:g}) | val loss {loss:.4f} | accuracy "
-            f"{result['accuracy']:.3f} | F1 {result['f1_macro']:.3f}",
-        )
-        return result
-
-
 def run(plan: Classifying) -> dict:
-    import torch
-    import torch.distributed as dist
     from safetensors.torch import save_file
 
-    from dsllm.checkpoint.states import consolidated_state_dict
-    from dsllm.checkpoint.store import write_json_atomic
-    from dsllm.engine import build_engine, engine_options, init_distributed
-    from dsllm.loop import loop_settings, step_log_for, train_loop
-    from dsllm.metrics import MetricsLog
     from dsllm.model import GPT
     from dsllm.model_dir import CONFIG_FILE, save_model_dir
-    from dsllm.run_control import RunLock
-    from dsllm.sft_data import PackedBatches
-    from dsllm.tokenizer import TOKENIZER_FILE
+    from dsllm.tuning import Tuning, run_tuning
 
-    config, spec, checkpointer = plan.config, plan.spec, plan.checkpointer
-    world, out = spec.world, Path(config.out)
+    config, spec = plan.config, plan.spec
     record = {"labels": plan.labels, "text_column": config.text_column, "label_column": config.label_column}
+
+    def score(forward, device) -> dict:
+        predicted, loss = predict(forward, plan.val, device, spec.batch.micro)
+        return {"val_loss": loss, **scores(predicted, plan.val.labels, len(plan.labels))}
+
+    def save(weights: dict, out: Path) -> None:  # the backbone as a model folder, the head beside it
+        backbone = GPT(spec.model)
+        backbone.load_state_dict({k.removeprefix("gpt."): v for k, v in weights.items() if k.startswith("gpt.")})
+        save_model_dir(backbone, out, plan.tokenizer_file, extra={"classifier": record})
+        save_file({k.removeprefix("head."): weights[k].contiguous() for k in ("head.weight", "head.bias")},
+                  str(out / HEAD_FILE))  # fmt: skip
+        print(f"classifier: {out} ({HEAD_FILE}, labels in {CONFIG_FILE})", flush=True)
+
+    header = (
+        f"classification fine-tuning of {spec.model.num_parameters():,} parameters from {config.init}: "
+        f"{len(plan.train.idx)} examples ({len(plan.labels)} labels: {', '.join(plan.labels)}), "
+        f"{plan.steps_per_epoch} steps an epoch, {config.max_steps} steps, {spec.world.size} rank(s), "
+        f"ZeRO-{spec.zero_stage}, {spec.precision}"
+    )
     summary = {
         "init": str(config.init),
         "data": config.data,
@@ -303,69 +286,11 @@ def run(plan: Classifying) -> dict:
         "steps_per_epoch": plan.steps_per_epoch,
         "max_steps": config.max_steps,
     }
-    lock = RunLock(out).acquire() if world.is_main else None
-    if world.is_main:
-        print(
-            f"classification fine-tuning of {spec.model.num_parameters():,} parameters from {config.init}: "
-            f"{len(plan.train.idx)} examples ({len(plan.labels)} labels: {', '.join(plan.labels)}), "
-            f"{plan.steps_per_epoch} steps an epoch, {config.max_steps} steps, {world.size} rank(s), "
-            f"ZeRO-{spec.zero_stage}, {spec.precision}",
-            flush=True,
-        )
-    device = init_distributed(world, config.collective_timeout)
-    checkpointer.verify()
-    checkpointer.start_lineage()
-    torch.manual_seed(config.seed)
-    model = classifier(plan.model, len(plan.labels))
-    if world.is_main:
-        write_json_atomic(out / CONFIG_FILE, {"model": spec.model.to_dict(), "classifier": record})
-        shutil.copyfile(plan.tokenizer_file, out / TOKENIZER_FILE)
-    if world.is_main and checkpointer.resume_from is None:  # the fresh head: chance
-        predicted, loss = predict(model.to(device), plan.val, device, spec.batch.micro)
-        summary["before"] = {"val_loss": loss, **scores(predicted, plan.val.labels, len(plan.labels))}
-        print("before: val loss {val_loss:.4f} | accuracy {accuracy:.3f} | F1 {f1_macro:.3f}".format(
-            **summary["before"]), flush=True)  # fmt: skip
-    engine = build_engine(
-        spec, model.train(), device, classify_loss, **engine_options(config), load_universal=checkpointer.universal
-    )
-    batches = PackedBatches(plan.train, spec.batch.micro, config.seed, world.rank, world.size)
-    step, counters = 0, {"nonfinite_in_a_row": 0, "skipped_steps": 0}
-    if checkpointer.resume_from is not None:
-        state = checkpointer.load(engine)
-        batches.load_state_dict(state["data"])
-        step, counters = state["step"], state["counters"]
-        if world.is_main:
-            print(f"resumed from {checkpointer.resume_from} at step {step}", flush=True)
-    log = MetricsLog(out / "metrics.jsonl", world.is_main, getattr(engine.ds, "monitor", None))
-    history: list[dict] = []
-    step, _ = train_loop(
-        engine,
-        batches,
-        settings=loop_settings(config),
-        start_step=step,
-        counters=counters,
-        validator=EpochScores(plan, engine, device, log, history),
-        checkpointer=checkpointer,
-        step_log=step_log_for(config, spec, log, device, step),
-        rank=world.rank,
-    )
-    dist.barrier()
-    if world.is_main:  # fp32 weights from the ZeRO partitions: the backbone as a model folder, the head beside it
-        weights = consolidated_state_dict(checkpointer.last_saved)
-        backbone = GPT(spec.model)
-        backbone.load_state_dict({k.removeprefix("gpt."): v for k, v in weights.items() if k.startswith("gpt.")})
-        save_model_dir(backbone, out, plan.tokenizer_file, extra={"classifier": record})
-        save_file({k.removeprefix("head."): weights[k].contiguous() for k in ("head.weight", "head.bias")},
-                  str(out / HEAD_FILE))  # fmt: skip
-        summary["epochs"] = history
-        summary["after"] = history[-1] if history else None
-        write_json_atomic(out / SUMMARY_FILE, summary)
-        print(f"classifier: {out} ({HEAD_FILE}, labels in {CONFIG_FILE})", flush=True)
-    log.close()
-    engine.teardown()
-    if lock is not None:
-        lock.release()
-    return summary
+    tuning = Tuning(
+        "classify", config, spec, plan.checkpointer, classifier(plan.model, len(plan.labels)), classify_loss,
+        plan.train, score, record, save, summary, plan.tokenizer_file, header, plan.steps_per_epoch,
+    )  # fmt: skip
+    return run_tuning(tuning)
 
 
 def build_parser() -> ArgumentParser:

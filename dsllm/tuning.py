@@ -1,0 +1,124 @@
+"""The run of a fine-tuning that scores rows of examples (classification, reward model, DPO): one owner of its
+life on the engine, the loop and the checkpoints, as `dsllm.pretrain.run` and `dsllm.finetune.run` are for theirs.
+
+A `Tuning` says what differs: the module the engine trains (a GPT, or a GPT with a head), its loss of a micro batch,
+how the validation rows are scored (through a forward function: the plain module before training, DeepSpeed's engine
+during it, on every rank as ZeRO-3 needs), the entry config.json records, and how the final fp32 weights are written.
+The data is an `Encoded`-like object (`idx` rows, `batch(rows)`, `fingerprint()`) that `sft_data.PackedBatches`
+hands out in a seeded, resumable order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from dsllm.checkpoint.checkpointer import Checkpointer
+    from dsllm.run_spec import RunSpec
+
+
+@dataclasses.dataclass
+class Tuning:
+    kind: str  # "classify", "reward", "dpo": the checkpoints' kind and the summary file's name (KIND.json)
+    config: Any  # the resolved RunConfig (--max-steps and --eval-interval known)
+    spec: RunSpec
+    checkpointer: Checkpointer
+    module: torch.nn.Module
+    loss: Callable  # (module, batch, device) -> loss
+    train: Any  # rows: `idx`, `batch(rows)`, `fingerprint()`
+    score: Callable  # (forward, device) -> {"val_...": number}, on every rank
+    record: dict  # config.json's entry under `kind`
+    save: Callable  # (fp32 state dict of the module, out folder) -> None: the final weights, rank 0
+    summary: dict
+    tokenizer_file: Path
+    header: str
+    steps_per_epoch: int
+
+
+class ScoreEvery:
+    """The validation scores every --eval-interval steps (and at the end), logged by rank 0 and kept."""
+
+    def __init__(self, tuning: Tuning, engine, device, log, history: list):
+        self.tuning, self.engine, self.device, self.log, self.history = tuning, engine, device, log, history
+
+    def should_validate(self, step: int, last_step: bool) -> bool:
+        return step % self.tuning.config.eval_interval == 0 or last_step
+
+    def validate(self, step: int) -> dict:
+        result = self.tuning.score(self.engine.ds, self.device)
+        record = {"step": step, "epoch": round(step / self.tuning.steps_per_epoch, 3), **result}
+        self.history.append(record)
+        self.log.write(record, f"eval step {step} (epoch {record['epoch']:g}) | " + describe(result))
+        return result
+
+
+def describe(result: dict) -> str:
+    return " | ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in result.items())
+
+
+def run_tuning(tuning: Tuning) -> dict:
+    import torch.distributed as dist
+
+    from dsllm.checkpoint.states import consolidated_state_dict
+    from dsllm.checkpoint.store import write_json_atomic
+    from dsllm.engine import build_engine, engine_options, init_distributed
+    from dsllm.loop import loop_settings, step_log_for, train_loop
+    from dsllm.metrics import MetricsLog
+    from dsllm.model_dir import CONFIG_FILE
+    from dsllm.run_control import RunLock
+    from dsllm.sft_data import PackedBatches
+    from dsllm.tokenizer import TOKENIZER_FILE
+
+    config, spec, checkpointer, summary = tuning.config, tuning.spec, tuning.checkpointer, tuning.summary
+    world, out = spec.world, Path(config.out)
+    lock = RunLock(out).acquire() if world.is_main else None
+    if world.is_main:
+        print(tuning.header, flush=True)
+    device = init_distributed(world, config.collective_timeout)
+    checkpointer.verify()
+    checkpointer.start_lineage()
+    if world.is_main:  # a model folder from the start: checkpoints load through its config.json
+        write_json_atomic(out / CONFIG_FILE, {"model": spec.model.to_dict(), tuning.kind: tuning.record})
+        shutil.copyfile(tuning.tokenizer_file, out / TOKENIZER_FILE)
+    if world.is_main and checkpointer.resume_from is None:  # before DeepSpeed takes the module
+        summary["before"] = tuning.score(tuning.module.to(device), device)
+        print("before: " + describe(summary["before"]), flush=True)
+    options = engine_options(config)
+    engine = build_engine(spec, tuning.module.train(), device, tuning.loss, **options, load_universal=checkpointer.universal)
+    batches = PackedBatches(tuning.train, spec.batch.micro, config.seed, world.rank, world.size)
+    step, counters = 0, {"nonfinite_in_a_row": 0, "skipped_steps": 0}
+    if checkpointer.resume_from is not None:
+        state = checkpointer.load(engine)
+        batches.load_state_dict(state["data"])
+        step, counters = state["step"], state["counters"]
+        if world.is_main:
+            print(f"resumed from {checkpointer.resume_from} at step {step}", flush=True)
+    log = MetricsLog(out / "metrics.jsonl", world.is_main, getattr(engine.ds, "monitor", None))
+    history: list[dict] = []
+    train_loop(
+        engine,
+        batches,
+        settings=loop_settings(config),
+        start_step=step,
+        counters=counters,
+        validator=ScoreEvery(tuning, engine, device, log, history),
+        checkpointer=checkpointer,
+        step_log=step_log_for(config, spec, log, device, step),
+        rank=world.rank,
+    )
+    dist.barrier()
+    if world.is_main:  # fp32 weights from the ZeRO partitions (any stage)
+        tuning.save(consolidated_state_dict(checkpointer.last_saved), out)
+        summary["epochs"], summary["after"] = history, history[-1] if history else None
+        write_json_atomic(out / f"{tuning.kind}.json", summary)
+    log.close()
+    engine.teardown()
+    if lock is not None:
+        lock.release()
+    return summary
