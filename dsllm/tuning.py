@@ -89,8 +89,8 @@ def run_tuning(tuning: Tuning) -> dict:
     if world.is_main and checkpointer.resume_from is None:  # before DeepSpeed takes the module
         summary["before"] = tuning.score(tuning.module.to(device), device)
         print("before: " + describe(summary["before"]), flush=True)
-    options = engine_options(config)
-    engine = build_engine(spec, tuning.module.train(), device, tuning.loss, **options, load_universal=checkpointer.universal)
+    options = {**engine_options(config), "load_universal": checkpointer.universal}
+    engine = build_engine(spec, tuning.module.train(), device, tuning.loss, **options)
     batches = PackedBatches(tuning.train, spec.batch.micro, config.seed, world.rank, world.size)
     step, counters = 0, {"nonfinite_in_a_row": 0, "skipped_steps": 0}
     if checkpointer.resume_from is not None:
