@@ -23,6 +23,8 @@ VERBS = {
     "pretrain": ("dsllm.pretrain", "pretrain a GPT (under `deepspeed` for several ranks)"),
     "finetune": ("dsllm.finetune", "supervised fine-tuning of a pretrained model on JSONL conversations"),
     "finetune-classify": ("dsllm.classify", "a classification head on a pretrained model, trained on labelled texts"),
+    "dpo": ("dsllm.preference", "direct preference optimisation on {prompt, chosen, rejected} pairs"),
+    "reward-model": ("dsllm.reward_model", "a scalar reward head trained on {prompt, chosen, rejected} pairs"),
     "supervise": ("dsllm.supervise", "rerun a training command after failures, resuming each time"),
     "evaluate": ("dsllm.evaluation", "validation loss, perplexity, bits/byte and multiple-choice accuracy"),
     "generate": ("dsllm.generate", "sample text from a model"),

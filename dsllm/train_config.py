@@ -368,26 +368,21 @@ class FinetuneConfig(RunConfig):
 
 
 @dataclasses.dataclass(kw_only=True)
-class ClassifyConfig(RunConfig):
-    """Classification fine-tuning of a pretrained or imported model: a head on the last token (dsllm.classify)."""
+class EpochRunConfig(RunConfig):
+    """A fine-tuning counted in epochs over a file of examples, scored on held-out ones after each (classification,
+    reward model, DPO: dsllm.tuning)."""
 
     init: str
     """the pretrained run folder, checkpoint or model folder (`dsllm import`'s too) to start from"""
     data: str
-    """training examples: CSV (a header row) or JSONL, with a text and a label column"""
+    """the training examples"""
     val_data: str | None = None
     """validation examples, as --data; default: --val-fraction of --data"""
     val_fraction: float = 0.1
     """share of --data held out for validation when there is no --val-data, in [0, 1)"""
-    text_column: str = "text"
-    """the column (CSV) or field (JSONL) holding each example's text"""
-    label_column: str = "label"
-    """the column or field holding each example's label (any text or number)"""
-    labels: str | None = None
-    """the label set, comma-separated, in the head's order; default: the training labels, sorted"""
     epochs: int = 3
-    """passes over the training examples (--max-steps, when given, counts steps instead); accuracy and F1 are
-    measured on the validation examples after each"""
+    """passes over the training examples (--max-steps, when given, counts steps instead); the validation examples
+    are scored before training and after each"""
     max_steps: int | None = None
     """optimizer steps to train for; default: --epochs passes over --data"""
     eval_interval: int | None = None
@@ -409,13 +404,49 @@ class ClassifyConfig(RunConfig):
         if not 0 <= self.val_fraction < 1:
             raise UserError(f"--val-fraction {self.val_fraction}: must be in [0, 1)")
 
-    def resolved(self, steps_per_epoch: int) -> ClassifyConfig:
+    def resolved(self, steps_per_epoch: int) -> EpochRunConfig:
         """The options with --max-steps (--epochs of `steps_per_epoch`) and --eval-interval (an epoch) filled."""
         return dataclasses.replace(
             self,
             max_steps=self.max_steps or self.epochs * steps_per_epoch,
             eval_interval=self.eval_interval or steps_per_epoch,
         )
+
+
+@dataclasses.dataclass(kw_only=True)
+class ClassifyConfig(EpochRunConfig):
+    """Classification fine-tuning of a pretrained or imported model: a head on the last token (dsllm.classify)."""
+
+    data: str
+    """training examples: CSV (a header row) or JSONL, with a text and a label column"""
+    text_column: str = "text"
+    """the column (CSV) or field (JSONL) holding each example's text"""
+    label_column: str = "label"
+    """the column or field holding each example's label (any text or number)"""
+    labels: str | None = None
+    """the label set, comma-separated, in the head's order; default: the training labels, sorted"""
+
+
+@dataclasses.dataclass(kw_only=True)
+class RewardConfig(EpochRunConfig):
+    """A reward model: a scalar head on the last token, trained on preference pairs (dsllm.preference)."""
+
+    data: str
+    """training pairs, JSONL: {"prompt": str, "chosen": str, "rejected": str} a line"""
+    micro_batch_size: int | None = 8
+    """pairs per rank per forward pass (two rows each); fills train_micro_batch_size_per_gpu when 'auto'"""
+
+
+@dataclasses.dataclass(kw_only=True)
+class DPOConfig(RewardConfig):
+    """Direct preference optimisation of a policy against its frozen starting point (dsllm.preference)."""
+
+    beta: float = 0.1
+    """DPO's beta: how far the policy may move from the reference (the implicit reward's scale)"""
+    lr: float = 1e-5
+    """peak learning rate"""
+
+    _ABOVE_ZERO = {**RunConfig._ABOVE_ZERO, "beta": "DPO's beta"}
 
 
 def flag(name: str) -> str:

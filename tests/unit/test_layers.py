@@ -22,7 +22,7 @@ LAYERS = {  # docs/architecture.md's table; a new module gets a row here and the
     4: ["model", "pipeline", "tensor_parallel", "sequence_parallel", "experts", "metrics", "scoring", "hf_layout"],
     5: ["checkpoint", "model_dir", "safe_load"],
     6: ["optimizer", "engine", "loop", "run_control", "seq_len_warmup", "batch_warmup"],
-    7: ["pretrain", "continued", "cooldown", "finetune", "classify", "tuning", "preference"],
+    7: ["pretrain", "continued", "cooldown", "finetune", "classify", "tuning", "preference", "reward_model"],
     8: [
         "cli",
         "__main__",
