@@ -160,6 +160,21 @@ def classifier(gpt: GPT, labels: int) -> torch.nn.Module:
     return Classifier()
 
 
+def save_with_head(weights: dict, model_config, out: Path, tokenizer_file: Path, extra: dict, head_file: str) -> None:
+    """A `classifier`'s fp32 weights: the backbone as a model folder in `out` (generate, evaluate and export take
+    it), the head in `out / head_file`."""
+    from safetensors.torch import save_file
+
+    from dsllm.model import GPT
+    from dsllm.model_dir import save_model_dir
+
+    backbone = GPT(model_config)
+    backbone.load_state_dict({k.removeprefix("gpt."): v for k, v in weights.items() if k.startswith("gpt.")})
+    save_model_dir(backbone, out, tokenizer_file, extra=extra)
+    head = {k.removeprefix("head."): weights[k].contiguous() for k in ("head.weight", "head.bias")}
+    save_file(head, str(out / head_file))
+
+
 def classify_loss(module, batch: dict, device):
     return module(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})[1]
 
@@ -249,10 +264,7 @@ def preflight(config: ClassifyConfig, world: World | None = None) -> Classifying
 
 
 def run(plan: Classifying) -> dict:
-    from safetensors.torch import save_file
-
-    from dsllm.model import GPT
-    from dsllm.model_dir import CONFIG_FILE, save_model_dir
+    from dsllm.model_dir import CONFIG_FILE
     from dsllm.tuning import Tuning, run_tuning
 
     config, spec = plan.config, plan.spec
@@ -262,12 +274,8 @@ def run(plan: Classifying) -> dict:
         predicted, loss = predict(forward, plan.val, device, spec.batch.micro)
         return {"val_loss": loss, **scores(predicted, plan.val.labels, len(plan.labels))}
 
-    def save(weights: dict, out: Path) -> None:  # the backbone as a model folder, the head beside it
-        backbone = GPT(spec.model)
-        backbone.load_state_dict({k.removeprefix("gpt."): v for k, v in weights.items() if k.startswith("gpt.")})
-        save_model_dir(backbone, out, plan.tokenizer_file, extra={"classifier": record})
-        save_file({k.removeprefix("head."): weights[k].contiguous() for k in ("head.weight", "head.bias")},
-                  str(out / HEAD_FILE))  # fmt: skip
+    def save(weights: dict, out: Path) -> None:
+        save_with_head(weights, spec.model, out, plan.tokenizer_file, {"classifier": record}, HEAD_FILE)
         print(f"classifier: {out} ({HEAD_FILE}, labels in {CONFIG_FILE})", flush=True)
 
     header = (

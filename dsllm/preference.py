@@ -187,9 +187,7 @@ def reference_log_probs(model, pairs: Pairs, per_forward: int) -> list[float]:
 def preflight(config, world: World | None, kind: str):
     """A checked DPO (`kind` "dpo") or reward-model ("reward") run, as a `dsllm.tuning.Tuning`: the pairs read and
     tokenized, the reference's log-probabilities computed (DPO), the spec resolved, the resume point chosen."""
-    from safetensors.torch import save_file
-
-    from dsllm.classify import classifier
+    from dsllm.classify import classifier, save_with_head
     from dsllm.model import GPT
     from dsllm.model_dir import load_model_dir, model_inputs, model_tokenizer, resolve_model_source, save_model_dir
     from dsllm.paths import check_output_apart
@@ -262,11 +260,7 @@ def preflight(config, world: World | None, kind: str):
             save_model_dir(policy, out, tokenizer_file, extra={kind: record})
             print(f"policy: {out} (dsllm generate --checkpoint {out} --chat --prompt ...)", flush=True)
             return
-        backbone = GPT(spec.model)
-        backbone.load_state_dict({k.removeprefix("gpt."): v for k, v in weights.items() if k.startswith("gpt.")})
-        save_model_dir(backbone, out, tokenizer_file, extra={kind: record})
-        save_file({k.removeprefix("head."): weights[k].contiguous() for k in ("head.weight", "head.bias")},
-                  str(out / REWARD_HEAD_FILE))  # fmt: skip
+        save_with_head(weights, spec.model, out, tokenizer_file, {kind: record}, REWARD_HEAD_FILE)
         print(f"reward model: {out} ({REWARD_HEAD_FILE})", flush=True)
 
     what = f"DPO (beta {config.beta})" if kind == "dpo" else "reward-model training"
