@@ -82,7 +82,7 @@ def test_reversal_is_learned_only_by_fine_tuning(tmp_path, pretrained):
         "--max-steps",
         1000,
         "--lr",
-        "1e-2",
+        "5e-3",
         "--warmup-steps",
         30,
         "--micro-batch-size",
@@ -96,8 +96,9 @@ def test_reversal_is_learned_only_by_fine_tuning(tmp_path, pretrained):
     )
     summary = json.loads((out / "finetune.json").read_text())
     # measured (2026-11-30, this base, whose weights start from per-parameter seeded values since then): 0.00
-    # before; after 1,000 steps 1.00 (val loss 0.0034) on seed 7, 0.25 on seed 1234. Learning comes as a phase
-    # change whose step varies by seed (before: 1.00 on 1234 and 7, 0.04 on 11; at micro batch 16 after step 1,000).
+    # before. Learning comes as a phase change whose step varies by seed and by machine: at lr 1e-2, 1.00 on seed 7
+    # on one machine and 0.56 on another (another CPU: other float rounding); at lr 5e-3, 1.00 on seeds 7, 1234 and
+    # 11 on the second machine (val loss 1e-8 to 3e-5).
     assert summary["before"]["exact_match"] <= 0.05 and summary["after"]["exact_match"] >= 0.8, summary
     assert summary["after"]["val_loss"] < summary["before"]["val_loss"] / 4
     assert summary["train_examples"] == 1900 and summary["val_examples"] == 100 and summary["truncated"] == 0
