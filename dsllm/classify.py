@@ -20,8 +20,6 @@ import csv
 import dataclasses
 import hashlib
 import json
-import math
-import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -223,27 +221,17 @@ class Classifying:
 
 def preflight(config: ClassifyConfig, world: World | None = None) -> Classifying:
     """Everything that can fail on the input, before the process group exists."""
-    from dsllm.model_dir import load_model_dir, model_inputs, model_tokenizer, resolve_model_source
-    from dsllm.paths import check_output_apart
-    from dsllm.pretrain import resolve_spec
+    from dsllm.model_dir import load_model_dir
     from dsllm.tokenizer import eot_id
+    from dsllm.tuning import check_inputs, epoch_plan, split_held_out
 
     world = world or World.from_env()
-    inputs = model_inputs(config.init, "--init") + [("--data", config.data), ("--ds_config", config.ds_config)]
-    check_output_apart(config.out, "--out", inputs + ([("--val-data", config.val_data)] if config.val_data else []))
-    tokenizer, tokenizer_file = model_tokenizer(resolve_model_source(config.init)[2])
-    train = read_labelled(config.data, config.text_column, config.label_column, "--data")
-    if config.val_data:
-        val = read_labelled(config.val_data, config.text_column, config.label_column, "--val-data")
-    else:
-        random.Random(config.seed).shuffle(train)
-        cut = max(1, round(len(train) * config.val_fraction)) if config.val_fraction > 0 else 0
-        if cut >= len(train) or cut == 0:
-            raise UserError(
-                f"--data {config.data}: {len(train)} example(s) with --val-fraction {config.val_fraction} leave "
-                "no validation or no training examples; add examples, change the fraction, or pass --val-data"
-            )
-        train, val = train[cut:], train[:cut]
+    tokenizer, tokenizer_file = check_inputs(config)
+
+    def read(path: str, flag: str) -> list:
+        return read_labelled(path, config.text_column, config.label_column, flag)
+
+    train, val = split_held_out(config, read, "example")
     names = label_names(config, train)
     model = load_model_dir(config.init)
     max_len = min(config.seq_len or model.config.max_seq_len, model.config.max_seq_len)
@@ -253,10 +241,7 @@ def preflight(config: ClassifyConfig, world: World | None = None) -> Classifying
     length = max(encoded.length, val_encoded.length)
     encoded = dataclasses.replace(encoded, length=length)
     val_encoded = dataclasses.replace(val_encoded, length=length)
-    provisional = resolve_spec(config.resolved(1_000_000), model.config, world)  # its global batch: an epoch's steps
-    steps_per_epoch = math.ceil(len(encoded.idx) / provisional.batch.global_size)
-    config = dataclasses.replace(config.resolved(steps_per_epoch), seq_len=length)
-    spec = resolve_spec(config, model.config, world)
+    config, spec, steps_per_epoch = epoch_plan(config, model.config, world, len(encoded.idx), length)
     from dsllm.checkpoint.checkpointer import Checkpointer
 
     checkpointer = Checkpointer.for_run(config, spec, encoded.fingerprint(), kind="classify")

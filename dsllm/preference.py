@@ -31,8 +31,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -189,36 +187,18 @@ def preflight(config, world: World | None, kind: str):
     tokenized, the reference's log-probabilities computed (DPO), the spec resolved, the resume point chosen."""
     from dsllm.classify import classifier, save_with_head
     from dsllm.model import GPT
-    from dsllm.model_dir import load_model_dir, model_inputs, model_tokenizer, resolve_model_source, save_model_dir
-    from dsllm.paths import check_output_apart
-    from dsllm.pretrain import resolve_spec
+    from dsllm.model_dir import load_model_dir, save_model_dir
     from dsllm.tokenizer import eot_id
-    from dsllm.tuning import Tuning
+    from dsllm.tuning import Tuning, check_inputs, epoch_plan, split_held_out
 
     world = world or World.from_env()
-    inputs = model_inputs(config.init, "--init") + [("--data", config.data), ("--ds_config", config.ds_config)]
-    check_output_apart(config.out, "--out", inputs + ([("--val-data", config.val_data)] if config.val_data else []))
-    tokenizer, tokenizer_file = model_tokenizer(resolve_model_source(config.init)[2])
-    train = read_pairs(config.data, "--data")
-    if config.val_data:
-        val = read_pairs(config.val_data, "--val-data")
-    else:
-        random.Random(config.seed).shuffle(train)
-        cut = max(1, round(len(train) * config.val_fraction)) if config.val_fraction > 0 else 0
-        if cut == 0 or cut >= len(train):
-            raise UserError(
-                f"--data {config.data}: {len(train)} pair(s) with --val-fraction {config.val_fraction} leave no "
-                "validation or no training pairs; add pairs, change the fraction, or pass --val-data"
-            )
-        train, val = train[cut:], train[:cut]
+    tokenizer, tokenizer_file = check_inputs(config)
+    train, val = split_held_out(config, read_pairs, "pair")
     model = load_model_dir(config.init)
     eot, max_len = eot_id(tokenizer), min(config.seq_len or model.config.max_seq_len, model.config.max_seq_len)
     train_pairs, val_pairs = (encode_pairs(p, tokenizer, eot, max_len) for p in (train, val))
     length = max(train_pairs.length, val_pairs.length)
-    provisional = resolve_spec(config.resolved(1_000_000), model.config, world)  # its global batch: an epoch's steps
-    steps_per_epoch = math.ceil(len(train_pairs.idx) / provisional.batch.global_size)
-    config = dataclasses.replace(config.resolved(steps_per_epoch), seq_len=length)
-    spec = resolve_spec(config, model.config, world)
+    config, spec, steps_per_epoch = epoch_plan(config, model.config, world, len(train_pairs.idx), length)
     micro = spec.batch.micro
     train_pairs, val_pairs = (dataclasses.replace(p, length=length) for p in (train_pairs, val_pairs))
     if kind == "dpo":  # the reference: the --init model's log-probabilities, before it trains

@@ -16,8 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dsllm.errors import UserError
+
 if TYPE_CHECKING:
     import torch
+    from tokenizers import Tokenizer
 
     from dsllm.checkpoint.checkpointer import Checkpointer
     from dsllm.run_spec import RunSpec
@@ -39,6 +42,47 @@ class Tuning:
     tokenizer_file: Path
     header: str
     steps_per_epoch: int
+
+
+def check_inputs(config) -> tuple[Tokenizer, Path]:
+    """--out apart from every input (refused before anything is read), then the --init model's tokenizer and file."""
+    from dsllm.model_dir import model_inputs, model_tokenizer, resolve_model_source
+    from dsllm.paths import check_output_apart
+
+    inputs = model_inputs(config.init, "--init") + [("--data", config.data), ("--ds_config", config.ds_config)]
+    check_output_apart(config.out, "--out", inputs + ([("--val-data", config.val_data)] if config.val_data else []))
+    return model_tokenizer(resolve_model_source(config.init)[2])
+
+
+def split_held_out(config, read: Callable[[str, str], list], unit: str) -> tuple[list, list]:
+    """(training, validation) examples: `read(path, flag)` of --data and --val-data, or a seeded --val-fraction of
+    --data held out (`unit` names an example in the error when that leaves either side empty)."""
+    import random
+
+    train = read(config.data, "--data")
+    if config.val_data:
+        return train, read(config.val_data, "--val-data")
+    random.Random(config.seed).shuffle(train)
+    cut = max(1, round(len(train) * config.val_fraction)) if config.val_fraction > 0 else 0
+    if cut == 0 or cut >= len(train):
+        raise UserError(
+            f"--data {config.data}: {len(train)} {unit}(s) with --val-fraction {config.val_fraction} leave no "
+            f"validation or no training {unit}s; add {unit}s, change the fraction, or pass --val-data"
+        )
+    return train[cut:], train[:cut]
+
+
+def epoch_plan(config, model, world, rows: int, length: int) -> tuple[Any, RunSpec, int]:
+    """(the options resolved, the run's spec, steps per epoch) of `rows` training rows of `length` tokens: an epoch's
+    steps come from the global batch of a provisional spec, then --max-steps, --eval-interval and --seq-len."""
+    import math
+
+    from dsllm.pretrain import resolve_spec
+
+    provisional = resolve_spec(config.resolved(1_000_000), model, world)  # its global batch: an epoch's steps
+    steps_per_epoch = math.ceil(rows / provisional.batch.global_size)
+    config = dataclasses.replace(config.resolved(steps_per_epoch), seq_len=length)
+    return config, resolve_spec(config, model, world), steps_per_epoch
 
 
 class ScoreEvery:
