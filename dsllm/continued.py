@@ -4,9 +4,12 @@ The model is the --init folder's (its config.json, the shapes its weights have);
 what no weight's shape depends on (`model_config.WEIGHT_FREE_FIELDS`): RoPE and its scaling, the context of a RoPE
 model, dropout and recompute. That is how a model trained at a short context is extended to a longer one
 (`--model.rope_scaling yarn --model.max_seq_len 4x`). The dataset must be tokenized as the model was. Pre-flight
-reads the weights on the CPU (a damaged file is said before any rank starts); `dsllm.pretrain.run` loads them into
-the run's model before DeepSpeed wraps it, and the optimizer and schedule start fresh at step 0. A run folder
-with checkpoints of its own resumes them (`--resume auto`): the weights of --init are for a fresh start only.
+checks every stored name and shape against the run's model (a damaged or foreign file is said before any rank
+starts). Each rank then builds its part of the model (`dsllm.engine.new_model`) with the stored values in place of
+seeded ones (`dsllm.model.initial_value`), reading only the parameters it holds: any ZeRO stage (ZeRO-3 partitions
+them as they are built), pipeline stages, tensor and expert shards. The optimizer and schedule start fresh at step
+0. A run folder with checkpoints of its own resumes them (`--resume auto`): the weights of --init are for a fresh
+start only.
 """
 
 from __future__ import annotations
@@ -19,9 +22,7 @@ from dsllm.errors import UserError
 from dsllm.model_config import WEIGHT_FREE_FIELDS, ModelConfig, continued_model_config, resolve_model_config
 
 if TYPE_CHECKING:
-    import torch
-
-    from dsllm.run_spec import RunSpec
+    from dsllm.model_dir import StoredWeights
     from dsllm.train_config import TrainConfig
 
 
@@ -52,27 +53,11 @@ def init_model_config(config: TrainConfig, data_tokenizer_hash: bytes, data_dir:
     return continued_model_config(trained, config.model_overrides, f"--init {config.init}")
 
 
-def check_init_layout(spec: RunSpec, config: TrainConfig) -> None:
-    """The weights load into the whole model each rank builds: data parallelism with ZeRO-0/1/2 (dense or with
-    every expert on each rank). ZeRO-3 (partitioned as built), pipeline stages, tensor and expert shards build only
-    a part of it."""
-    parts = (
-        (spec.zero_stage == 3, f"{config.ds_config} (ZeRO-3)"),
-        (spec.pipeline_stages > 1, f"--pipeline-parallel {spec.pipeline_stages}"),
-        (spec.tensor_parallel > 1, f"--tensor-parallel {spec.tensor_parallel}"),
-        (spec.expert_parallel > 1, f"--expert-parallel {spec.expert_parallel}"),
-    )
-    layout = next((what for partial, what in parts if partial), None)
-    if layout is not None:
-        raise UserError(
-            f"--init {config.init} with {layout}: not supported yet (the weights load into a whole model on each "
-            "rank); use data parallelism with ds_configs/zero0.json, zero1.json or zero2.json"
-        )
+def init_weights(init: str, model: ModelConfig) -> StoredWeights:
+    """The --init weights, every name and shape checked against the run's `model` (which `init_model_config` let
+    no override reshape); each rank reads only the values of the parameters it builds."""
+    from dsllm.model_dir import StoredWeights
 
-
-def init_weights(init: str) -> dict[str, torch.Tensor]:
-    """The --init weights on the CPU, by the name the run's model gives each (its parameters have the same shapes:
-    `init_model_config` let no override change one)."""
-    from dsllm.model_dir import load_model_dir
-
-    return load_model_dir(init).state_dict()
+    weights = StoredWeights(init)
+    weights.check(model)
+    return weights

@@ -24,7 +24,7 @@ import socket
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,9 @@ from dsllm import ops
 from dsllm.optimizer import check_muon_tags, client_optimizer, muon_halves, optimizer_type, param_groups, tag_muon
 from dsllm.run_spec import RunSpec, World
 from dsllm.schedule import Schedule
+
+if TYPE_CHECKING:
+    from dsllm.model_dir import StoredWeights
 
 LossOf = Callable[[Any, Any, torch.device], torch.Tensor]  # (module or engine, micro batch, device) -> loss
 
@@ -96,8 +99,10 @@ def _unlink_shm_buffer() -> None:
         (Path("/dev/shm") / name).unlink(missing_ok=True)
 
 
-def new_model(spec: RunSpec) -> torch.nn.Module:
-    """The run's GPT (after `init_distributed`; its weights' seed drawn from torch's global generator), built as the
+def new_model(spec: RunSpec, weights: StoredWeights | None = None) -> torch.nn.Module:
+    """The run's GPT (after `init_distributed`; its weights' seed drawn from torch's global generator, or its
+    values a trained model's `weights`: continued pretraining's --init, read where each layout sets a parameter's
+    initial value, `dsllm.model.initial_value`), built as the
     layout needs it, so no rank ever holds the whole model (a 7B model on 8 ranks is a part of it on each, not 8
     copies), with the values of the whole model (each parameter's comes from the seed and its name). A pipeline:
     DeepSpeed's PipelineModule, each stage building only its own layers (dsllm.pipeline; with tensor parallelism
@@ -107,28 +112,29 @@ def new_model(spec: RunSpec) -> torch.nn.Module:
     zero.Init gathers, runs on rank 0 and broadcasts."""
     from dsllm.model import GPT, init_seed
 
+    seed = weights if weights is not None else init_seed()  # (drawn first, as GPT itself would)
     if spec.pipeline_stages > 1:  # (ZeRO-0/1 only: pre-flight refuses pipelines on ZeRO-2/3)
         from dsllm.pipeline import pipeline_module
 
         stages, partition = spec.pipeline_stages, spec.pipeline_partition
         section = spec.ds.get("tensor_parallel")
-        return pipeline_module(spec.model, init_seed(), stages, partition, spec.tensor_parallel, section)
+        return pipeline_module(spec.model, seed, stages, partition, spec.tensor_parallel, section)
     if spec.tensor_parallel > 1:  # (ZeRO-1/2 only: pre-flight refuses ZeRO-0/3 with tensor parallelism)
         from dsllm.tensor_parallel import TensorSplit, sharded_gpt
 
         split = TensorSplit(spec.ds["tensor_parallel"], tensor_mesh(spec).get_tensor_model_parallel_group())
-        return sharded_gpt(spec.model, init_seed(), split)
+        return sharded_gpt(spec.model, seed, split)
     sequence = None
     if spec.sequence_parallel > 1:
         from dsllm.sequence_parallel import SequenceSplit
 
         sequence = SequenceSplit.of(spec.sequence_parallel)
     if spec.zero_stage != 3:  # (sparse blocks: only on ZeRO-0/1/2)
-        return GPT(spec.model, expert_parallel=spec.expert_parallel, expert_rank=spec.expert_rank, sequence=sequence)
+        return GPT(spec.model, seed, spec.expert_parallel, spec.expert_rank, sequence)
     import deepspeed
 
     with deepspeed.zero.Init(config_dict_or_path=spec.deepspeed_config(), mpu=parallel_groups(spec)):
-        return GPT(spec.model, sequence=sequence)
+        return GPT(spec.model, seed, sequence=sequence)
 
 
 def parallel_groups(spec: RunSpec):

@@ -11,6 +11,7 @@ import functools
 import math
 import zlib
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -264,11 +265,21 @@ def init_seed() -> int:
     return int(torch.randint(0, 2**62, (), device="cpu").item())
 
 
-def initial_value(name: str, shape, config: ModelConfig, seed: int) -> torch.Tensor:
+class Weights(Protocol):
+    """Stored values of a GPT's parameters by their names in the whole model (`dsllm.model_dir.StoredWeights`)."""
+
+    def value(self, name: str, shape) -> torch.Tensor: ...
+
+
+def initial_value(name: str, shape, config: ModelConfig, seed: int | Weights) -> torch.Tensor:
     """The initial fp32 value of the GPT parameter called `name` ("blocks.3.attn.qkv.weight"): norms one, biases
     zero, matrices normal(0, init_std), the outputs that add into the residual stream scaled by 1/sqrt(2 n_layers).
     Each parameter draws from its own generator, seeded by the model's seed and its name, so a part of the model
-    built alone (a pipeline stage, a tensor-parallel shard) holds exactly the values of the whole model."""
+    built alone (a pipeline stage, a tensor-parallel shard) holds exactly the values of the whole model. In place
+    of a seed, a trained model's weights (`Weights`: continued pretraining's --init): the value stored under that
+    name, so every layout starts from them as it would from a seed."""
+    if not isinstance(seed, int):
+        return seed.value(name, shape)
     if name == "skip_weights" or name.endswith(".value_scale"):  # U-net skips and value embeddings start at 1
         return torch.ones(shape)
     module, kind = name.rsplit(".", 1)
@@ -284,7 +295,9 @@ def initial_value(name: str, shape, config: ModelConfig, seed: int) -> torch.Ten
 
 
 @torch.no_grad()
-def init_weights(module: nn.Module, config: ModelConfig, seed: int, prefix: str = "", first_expert: int = 0) -> None:
+def init_weights(
+    module: nn.Module, config: ModelConfig, seed: int | Weights, prefix: str = "", first_expert: int = 0
+) -> None:
     """Set every parameter of `module` (the GPT, or a part of it whose parameters are named `prefix` + their name
     in the part) to its `initial_value`. Through `Module.apply`: under deepspeed.zero.Init (ZeRO-3), which
     partitions each module's parameters as soon as it is built, apply is the one place that gathers them first.
@@ -305,12 +318,13 @@ class GPT(nn.Module):
     def __init__(
         self,
         config: ModelConfig,
-        seed: int | None = None,
+        seed: int | Weights | None = None,
         expert_parallel: int = 1,
         expert_rank: int = 0,
         sequence=None,
     ):
-        """`seed` the weights' (`initial_value`); by default drawn from torch's global generator. With sparse
+        """`seed` the weights' (`initial_value`: an int, or a trained model's `Weights`); by default drawn
+        from torch's global generator. With sparse
         blocks split over `expert_parallel` ranks, this rank (`expert_rank` among them) holds experts
         expert_rank x experts / expert_parallel on. `sequence` (a `dsllm.sequence_parallel.SequenceSplit`): this
         rank sees a piece of each window, its attention exchanging heads for sequence with the others'; such a

@@ -115,6 +115,103 @@ def load_model_dir(path: str | os.PathLike, device: str | torch.device = "cpu") 
     return model.to(device)
 
 
+class StoredWeights:
+    """A saved model's weights (`resolve_model_source`), read one parameter at a time by the name `initial_value`
+    gives it in the whole GPT ("blocks.1.mlp.experts.2.fc.weight", a tied weight under "tok_embeddings.weight"):
+    what a continued pretraining run (`--init`) builds its model from, in any layout, each rank reading only the
+    parameters it holds. A model folder's safetensors file is memory-mapped, so no rank reads the whole of it; a
+    training checkpoint is consolidated on the CPU first. `check` compares every name and shape with the run's
+    model before any rank starts."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        config_path, checkpoint, home = resolve_model_source(path)
+        self.config_path, self.source = config_path, home / WEIGHTS_FILE if checkpoint is None else checkpoint
+        self._checkpoint, self._file, self._names = checkpoint, None, None
+
+    def names(self) -> dict[str, str]:
+        """{name in the whole GPT: name where it is stored}."""
+        from dsllm.experts import expert_names
+
+        if self._names is None:
+            self._names = {}
+            for key in self._keys():
+                self._names.setdefault(expert_names(key), key)
+            if "tok_embeddings.weight" not in self._names and "lm_head.weight" in self._names:  # a tied weight
+                self._names["tok_embeddings.weight"] = self._names["lm_head.weight"]
+        return self._names
+
+    def check(self, config: ModelConfig) -> None:
+        """Every parameter of the GPT of `config` is stored, with its shape, and nothing else is (a UserError
+        naming the first difference); the weights themselves are not read."""
+        from dsllm.experts import expert_names
+
+        with torch.device("meta"):
+            expected = {expert_names(n): tuple(p.shape) for n, p in GPT(config, seed=0).named_parameters()}
+        names = self._guarded(self.names)
+        missing = sorted(set(expected) - set(names))
+        tied = {"lm_head.weight"} if config.tie_embeddings else set()
+        unexpected = sorted(set(names) - set(expected) - tied)
+        if missing or unexpected:
+            raise UserError(
+                f"{self.path}: weights do not fit {self.config_path} (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]}); they come from another model"
+            )
+        for name, shape in expected.items():
+            stored = self._guarded(lambda key=names[name]: self._shape(key))
+            if stored != shape:
+                raise UserError(
+                    f"{self.source}: cannot load these weights into the model of {self.config_path} ({name}: "
+                    f"{list(stored)} stored, {list(shape)} in the model); they come from another model"
+                )
+
+    def value(self, name: str, shape) -> torch.Tensor:
+        """The fp32 value of the whole GPT's parameter `name` (of `shape`: `check` saw to it)."""
+        value = self._guarded(lambda: self._read(self.names()[name])).float()
+        if tuple(value.shape) != tuple(shape):  # (a model other than the one checked)
+            raise RuntimeError(f"{self.source}: {name} is {list(value.shape)}, the model's {list(shape)}")
+        return value
+
+    def _keys(self) -> list[str]:
+        if self._checkpoint is not None:
+            return list(self._consolidated())
+        return list(self._opened().keys())
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        if self._checkpoint is not None:
+            return tuple(self._consolidated()[key].shape)
+        return tuple(self._opened().get_slice(key).get_shape())
+
+    def _read(self, key: str) -> torch.Tensor:
+        if self._checkpoint is not None:
+            return self._consolidated()[key]
+        return self._opened().get_tensor(key)
+
+    def _opened(self):
+        if self._file is None:
+            from safetensors import safe_open
+
+            self._file = safe_open(str(self.source), framework="pt", device="cpu")
+        return self._file
+
+    def _consolidated(self) -> dict[str, torch.Tensor]:
+        if self._file is None:
+            self._file = consolidated_state_dict(self._checkpoint)
+        return self._file
+
+    def _guarded(self, read):
+        """`read()`, a damaged or unreadable file said in one line."""
+        try:
+            return read()
+        except (OSError, KeyError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile,
+                SafetensorError) as err:  # fmt: skip
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(
+                f"{self.source}: cannot load these weights into the model of {self.config_path} ({detail[:200]}); "
+                "they come from another model or the files are damaged"
+            ) from None
+
+
 def model_tokenizer(home: Path) -> tuple[Tokenizer, Path]:
     """The tokenizer a model was trained with: `tokenizer.json` in its run or model folder (`resolve_model_source`)."""
     path = home / TOKENIZER_FILE

@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # (imported where used: `dsllm pretrain --help` loads no torc
     from dsllm.cooldown import BudgetDecay
     from dsllm.data.format import TokenFile
     from dsllm.data.mixture import Mixture
+    from dsllm.model_dir import StoredWeights
     from dsllm.schedule import Schedule
 
 
@@ -64,7 +65,7 @@ class Pretraining:
     train: TokenFile
     val: TokenFile
     checkpointer: Checkpointer
-    init_weights: dict | None = None  # --init's weights on the CPU, for a fresh start (dsllm.continued)
+    init_weights: StoredWeights | None = None  # --init's, checked, for a fresh start (dsllm.continued)
     mixture: Mixture | None = None
     schedule: Schedule | None = None  # the lr phases (--schedule's, or a --decay-from branch's); None: the JSON's
     budget: BudgetDecay | None = None  # --decay-in-budget: the phases in force, changed when the decay starts
@@ -232,10 +233,6 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
                 f"--batch-size-warmup with the schedule of --data {config.data}: not supported yet (its phases start "
                 "at a step x the full global batch); drop one of them"
             )
-    if config.init is not None:
-        from dsllm.continued import check_init_layout
-
-        check_init_layout(spec, config)
     from dsllm.checkpoint.checkpointer import Checkpointer
     from dsllm.checkpoint.store import Marker
 
@@ -266,7 +263,7 @@ def preflight(config: TrainConfig, world: World | None = None) -> Pretraining:
     if config.init is not None and checkpointer.resume_from is None:  # a run with checkpoints of its own resumes them
         from dsllm.continued import init_weights
 
-        weights = init_weights(config.init)
+        weights = init_weights(config.init, spec.model)
     if mixture is not None and world.is_main:
         for note in mixture.spec.notes:  # weights scaled to sum to 1: said once, before the run starts
             print(note, flush=True)
@@ -496,9 +493,8 @@ def run(plan: Pretraining) -> dict:
     import torch
 
     torch.manual_seed(config.seed)
-    model = new_model(spec)
-    if plan.init_weights is not None:  # (None when the run resumes a checkpoint of its own)
-        model.load_state_dict(plan.init_weights)
+    model = new_model(spec, plan.init_weights)  # (no weights when the run resumes a checkpoint of its own)
+    if plan.init_weights is not None:
         _say(world, f"starting from the weights of {config.init}, with a fresh optimizer and schedule")
     loss_of = window_loss
     if spec.sequence_parallel > 1:  # (its validation: Engine.score)

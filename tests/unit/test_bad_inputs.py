@@ -138,9 +138,10 @@ def dataset_with_id(token_id: int) -> Callable[[Path, Path], None]:
     return write
 
 
-def model_folder(tokenizer_texts: list[str] | None = None, damaged: bool = False, **fields):
+def model_folder(tokenizer_texts: list[str] | None = None, damaged: bool = False, weights_of=None, **fields):
     """A writer of a small trained-model folder (random weights) for --init, tokenized as the test dataset, or
-    with a tokenizer trained on `tokenizer_texts`; `damaged`: its weights file cut in half."""
+    with a tokenizer trained on `tokenizer_texts`; `damaged`: its weights file cut in half; `weights_of`: the
+    fields of another model, whose weights the folder holds."""
 
     def write(path: Path, data: Path) -> None:
         from dsllm.model import GPT
@@ -152,6 +153,10 @@ def model_folder(tokenizer_texts: list[str] | None = None, damaged: bool = False
         save_model_dir(GPT(ModelConfig(**{**shape, **fields})), path, data / "tokenizer.json")
         if tokenizer_texts:
             save_tokenizer(train_tokenizer(tokenizer_texts, vocab_size=280, show_progress=False), path)
+        if weights_of:
+            other = GPT(ModelConfig(**{**shape, **fields, **weights_of}))
+            save_model_dir(other, path.with_name(path.name + "-other"))
+            (path.with_name(path.name + "-other") / WEIGHTS_FILE).replace(path / WEIGHTS_FILE)
         if damaged:
             weights = (path / WEIGHTS_FILE).read_bytes()
             (path / WEIGHTS_FILE).write_bytes(weights[: len(weights) // 2])
@@ -672,10 +677,11 @@ CASES = [
         damaged=True,
     ),
     pretrain_init(
-        "init-zero3",
-        "`--init` with ZeRO-3",
-        ("--ds_config", str(ROOT / "ds_configs" / "zero3.json")),
-        ("--init", "zero3.json (ZeRO-3): not supported yet", "zero2.json"),
+        "init-foreign-weights",
+        "`--init` folder whose `model.safetensors` is another model's",
+        (),
+        ("weights do not fit", "config.json", "unexpected ['blocks.1.", "they come from another model"),
+        weights_of={"n_layers": 2},
     ),
     pretrain_init(
         "init-out-is-init",

@@ -112,7 +112,7 @@ def test_data_errors(capsys, tmp_path, dataset_dir):
 
 def test_init_takes_the_trained_model_and_its_weights(tmp_path, dataset_dir):
     """--init: the model of the folder with the overrides its weights allow (one equal to the trained value is
-    harmless), and its weights read in pre-flight, by the names of the run's model."""
+    harmless), and its weights checked in pre-flight, then read by the names of the run's model."""
     import torch
 
     from dsllm.model import GPT
@@ -143,8 +143,7 @@ def test_init_takes_the_trained_model_and_its_weights(tmp_path, dataset_dir):
         "max_seq_len": 256,
         "dropout": 0.1,
     }
-    model = GPT(plan.spec.model)
-    model.load_state_dict(plan.init_weights)  # strict: every name and shape
+    model = GPT(plan.spec.model, seed=plan.init_weights)  # each parameter's value read by its name
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in model.state_dict().items())
     assert not (tmp_path / "extended").exists()
 
