@@ -314,12 +314,47 @@ class Checkpointer:
             )
         if not self.universal:  # on another world size the per-rank streams do not map
             load_rng(path, self.spec.world.rank)
+        replay_cpu_adam_clock(engine.ds)
         return client["dsllm"]
 
     def last_healthy(self) -> str:
         """The newest complete checkpoint of the lineage, for messages ("none" when there is none)."""
         done = lineage_candidates(self.checkpoints)
         return str(done[0]) if done else "none"
+
+
+def replay_cpu_adam_clock(ds_engine) -> None:
+    """Give DeepSpeed's CPU Adam kernels, after a resume, the beta^t a process that ran every step has.
+
+    Those kernels (FusedAdam on the CPU accelerator, DeepSpeedCPUAdam under optimizer offload; `cpu_adam.h`
+    IncrementStep) keep beta^t in float32 inside the process: a step one past the last multiplies it by beta, any
+    other step sets it to pow(beta, t). The first step of a resumed process sets it, and pow(beta, t) and the running
+    product differ in the last bit for most t, so a resume at step 10, 11 or 20 drifted from the uninterrupted run by
+    ~1e-7 relative within 2-15 steps (one at 3, 4 or 8 did not). Replaying the product over steps 1..t on one-element
+    dummies (lr 0) makes it the uninterrupted run's. CUDA's kernels compute beta^t from the step: nothing to do."""
+    import torch
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+    optimizer = getattr(ds_engine, "optimizer", None)
+    while optimizer is not None and not isinstance(optimizer, (DeepSpeedCPUAdam, FusedAdam)):
+        optimizer = getattr(optimizer, "optimizer", None)  # (the ZeRO or mixed-precision wrapper's own)
+    cpu_fused = isinstance(optimizer, FusedAdam) and get_accelerator().device_name() == "cpu"
+    if not (cpu_fused or isinstance(optimizer, DeepSpeedCPUAdam)):
+        return
+    steps = max((int(state.get("step", 0)) for state in optimizer.state.values()), default=0)
+    group = optimizer.param_groups[0]
+    (beta1, beta2), eps, bias_correction = group["betas"], group["eps"], group.get("bias_correction", True)
+    p, g, m, v = (torch.zeros(1) for _ in range(4))
+    for t in range(1, steps + 1):
+        if cpu_fused:
+            optimizer.multi_tensor_adam(
+                2048 * 32, optimizer._dummy_overflow_buf, [[g], [p], [m], [v]], 0.0, beta1, beta2, eps, t,
+                optimizer.adam_w_mode, int(bias_correction), 0.0,
+            )  # fmt: skip
+        else:
+            update = optimizer.ds_opt_adam.adam_update
+            update(optimizer.opt_id, t, 0.0, beta1, beta2, eps, 0.0, bias_correction, p, g, m, v)
 
 
 def _say(spec: RunSpec, message: str) -> None:

@@ -120,3 +120,45 @@ def test_auto_after_a_rollback_follows_the_chosen_branch(tmp_path):
     prune(checkpoints, keep_last=2)  # the lineage's oldest goes; the abandoned step 30 is left for the user
     assert names(complete_checkpoints(checkpoints)) == ["step00000015", "step00000020", "step00000030"]
     assert names(lineage_candidates(checkpoints)) == ["step00000020", "step00000015"]
+
+
+@pytest.mark.parametrize("kind", ["FusedAdam", "DeepSpeedCPUAdam"])
+def test_a_resumed_cpu_adam_steps_as_the_uninterrupted_one(kind):
+    """DeepSpeed's CPU Adam kernels keep beta^t as a running product in the process; a resume at step 10 starts it
+    at pow(beta, 11), a bit off for these betas, unless `replay_cpu_adam_clock` replays the product first."""
+    import copy
+    import types
+
+    import torch
+    from deepspeed.ops import adam
+
+    from dsllm.checkpoint.checkpointer import replay_cpu_adam_clock
+
+    def optimizer(param):
+        return getattr(adam, kind)([param], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+
+    torch.manual_seed(0)
+    start, grads = torch.randn(256), [torch.randn(256) for _ in range(16)]
+
+    def steps(param, opt, grads):
+        for grad in grads:
+            param.grad = grad.clone()
+            opt.step()
+
+    whole = torch.nn.Parameter(start.clone())
+    opt = optimizer(whole)
+    steps(whole, opt, grads[:10])
+    at_10, saved = whole.detach().clone(), copy.deepcopy(opt.state_dict())
+    steps(whole, opt, grads[10:])
+
+    def resumed(replay: bool) -> torch.Tensor:
+        param = torch.nn.Parameter(at_10.clone())
+        opt = optimizer(param)
+        opt.load_state_dict(copy.deepcopy(saved))  # (a loaded state is the same tensors, stepped in place)
+        if replay:
+            replay_cpu_adam_clock(types.SimpleNamespace(optimizer=opt))
+        steps(param, opt, grads[10:])
+        return param.detach()
+
+    assert not torch.equal(resumed(replay=False), whole.detach())  # (else this test proves nothing)
+    assert torch.equal(resumed(replay=True), whole.detach())
