@@ -295,7 +295,7 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_run(tmp_path, pretraine
     resumed = train_records(out)
     assert sorted(resumed) == list(range(1, 11))
     for step in range(1, 11):
-        assert resumed[step]["loss"] == pytest.approx(reference[step]["loss"], rel=1e-6, abs=0), step
+        assert resumed[step]["loss"] == reference[step]["loss"], step
         assert resumed[step]["lr"] == reference[step]["lr"] and resumed[step]["samples"] == reference[step]["samples"]
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "val_loss" in line]
     reference_evals = [

@@ -116,7 +116,7 @@ def test_kill_then_resume_is_exact(tmp_path, dataset_dir, monkeypatch, optimizer
     killed_at = max(before)
     assert 10 <= killed_at < 16 and sorted(after) == list(range(1, 17))
     for step in range(9, killed_at + 1):  # at least two steps: the second one after an update from restored state
-        assert after[step]["loss"] == pytest.approx(before[step]["loss"], rel=1e-6, abs=0), step
+        assert after[step]["loss"] == before[step]["loss"], step
         assert after[step]["lr"] == before[step]["lr"]
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["deepspeed"]["optimizer"]["type"] == {"muon": "Muon", "lion": "Lion"}[optimizer]
