@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -148,93 +147,48 @@ def packed_loss(module, batch: dict, device):
 
 
 def run(plan: Finetuning) -> dict:
-    import torch.distributed as dist
-
     from dsllm.checkpoint.store import write_json_atomic
-    from dsllm.engine import build_engine, engine_options, init_distributed
-    from dsllm.loop import loop_settings, step_log_for, train_loop
-    from dsllm.metrics import MetricsLog
-    from dsllm.model_dir import CONFIG_FILE, load_model_dir, save_model_dir
-    from dsllm.run_control import RunLock
-    from dsllm.sft_data import PackedBatches, evaluate_model
-    from dsllm.tokenizer import TOKENIZER_FILE
+    from dsllm.model_dir import load_model_dir, save_model_dir
+    from dsllm.sft_data import evaluate_model
+    from dsllm.tuning import RowsRun, run_rows
 
-    config, spec, checkpointer = plan.config, plan.spec, plan.checkpointer
-    world, out = spec.world, Path(config.out)
-    summary = plan.summary()
-    lock = RunLock(out).acquire() if world.is_main else None
-    if world.is_main:
-        print(
-            f"fine-tuning {spec.model.num_parameters():,} parameters from {config.init}: {len(plan.train_set)} "
-            f"examples packed into {len(plan.packed.idx)} rows of {spec.seq_len} tokens "
-            f"({plan.packed.truncated} cut, {plan.packed.dropped} dropped), {world.size} rank(s), "
-            f"ZeRO-{spec.zero_stage}, {spec.precision}, {config.max_steps} steps",
-            flush=True,
-        )
-    device = init_distributed(world, config.collective_timeout)
-    checkpointer.verify()
-    checkpointer.start_lineage()
-    model = plan.model
-    if world.is_main:  # a model folder from the start: checkpoints load through its config.json
-        write_json_atomic(out / CONFIG_FILE, {"model": spec.model.to_dict(), "finetune": summary})
-        shutil.copyfile(plan.tokenizer_file, out / TOKENIZER_FILE)
-    if world.is_main and plan.val_set and checkpointer.resume_from is None:  # before DeepSpeed takes the model
+    config, spec = plan.config, plan.spec
+    out, summary = Path(config.out), plan.summary()
+    header = (
+        f"fine-tuning {spec.model.num_parameters():,} parameters from {config.init}: {len(plan.train_set)} "
+        f"examples packed into {len(plan.packed.idx)} rows of {spec.seq_len} tokens "
+        f"({plan.packed.truncated} cut, {plan.packed.dropped} dropped), {spec.world.size} rank(s), "
+        f"ZeRO-{spec.zero_stage}, {spec.precision}, {config.max_steps} steps"
+    )
+
+    def scored(model, device, when: str) -> dict:
+        result = evaluate_model(model.to(device), plan.tokenizer, plan.eot, plan.val_set, spec.seq_len,
+                                config.eval_examples)  # fmt: skip
+        line = "{when}: val loss {val_loss:.4f} | exact match {exact_match:.3f} on {exact_match_examples} prompts"
+        print(line.format(when=when, **result), flush=True)
+        return result
+
+    def before(device) -> None:
         print(
             f"before: scoring {len(plan.val_set)} validation examples and up to {config.eval_examples} prompts "
             "(greedy answers for exact match)",
             flush=True,
         )
-        summary["before"] = evaluate_model(
-            model.to(device), plan.tokenizer, plan.eot, plan.val_set, spec.seq_len, config.eval_examples
-        )
-        print(
-            "before: val loss {val_loss:.4f} | exact match {exact_match:.3f} on {exact_match_examples} prompts".format(
-                **summary["before"]
-            ),
-            flush=True,
-        )
-    engine = build_engine(
-        spec, model.train(), device, packed_loss, **engine_options(config), load_universal=checkpointer.universal
-    )
-    batches = PackedBatches(plan.packed, spec.batch.micro, config.seed, world.rank, world.size)
-    step, counters = 0, {"nonfinite_in_a_row": 0, "skipped_steps": 0}
-    if checkpointer.resume_from is not None:
-        state = checkpointer.load(engine)
-        batches.load_state_dict(state["data"])
-        step, counters = state["step"], state["counters"]
-        if world.is_main:
-            print(f"resumed from {checkpointer.resume_from} at step {step}", flush=True)
-    log = MetricsLog(out / "metrics.jsonl", world.is_main, getattr(engine.ds, "monitor", None))
-    step, _ = train_loop(
-        engine,
-        batches,
-        settings=loop_settings(config),
-        start_step=step,
-        counters=counters,
-        validator=ReplyValidator(plan, engine, device, log, batches),
-        checkpointer=checkpointer,
-        step_log=step_log_for(config, spec, log, device, step),
-        rank=world.rank,
-    )
-    dist.barrier()
-    if world.is_main:  # fp32 weights from the ZeRO partitions (any stage), as a model folder
-        final = load_model_dir(checkpointer.last_saved)
+        summary["before"] = scored(plan.model, device, "before")
+
+    def finish(last_saved: Path, device) -> None:  # fp32 weights from the ZeRO partitions (any stage)
+        final = load_model_dir(last_saved)
         save_model_dir(final, out, plan.tokenizer_file, extra={"finetune": summary})
         if plan.val_set:  # the fp32 weights just written, still in memory
-            summary["after"] = evaluate_model(
-                final.to(device), plan.tokenizer, plan.eot, plan.val_set, spec.seq_len, config.eval_examples
-            )
-            print(
-                "after: val loss {val_loss:.4f} | exact match {exact_match:.3f} on {exact_match_examples} "
-                "prompts".format(**summary["after"]),
-                flush=True,
-            )
+            summary["after"] = scored(final, device, "after")
         write_json_atomic(out / SUMMARY_FILE, summary)
         print(f"fine-tuned model: {out} (dsllm generate --checkpoint {out} --chat --prompt ...)", flush=True)
-    log.close()
-    engine.teardown()
-    if lock is not None:
-        lock.release()
+
+    run_rows(
+        RowsRun(config, spec, plan.checkpointer, plan.model, packed_loss, plan.packed),
+        {"finetune": summary}, plan.tokenizer_file, header, before if plan.val_set else None,
+        lambda engine, device, log, batches: ReplyValidator(plan, engine, device, log, batches), finish,
+    )  # fmt: skip
     return summary
 
 

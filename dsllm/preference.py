@@ -12,10 +12,11 @@ closed by the document token: what `dsllm finetune` trains and `dsllm generate -
 
 DPO (Rafailov et al. 2023): the loss is -log sigmoid(beta x ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) -
 log ref(rejected)))), each log-probability summed over the response's tokens. The reference is the --init model,
-frozen: its log-probabilities of every pair are computed once, before training (the precomputed form; no second model
-in memory). The implicit reward of a response is beta x (log pi - log ref); preference accuracy is the share of
-held-out pairs whose chosen response gets the higher one (a tie counts a half: 0.5 before training), the margin its
-mean difference. The result is the policy, a model folder.
+frozen: its log-probabilities of every pair are computed once, before training, on the device and shared out over the
+ranks (the precomputed form; no second model in memory), and kept in the run folder for a resumed run. The implicit
+reward of a response is beta x (log pi - log ref); preference accuracy is the share of held-out pairs whose chosen
+response gets the higher one (a tie counts a half: 0.5 before training), the margin its mean difference. The result
+is the policy, a model folder.
 
 The reward model puts a scalar head (zero at the start: every reward 0, accuracy 0.5) on the last token of prompt +
 response and trains it and the model on -log sigmoid(r(chosen) - r(rejected)) (Ouyang et al. 2022); accuracy is the
@@ -41,6 +42,7 @@ from dsllm.run_spec import World
 from dsllm.train_config import DPOConfig, RewardConfig
 
 REWARD_HEAD_FILE = "reward_head.safetensors"
+REFERENCE_FILE = "reference_log_probs.safetensors"  # DPO's, in the run folder: a resumed run reads them back
 
 if TYPE_CHECKING:
     import torch
@@ -92,7 +94,7 @@ class Pairs:
             idx[r, : len(self.rows[row])] = torch.tensor(self.rows[row])
             response[r, self.starts[row] : len(self.rows[row])] = True
         batch = {"idx": idx, "response": response, "last": torch.tensor([len(self.rows[row]) - 1 for row in order])}
-        if self.ref is not None:
+        if self.ref:  # (DPO: empty until `reference_log_probs` fills it)
             batch["ref"] = torch.tensor([self.ref[row] for row in order])
         return batch
 
@@ -169,17 +171,42 @@ def score_pairs(terms, forward, pairs: Pairs, device, per_forward: int) -> dict:
     return pair_scores(margins, loss / len(pairs.idx))
 
 
-def reference_log_probs(model, pairs: Pairs, per_forward: int) -> list[float]:
-    """The frozen reference's log p(response | prompt) of every row (CPU, before the process group)."""
+def reference_log_probs(model, pairs: Pairs, per_forward: int, device, world: World) -> list[float]:
+    """The frozen reference's log p(response | prompt) of every row, on the device: the chunks of `per_forward`
+    pairs shared out over the ranks (chunk k on rank k mod the world size), then gathered. A chunk is what scoring
+    forwards at once, so before training the policy's log-probabilities equal these to the bit (margin 0)."""
     import torch
+    import torch.distributed as dist
 
-    model.eval()
-    values: list[float] = []
+    model.to(device).eval()
+    starts = range(0, len(pairs.idx), per_forward)
+    mine: dict[int, list[float]] = {}
     with torch.no_grad():
-        for start in range(0, len(pairs.idx), per_forward):
-            batch = pairs.batch(list(range(start, min(start + per_forward, len(pairs.idx)))))
-            values += response_log_probs(model(batch["idx"][:, :-1])[0], batch).tolist()
-    return values
+        for k, start in enumerate(starts):
+            if k % world.size == world.rank:
+                batch = pairs.batch(list(range(start, min(start + per_forward, len(pairs.idx)))))
+                batch = {name: value.to(device) for name, value in batch.items()}
+                mine[start] = response_log_probs(model(batch["idx"][:, :-1])[0], batch).tolist()
+    parts = [mine]
+    if world.size > 1:
+        parts = [None] * world.size
+        dist.all_gather_object(parts, mine)
+    merged = {start: values for part in parts for start, values in part.items()}
+    return [value for start in starts for value in merged[start]]
+
+
+def stored_reference(path: Path, stamp: dict) -> dict | None:
+    """The reference log-probabilities `path` holds ({"train": [...], "val": [...]}), if they are of the rows
+    `stamp` fingerprints; None otherwise (computed again)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            if json.loads(f.metadata().get("rows", "null")) != stamp:
+                return None
+            return {name: f.get_tensor(name).tolist() for name in ("train", "val")}
+    except (OSError, SafetensorError, KeyError, ValueError, AttributeError):
+        return None
 
 
 def preflight(config, world: World | None, kind: str):
@@ -201,11 +228,36 @@ def preflight(config, world: World | None, kind: str):
     config, spec, steps_per_epoch = epoch_plan(config, model.config, world, len(train_pairs.idx), length)
     micro = spec.batch.micro
     train_pairs, val_pairs = (dataclasses.replace(p, length=length) for p in (train_pairs, val_pairs))
-    if kind == "dpo":  # the reference: the --init model's log-probabilities, before it trains
-        train_pairs, val_pairs = (
-            dataclasses.replace(p, ref=reference_log_probs(model, p, micro)) for p in (train_pairs, val_pairs)
-        )
+    prepare = None
+    if kind == "dpo":  # the reference: the --init model's log-probabilities, filled in before it trains
+        train_pairs, val_pairs = (dataclasses.replace(p, ref=[]) for p in (train_pairs, val_pairs))
         module = model
+
+        def prepare(device, resuming: bool) -> None:
+            """On every rank, once the process group is up: read back on a resume, else computed and stored."""
+            import torch
+            from safetensors.torch import save_file
+
+            path = Path(config.out) / REFERENCE_FILE
+            stamp = {"train": train_pairs.fingerprint(), "val": val_pairs.fingerprint()}
+            stored = stored_reference(path, stamp) if resuming else None
+            if world.size > 1:  # every rank reads them back, or every rank computes its share
+                import torch.distributed as dist
+
+                every = torch.tensor([float(stored is not None)], device=device)
+                dist.all_reduce(every, op=dist.ReduceOp.MIN)
+                stored = stored if every.item() == 1.0 else None
+            for name, pairs in (("train", train_pairs), ("val", val_pairs)):
+                pairs.ref[:] = stored[name] if stored else reference_log_probs(model, pairs, micro, device, world)
+            if world.is_main and not stored:
+                values = {"train": torch.tensor(train_pairs.ref, dtype=torch.float64),
+                          "val": torch.tensor(val_pairs.ref, dtype=torch.float64)}  # fmt: skip
+                save_file(values, str(path.with_suffix(".tmp")), metadata={"rows": json.dumps(stamp)})
+                path.with_suffix(".tmp").replace(path)
+            if world.is_main:
+                how = "read back from" if stored else f"computed on {world.size} rank(s) into"
+                print(f"reference: log-probabilities of {len(train_pairs.rows) + len(val_pairs.rows)} responses "
+                      f"{how} {path}", flush=True)  # fmt: skip
 
         def forward_of(forward):
             return lambda batch: forward(batch["idx"][:, :-1])[0]
@@ -258,7 +310,7 @@ def preflight(config, world: World | None, kind: str):
         "max_steps": config.max_steps,
     }
     tuning = Tuning(kind, config, spec, checkpointer, module, loss, train_pairs, score, record, save, summary,
-                    tokenizer_file, header, steps_per_epoch)  # fmt: skip
+                    tokenizer_file, header, steps_per_epoch, prepare)  # fmt: skip
     return tuning
 
 

@@ -1,5 +1,7 @@
-"""The run of a fine-tuning that scores rows of examples (classification, reward model, DPO): one owner of its
-life on the engine, the loop and the checkpoints, as `dsllm.pretrain.run` and `dsllm.finetune.run` are for theirs.
+"""The run of a fine-tuning over rows of examples (SFT, classification, reward model, DPO): `run_rows` is the one
+owner of its life on the engine, the loop and the checkpoints, as `dsllm.pretrain.run` is for pretraining;
+`run_tuning` is the run of the ones scored every --eval-interval steps with a head or a pair loss (classification,
+reward model, DPO), and `dsllm.finetune.run` is SFT's.
 
 A `Tuning` says what differs: the module the engine trains (a GPT, or a GPT with a head), its loss of a micro batch,
 how the validation rows are scored (through a forward function: the plain module before training, DeepSpeed's engine
@@ -42,6 +44,7 @@ class Tuning:
     tokenizer_file: Path
     header: str
     steps_per_epoch: int
+    prepare: Callable | None = None  # (device, resuming) -> None, on every rank before training (`run_rows`)
 
 
 def check_inputs(config) -> tuple[Tokenizer, Path]:
@@ -107,9 +110,61 @@ def describe(result: dict) -> str:
 
 
 def run_tuning(tuning: Tuning) -> dict:
+    """Train `tuning` to its last step, scoring every --eval-interval steps; returns its summary."""
+    from dsllm.checkpoint.states import consolidated_state_dict
+    from dsllm.checkpoint.store import write_json_atomic
+
+    summary, history = tuning.summary, []
+
+    def before(device) -> None:
+        summary["before"] = tuning.score(tuning.module.to(device), device)
+        print("before: " + describe(summary["before"]), flush=True)
+
+    def finish(last_saved: Path, device) -> None:
+        tuning.save(consolidated_state_dict(last_saved), Path(tuning.config.out))  # fp32, from any ZeRO stage
+        summary["epochs"], summary["after"] = history, history[-1] if history else None
+        write_json_atomic(Path(tuning.config.out) / f"{tuning.kind}.json", summary)
+
+    run_rows(
+        RowsRun(tuning.config, tuning.spec, tuning.checkpointer, tuning.module, tuning.loss, tuning.train),
+        {tuning.kind: tuning.record}, tuning.tokenizer_file, tuning.header, before,
+        lambda engine, device, log, batches: ScoreEvery(tuning, engine, device, log, history), finish,
+        tuning.prepare,
+    )  # fmt: skip
+    return summary
+
+
+@dataclasses.dataclass
+class RowsRun:
+    """What a run over rows of examples trains: the resolved config and spec, the checkpointer, the module, its
+    loss of a micro batch, (module, batch, device) -> loss, and the rows (`idx`, `batch(rows)`, `fingerprint()`)."""
+
+    config: Any
+    spec: RunSpec
+    checkpointer: Checkpointer
+    module: torch.nn.Module
+    loss: Callable
+    rows: Any
+
+
+def run_rows(
+    run: RowsRun,
+    entry: dict,
+    tokenizer_file: Path,
+    header: str,
+    before: Callable[[Any], None] | None,
+    validator: Callable,
+    finish: Callable[[Path, Any], None],
+    prepare: Callable[[Any, bool], None] | None = None,
+) -> None:
+    """The life of a fine-tuning run over rows (SFT, classification, DPO, reward model) on the engine, the loop and
+    the checkpoints: the run folder is a model folder from the start (config.json with `entry` beside the model, the
+    tokenizer), `prepare(device, resuming)` on every rank (DPO's reference log-probabilities), `before(device)` on
+    rank 0 of a fresh start before DeepSpeed takes the module, the rows in a seeded
+    resumable order, a checkpoint resumed, the loop with `validator(engine, device, log, batches)`, and
+    `finish(last checkpoint, device)` on rank 0 once every rank is done."""
     import torch.distributed as dist
 
-    from dsllm.checkpoint.states import consolidated_state_dict
     from dsllm.checkpoint.store import write_json_atomic
     from dsllm.engine import build_engine, engine_options, init_distributed
     from dsllm.loop import loop_settings, step_log_for, train_loop
@@ -119,23 +174,24 @@ def run_tuning(tuning: Tuning) -> dict:
     from dsllm.sft_data import PackedBatches
     from dsllm.tokenizer import TOKENIZER_FILE
 
-    config, spec, checkpointer, summary = tuning.config, tuning.spec, tuning.checkpointer, tuning.summary
+    config, spec, checkpointer = run.config, run.spec, run.checkpointer
     world, out = spec.world, Path(config.out)
     lock = RunLock(out).acquire() if world.is_main else None
     if world.is_main:
-        print(tuning.header, flush=True)
+        print(header, flush=True)
     device = init_distributed(world, config.collective_timeout)
     checkpointer.verify()
     checkpointer.start_lineage()
     if world.is_main:  # a model folder from the start: checkpoints load through its config.json
-        write_json_atomic(out / CONFIG_FILE, {"model": spec.model.to_dict(), tuning.kind: tuning.record})
-        shutil.copyfile(tuning.tokenizer_file, out / TOKENIZER_FILE)
-    if world.is_main and checkpointer.resume_from is None:  # before DeepSpeed takes the module
-        summary["before"] = tuning.score(tuning.module.to(device), device)
-        print("before: " + describe(summary["before"]), flush=True)
+        write_json_atomic(out / CONFIG_FILE, {"model": spec.model.to_dict(), **entry})
+        shutil.copyfile(tokenizer_file, out / TOKENIZER_FILE)
+    if prepare is not None:
+        prepare(device, checkpointer.resume_from is not None)
+    if world.is_main and before is not None and checkpointer.resume_from is None:  # before DeepSpeed takes it
+        before(device)
     options = {**engine_options(config), "load_universal": checkpointer.universal}
-    engine = build_engine(spec, tuning.module.train(), device, tuning.loss, **options)
-    batches = PackedBatches(tuning.train, spec.batch.micro, config.seed, world.rank, world.size)
+    engine = build_engine(spec, run.module.train(), device, run.loss, **options)
+    batches = PackedBatches(run.rows, spec.batch.micro, config.seed, world.rank, world.size)
     step, counters = 0, {"nonfinite_in_a_row": 0, "skipped_steps": 0}
     if checkpointer.resume_from is not None:
         state = checkpointer.load(engine)
@@ -144,25 +200,21 @@ def run_tuning(tuning: Tuning) -> dict:
         if world.is_main:
             print(f"resumed from {checkpointer.resume_from} at step {step}", flush=True)
     log = MetricsLog(out / "metrics.jsonl", world.is_main, getattr(engine.ds, "monitor", None))
-    history: list[dict] = []
     train_loop(
         engine,
         batches,
         settings=loop_settings(config),
         start_step=step,
         counters=counters,
-        validator=ScoreEvery(tuning, engine, device, log, history),
+        validator=validator(engine, device, log, batches),
         checkpointer=checkpointer,
         step_log=step_log_for(config, spec, log, device, step),
         rank=world.rank,
     )
     dist.barrier()
-    if world.is_main:  # fp32 weights from the ZeRO partitions (any stage)
-        tuning.save(consolidated_state_dict(checkpointer.last_saved), out)
-        summary["epochs"], summary["after"] = history, history[-1] if history else None
-        write_json_atomic(out / f"{tuning.kind}.json", summary)
+    if world.is_main:
+        finish(checkpointer.last_saved, device)
     log.close()
     engine.teardown()
     if lock is not None:
         lock.release()
-    return summary

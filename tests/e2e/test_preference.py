@@ -1,7 +1,9 @@
 """Preference alignment (issue 17), on DeepSpeed (ZeRO-2): on a synthetic preference set (the chosen response says
 "sun" where the rejected one, otherwise the same words, says "moon"), DPO's preference accuracy on held-out pairs goes
 from 0.5 (the policy is its reference: every margin 0) to >= 0.9 and the implicit reward margin grows; a reward model
-goes from 0.5 (its zero head) to >= 0.9 likewise; bad pairs are one line, exit 2."""
+goes from 0.5 (its zero head) to >= 0.9 likewise; on 2 ranks the reference log-probabilities are shared out, kept in
+the run folder and read back by a run killed and resumed, which follows the single rank's curve; bad pairs are one
+line, exit 2."""
 
 import json
 import random
@@ -10,7 +12,7 @@ import sys
 
 import pytest
 from conftest import ROOT, assert_user_error
-from runs import env
+from runs import VENV_BIN, env, free_port, run_until_killed, train_records
 
 from dsllm.model import GPT
 from dsllm.model_config import ModelConfig
@@ -43,24 +45,61 @@ def task(tmp_path_factory, tokenizer_dir):
     return root
 
 
-def run(script: str, root, out, *args):
-    cmd = [sys.executable, f"launch/{script}.py", "--ds_config", "ds_configs/zero2.json", "--init", str(root / "init"),
+DPO = ("--lr", "2e-3", "--beta", "0.5")
+
+
+def command(script: str, root, out, *args, ranks: int = 1) -> list[str]:
+    cmd = [f"launch/{script}.py", "--ds_config", "ds_configs/zero2.json", "--init", str(root / "init"),
            "--data", str(root / "train.jsonl"), "--val-data", str(root / "val.jsonl"), "--out", str(out),
            *map(str, args)]  # fmt: skip
+    if ranks > 1:
+        return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()), *cmd]
+    return [sys.executable, *cmd]
+
+
+def run(script: str, root, out, *args, ranks: int = 1):
+    cmd = command(script, root, out, *args, ranks=ranks)
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.slow  # ~20 s on 2 CPU cores
-def test_dpo_lifts_held_out_preference_accuracy_from_05_to_09(task, tmp_path):
-    proc = run("dpo", task, tmp_path / "dpo", *RUN, "--lr", "2e-3", "--beta", "0.5")
+@pytest.fixture(scope="module")
+def dpo(task, tmp_path_factory):
+    """The DPO run on one rank (micro batches of 8 pairs): (run folder, its stdout)."""
+    out = tmp_path_factory.mktemp("dpo") / "run"
+    proc = run("dpo", task, out, *RUN, *DPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "dpo" / "dpo.json").read_text())
+    return out, proc.stdout
+
+
+@pytest.mark.slow  # ~20 s on 2 CPU cores
+def test_dpo_lifts_held_out_preference_accuracy_from_05_to_09(dpo, tmp_path):
+    out, stdout = dpo
+    assert f"reference: log-probabilities of 480 responses computed on 1 rank(s) into {out}" in stdout
+    summary = json.loads((out / "dpo.json").read_text())
     assert summary["before"]["accuracy"] == 0.5 and summary["before"]["margin"] == 0.0  # the policy is the reference
     margins = [e["margin"] for e in summary["epochs"]]
     assert summary["after"]["accuracy"] >= 0.9 and margins == sorted(margins) and margins[-1] > 1.0, summary["epochs"]
-    policy = load_model_dir(tmp_path / "dpo")  # a model folder generate, evaluate and export take
-    assert json.loads((tmp_path / "dpo" / "config.json").read_text())["dpo"] == {"beta": 0.5}
+    policy = load_model_dir(out)  # a model folder generate, evaluate and export take
+    assert json.loads((out / "config.json").read_text())["dpo"] == {"beta": 0.5}
     assert policy.config.d_model == 64
+
+
+@pytest.mark.multirank
+@pytest.mark.slow  # ~70 s on 2 CPU cores: a 2-rank run killed, and its resumption
+def test_two_ranks_share_the_reference_and_a_resumed_run_reads_it_back(task, dpo, tmp_path):
+    out, args = tmp_path / "dpo2", (*RUN, *DPO, "--micro-batch-size", 4, "--save-interval", 10)
+    proc = run_until_killed(command("dpo", task, out, *args, ranks=2), out, kill_after_step=25)
+    assert proc.returncode != 0, "the run finished before it could be killed"
+    resumed = run("dpo", task, out, *args, ranks=2)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and f"responses read back from {out}" in resumed.stdout
+    ours, theirs = train_records(out), train_records(dpo[0])
+    assert sorted(ours) == sorted(theirs) == [*range(5, 73, 5), 72]  # (--log-interval 5: a mean of 5 steps)
+    assert all(ours[s]["loss"] == pytest.approx(theirs[s]["loss"], rel=1e-4) for s in theirs)  # 2 x 4 pairs = 8
+    after = [json.loads((run_dir / "dpo.json").read_text())["after"] for run_dir in (out, dpo[0])]
+    assert after[0]["accuracy"] == after[1]["accuracy"] and after[0]["margin"] == pytest.approx(
+        after[1]["margin"], rel=1e-4
+    )
 
 
 @pytest.mark.slow  # ~20 s on 2 CPU cores
