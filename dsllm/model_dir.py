@@ -172,6 +172,10 @@ class StoredWeights:
             raise RuntimeError(f"{self.source}: {name} is {list(value.shape)}, the model's {list(shape)}")
         return value
 
+    def close(self) -> None:
+        """Let go of the file (or the consolidated weights) once the model is built."""
+        self._file = None
+
     def _keys(self) -> list[str]:
         if self._checkpoint is not None:
             return list(self._consolidated())

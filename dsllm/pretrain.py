@@ -495,6 +495,7 @@ def run(plan: Pretraining) -> dict:
     torch.manual_seed(config.seed)
     model = new_model(spec, plan.init_weights)  # (no weights when the run resumes a checkpoint of its own)
     if plan.init_weights is not None:
+        plan.init_weights.close()
         _say(world, f"starting from the weights of {config.init}, with a fresh optimizer and schedule")
     loss_of = window_loss
     if spec.sequence_parallel > 1:  # (its validation: Engine.score)
