@@ -95,16 +95,14 @@ def split_examples(config: FinetuneConfig) -> tuple[list, list]:
 
 def preflight(config: FinetuneConfig, world: World | None = None) -> Finetuning:
     """Everything that can fail on the input, before the process group exists."""
-    from dsllm.model_dir import load_model_dir, model_inputs, model_tokenizer, resolve_model_source
-    from dsllm.paths import check_output_apart
+    from dsllm.model_dir import load_model_dir
     from dsllm.pretrain import resolve_spec
     from dsllm.sft_data import pack, tokenize
     from dsllm.tokenizer import eot_id
+    from dsllm.tuning import check_inputs
 
     world = world or World.from_env()
-    inputs = model_inputs(config.init, "--init") + [("--data", config.data), ("--ds_config", config.ds_config)]
-    check_output_apart(config.out, "--out", inputs + ([("--val-data", config.val_data)] if config.val_data else []))
-    tokenizer, tokenizer_file = model_tokenizer(resolve_model_source(config.init)[2])
+    tokenizer, tokenizer_file = check_inputs(config)
     eot = eot_id(tokenizer)
     train_set, val_set = split_examples(config)
     model = load_model_dir(config.init)

@@ -323,9 +323,9 @@ class GPT(nn.Module):
         expert_rank: int = 0,
         sequence=None,
     ):
-        """`seed` the weights' (`initial_value`: an int, or a trained model's `Weights`); by default drawn
-        from torch's global generator. With sparse
-        blocks split over `expert_parallel` ranks, this rank (`expert_rank` among them) holds experts
+        """`seed` the weights' (`initial_value`: an int, or a trained model's `Weights`); by default drawn from
+        torch's global generator. With sparse blocks split over `expert_parallel` ranks, this rank (`expert_rank`
+        among them) holds experts
         expert_rank x experts / expert_parallel on. `sequence` (a `dsllm.sequence_parallel.SequenceSplit`): this
         rank sees a piece of each window, its attention exchanging heads for sequence with the others'; such a
         model's forward needs the piece's `positions`."""

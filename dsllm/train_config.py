@@ -398,6 +398,7 @@ class EpochRunConfig(RunConfig):
 
     def check(self) -> None:
         if self.max_steps is None or self.eval_interval is None:  # counted from the data in pre-flight (`resolved`)
+            # the other values checked now, on a copy with stand-ins for those two (its __post_init__ checks it)
             dataclasses.replace(self, max_steps=self.max_steps or 1_000_000, eval_interval=self.eval_interval or 1)
             return
         super().check()
